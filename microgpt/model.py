@@ -1,0 +1,313 @@
+"""The GPT, written from its equations in pure jax.numpy.
+
+Notation (used in every docstring below):
+  B batch, S sequence length, d model width, H heads, Dh = d / H head width,
+  V vocabulary size, L number of blocks, F = 4d hidden width of the FFN.
+
+    x_0      = E[ids] * sqrt(d) + P                      (token embedding, sinusoidal positions)
+    for l in 1..L (pre-LN block):
+      a      = x + Attn(LN_1(x)) Wo                      (causal multi-head self-attention)
+      x      = a + gelu(LN_2(a) W_fc + b_fc) W_proj + b_proj
+    logits   = LN_f(x_L) E^T                             (logits tied to the embedding table)
+
+Mixed precision: parameters are kept in float32; matmuls take bfloat16 inputs and accumulate in
+float32; LayerNorm statistics, softmax statistics and the loss are float32.
+
+Each block calls attention and LayerNorm+FFN through one switch, `block_ops(kernels)`, so that the
+hand-written kernels in `kernels/` replace the math here without touching anything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = dict  # a pytree of float32 arrays; see `init_params` for its structure.
+
+COMPUTE_DTYPE = jnp.bfloat16
+LN_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# The equations, one function each.
+# ----------------------------------------------------------------------------------------------
+
+def sinusoidal_positions(seq_len: int, d: int, start: int | jax.Array = 0) -> jax.Array:
+    """P[t, 2i] = sin(t / 10000^(2i/d)), P[t, 2i+1] = cos(t / 10000^(2i/d)) for t = start .. start+S-1.
+
+    -> [S, d] float32.  `start` may be traced (KV-cache decoding continues from a position).
+    """
+    t = (start + jnp.arange(seq_len)).astype(jnp.float32)[:, None]
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = t * inv_freq[None, :]                                   # [S, d/2]
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(seq_len, d)
+
+
+def embed(ids: jax.Array, table: jax.Array, start: int | jax.Array = 0) -> jax.Array:
+    """x_0 = E[ids] * sqrt(d) + P[start : start + S].  ids [B, S] int -> [B, S, d] bfloat16."""
+    d = table.shape[-1]
+    x = table[ids] * math.sqrt(d) + sinusoidal_positions(ids.shape[-1], d, start)
+    return x.astype(COMPUTE_DTYPE)
+
+
+def layernorm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+              eps: float = LN_EPS) -> jax.Array:
+    """LN(x) = (x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32.
+
+    x [..., d]; scale, bias [d] or None (no affine).  -> [..., d] in x's dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """gelu(x) = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), elementwise."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a @ w with bfloat16 inputs and float32 accumulation.  a [..., m], w [m, n] -> [..., n] float32."""
+    return jnp.matmul(a.astype(COMPUTE_DTYPE), w.astype(COMPUTE_DTYPE),
+                      preferred_element_type=jnp.float32)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                     sm_scale: float) -> jax.Array:
+    """softmax(q k^T * sm_scale, masked) v, per head, softmax statistics in float32.
+
+    q [B, Sq, H, Dh], k, v [B, Sk, H, Dh]; mask broadcastable to [Sq, Sk] (True = attend) or None.
+    -> [B, Sq, H, Dh] in q's dtype.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * sm_scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    scores = scores - jnp.max(scores, axis=-1, keepdims=True)       # subtract the max: exp never overflows
+    p = jnp.exp(scores)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+              sm_scale: float | None = None) -> jax.Array:
+    """Multi-head attention, the math every kernel is checked against.
+
+    q, k, v [B, S, H, Dh] (the layout of jax.nn.dot_product_attention); causal: query t sees keys <= t.
+    sm_scale defaults to 1/sqrt(Dh).  -> [B, S, H, Dh] in q's dtype.
+    """
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    mask = None
+    if causal:
+        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))
+    return masked_attention(q, k, v, mask, sm_scale)
+
+
+def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: jax.Array,
+                  b_fc: jax.Array, w_proj: jax.Array, b_proj: jax.Array, *, eps: float = LN_EPS,
+                  residual: bool = False) -> jax.Array:
+    """[x +] gelu(LN(x) W_fc + b_fc) W_proj + b_proj, the math every LN+FFN kernel is checked against.
+
+    x [..., d]; ln_scale, ln_bias [d]; w_fc [d, F]; b_fc [F]; w_proj [F, d]; b_proj [d].
+    LN statistics in float32, bfloat16 matmul inputs, float32 accumulation.  -> [..., d] in x's dtype.
+    """
+    h = layernorm(x, ln_scale, ln_bias, eps)
+    hidden = gelu_tanh(matmul(h, w_fc) + b_fc.astype(jnp.float32))   # [..., F] float32
+    out = matmul(hidden, w_proj) + b_proj.astype(jnp.float32)
+    if residual:
+        out = out + x.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over tokens of -log softmax(logits)[target], in float32.  logits [B, S, V], targets [B, S]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(log_z - target_logit)
+
+
+# ----------------------------------------------------------------------------------------------
+# The implementation switch: which code computes attention and LayerNorm+FFN inside a block.
+# ----------------------------------------------------------------------------------------------
+
+class BlockOps(NamedTuple):
+    """The two fused ops of a block: attention(q, k, v) and layernorm_ffn(x, ..., residual=True)."""
+    attention: Callable[..., jax.Array]
+    layernorm_ffn: Callable[..., jax.Array]
+
+
+KERNELS = ("reference",)
+
+
+def block_ops(kernels: str) -> BlockOps:
+    """The ops a block runs for `kernels`: "reference" is the math in this file."""
+    if kernels == "reference":
+        return BlockOps(attention, layernorm_ffn)
+    raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters and the forward pass.
+# ----------------------------------------------------------------------------------------------
+
+def init_params(rng: jax.Array, vocab: int, model_d: int, num_layers: int) -> Params:
+    """Random float32 parameters (GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2L)).
+
+    {'embed': [V, d],
+     'blocks': [{'ln1': {'scale', 'bias'} [d], 'attn': {'wq', 'wk', 'wv', 'wo'} [d, d],
+                 'ln2': {'scale', 'bias'} [d],
+                 'ffn': {'w_fc' [d, F], 'b_fc' [F], 'w_proj' [F, d], 'b_proj' [d]}}] * L}
+    The final LayerNorm has no parameters of its own (see README: parameter count).
+    """
+    d, f = model_d, 4 * model_d
+    std, proj_std = 0.02, 0.02 / math.sqrt(2 * num_layers)
+    keys = jax.random.split(rng, 1 + num_layers)
+
+    def normal(key, shape, s):
+        return s * jax.random.normal(key, shape, jnp.float32)
+
+    def layer(key):
+        kq, kk, kv, ko, kf, kp = jax.random.split(key, 6)
+        ln = lambda: {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}
+        return {
+            "ln1": ln(),
+            "attn": {"wq": normal(kq, (d, d), std), "wk": normal(kk, (d, d), std),
+                     "wv": normal(kv, (d, d), std), "wo": normal(ko, (d, d), proj_std)},
+            "ln2": ln(),
+            "ffn": {"w_fc": normal(kf, (d, f), std), "b_fc": jnp.zeros((f,), jnp.float32),
+                    "w_proj": normal(kp, (f, d), proj_std), "b_proj": jnp.zeros((d,), jnp.float32)},
+        }
+
+    return {"embed": normal(keys[0], (vocab, d), std), "blocks": [layer(k) for k in keys[1:]]}
+
+
+def attention_projections(block: Params, x: jax.Array, num_heads: int):
+    """q, k, v = LN_1(x) Wq, LN_1(x) Wk, LN_1(x) Wv, split into heads.  x [B, S, d] -> 3 x [B, S, H, Dh]."""
+    h = layernorm(x, block["ln1"]["scale"], block["ln1"]["bias"])
+    b, s, d = x.shape
+
+    def heads(w):
+        return matmul(h, w).astype(x.dtype).reshape(b, s, num_heads, d // num_heads)
+
+    return heads(block["attn"]["wq"]), heads(block["attn"]["wk"]), heads(block["attn"]["wv"])
+
+
+def block_output(block: Params, x: jax.Array, attn: jax.Array, ops: BlockOps) -> jax.Array:
+    """a = x + attn Wo;  x' = a + FFN(LN_2(a)).  x [B, S, d], attn [B, S, H, Dh] -> [B, S, d]."""
+    a = x + matmul(attn.reshape(x.shape), block["attn"]["wo"]).astype(x.dtype)
+    f = block["ffn"]
+    return ops.layernorm_ffn(a, block["ln2"]["scale"], block["ln2"]["bias"], f["w_fc"], f["b_fc"],
+                             f["w_proj"], f["b_proj"], residual=True)
+
+
+def transformer_block(block: Params, x: jax.Array, num_heads: int, ops: BlockOps) -> jax.Array:
+    """One pre-LN block.  x [B, S, d] -> [B, S, d]."""
+    with jax.named_scope("attention"):
+        q, k, v = attention_projections(block, x, num_heads)
+        attn = ops.attention(q, k, v, causal=True)
+    with jax.named_scope("layernorm_ffn"):
+        return block_output(block, x, attn, ops)
+
+
+def tied_logits(params: Params, x: jax.Array) -> jax.Array:
+    """logits = LN_f(x) E^T.  x [B, S, d] -> [B, S, V] float32."""
+    return matmul(layernorm(x, None, None), params["embed"].T)
+
+
+def forward(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
+    """The whole GPT.  ids [B, S] int -> logits [B, S, V] float32."""
+    ops = block_ops(kernels)
+    with jax.named_scope("embedding"):
+        x = embed(ids, params["embed"])
+    for block in params["blocks"]:
+        x = transformer_block(block, x, num_heads, ops)
+    with jax.named_scope("logits"):
+        return tied_logits(params, x)
+
+
+def loss_fn(params: Params, ids: jax.Array, targets: jax.Array, num_heads: int,
+            kernels: str = "reference") -> jax.Array:
+    """Mean next-token cross-entropy.  ids, targets [B, S] -> scalar float32."""
+    logits = forward(params, ids, num_heads, kernels)
+    with jax.named_scope("loss"):
+        return cross_entropy(logits, targets)
+
+
+def count_params(params: Params) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(num_layers: int, model_d: int, seq_len: int, vocab: int) -> int:
+    """Training FLOPs per token, PaLM appendix B: 6N (matmul weights incl. the tied logits) + 12 L S d.
+
+    N counts the parameters that take part in matmuls: 12 d^2 per block plus the V x d logits.
+    The attention term 12 L S d is forward + backward of q k^T and p v (causal masking not subtracted).
+    """
+    n_matmul = num_layers * 12 * model_d ** 2 + vocab * model_d
+    return 6 * n_matmul + 12 * num_layers * seq_len * model_d
+
+
+# ----------------------------------------------------------------------------------------------
+# The original microGPT's public API: presets with count_params / get_params / run_fn.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MicroGPT:
+    """A GPT's static configuration (hashable) with the original microGPT's methods.
+
+        gpt = micro_gpt_4(vocab=9000, model_d=512)
+        params = gpt.get_params()
+        logits = jax.jit(gpt.run_fn, static_argnames=['num_heads'])(ids, params, num_heads=8)
+    """
+    vocab: int = 9000
+    model_d: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    kernels: str = "reference"
+
+    def __post_init__(self):
+        if self.model_d % self.num_heads:
+            raise ValueError(f"model_d={self.model_d} is not divisible by num_heads={self.num_heads}")
+        if self.model_d % 2:
+            raise ValueError(f"model_d={self.model_d} must be even for sinusoidal positions")
+        block_ops(self.kernels)  # fail early on an unknown name
+
+    def get_params(self, rng: jax.Array | int = 0) -> Params:
+        """Freshly initialised float32 parameters (see `init_params`)."""
+        key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+        return init_params(key, self.vocab, self.model_d, self.num_layers)
+
+    def count_params(self) -> int:
+        """Number of parameters, computed from shapes alone (no arrays are allocated)."""
+        return count_params(jax.eval_shape(self.get_params))
+
+    def run_fn(self, input_ids: jax.Array, params: Params, num_heads: int | None = None) -> jax.Array:
+        """Logits [B, S, V] float32 for input_ids [B, S]."""
+        return forward(params, input_ids, num_heads or self.num_heads, self.kernels)
+
+    def loss(self, params: Params, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
+        return loss_fn(params, input_ids, targets, self.num_heads, self.kernels)
+
+
+def _preset(num_layers: int):
+    def make(vocab: int = 9000, model_d: int = 512, num_heads: int = 8,
+             kernels: str = "reference") -> MicroGPT:
+        return MicroGPT(vocab, model_d, num_layers, num_heads, kernels)
+    make.__name__ = f"micro_gpt_{num_layers}"
+    make.__doc__ = f"A {num_layers}-block MicroGPT (defaults: vocab 9000, model_d 512, 8 heads)."
+    return make
+
+
+micro_gpt_1 = _preset(1)
+micro_gpt_2 = _preset(2)
+micro_gpt_4 = _preset(4)
+PRESETS = {"micro_gpt_1": micro_gpt_1, "micro_gpt_2": micro_gpt_2, "micro_gpt_4": micro_gpt_4}
