@@ -1,0 +1,80 @@
+"""What every benchmark shares: device-synchronized timing, peak rates, tables, JSON and profiles.
+
+Timing follows ../shared/anchors/h100-peers.md so our numbers compare with the peers': a jitted call,
+warm-ups, then the median over repeats of `calls` back-to-back calls, synchronized at the end of each
+repeat.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+# bf16 dense matmul ceilings measured on the device (8192^3 product), TFLOP/s.
+MEASURED_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 778.0}
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({jax.default_backend()}), JAX {jax.__version__}"
+
+
+def peak_tflops() -> float | None:
+    return MEASURED_BF16_PEAK_TFLOPS.get(jax.devices()[0].device_kind)
+
+
+def time_ms(fn, *args, warmup: int = 2, repeats: int = 5, calls: int = 20) -> float:
+    """Median milliseconds of one call of `fn(*args)` (fn should be jitted)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(per_call)
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows of dicts -> aligned text table; columns are (key, header, format spec)."""
+    def cell(row, key, spec):
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    body = [[cell(r, k, spec) for k, _, spec in columns] for r in rows]
+    headers = [h for _, h, _ in columns]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(b) for b in body)])
+
+
+def write_json(path: str | Path, records: list[dict], command: str | None = None) -> None:
+    meta = {"command": command or " ".join(sys.argv), "device": device_description(),
+            "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def maybe_profile(directory: str | None):
+    """jax.profiler trace into `directory` (TensorBoard's profile plugin reads it), or nothing."""
+    if directory is None:
+        yield
+        return
+    with jax.profiler.trace(directory):
+        yield
+    print(f"profile written to {directory} (open with: tensorboard --logdir {directory})")

@@ -1,0 +1,6 @@
+"""Hand-written Pallas kernels for the two fused ops of a GPT block, forward and backward.
+
+Each op has one entry point with an `implementation=` switch ("reference", "triton", "tpu", ...),
+chosen by backend when None; see kernels/<op>/api.py.
+"""
+__all__ = []

@@ -1,0 +1,56 @@
+"""Block sizes for every kernel, per op, implementation and device, in one table.
+
+`kernels/tuning.json` maps a device kind (jax.Device.device_kind, e.g. "NVIDIA H100 80GB HBM3") to
+entries "op/implementation" -> {shape key or "*": {parameter: value}}. The kernels ask `block_config`
+for their parameters; measured entries (written by `python bench/tune.py`) override each op's defaults,
+and a caller's explicit overrides win over both.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+
+TABLE_PATH = Path(__file__).with_name("tuning.json")
+
+
+@functools.cache
+def _table() -> dict:
+    if not TABLE_PATH.exists():
+        return {}
+    return json.loads(TABLE_PATH.read_text())
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def block_config(op: str, implementation: str, shape_key: str, defaults: dict,
+                 overrides: dict | None = None) -> dict:
+    """Parameters for `op` run by `implementation` at `shape_key` on the current device.
+
+    Precedence: overrides > the table's entry for shape_key > its "*" entry > defaults.
+    Unknown parameter names in overrides raise, so a typo never silently does nothing.
+    """
+    entries = _table().get(device_kind(), {}).get(f"{op}/{implementation}", {})
+    config = {**defaults, **entries.get("*", {}), **entries.get(shape_key, {})}
+    for name, value in (overrides or {}).items():
+        if name not in defaults:
+            raise ValueError(f"{op}/{implementation} has no tuning parameter {name!r}; "
+                             f"known: {sorted(defaults)}")
+        if value is not None:
+            config[name] = value
+    return config
+
+
+def record(device: str, op: str, implementation: str, shape_key: str, config: dict,
+           path: Path = TABLE_PATH) -> None:
+    """Write one measured entry into the table (used by the sweep script), atomically."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(device, {}).setdefault(f"{op}/{implementation}", {})[shape_key] = config
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    _table.cache_clear()

@@ -1,0 +1,39 @@
+"""The equivalence criterion shared by every kernel test (the FlashAttention test suite's).
+
+A kernel run in bf16 passes when its error against a float32 computation of the same math is at most
+twice the error of the jnp math reference run in bf16, plus a small absolute slack:
+
+    max|kernel_bf16 - ref_f32| <= 2 * max|ref_bf16 - ref_f32| + atol
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ON_CPU = jax.default_backend() == "cpu"
+
+
+def f32_precision():
+    """Full float32 matmuls for the 'true' answer (GPUs would otherwise use tf32)."""
+    return jax.default_matmul_precision("highest")
+
+
+def max_err(a, b) -> float:
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def assert_within_twice_reference(name: str, kernel_out, ref_bf16_out, ref_f32_out,
+                                  atol: float = 1e-3) -> None:
+    """The criterion above, with a message that shows all three errors; NaN never passes."""
+    kernel = np.asarray(jnp.asarray(kernel_out, jnp.float32))
+    assert np.all(np.isfinite(kernel)), f"{name}: kernel output has NaN/inf"
+    kernel_err = max_err(kernel_out, ref_f32_out)
+    ref_err = max_err(ref_bf16_out, ref_f32_out)
+    assert kernel_err <= 2 * ref_err + atol, (
+        f"{name}: kernel error {kernel_err:.3g} > 2 x bf16-reference error {ref_err:.3g} + {atol:g}")
+
+
+def upcast(tree):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)
+
