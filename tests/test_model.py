@@ -1,0 +1,107 @@
+"""The reference GPT: shapes, causality, parameter counts, the loss at initialisation, learning."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from microgpt import micro_gpt_1, micro_gpt_2, micro_gpt_4
+from microgpt.model import MicroGPT, attention, forward, layernorm, sinusoidal_positions
+
+
+def random_ids(key, shape, vocab):
+    return jax.random.randint(jax.random.PRNGKey(key), shape, 0, vocab)
+
+
+def test_original_api_and_shapes():
+    gpt = micro_gpt_4(vocab=9000, model_d=512)
+    params = gpt.get_params()
+    run = jax.jit(gpt.run_fn, static_argnames=["num_heads"])
+    logits = run(random_ids(0, (2, 16), 9000), params, num_heads=8)
+    assert logits.shape == (2, 16, 9000) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("make, kwargs, expected", [
+    (micro_gpt_4, dict(vocab=9000, model_d=512), 17_209_344),   # original: 17,205,248 with 1 LN/block
+    (micro_gpt_4, dict(vocab=9000, model_d=256, num_heads=4), 5_458_944),
+    (micro_gpt_1, dict(vocab=9000, model_d=512), 4_608_000 + 3_150_336),
+    (micro_gpt_2, dict(vocab=9000, model_d=512), 4_608_000 + 2 * 3_150_336),
+])
+def test_parameter_counts(make, kwargs, expected):
+    gpt = make(**kwargs)
+    assert gpt.count_params() == expected
+    # count_params (from shapes) agrees with the real arrays
+    if expected < 6_000_000:
+        assert sum(p.size for p in jax.tree_util.tree_leaves(gpt.get_params())) == expected
+
+
+def test_causality():
+    """Changing token t never changes the logits before t."""
+    gpt = micro_gpt_2(vocab=97, model_d=64, num_heads=4)
+    params = gpt.get_params(1)
+    ids = random_ids(1, (1, 24), 97)
+    t = 13
+    changed = ids.at[0, t].set((ids[0, t] + 1) % 97)
+    a, b = gpt.run_fn(ids, params), gpt.run_fn(changed, params)
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert not np.allclose(a[:, t:], b[:, t:])
+
+
+def test_untrained_loss_is_log_vocab():
+    vocab = 9000
+    gpt = micro_gpt_2(vocab=vocab, model_d=128, num_heads=4)
+    ids, targets = random_ids(2, (4, 64), vocab), random_ids(3, (4, 64), vocab)
+    loss = float(gpt.loss(gpt.get_params(2), ids, targets))
+    assert abs(loss - math.log(vocab)) < 0.3, loss
+
+
+def test_a_few_steps_lower_the_loss():
+    gpt = micro_gpt_1(vocab=64, model_d=64, num_heads=2)
+    params = gpt.get_params(3)
+    ids = random_ids(4, (8, 32), 64)
+    x, y = ids[:, :-1], ids[:, 1:]
+    opt = optax.adamw(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(gpt.loss)(params, x, y)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    first = None
+    for _ in range(30):
+        params, state, loss = step(params, state)
+        first = first if first is not None else float(loss)
+    assert float(loss) < first - 1.0, (first, float(loss))
+
+
+def test_layernorm_subtracts_the_mean_in_f32():
+    x = (1000.0 + jax.random.normal(jax.random.PRNGKey(5), (4, 256))).astype(jnp.bfloat16)
+    y = layernorm(x, None, None).astype(jnp.float32)
+    np.testing.assert_allclose(np.mean(y, -1), 0.0, atol=0.05)
+    np.testing.assert_allclose(np.std(y, -1), 1.0, atol=0.05)
+
+
+def test_sinusoidal_positions_with_offset():
+    full = sinusoidal_positions(10, 16)
+    np.testing.assert_allclose(sinusoidal_positions(4, 16, start=6), full[6:], atol=1e-6)
+
+
+def test_attention_matches_a_loop_over_rows():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 6, 2, 8)) for i in range(3))
+    out = attention(q, k, v, causal=True)
+    for t in range(6):
+        s = jnp.einsum("hd,khd->hk", q[0, t], k[0, : t + 1]) / math.sqrt(8)
+        expected = jnp.einsum("hk,khd->hd", jax.nn.softmax(s, -1), v[0, : t + 1])
+        np.testing.assert_allclose(out[0, t], expected, atol=1e-5)
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="divisible"):
+        MicroGPT(vocab=10, model_d=66, num_heads=4)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        MicroGPT(kernels="nope")
