@@ -1,0 +1,99 @@
+"""attention(q, k, v): validation, the choice of implementation, and the custom_vjp every kernel
+implementation shares (forward -> (o, residuals), backward(residuals, do) -> dq, dk, dv)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels import tuning
+from kernels.attention import common, tpu, tpu_vjp, triton, triton_vjp
+from microgpt import model
+
+# implementation -> (tuning defaults per head_dim, forward, backward, platform it compiles for)
+BACKENDS = {
+    "triton": (triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
+    "tpu": (tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
+}
+IMPLEMENTATIONS = ("reference", *BACKENDS)
+
+
+def default_implementation() -> str:
+    """gpu -> "triton", tpu -> "tpu", anything else -> "triton" (interpreted)."""
+    return "tpu" if jax.default_backend() == "tpu" else "triton"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+              sm_scale: float | None = None, implementation: str | None = None,
+              block_sizes: dict | None = None, interpret: bool | None = None) -> jax.Array:
+    """softmax(sm_scale q k^T [causal mask]) v per head, differentiable in q, k, v.
+
+    q, k, v [B, S, H, D] (the layout of jax.nn.dot_product_attention), bf16 or f32, one shape;
+    D in common.SUPPORTED_HEAD_DIMS for the kernels. sm_scale defaults to 1/sqrt(D).
+    implementation: "reference" (microgpt.model.attention), "triton" or "tpu"; None picks by
+    jax.default_backend(). block_sizes overrides the tuning table's entries (names: the keys of
+    the backend's DEFAULTS). interpret: run the Pallas kernel in interpret mode; None interprets
+    exactly when the default backend is not the kernel's platform (so the kernels run on CPU).
+    -> [B, S, H, D] in the input dtype.
+    """
+    implementation = implementation or default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"known: {IMPLEMENTATIONS}")
+    _validate(q, k, v, kernel=implementation != "reference")
+    head_dim = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if implementation == "reference":
+        return model.attention(q, k, v, causal=causal, sm_scale=sm_scale)
+
+    defaults, _, _, platform = BACKENDS[implementation]
+    config = tuning.block_config("attention", implementation, f"d{head_dim}", defaults[head_dim],
+                                 block_sizes)
+    seq_len = q.shape[1]
+    config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
+    if interpret is None:
+        interpret = jax.default_backend() != platform
+    plan = common.Plan(implementation, bool(causal), sm_scale, seq_len,
+                       tuple(sorted(config.items())), bool(interpret))
+    # Padded keys are masked (or lie above the diagonal) and padded query rows are sliced off;
+    # their cotangent is then zero, so they add nothing to dk and dv.
+    pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    return _attention(q, k, v, plan)[:, :seq_len]
+
+
+def _validate(q, k, v, kernel: bool) -> None:
+    if q.ndim != 4:
+        raise ValueError(f"attention expects q, k, v of rank 4 [batch, seq, heads, head_dim]; "
+                         f"got q.shape={q.shape}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention expects q, k, v of one shape [batch, seq, heads, head_dim] "
+                         f"(self-attention: the same seq); got q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention expects q, k, v of one dtype; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if q.dtype not in common.SUPPORTED_DTYPES:
+        raise ValueError(f"attention supports dtypes {[str(d) for d in common.SUPPORTED_DTYPES]}; "
+                         f"got {q.dtype}")
+    if kernel and q.shape[-1] not in common.SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention kernels support head_dim in {common.SUPPORTED_HEAD_DIMS}; "
+                         f"got {q.shape[-1]}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, plan: common.Plan):
+    return _forward(q, k, v, plan)[0]
+
+
+def _forward(q, k, v, plan):
+    return BACKENDS[plan.implementation][1](q, k, v, plan)
+
+
+def _backward(plan, residuals, do):
+    return BACKENDS[plan.implementation][2](plan, residuals, do)
+
+
+_attention.defvjp(_forward, _backward)

@@ -1,0 +1,217 @@
+"""What every attention kernel shares: the per-tile math, which tiles a kernel visits, the plan.
+
+Notation: B batch, S sequence length (padded to a multiple of every block), H heads, D head_dim;
+a query tile is `block_q` rows of q, a key tile `block_k` rows of k and v.
+
+The kernels work in base 2: with c = sm_scale * log2(e) and raw scores s = q k^T,
+
+    softmax(sm_scale * s)_ij = 2^(c s_ij - lse_i),   lse_i = log2 sum_j 2^(c s_ij)
+
+(exp2 is the GPU's native exponential, and c folds log2(e) into the scale the scores need anyway).
+The forward streams key tiles through an online softmax (running max m, running sum l, f32
+accumulator) and saves lse; the backward recomputes p from q, k and lse:
+
+    dv  = p^T do               dp = do v^T          delta_i = sum_d do_id o_id
+    ds  = p * (dp - delta)     dq = sm_scale ds k    dk = sm_scale ds^T q
+
+Dots take their inputs in the input dtype (bf16: the tensor cores' type) and accumulate in f32;
+p and ds are cast back to the input dtype before their dots, as FlashAttention does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+SUPPORTED_HEAD_DIMS = (64, 128)
+MIN_BLOCK = 16  # Triton dots need every dimension >= 16; TPU bf16 tiles are 16 rows.
+# The tuning parameters every backend has: forward tiles of q (block_q) against tiles of k/v
+# (block_k); the backward's dK/dV kernel holds a key tile (block_k_dkv) and streams query tiles
+# (block_q_dkv), its dQ kernel the other way round.
+BLOCKS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one attention call (hashable: the custom_vjp's non-array argument).
+
+    seq_len is the true length; the arrays the kernels see are padded to a multiple of every block.
+    `blocks` is the tuning configuration (block sizes, warps, stages) as sorted (name, value) pairs.
+    """
+    implementation: str
+    causal: bool
+    sm_scale: float
+    seq_len: int
+    blocks: tuple[tuple[str, int], ...]
+    interpret: bool
+
+    @property
+    def config(self) -> dict[str, int]:
+        return dict(self.blocks)
+
+    @property
+    def scale_log2(self) -> float:
+        """c = sm_scale * log2(e): raw scores times c are base-2 logits."""
+        return self.sm_scale * LOG2E
+
+
+def fit_blocks(config: dict, block_names: tuple[str, ...], seq_len: int) -> tuple[dict, int]:
+    """Clamp the blocks to the sequence and pad it: -> (config, padded length).
+
+    Blocks must be powers of two >= MIN_BLOCK (Triton needs both; TPU needs multiples of 8/16);
+    a block larger than the sequence shrinks to the next power of two above it, and the sequence
+    is padded to a multiple of the largest block (all blocks divide it, being powers of two).
+    """
+    cap = max(MIN_BLOCK, 1 << (seq_len - 1).bit_length())
+    fitted = dict(config)
+    for name in block_names:
+        size = config[name]
+        if size < MIN_BLOCK or size & (size - 1):
+            raise ValueError(f"attention block {name}={size} must be a power of two >= {MIN_BLOCK}")
+        fitted[name] = min(size, cap)
+    largest = max(fitted[name] for name in block_names)
+    return fitted, -(-seq_len // largest) * largest
+
+
+# ------------------------------------------------------------------ which tiles a kernel visits
+
+def div(a, b):
+    """a // b for a >= 0, on Python ints or traced int32 (lax.div lowers on Triton and Mosaic)."""
+    return a // b if isinstance(a, int) else lax.div(a, b)
+
+
+def cdiv(a, b):
+    return div(a + b - 1, b)
+
+
+def kv_tiles(i, plan: Plan, block_q: int, block_k: int):
+    """Key tiles that query tile i attends to -> (masked_from, end).
+
+    Tiles [0, masked_from) need no mask; [masked_from, end) need one: under causal masking the
+    tiles crossing the diagonal (tiles wholly above it are never visited), otherwise the tile
+    holding the padded end of the sequence. Key tiles wholly in the padding are never visited.
+    """
+    end = cdiv(plan.seq_len, block_k)
+    if not plan.causal:
+        return plan.seq_len // block_k, end
+    end = jnp.minimum(cdiv((i + 1) * block_q, block_k), end)
+    return jnp.minimum(div(i * block_q, block_k), end), end
+
+
+def q_tiles(j, plan: Plan, block_q: int, block_k: int):
+    """Query tiles that see key tile j -> (start, unmasked_from, end).
+
+    Tiles [start, unmasked_from) need a mask, [unmasked_from, end) do not; query tiles wholly in
+    the padding are never visited (their do is zero: they add nothing to dk and dv).
+    """
+    end = cdiv(plan.seq_len, block_q)
+    if not plan.causal:  # only the key tile holding the padded end needs a mask, on every row
+        ragged = (j + 1) * block_k > plan.seq_len
+        return 0, jnp.where(ragged, end, 0), end
+    start = jnp.minimum(div(j * block_k, block_q), end)
+    return start, jnp.minimum(cdiv((j + 1) * block_k, block_q), end), end
+
+
+def visible(q_index, k_index, plan: Plan):
+    """True where query q_index may attend to key k_index (broadcastable int32 arrays)."""
+    if plan.causal:
+        return k_index <= q_index
+    return k_index < plan.seq_len
+
+
+def positions(start, shape, axis):
+    """start + the index along `axis` of a 2-D tile (2-D iota: Mosaic has no 1-D one)."""
+    return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+# ------------------------------------------------------------------ the per-tile math
+
+def dot(a, b):
+    """a @ b, f32 accumulation.  a [m, k], b [k, n] -> [m, n]."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nt(a, b):
+    """a @ b^T, f32 accumulation.  a [m, k], b [n, k] -> [m, n]."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def softmax_init(block_q: int, head_dim: int):
+    """(acc, m, l) before the first key tile: acc [bq, D] = 0, m [bq, 1] = -inf, l [bq, 1] = 0."""
+    return (jnp.zeros((block_q, head_dim), jnp.float32),
+            jnp.full((block_q, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q, 1), jnp.float32))
+
+
+def softmax_step(carry, q, k, v, scale_log2: float, mask=None):
+    """One key tile of the online softmax.  q [bq, D], k, v [bk, D], mask [bq, bk] or None.
+
+        m' = max(m, c max_j s_j)      alpha = 2^(m - m')      p = 2^(c s - m')
+        l' = alpha l + sum_j p_j      acc'  = alpha acc + p v
+
+    Masked scores are -inf, so p = 0 there. m' is finite after the first tile, which every row
+    sees (it holds key 0), so no -inf - -inf ever happens.
+    """
+    acc, m, l = carry
+    s = dot_nt(q, k)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True) * scale_log2)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * scale_log2 - m_new)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = alpha * acc + dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+
+def softmax_finish(carry):
+    """-> (o [bq, D] f32, lse [bq, 1]): o = acc / l, lse = m + log2 l."""
+    acc, m, l = carry
+    return acc / l, m + jnp.log2(l)
+
+
+def output_delta(o, do, axis: int = -1):
+    """delta = rowsum(do * o) in f32, the backward's per-row correction (computed by XLA)."""
+    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=axis)
+
+
+def dq_step(dq, q, k, v, do, lse, delta, scale_log2: float, mask=None):
+    """One key tile of dq (without its final sm_scale).  q, do [bq, D], k, v [bk, D],
+    lse, delta [bq, 1], mask [bq, bk] or None.  dq += ds k with ds = p (do v^T - delta)."""
+    s = dot_nt(q, k)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    p = jnp.exp2(s * scale_log2 - lse)
+    ds = p * (dot_nt(do, v) - delta)
+    return dq + dot(ds.astype(k.dtype), k)
+
+
+def dkdv_step(carry, q, k, v, do, lse, delta, scale_log2: float, mask=None):
+    """One query tile of dk, dv (dk without its final sm_scale), in transposed orientation so
+    every dot has the key tile as its row dimension (no transposed operand; on sm90 the key tile
+    is the wgmma M).  q, do [bq, D], k, v [bk, D], lse, delta [1, bq], mask [bk, bq] or None.
+
+        p^T = 2^(c k q^T - lse)    dv += p^T do    ds^T = p^T (v do^T - delta)    dk += ds^T q
+    """
+    dk, dv = carry
+    s_t = dot_nt(k, q)
+    if mask is not None:
+        s_t = jnp.where(mask, s_t, -jnp.inf)
+    p_t = jnp.exp2(s_t * scale_log2 - lse)
+    ds_t = p_t * (dot_nt(v, do) - delta)
+    return dk + dot(ds_t.astype(q.dtype), q), dv + dot(p_t.astype(do.dtype), do)
+
+
+def cost_estimate(q, plan: Plan, matmuls: int, arrays: int) -> pl.CostEstimate:
+    """What one kernel costs, for XLA's scheduler: `matmuls` products of 2*S*S*D flops per (b, h)
+    (halved when causal), one exp2 per score, `arrays` q-sized arrays read or written once."""
+    b, s, h, d = q.shape
+    pairs = b * h * s * s // (2 if plan.causal else 1)
+    return pl.CostEstimate(flops=2 * d * pairs * matmuls, transcendentals=pairs,
+                           bytes_accessed=arrays * q.size * q.dtype.itemsize)

@@ -1,0 +1,103 @@
+"""Flash attention forward in Pallas for TPUs (Mosaic).
+
+Mosaic blocks must tile the last two dimensions by (8, 128) or span them, so the wrapper
+transposes to [B, H, S, D] and every block is (rows, D). The key tiles are the last grid axis,
+"arbitrary" (sequential), and the online softmax state lives in VMEM scratch across it:
+
+    grid (B, H, S/bq, S/bk);  m, l [bq, 1] and acc [bq, D] f32 in VMEM;  lse [B, H, S, 1] f32.
+
+Under causal masking the tiles above the diagonal are skipped with pl.when, and their k/v block
+index is clamped to the last tile needed, so the pipeline does not fetch them either.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.attention import common
+
+# Per head_dim: common.BLOCKS (the MXU is 128 or 256 wide; blocks under 128 waste it).
+# Measured entries in kernels/tuning.json override these.
+DEFAULTS = {d: dict(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                    block_q_dq=128, block_k_dq=128) for d in common.SUPPORTED_HEAD_DIMS}
+
+
+def heads_major(x):
+    """[B, S, H, D] <-> [B, H, S, D]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, cost, plan, name):
+    """pl.pallas_call over a grid whose last axis is sequential (it carries the VMEM scratch)."""
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=cost, interpret=pltpu.InterpretParams() if plan.interpret else False,
+        name=name)
+
+
+def when_tile(condition, step, masked: bool):
+    """Run step(masked) on the grid steps where `condition` holds."""
+    pl.when(condition)(functools.partial(step, masked))
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, plan,
+                    block_q, block_k):
+    i, j = pl.program_id(2), pl.program_id(3)
+    state = (acc_ref, m_ref, l_ref)
+
+    @pl.when(j == 0)
+    def _init():
+        for ref, value in zip(state, common.softmax_init(block_q, acc_ref.shape[-1])):
+            ref[...] = value
+
+    def step(masked):
+        mask = None
+        if masked:
+            shape = (block_q, block_k)
+            mask = common.visible(common.positions(i * block_q, shape, 0),
+                                  common.positions(j * block_k, shape, 1), plan)
+        carry = common.softmax_step(tuple(ref[...] for ref in state), q_ref[...], k_ref[...],
+                                    v_ref[...], plan.scale_log2, mask)
+        for ref, value in zip(state, carry):
+            ref[...] = value
+
+    masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
+    when_tile(j < masked_from, step, masked=False)
+    when_tile((j >= masked_from) & (j < end), step, masked=True)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        o, lse = common.softmax_finish(tuple(ref[...] for ref in state))
+        o_ref[...] = o.astype(o_ref.dtype)
+        lse_ref[...] = lse
+
+
+def forward(q, k, v, plan: common.Plan):
+    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals)."""
+    q, k, v = (heads_major(x) for x in (q, k, v))
+    b, h, s, d = q.shape
+    bq, bk = plan.config["block_q"], plan.config["block_k"]
+
+    def kv_index(b_, h_, i, j):  # past the last tile needed: stay on it (no fetch)
+        return b_, h_, jnp.minimum(j, common.kv_tiles(i, plan, bq, bk)[1] - 1), 0
+
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d), kv_index)
+    lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
+    o, lse = call(
+        functools.partial(_forward_kernel, plan=plan, block_q=bq, block_k=bk),
+        grid=(b, h, s // bq, s // bk), in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, lse_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
+        scratch=[(bq, d), (bq, 1), (bq, 1)],
+        cost=common.cost_estimate(q, plan, matmuls=2, arrays=4), plan=plan,
+        name="flash_attention_fwd")(q, k, v)
+    return heads_major(o), (q, k, v, o, lse)

@@ -1,0 +1,103 @@
+"""Flash attention forward in Pallas for GPUs (the Triton backend).
+
+One program computes one query tile o[b, i*bq:(i+1)*bq, h, :] for one (batch, head), streaming the
+key/value tiles of that head through the online softmax (common.softmax_step) and saving lse:
+
+    grid (S/bq, B, H);  q, o tiles [bq, D];  k, v [S, D] read tile by tile;  lse [B, H, S] f32.
+
+The BlockSpecs index the [B, S, H, D] arrays in place (block (None, bq, None, D)): no transposes.
+Query tiles are the fastest grid axis, so the programs resident together share one head's K/V in
+L2. Under causal masking the loop stops at the diagonal, only the tiles crossing it are masked,
+and the query tiles run last-first: the longest rows start first, the short ones fill the tail.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.attention import common
+
+# Per head_dim: common.BLOCKS, and warps and pipeline stages for the forward and the backward.
+# Measured entries in kernels/tuning.json override these (bench/tune.py).
+DEFAULTS = {
+    64: dict(block_q=128, block_k=64, num_warps=4, num_stages=3,
+             block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32,
+             num_warps_bwd=4, num_stages_bwd=3),
+    128: dict(block_q=128, block_k=64, num_warps=8, num_stages=3,
+              block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
+              num_warps_bwd=4, num_stages_bwd=3),
+}
+
+
+def tile_order(i, num_tiles: int, causal: bool):
+    """Grid index -> query tile: last-first under causal masking (longest rows first)."""
+    return num_tiles - 1 - i if causal else i
+
+
+def visit(step, carry, unmasked, masked):
+    """carry after step(t, carry, masked=...) over the tiles t in the ranges `unmasked`, `masked`.
+
+    Two loops rather than one with a per-tile test, so the mask costs nothing off the diagonal.
+    """
+    carry = lax.fori_loop(*unmasked, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(*masked, functools.partial(step, masked=True), carry)
+
+
+def tile_rows(t, size: int):
+    """The slice of rows of tile t, aligned (the hint lets Triton vectorize the loads)."""
+    return pl.ds(pl.multiple_of(t * size, size), size)
+
+
+def call(kernel, *, grid, in_specs, out_specs, out_shape, num_warps, num_stages, cost, plan, name):
+    """pl.pallas_call with Triton's compiler parameters (interpreted off the GPU)."""
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=cost, interpret=plan.interpret, name=name)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan, block_q, block_k, num_q):
+    i = tile_order(pl.program_id(0), num_q, plan.causal)
+    q = q_ref[...]
+
+    def step(j, carry, masked):
+        rows = tile_rows(j, block_k)
+        mask = None
+        if masked:
+            shape = (block_q, block_k)
+            mask = common.visible(common.positions(i * block_q, shape, 0),
+                                  common.positions(j * block_k, shape, 1), plan)
+        return common.softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], plan.scale_log2, mask)
+
+    masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
+    carry = visit(step, common.softmax_init(block_q, q.shape[-1]),
+                  unmasked=(0, masked_from), masked=(masked_from, end))
+    o, lse = common.softmax_finish(carry)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse[:, 0]
+
+
+def forward(q, k, v, plan: common.Plan):
+    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals)."""
+    b, s, h, d = q.shape
+    config = plan.config
+    bq, bk = config["block_q"], config["block_k"]
+    num_q = s // bq
+    tile = lambda i: tile_order(i, num_q, plan.causal)
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, tile(i), h_, 0))
+    seq_spec = pl.BlockSpec((None, s, None, d), lambda i, b_, h_: (b_, 0, h_, 0))
+    lse_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, tile(i)))
+    o, lse = call(
+        functools.partial(_forward_kernel, plan=plan, block_q=bq, block_k=bk, num_q=num_q),
+        grid=(num_q, b, h), in_specs=[q_spec, seq_spec, seq_spec], out_specs=[q_spec, lse_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        cost=common.cost_estimate(q, plan, matmuls=2, arrays=4), plan=plan,
+        name="flash_attention_fwd")(q, k, v)
+    return o, (q, k, v, o, lse)
