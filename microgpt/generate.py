@@ -105,7 +105,7 @@ def generate_from_params(model: MicroGPT, params: Params, tokenizer: Tokenizer, 
                          max_new_tokens: int, context: int, rng: jax.Array,
                          temperature: float = 0.8, top_k: int | None = 50) -> str:
     """Text continuing `prompt` (an empty prompt starts a new document)."""
-    eot = tokenizer.token_to_id(data.EOT_TOKEN)
+    eot = tokenizer.token_to_id(data.EOT)
     prompt_ids = tokenizer.encode(prompt).ids if prompt else [eot]
     ids = generate_ids(model, params, prompt_ids, max_new_tokens, context, rng, temperature, top_k)
     return tokenizer.decode(ids if prompt else ids[1:])

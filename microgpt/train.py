@@ -78,9 +78,9 @@ def make_optimizer(cfg: TrainConfig):
     return optimizer, schedule
 
 
-def data_mesh() -> Mesh:
-    """A 1-D mesh over every local device, axis 'data'."""
-    return Mesh(np.array(jax.devices()), ("data",))
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every local device), axis 'data'."""
+    return Mesh(np.array(devices or jax.devices()), ("data",))
 
 
 def make_train_step(model: MicroGPT, optimizer):
@@ -88,7 +88,7 @@ def make_train_step(model: MicroGPT, optimizer):
         loss, grads = jax.value_and_grad(model.loss)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state,
-                {"loss": loss, "grad_norm": optax.global_norm(grads)})
+                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
     def put(batch):
         return tuple(jax.device_put(b, batch_sharded) for b in batch)
 
-    val_batches = [put(b) for b in data.val_batches(val_tokens, cfg.batch_size, cfg.seq_len,
+    val_batches = [put(b) for b in data.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len,
                                                      cfg.eval_batches)]
 
     def evaluate() -> float:
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
                                        dynamic_ncols=True) as bar:
         try:
             while step < cfg.max_steps:
-                x, y = put(data.batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, step))
+                x, y = put(data.get_batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, step))
                 params, opt_state, metrics = train_step(params, opt_state, x, y)
                 pending.append((step, metrics))
                 step += 1
@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
     result.step = step
     if sample and result.stopped == "finished":
         from microgpt.generate import generate_from_params
-        text = generate_from_params(model, params, prepared.load_tokenizer(), prompt="",
+        text = generate_from_params(model, params, prepared.tokenizer, prompt="",
                                     max_new_tokens=80, context=cfg.seq_len,
                                     rng=jax.random.PRNGKey(cfg.seed))
         print("sample:\n" + text)

@@ -1,0 +1,73 @@
+"""KV-cache decoding: equal to recomputing the whole sequence, prompt cut, sliding window, CLI."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from microgpt import generate, train
+from microgpt.model import micro_gpt_2
+
+
+def greedy_uncached(model, params, prompt, n):
+    ids = list(prompt)
+    run = jax.jit(model.run_fn)
+    for _ in range(n):
+        ids.append(int(jnp.argmax(run(jnp.asarray([ids]), params)[0, -1])))
+    return ids
+
+
+def test_greedy_cached_equals_uncached():
+    model = micro_gpt_2(vocab=101, model_d=64, num_heads=4)
+    params = model.get_params(7)
+    prompt = [5, 17, 42, 3, 99]
+    cached = generate.generate_ids(model, params, prompt, 20, context=32,
+                                   rng=jax.random.PRNGKey(0), temperature=0.0)
+    assert cached == greedy_uncached(model, params, prompt, 20)
+
+
+def test_cached_logits_match_the_full_forward():
+    model = micro_gpt_2(vocab=101, model_d=64, num_heads=4)
+    params = model.get_params(8)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 101)
+    full = model.run_fn(ids, params)
+    cache = generate.init_cache(model, 2, 16)
+    logits, cache = generate.forward_cached(params, ids[:, :7], cache, jnp.int32(0), 4)
+    steps = [logits]
+    for t in range(7, 12):
+        logits, cache = generate.forward_cached(params, ids[:, t:t + 1], cache, jnp.int32(t), 4)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-2)
+
+
+def test_long_prompt_is_cut_from_the_left_and_generation_passes_the_context(capsys):
+    model = micro_gpt_2(vocab=50, model_d=32, num_heads=2)
+    params = model.get_params(9)
+    ids = generate.generate_ids(model, params, list(range(40)), 30, context=16,
+                                rng=jax.random.PRNGKey(0))
+    assert "keeping the last 16" in capsys.readouterr().err
+    assert ids[:16] == list(range(24, 40)) and len(ids) == 46
+
+
+def test_sampling_respects_top_k():
+    logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]])
+    draws = {int(generate.sample_next(logits, jax.random.PRNGKey(i), 1.0, 2)[0]) for i in range(50)}
+    assert draws == {1, 2}
+    assert int(generate.sample_next(logits, jax.random.PRNGKey(0), 0.0, None)[0]) == 1
+
+
+def test_generate_cli_and_generate_text(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MICROGPT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be that is the question\n" * 300)
+    cfg = train.TrainConfig(preset="micro_gpt_1", model_d=32, heads=2, vocab=300, batch_size=4,
+                            seq_len=16, max_steps=4, eval_every=4, eval_batches=1, data=str(corpus))
+    train.train(cfg, out=str(tmp_path / "runs" / "a"), sample=False)
+    capsys.readouterr()
+    assert generate.main(["--ckpt", str(tmp_path / "runs" / "a"), "--prompt", "to be",
+                          "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("to be")
+    monkeypatch.chdir(tmp_path)   # generate_text finds the newest run under ./runs
+    from microgpt.infer import generate_text
+    text = generate_text(rng=jax.random.PRNGKey(0), text="Once upon a time", max_new_tokens=5)
+    assert text.startswith("Once upon a time")
+    assert generate.main(["--ckpt", str(tmp_path / "nothing")]) == 2

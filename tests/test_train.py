@@ -1,0 +1,135 @@
+"""The trainer: exact resume after Ctrl-C, NaN stop, data-parallel = single device, CLI errors."""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from microgpt import checkpoint, data, train
+from microgpt.model import micro_gpt_1
+
+TINY = dict(preset="micro_gpt_1", model_d=32, heads=2, vocab=300, batch_size=8, seq_len=16,
+            max_steps=12, eval_every=6, eval_batches=2, log_every=2, warmup_steps=3,
+            peak_lr=1e-2)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("MICROGPT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    words = "the quick brown fox jumps over the lazy dog and then runs far away".split()
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
+    return str(path)
+
+
+def run(corpus, out, **overrides):
+    cfg = train.TrainConfig(**{**TINY, "data": corpus, **overrides})
+    return train.train(cfg, out=str(out), sample=False)
+
+
+def test_training_lowers_val_loss_and_checkpoints(corpus, tmp_path):
+    result = run(corpus, tmp_path / "run")
+    assert result.stopped == "finished" and result.step == 12
+    assert result.val_losses[12] < result.val_losses[0] - 0.5, result.val_losses
+    assert sorted(result.losses) == list(range(12))
+    step, meta = checkpoint.restore_meta(tmp_path / "run")
+    assert step == 12 and meta["data_position"] == {"seed": 0, "next_step": 12}
+    assert (tmp_path / "run" / "tokenizer.json").exists()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
+
+
+def test_resume_after_ctrl_c_gives_the_same_losses(corpus, tmp_path, monkeypatch):
+    straight = run(corpus, tmp_path / "straight")
+
+    get_batch = data.get_batch
+
+    def interrupt_at_7(tokens, batch_size, seq_len, seed, step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, caught between steps
+        return get_batch(tokens, batch_size, seq_len, seed, step)
+
+    monkeypatch.setattr(data, "get_batch", interrupt_at_7)
+    first = run(corpus, tmp_path / "split")
+    assert first.stopped == "interrupted" and first.step == 8
+    assert checkpoint.latest_step(tmp_path / "split") == 8
+    monkeypatch.setattr(data, "get_batch", get_batch)
+
+    second = train.train(train.TrainConfig(), out=str(tmp_path / "split"), resume=True, sample=False)
+    assert second.stopped == "finished" and second.step == 12
+    resumed = {**first.losses, **second.losses}
+    assert sorted(resumed) == sorted(straight.losses)
+    np.testing.assert_allclose([resumed[s] for s in range(12)],
+                               [straight.losses[s] for s in range(12)], rtol=1e-6)
+    np.testing.assert_allclose(second.val_losses[12], straight.val_losses[12], rtol=1e-6)
+
+
+def test_resume_refuses_conflicting_flags(corpus, tmp_path):
+    run(corpus, tmp_path / "run", max_steps=2, eval_every=2)
+    with pytest.raises(SystemExit, match="max-steps"):
+        train.train(train.TrainConfig(), out=str(tmp_path / "run"), resume=True,
+                    explicit={"max_steps": 5}, sample=False)
+
+
+def test_new_run_refuses_to_overwrite(corpus, tmp_path):
+    run(corpus, tmp_path / "run", max_steps=2, eval_every=2)
+    with pytest.raises(SystemExit, match="--resume"):
+        run(corpus, tmp_path / "run", max_steps=2, eval_every=2)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    make = train.make_train_step
+
+    def poisoned(model, optimizer):
+        step = make(model, optimizer)
+        calls = iter(range(10**6))
+
+        def wrapped(params, opt_state, x, y):
+            params, opt_state, metrics = step(params, opt_state, x, y)
+            if next(calls) >= 8:
+                metrics = {**metrics, "loss": metrics["loss"] * np.nan}
+            return params, opt_state, metrics
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    result = run(corpus, tmp_path / "run")
+    assert result.stopped == "nan"
+    assert checkpoint.latest_step(tmp_path / "run") == 6   # the last one saved before the NaN
+    assert max(result.losses) < 8
+
+
+def test_data_parallel_step_equals_single_device():
+    assert jax.device_count() >= 2, "tests/conftest.py asks for 4 CPU devices"
+    gpt = micro_gpt_1(vocab=64, model_d=32, num_heads=2)
+    cfg = train.TrainConfig(max_steps=10)
+    optimizer, _ = train.make_optimizer(cfg)
+    rng = np.random.default_rng(1)
+    x, y = (rng.integers(0, 64, (8, 16)).astype(np.int32) for _ in range(2))
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = train.data_mesh(devices)
+        params = jax.device_put(gpt.get_params(0), NamedSharding(mesh, P()))
+        state = optimizer.init(params)
+        batch = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y)]
+        step = train.make_train_step(gpt, optimizer)
+        for _ in range(3):
+            params, state, metrics = step(params, state, *batch)
+        results.append((float(metrics["loss"]), jax.tree_util.tree_map(np.asarray, params)))
+    (loss1, p1), (loss4, p4) = results
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p4)
+
+
+def test_cli_errors(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model-d", "30", "--heads", "4"])
+    assert "divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "x", "--dataset", "y"])
+    code = train.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r")])
+    assert code == 2 and "missing.txt" in capsys.readouterr().err
+    code = train.main(["--data", corpus, "--vocab", "300", "--seq-len", "100000",
+                       "--out", str(tmp_path / "r2")])
+    assert code == 2 and "seq_len" in capsys.readouterr().err
