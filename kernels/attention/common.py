@@ -113,7 +113,8 @@ def q_tiles(j, plan: Plan, block_q: int, block_k: int):
     end = cdiv(plan.seq_len, block_q)
     if not plan.causal:  # only the key tile holding the padded end needs a mask, on every row
         ragged = (j + 1) * block_k > plan.seq_len
-        return 0, jnp.where(ragged, end, 0), end
+        # (a product, not jnp.where: Pallas Triton 0.10 lowers a scalar select of constants to i1)
+        return 0, ragged.astype(jnp.int32) * end, end
     start = jnp.minimum(div(j * block_k, block_q), end)
     return start, jnp.minimum(cdiv((j + 1) * block_k, block_q), end), end
 
