@@ -35,7 +35,7 @@ class TrainConfig:
     vocab: int = 9000
     batch_size: int = 16
     seq_len: int = 128
-    max_steps: int = 600
+    max_steps: int = 500
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
