@@ -3,4 +3,6 @@
 Each op has one entry point with an `implementation=` switch ("reference", "triton", "tpu", ...),
 chosen by backend when None; see kernels/<op>/api.py.
 """
-__all__ = []
+from kernels.attention import attention
+
+__all__ = ["attention"]

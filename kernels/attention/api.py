@@ -1,5 +1,6 @@
 """attention(q, k, v): validation, the choice of implementation, and the custom_vjp every kernel
-implementation shares (forward -> (o, residuals), backward(residuals, do) -> dq, dk, dv)."""
+implementation shares: forward(q, k, v, plan, residuals) -> (o, residuals or None) and
+backward(plan, residuals, do) -> (dq, dk, dv)."""
 from __future__ import annotations
 
 import functools
@@ -85,11 +86,11 @@ def _validate(q, k, v, kernel: bool) -> None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, plan: common.Plan):
-    return _forward(q, k, v, plan)[0]
+    return BACKENDS[plan.implementation][1](q, k, v, plan, residuals=False)[0]
 
 
 def _forward(q, k, v, plan):
-    return BACKENDS[plan.implementation][1](q, k, v, plan)
+    return BACKENDS[plan.implementation][1](q, k, v, plan, residuals=True)
 
 
 def _backward(plan, residuals, do):

@@ -177,9 +177,21 @@ def softmax_finish(carry):
     return acc / l, m + jnp.log2(l)
 
 
-def output_delta(o, do, axis: int = -1):
-    """delta = rowsum(do * o) in f32, the backward's per-row correction (computed by XLA)."""
-    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=axis)
+def split(x, dtype):
+    """x (f32) -> (hi, lo) in dtype with hi + lo = x to ~2^-16 relative (exact for f32 dtype).
+
+    The forward saves lo beside o for the backward's delta: rowsum(do * o) from the bf16-rounded
+    o alone errs by ~2^-9 |o| |do|, and under peaked softmaxes (large logits) ds = p (dp - delta)
+    is a small difference that this error dominates, doubling the error of dk.
+    """
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(jnp.float32)).astype(dtype)
+
+
+def output_delta(o, o_lo, do):
+    """delta = rowsum(do * o) over the last axis in f32, o = o + o_lo (see `split`); XLA fuses it."""
+    f32 = lambda x: x.astype(jnp.float32)
+    return jnp.sum((f32(o) + f32(o_lo)) * f32(do), axis=-1)
 
 
 def dq_step(dq, q, k, v, do, lse, delta, scale_log2: float, mask=None):

@@ -47,8 +47,8 @@ def when_tile(condition, step, masked: bool):
     pl.when(condition)(functools.partial(step, masked))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, plan,
-                    block_q, block_k):
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *refs, plan, block_q, block_k):
+    *residual_refs, acc_ref, m_ref, l_ref = refs
     i, j = pl.program_id(2), pl.program_id(3)
     state = (acc_ref, m_ref, l_ref)
 
@@ -75,12 +75,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         o, lse = common.softmax_finish(tuple(ref[...] for ref in state))
-        o_ref[...] = o.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        o, o_lo = common.split(o, o_ref.dtype)
+        o_ref[...] = o
+        if residual_refs:
+            lse_ref, o_lo_ref = residual_refs
+            lse_ref[...] = lse
+            o_lo_ref[...] = o_lo
 
 
-def forward(q, k, v, plan: common.Plan):
-    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals)."""
+def forward(q, k, v, plan: common.Plan, residuals: bool):
+    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
+
+    The residuals, all [B, H, S, ...]: q, k, v, o, lse [B, H, S, 1] f32, o's low half (common.split).
+    """
     q, k, v = (heads_major(x) for x in (q, k, v))
     b, h, s, d = q.shape
     bq, bk = plan.config["block_q"], plan.config["block_k"]
@@ -91,13 +98,14 @@ def forward(q, k, v, plan: common.Plan):
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, d), kv_index)
     lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
-    o, lse = call(
+    o_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    lse_shape = jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)
+    o, *saved = call(
         functools.partial(_forward_kernel, plan=plan, block_q=bq, block_k=bk),
         grid=(b, h, s // bq, s // bk), in_specs=[q_spec, kv_spec, kv_spec],
-        out_specs=[q_spec, lse_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
+        out_specs=[q_spec, lse_spec, q_spec] if residuals else [q_spec],
+        out_shape=[o_shape, lse_shape, o_shape] if residuals else [o_shape],
         scratch=[(bq, d), (bq, 1), (bq, 1)],
-        cost=common.cost_estimate(q, plan, matmuls=2, arrays=4), plan=plan,
+        cost=common.cost_estimate(q, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
         name="flash_attention_fwd")(q, k, v)
-    return heads_major(o), (q, k, v, o, lse)
+    return heads_major(o), ((q, k, v, o, *saved) if residuals else None)

@@ -81,10 +81,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc, 
 
 def backward(plan: common.Plan, residuals, do):
     """-> (dq, dk, dv) [B, S, H, D] for the cotangent do [B, S, H, D] of o."""
-    q, k, v, o, lse = residuals                                   # [B, H, S, D], lse [B, H, S, 1]
+    q, k, v, o, lse, o_lo = residuals                          # [B, H, S, D], lse [B, H, S, 1]
     do = heads_major(do)
     b, h, s, d = q.shape
-    delta = common.output_delta(o, do)[..., None]                  # [B, H, S, 1]
+    delta = common.output_delta(o, o_lo, do)[..., None]          # [B, H, S, 1]
     as_rows = lambda x: x.reshape(b, h, 1, s)
     cost = functools.partial(common.cost_estimate, q, plan)
     rows_spec = lambda n, index: pl.BlockSpec((None, None, n, d), index)

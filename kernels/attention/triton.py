@@ -61,7 +61,7 @@ def call(kernel, *, grid, in_specs, out_specs, out_shape, num_warps, num_stages,
         cost_estimate=cost, interpret=plan.interpret, name=name)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan, block_q, block_k, num_q):
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, block_k, num_q):
     i = tile_order(pl.program_id(0), num_q, plan.causal)
     q = q_ref[...]
 
@@ -78,12 +78,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan, block_q, block
     carry = visit(step, common.softmax_init(block_q, q.shape[-1]),
                   unmasked=(0, masked_from), masked=(masked_from, end))
     o, lse = common.softmax_finish(carry)
-    o_ref[...] = o.astype(o_ref.dtype)
-    lse_ref[...] = lse[:, 0]
+    o, o_lo = common.split(o, o_ref.dtype)
+    o_ref[...] = o
+    if residual_refs:
+        lse_ref, o_lo_ref = residual_refs
+        lse_ref[...] = lse[:, 0]
+        o_lo_ref[...] = o_lo
 
 
-def forward(q, k, v, plan: common.Plan):
-    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals)."""
+def forward(q, k, v, plan: common.Plan, residuals: bool):
+    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
+
+    The residuals for the backward: q, k, v, o, lse [B, H, S] f32 and o's low half (common.split).
+    """
     b, s, h, d = q.shape
     config = plan.config
     bq, bk = config["block_q"], config["block_k"]
@@ -92,12 +99,14 @@ def forward(q, k, v, plan: common.Plan):
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, tile(i), h_, 0))
     seq_spec = pl.BlockSpec((None, s, None, d), lambda i, b_, h_: (b_, 0, h_, 0))
     lse_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, tile(i)))
-    o, lse = call(
+    o_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    lse_shape = jax.ShapeDtypeStruct((b, h, s), jnp.float32)
+    o, *saved = call(
         functools.partial(_forward_kernel, plan=plan, block_q=bq, block_k=bk, num_q=num_q),
-        grid=(num_q, b, h), in_specs=[q_spec, seq_spec, seq_spec], out_specs=[q_spec, lse_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+        grid=(num_q, b, h), in_specs=[q_spec, seq_spec, seq_spec],
+        out_specs=[q_spec, lse_spec, q_spec] if residuals else [q_spec],
+        out_shape=[o_shape, lse_shape, o_shape] if residuals else [o_shape],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-        cost=common.cost_estimate(q, plan, matmuls=2, arrays=4), plan=plan,
+        cost=common.cost_estimate(q, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
         name="flash_attention_fwd")(q, k, v)
-    return o, (q, k, v, o, lse)
+    return o, ((q, k, v, o, *saved) if residuals else None)

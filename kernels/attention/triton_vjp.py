@@ -68,10 +68,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan,
 
 def backward(plan: common.Plan, residuals, do):
     """-> (dq, dk, dv) [B, S, H, D] for the cotangent do [B, S, H, D] of o."""
-    q, k, v, o, lse = residuals
+    q, k, v, o, lse, o_lo = residuals
     b, s, h, d = q.shape
     config = plan.config
-    delta = common.output_delta(o, do).transpose(0, 2, 1)                    # [B, H, S]
+    delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)              # [B, H, S]
     rows_spec = lambda n, index: pl.BlockSpec((None, n, None, d), index)
     stats_spec = lambda n, index: pl.BlockSpec((None, None, n), index)
     whole = lambda t, b_, h_: (b_, 0, h_, 0)
