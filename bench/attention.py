@@ -1,0 +1,173 @@
+"""Attention benchmark: our Pallas kernels against the naive math, XLA, cuDNN and JAX's Pallas op.
+
+    python bench/attention.py --seq 1024                      # head_dim 64 and 128 at 16k tokens
+    python bench/attention.py --seq 512,8192 --head-dim 128 --impl cudnn,triton --json out.json
+
+Shapes keep the work per sequence length comparable: batch x seq = 16384 tokens and
+heads x head_dim = 2048 unless --batch / --heads are given. Forward FLOPs are 4 B H S^2 D (halved
+when causal); forward+backward counts 3.5x that (the backward's 5 matmuls to the forward's 2).
+Fwd+bwd times jit(grad(sum(attention(q, k, v) * cotangent))) with respect to q, k and v.
+An implementation that fails (out of memory, unsupported here) gets an error row; the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench.common import (device_description, format_table, maybe_profile, peak_tflops, time_ms,
+                          tflops, write_json)
+from kernels.attention import attention
+from microgpt import model
+
+TOKENS, WIDTH = 16384, 2048  # batch x seq and heads x head_dim of the default shapes
+BLOCK_OPTIONS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq",
+                 "num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd")
+
+
+def jax_triton_mha(q, k, v, *, causal):
+    """JAX's own Pallas Triton op (jax.experimental.pallas.ops.gpu.attention.mha), [B, S, H, D]."""
+    from jax.experimental.pallas.ops.gpu.attention import mha
+    return mha(q, k, v, None, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
+
+
+def implementations(causal: bool, block_sizes: dict) -> dict:
+    """name -> attention(q, k, v) for every implementation the benchmark knows."""
+    nn_attention = lambda impl: functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                                  implementation=impl)
+    ours = lambda impl: functools.partial(attention, causal=causal, implementation=impl,
+                                          block_sizes=block_sizes or None)
+    return {
+        "reference": functools.partial(model.attention, causal=causal),
+        "xla": nn_attention("xla"),
+        "cudnn": nn_attention("cudnn"),
+        "jax_triton": functools.partial(jax_triton_mha, causal=causal),
+        "triton": ours("triton"),
+        "tpu": ours("tpu"),
+    }
+
+
+def default_impls() -> str:
+    return {"gpu": "reference,xla,cudnn,jax_triton,triton",
+            "tpu": "reference,xla,tpu"}.get(jax.default_backend(), "reference,xla,triton")
+
+
+def flops(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs."""
+    forward = 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
+    return forward, 3.5 * forward
+
+
+def measure(fn, shape, dtype, timing: dict) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of fn on random inputs of `shape`."""
+    q, k, v, cotangent = (jax.random.normal(key, shape, dtype)
+                          for key in jax.random.split(jax.random.PRNGKey(0), 4))
+    forward = jax.jit(fn)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+    forward_backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return time_ms(forward, q, k, v, **timing), time_ms(forward_backward, q, k, v, **timing)
+
+
+def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool, dtype,
+        block_sizes: dict, timing: dict) -> list[dict]:
+    """One record per (impl, shape); cuDNN ratios filled in when cuDNN was measured."""
+    fns = implementations(causal, block_sizes)
+    peak = peak_tflops()
+    records = []
+    for batch, seq, heads, head_dim in shapes:
+        fwd_flops, fwd_bwd_flops = flops(batch, seq, heads, head_dim, causal)
+        rows = []
+        for impl in impls:
+            row = dict(impl=impl, batch=batch, seq=seq, heads=heads, head_dim=head_dim,
+                       causal=causal, dtype=jnp.dtype(dtype).name)
+            try:
+                row["fwd_ms"], row["fwd_bwd_ms"] = measure(fns[impl], (batch, seq, heads, head_dim),
+                                                           dtype, timing)
+                row["fwd_tflops"] = tflops(fwd_flops, row["fwd_ms"])
+                row["fwd_bwd_tflops"] = tflops(fwd_bwd_flops, row["fwd_bwd_ms"])
+                if peak:
+                    row["fwd_peak_pct"] = 100 * row["fwd_tflops"] / peak
+                    row["fwd_bwd_peak_pct"] = 100 * row["fwd_bwd_tflops"] / peak
+            except Exception as e:  # noqa: BLE001 - OOM, unsupported on this device: report, go on
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
+            rows.append(row)
+            print(f"  {impl:<10} B{batch} S{seq} H{heads} D{head_dim}: "
+                  + (row.get("error") or f"{row['fwd_ms']:.3f} ms fwd, {row['fwd_bwd_ms']:.3f} ms fwd+bwd"),
+                  flush=True)
+        cudnn = next((r for r in rows if r["impl"] == "cudnn" and "error" not in r), None)
+        for row in rows:
+            if cudnn and "error" not in row:
+                row["fwd_vs_cudnn"] = cudnn["fwd_ms"] / row["fwd_ms"]
+                row["fwd_bwd_vs_cudnn"] = cudnn["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        records += rows
+    return records
+
+
+COLUMNS = [("impl", "impl", ""), ("batch", "B", "d"), ("seq", "S", "d"), ("heads", "H", "d"),
+           ("head_dim", "D", "d"),
+           ("fwd_ms", "fwd ms", ".3f"), ("fwd_tflops", "fwd TF/s", ".1f"),
+           ("fwd_vs_cudnn", "x cuDNN", ".2f"), ("fwd_peak_pct", "% peak", ".1f"),
+           ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("fwd_bwd_tflops", "fwd+bwd TF/s", ".1f"),
+           ("fwd_bwd_vs_cudnn", "x cuDNN", ".2f"), ("fwd_bwd_peak_pct", "% peak", ".1f"),
+           ("error", "error", "")]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int_list, default=[512, 1024, 2048, 4096, 8192],
+                   help="sequence lengths, comma-separated")
+    p.add_argument("--head-dim", type=int_list, default=[64, 128], help="head dims, comma-separated")
+    p.add_argument("--batch", type=int, help=f"default {TOKENS} // seq")
+    p.add_argument("--heads", type=int, help=f"default {WIDTH} // head_dim")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--impl", default=None,
+                   help="comma list of reference, xla, cudnn, jax_triton, triton, tpu "
+                        f"(default here: {default_impls()})")
+    p.add_argument("--json", help="write one record per (impl, shape) to this path")
+    p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
+    on_cpu = jax.default_backend() == "cpu"  # interpret mode: one call is enough to smoke-test
+    p.add_argument("--warmup", type=int, default=1 if on_cpu else 2)
+    p.add_argument("--repeats", type=int, default=1 if on_cpu else 5)
+    p.add_argument("--calls", type=int, default=1 if on_cpu else 20)
+    for name in BLOCK_OPTIONS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
+                       help="override the tuning table for our kernels")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    impls = (args.impl or default_impls()).split(",")
+    unknown = sorted(set(impls) - set(implementations(True, {})))
+    if unknown:
+        raise SystemExit(f"unknown --impl {unknown}; known: {sorted(implementations(True, {}))}")
+    shapes = [(args.batch or max(1, TOKENS // seq), seq, args.heads or max(1, WIDTH // d), d)
+              for d in args.head_dim for seq in args.seq]
+    block_sizes = {name: getattr(args, name) for name in BLOCK_OPTIONS
+                   if getattr(args, name) is not None}
+    print(f"attention, {'causal' if args.causal else 'not causal'}, {args.dtype} on "
+          f"{device_description()}")
+    with maybe_profile(args.profile):
+        records = run(impls, shapes, args.causal, jnp.dtype(args.dtype), block_sizes,
+                      dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls))
+    print(format_table(records, COLUMNS))
+    if args.json:
+        write_json(args.json, records, command=" ".join(["python bench/attention.py", *(argv or sys.argv[1:])]))
+    return records
+
+
+if __name__ == "__main__":
+    main()
