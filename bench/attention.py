@@ -66,14 +66,19 @@ def flops(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> tupl
     return forward, 3.5 * forward
 
 
-def measure(fn, shape, dtype, timing: dict) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of fn on random inputs of `shape`."""
+def timed_calls(fn, shape, dtype):
+    """-> ((q, k, v), forward, forward_backward): random inputs of `shape` and the two jitted
+    calls the benchmark times (the second: grad of sum(fn(q, k, v) * random cotangent))."""
     q, k, v, cotangent = (jax.random.normal(key, shape, dtype)
                           for key in jax.random.split(jax.random.PRNGKey(0), 4))
-    forward = jax.jit(fn)
     loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
-    forward_backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return time_ms(forward, q, k, v, **timing), time_ms(forward_backward, q, k, v, **timing)
+    return (q, k, v), jax.jit(fn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def measure(fn, shape, dtype, timing: dict) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of fn on random inputs of `shape`."""
+    args, forward, forward_backward = timed_calls(fn, shape, dtype)
+    return time_ms(forward, *args, **timing), time_ms(forward_backward, *args, **timing)
 
 
 def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool, dtype,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 from bench import attention as attention_bench
+from bench import tune
+from kernels import tuning
 
 RECORD_KEYS = {"impl", "batch", "seq", "heads", "head_dim", "causal", "fwd_ms", "fwd_bwd_ms",
                "fwd_tflops", "fwd_bwd_tflops"}
@@ -39,3 +41,15 @@ def test_attention_bench_default_shapes_keep_tokens_and_width():
     args = attention_bench.parse_args([])
     assert args.seq == [512, 1024, 2048, 4096, 8192] and args.head_dim == [64, 128]
     assert args.causal and args.dtype == "bfloat16"
+
+
+def test_tune_records_the_best_candidate(tmp_path):
+    table = tmp_path / "tuning.json"
+    recorded = tune.main(["--op", "attention", "--shape-keys", "d64", "--seq", "32", "--batch", "1",
+                          "--max-candidates", "1", "--table", str(table),
+                          "--warmup", "0", "--repeats", "1", "--calls", "1"])
+    entry = json.loads(table.read_text())[tuning.device_kind()]["attention/triton"]["d64"]
+    assert entry == recorded["attention", "d64"]
+    first = {**tune.ATTENTION_CANDIDATES["d64"]["forward"][0],
+             **tune.ATTENTION_CANDIDATES["d64"]["backward"][0]}
+    assert first.items() <= entry.items()
