@@ -22,7 +22,6 @@ from typing import Callable, NamedTuple
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax
 import jax.numpy as jnp
 
 from bench import attention as attention_bench

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -42,18 +41,18 @@ class Plan:
     """Everything static about one attention call (hashable: the custom_vjp's non-array argument).
 
     seq_len is the true length; the arrays the kernels see are padded to a multiple of every block.
-    `blocks` is the tuning configuration (block sizes, warps, stages) as sorted (name, value) pairs.
+    `tuning` is the configuration (block sizes, warps, stages) as sorted (name, value) pairs.
     """
     implementation: str
     causal: bool
     sm_scale: float
     seq_len: int
-    blocks: tuple[tuple[str, int], ...]
+    tuning: tuple[tuple[str, int], ...]
     interpret: bool
 
     @property
     def config(self) -> dict[str, int]:
-        return dict(self.blocks)
+        return dict(self.tuning)
 
     @property
     def scale_log2(self) -> float:
@@ -221,10 +220,11 @@ def dkdv_step(carry, q, k, v, do, lse, delta, scale_log2: float, mask=None):
     return dk + dot(ds_t.astype(q.dtype), q), dv + dot(p_t.astype(do.dtype), do)
 
 
-def cost_estimate(q, plan: Plan, matmuls: int, arrays: int) -> pl.CostEstimate:
-    """What one kernel costs, for XLA's scheduler: `matmuls` products of 2*S*S*D flops per (b, h)
-    (halved when causal), one exp2 per score, `arrays` q-sized arrays read or written once."""
-    b, s, h, d = q.shape
-    pairs = b * h * s * s // (2 if plan.causal else 1)
-    return pl.CostEstimate(flops=2 * d * pairs * matmuls, transcendentals=pairs,
+def cost_estimate(q, seq: int, plan: Plan, matmuls: int, arrays: int) -> pl.CostEstimate:
+    """What one kernel costs, for XLA's scheduler: `matmuls` products of 2 S^2 D flops per (b, h)
+    (halved when causal), one exp2 per score, `arrays` q-sized arrays read or written once.
+    q is [B, S, H, D] or [B, H, S, D], seq its (padded) S."""
+    rows, head_dim = q.size // q.shape[-1], q.shape[-1]  # B H S rows of D in either layout
+    pairs = rows * seq // (2 if plan.causal else 1)
+    return pl.CostEstimate(flops=2 * head_dim * pairs * matmuls, transcendentals=pairs,
                            bytes_accessed=arrays * q.size * q.dtype.itemsize)

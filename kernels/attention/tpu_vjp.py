@@ -86,7 +86,7 @@ def backward(plan: common.Plan, residuals, do):
     b, h, s, d = q.shape
     delta = common.output_delta(o, o_lo, do)[..., None]          # [B, H, S, 1]
     as_rows = lambda x: x.reshape(b, h, 1, s)
-    cost = functools.partial(common.cost_estimate, q, plan)
+    cost = functools.partial(common.cost_estimate, q, s, plan)
     rows_spec = lambda n, index: pl.BlockSpec((None, None, n, d), index)
 
     bq, bk = plan.config["block_q_dkv"], plan.config["block_k_dkv"]

@@ -107,6 +107,6 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
         out_specs=[q_spec, lse_spec, q_spec] if residuals else [q_spec],
         out_shape=[o_shape, lse_shape, o_shape] if residuals else [o_shape],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-        cost=common.cost_estimate(q, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
+        cost=common.cost_estimate(q, s, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
         name="flash_attention_fwd")(q, k, v)
     return o, ((q, k, v, o, *saved) if residuals else None)

@@ -76,7 +76,7 @@ def backward(plan: common.Plan, residuals, do):
     stats_spec = lambda n, index: pl.BlockSpec((None, None, n), index)
     whole = lambda t, b_, h_: (b_, 0, h_, 0)
     whole_stats = lambda t, b_, h_: (b_, h_, 0)
-    cost = functools.partial(common.cost_estimate, q, plan)
+    cost = functools.partial(common.cost_estimate, q, s, plan)
     warps_stages = dict(num_warps=config["num_warps_bwd"], num_stages=config["num_stages_bwd"])
 
     bq, bk = config["block_q_dkv"], config["block_k_dkv"]
