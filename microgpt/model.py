@@ -145,13 +145,30 @@ class BlockOps(NamedTuple):
     layernorm_ffn: Callable[..., jax.Array]
 
 
-KERNELS = ("reference",)
+KERNELS = ("reference", "pallas", "xla")
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                  sm_scale: float | None = None) -> jax.Array:
+    """The stock path: jax.nn.dot_product_attention, which picks cuDNN on GPUs.  Shapes as `attention`."""
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal)
 
 
 def block_ops(kernels: str) -> BlockOps:
-    """The ops a block runs for `kernels`: "reference" is the math in this file."""
+    """The ops a block runs for `kernels`:
+
+    "reference"  the math in this file;
+    "pallas"     the hand-written kernels of kernels/ (implementation chosen by backend);
+    "xla"        the strongest stock path: jax.nn.dot_product_attention (cuDNN on GPU) and this
+                 file's LayerNorm+FFN fused by XLA.
+    """
     if kernels == "reference":
         return BlockOps(attention, layernorm_ffn)
+    if kernels == "pallas":
+        from kernels import attention as pallas_attention, layernorm_ffn as pallas_layernorm_ffn
+        return BlockOps(pallas_attention, pallas_layernorm_ffn)
+    if kernels == "xla":
+        return BlockOps(xla_attention, layernorm_ffn)
     raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
 
 

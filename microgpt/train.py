@@ -83,12 +83,22 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices or jax.devices()), ("data",))
 
 
-def make_train_step(model: MicroGPT, optimizer):
+def make_train_step(model: MicroGPT, optimizer, mesh: Mesh):
+    """The jitted step. Loss and gradients run per device under shard_map (the kernels see their
+    shard's shapes); gradients are averaged over 'data' before the (replicated) optimizer update."""
+    def mean_loss(params, x, y):
+        return jax.lax.pmean(model.loss(params, x, y), "data")
+
+    # Differentiating w.r.t. the replicated params sums the per-device gradients of the mean loss
+    # (shard_map's transpose of the implicit broadcast): the full-batch gradient, replicated.
+    grads = jax.shard_map(jax.value_and_grad(mean_loss), mesh=mesh,
+                          in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
+
     def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(model.loss)(params, x, y)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        loss, g = grads(params, x, y)
+        updates, opt_state = optimizer.update(g, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state,
-                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+                {"loss": loss, "grad_norm": optax.tree.norm(g)})
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -181,7 +191,7 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
         print(f"resuming {run_dir} at step {step}")
 
     params, opt_state = state["params"], state["opt_state"]
-    train_step = make_train_step(model, optimizer)
+    train_step = make_train_step(model, optimizer, mesh)
     eval_loss = jax.jit(model.loss)
     manager = checkpoint.checkpoint_manager(run_dir)
 
