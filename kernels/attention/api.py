@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,16 @@ from kernels import tuning
 from kernels.attention import common, tpu, tpu_vjp, triton, triton_vjp
 from microgpt import model
 
-# implementation -> (tuning defaults per head_dim, forward, backward, platform it compiles for)
+class Backend(NamedTuple):
+    defaults: dict[int, dict]   # head_dim -> tuning configuration
+    forward: Callable           # (q, k, v, plan, residuals) -> (o, residuals or None)
+    backward: Callable          # (plan, residuals, do) -> (dq, dk, dv)
+    platform: str               # the jax backend it compiles for; interpreted elsewhere
+
+
 BACKENDS = {
-    "triton": (triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
-    "tpu": (tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
+    "triton": Backend(triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
+    "tpu": Backend(tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
 }
 IMPLEMENTATIONS = ("reference", *BACKENDS)
 
@@ -49,17 +56,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if implementation == "reference":
         return model.attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
-    defaults, _, _, platform = BACKENDS[implementation]
-    config = tuning.block_config("attention", implementation, f"d{head_dim}", defaults[head_dim],
-                                 block_sizes)
+    backend = BACKENDS[implementation]
+    config = tuning.block_config("attention", implementation, f"d{head_dim}",
+                                 backend.defaults[head_dim], block_sizes)
     seq_len = q.shape[1]
     config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
     if interpret is None:
-        interpret = jax.default_backend() != platform
+        interpret = jax.default_backend() != backend.platform
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len,
                        tuple(sorted(config.items())), bool(interpret))
-    # Padded keys are masked (or lie above the diagonal) and padded query rows are sliced off;
-    # their cotangent is then zero, so they add nothing to dk and dv.
+    # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded
+    # query rows are sliced off, so their cotangent is zero and they add nothing to dk and dv.
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     return _attention(q, k, v, plan)[:, :seq_len]
@@ -86,15 +93,15 @@ def _validate(q, k, v, kernel: bool) -> None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, plan: common.Plan):
-    return BACKENDS[plan.implementation][1](q, k, v, plan, residuals=False)[0]
+    return BACKENDS[plan.implementation].forward(q, k, v, plan, residuals=False)[0]
 
 
 def _forward(q, k, v, plan):
-    return BACKENDS[plan.implementation][1](q, k, v, plan, residuals=True)
+    return BACKENDS[plan.implementation].forward(q, k, v, plan, residuals=True)
 
 
 def _backward(plan, residuals, do):
-    return BACKENDS[plan.implementation][2](plan, residuals, do)
+    return BACKENDS[plan.implementation].backward(plan, residuals, do)
 
 
 _attention.defvjp(_forward, _backward)

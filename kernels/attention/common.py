@@ -176,19 +176,18 @@ def softmax_finish(carry):
     return acc / l, m + jnp.log2(l)
 
 
-def split(x, dtype):
-    """x (f32) -> (hi, lo) in dtype with hi + lo = x to ~2^-16 relative (exact for f32 dtype).
+def low_half(x, dtype):
+    """lo = x - x.astype(dtype), in dtype: x = x.astype(dtype) + lo to ~2^-16 (f32 x, bf16 dtype).
 
-    The forward saves lo beside o for the backward's delta: rowsum(do * o) from the bf16-rounded
+    The forward saves o's low half for the backward's delta: rowsum(do * o) from the bf16-rounded
     o alone errs by ~2^-9 |o| |do|, and under peaked softmaxes (large logits) ds = p (dp - delta)
     is a small difference that this error dominates, doubling the error of dk.
     """
-    hi = x.astype(dtype)
-    return hi, (x - hi.astype(jnp.float32)).astype(dtype)
+    return (x - x.astype(dtype).astype(jnp.float32)).astype(dtype)
 
 
 def output_delta(o, o_lo, do):
-    """delta = rowsum(do * o) over the last axis in f32, o = o + o_lo (see `split`); XLA fuses it."""
+    """delta = rowsum(do * (o + o_lo)) over the last axis in f32 (see `low_half`); XLA fuses it."""
     f32 = lambda x: x.astype(jnp.float32)
     return jnp.sum((f32(o) + f32(o_lo)) * f32(do), axis=-1)
 

@@ -75,18 +75,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *refs, plan, block_q, block_k):
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         o, lse = common.softmax_finish(tuple(ref[...] for ref in state))
-        o, o_lo = common.split(o, o_ref.dtype)
-        o_ref[...] = o
+        o_ref[...] = o.astype(o_ref.dtype)
         if residual_refs:
             lse_ref, o_lo_ref = residual_refs
             lse_ref[...] = lse
-            o_lo_ref[...] = o_lo
+            o_lo_ref[...] = common.low_half(o, o_lo_ref.dtype)
 
 
 def forward(q, k, v, plan: common.Plan, residuals: bool):
     """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
 
-    The residuals, all [B, H, S, ...]: q, k, v, o, lse [B, H, S, 1] f32, o's low half (common.split).
+    The residuals, all [B, H, S, ...]: q, k, v, o, lse [B, H, S, 1] f32, o's low half
+    (common.low_half).
     """
     q, k, v = (heads_major(x) for x in (q, k, v))
     b, h, s, d = q.shape

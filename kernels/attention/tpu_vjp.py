@@ -1,6 +1,6 @@
 """Flash attention backward in Pallas for TPUs (Mosaic), in the [B, H, S, D] layout of tpu.py.
 
-    delta = rowsum(do * o)                                      (XLA)
+    delta = rowsum(do * (o + o_lo))                             (XLA)
     dK/dV: grid (B, H, S/bk, S/bq), query tiles sequential; dk, dv [bk, D] f32 in VMEM
            (common.dkdv_step, which wants lse and delta as rows: [B, H, 1, S]).
     dQ:    grid (B, H, S/bq, S/bk), key tiles sequential; dq [bq, D] f32 in VMEM

@@ -78,18 +78,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, b
     carry = visit(step, common.softmax_init(block_q, q.shape[-1]),
                   unmasked=(0, masked_from), masked=(masked_from, end))
     o, lse = common.softmax_finish(carry)
-    o, o_lo = common.split(o, o_ref.dtype)
-    o_ref[...] = o
+    o_ref[...] = o.astype(o_ref.dtype)
     if residual_refs:
         lse_ref, o_lo_ref = residual_refs
         lse_ref[...] = lse[:, 0]
-        o_lo_ref[...] = o_lo
+        o_lo_ref[...] = common.low_half(o, o_lo_ref.dtype)
 
 
 def forward(q, k, v, plan: common.Plan, residuals: bool):
     """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
 
-    The residuals for the backward: q, k, v, o, lse [B, H, S] f32 and o's low half (common.split).
+    The residuals for the backward: q, k, v, o, lse [B, H, S] f32 and o's low half
+    (common.low_half).
     """
     b, s, h, d = q.shape
     config = plan.config

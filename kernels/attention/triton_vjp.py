@@ -1,6 +1,6 @@
 """Flash attention backward in Pallas for GPUs (the Triton backend): two kernels, no atomics.
 
-    delta = rowsum(do * o)                                    (XLA: one fused reduction)
+    delta = rowsum(do * (o + o_lo))                           (XLA: one fused reduction)
     dK/dV: grid (S/bk, B, H), one key tile per program; loops over the query tiles at and below
            the diagonal, accumulating dk, dv [bk, D] in f32 (common.dkdv_step).
     dQ:    grid (S/bq, B, H), one query tile per program; loops over the key tiles up to the
