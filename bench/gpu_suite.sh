@@ -21,7 +21,7 @@ for stage in "${stages[@]}"; do
       $PY -c "import jax, optax; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__)" \
         2>&1 | tee -a "$OUT/env.txt" ;;
     equiv)
-      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 -p no:cacheprovider ${EQUIV_ARGS:-} 2>&1 \
+      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 -p no:cacheprovider ${EQUIV_ARGS:-} 2>&1 \
         | tee "$OUT/equiv.log" | tail -n 15 ;;
     attention)
       $PY bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;

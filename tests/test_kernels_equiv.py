@@ -46,8 +46,11 @@ ATTENTION_CASES = [
 
 
 def _value_and_grads(f, args, cotangent):
-    out, vjp = jax.vjp(f, *args)
-    return (out, *vjp(cotangent))
+    """(f(*args), *grads) for the cotangent, as one jitted program (op-by-op is slow on GPUs)."""
+    def run(args, cotangent):
+        out, vjp = jax.vjp(f, *args)
+        return (out, *vjp(cotangent))
+    return jax.jit(run)(args, cotangent)
 
 
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
@@ -145,6 +148,7 @@ def _skip_unless_pallas_lowers_for(impl: str, platform: str) -> None:
     ("triton", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
 @pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, causal):
     """The kernels compile to the platform's Pallas custom call at the benchmark shapes: one for
     the forward, three (forward, dK/dV, dQ) for the gradient. Interpret mode checks none of the

@@ -132,14 +132,21 @@ def positions(start, shape, axis):
 
 # ------------------------------------------------------------------ the per-tile math
 
+def _precision(a):
+    """f32 operands multiply in full f32 (GPUs would otherwise round them to tf32)."""
+    return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+
+
 def dot(a, b):
     """a @ b, f32 accumulation.  a [m, k], b [k, n] -> [m, n]."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a),
+                           preferred_element_type=jnp.float32)
 
 
 def dot_nt(a, b):
     """a @ b^T, f32 accumulation.  a [m, k], b [n, k] -> [m, n]."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
+                           preferred_element_type=jnp.float32)
 
 
 def softmax_init(block_q: int, head_dim: int):
