@@ -4,5 +4,6 @@ Each op has one entry point with an `implementation=` switch ("reference", "trit
 chosen by backend when None; see kernels/<op>/api.py.
 """
 from kernels.attention import attention
+from kernels.layernorm_ffn import layernorm_ffn
 
-__all__ = ["attention"]
+__all__ = ["attention", "layernorm_ffn"]

@@ -1,0 +1,148 @@
+"""The public entry point: argument checks, the choice of implementation, token padding, and the
+custom VJP that joins each backend's forward (<backend>.py) to its backward (<backend>_vjp.py)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels import tuning
+from kernels.layernorm_ffn import tpu, tpu_vjp, triton, triton_vjp
+from microgpt import model
+
+IMPLEMENTATIONS = ("reference", "triton", "tpu")
+# implementation -> (forward module, backward module, the jax backend it compiles for; anywhere
+# else it runs in its interpret mode)
+_BACKENDS = {"triton": (triton, triton_vjp, "gpu"), "tpu": (tpu, tpu_vjp, "tpu")}
+
+
+def default_implementation() -> str:
+    """gpu -> "triton", tpu -> "tpu", anything else (cpu) -> "triton" in interpret mode."""
+    return "tpu" if jax.default_backend() == "tpu" else "triton"
+
+
+def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: jax.Array,
+                  b_fc: jax.Array, w_proj: jax.Array, b_proj: jax.Array, *, eps: float = model.LN_EPS,
+                  residual: bool = False, implementation: str | None = None,
+                  block_sizes: dict | None = None) -> jax.Array:
+    """[x +] gelu(LN(x) W_fc + b_fc) W_proj + b_proj, the math of microgpt.model.layernorm_ffn.
+
+    x [..., d] (d a multiple of 128); ln_scale, ln_bias, b_proj [d]; w_fc [d, 4d]; b_fc [4d];
+    w_proj [4d, d], the six parameters of one floating dtype.  LN statistics in float32, bfloat16
+    matmul operands, float32 accumulation.  -> [..., d] in x's dtype, differentiable in x and all
+    six parameters (gradients in their dtypes).
+
+    implementation: "reference" (the jnp math), "triton" (Pallas on GPU via Triton), "tpu" (Pallas
+    Mosaic TPU); None picks by jax.default_backend().  Off their own hardware the kernels run in
+    Pallas's interpret mode.  block_sizes overrides the tuning table (kernels.tuning), e.g.
+    {"up_block_n": 256}; see <backend>.default_config and <backend>_vjp.default_config for names.
+    """
+    params = (ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj)
+    _check_arguments(x, params)
+    implementation = implementation or default_implementation()
+    if implementation == "reference":
+        return model.layernorm_ffn(x, *params, eps=eps, residual=residual)
+    if implementation not in _BACKENDS:
+        raise ValueError(f"unknown implementation {implementation!r}; choose one of "
+                         f"{IMPLEMENTATIONS} or None")
+    forward_module, _, native_backend = _BACKENDS[implementation]
+    return fused(x, *params, eps=eps, residual=residual, implementation=implementation,
+                 config=kernel_config(implementation, x.shape[-1], tokens=x.size // x.shape[-1],
+                                      overrides=block_sizes),
+                 interpret=jax.default_backend() != native_backend)
+
+
+def kernel_config(implementation: str, d: int, tokens: int, overrides: dict | None = None) -> dict:
+    """The block sizes of every kernel of `implementation` at width d, from kernels.tuning's table,
+    token tiles shrunk (to powers of two >= 16) when there are fewer tokens than a tile."""
+    forward_module, backward_module, _ = _BACKENDS[implementation]
+    defaults = {**forward_module.default_config(d), **backward_module.default_config(d)}
+    config = tuning.block_config("layernorm_ffn", implementation, f"d{d}", defaults, overrides)
+    cap = max(16, 1 << (tokens - 1).bit_length())
+    for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES:
+        config[name] = min(config[name], cap)
+    forward_module.check_config(config, d)
+    backward_module.check_config(config, d)
+    return config
+
+
+def fused(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
+          implementation: str, config: dict, interpret: bool) -> jax.Array:
+    """layernorm_ffn by one backend with explicit config and interpret flag (no dispatch): the
+    lowering tests call this with interpret=False to lower GPU and TPU kernels on a CPU host."""
+    forward_module, backward_module, _ = _BACKENDS[implementation]
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    tokens = x2.shape[0]
+    tile = max(config[name] for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES)
+    padded = -(-tokens // tile) * tile  # every token tile is a power of two, so divides `tile`
+    static = _Static(eps, residual, implementation, tuple(sorted(config.items())), interpret)
+    out = _layernorm_ffn(jnp.pad(x2, ((0, padded - tokens), (0, 0))), ln_scale, ln_bias, w_fc,
+                         b_fc, w_proj, b_proj, static)
+    return out[:tokens].reshape(x.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    eps: float
+    residual: bool
+    implementation: str
+    config: tuple
+    interpret: bool
+
+    def kwargs(self) -> dict:
+        return dict(residual=self.residual, config=dict(self.config), interpret=self.interpret)
+
+
+# Padded rows are zeros: their LayerNorm is finite (rstd = 1/sqrt(eps)) and their cotangent, the
+# transpose of the slice in `fused`, is zero, so they add nothing to any parameter gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _layernorm_ffn(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, static: _Static):
+    forward_module = _BACKENDS[static.implementation][0]
+    out, _ = forward_module.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj,
+                                    eps=static.eps, save_residuals=False, **static.kwargs())
+    return out
+
+
+def _layernorm_ffn_fwd(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, static: _Static):
+    forward_module = _BACKENDS[static.implementation][0]
+    out, residuals = forward_module.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj,
+                                            eps=static.eps, save_residuals=True, **static.kwargs())
+    return out, (x, (ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj), residuals)
+
+
+def _layernorm_ffn_bwd(static: _Static, saved, dy):
+    x, params, residuals = saved
+    ln_scale, _, w_fc, _, w_proj, _ = params
+    backward_module = _BACKENDS[static.implementation][1]
+    dx, *grads = backward_module.backward(dy, x, ln_scale, w_fc, w_proj, residuals,
+                                          **static.kwargs())
+    return (dx, *(g.astype(p.dtype) for g, p in zip(grads, params)))
+
+
+_layernorm_ffn.defvjp(_layernorm_ffn_fwd, _layernorm_ffn_bwd)
+
+
+def _check_arguments(x: jax.Array, params: tuple) -> None:
+    """Clear errors, each naming the argument and the shape or dtype it should have."""
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a floating array [..., d]; got {x.dtype}{list(x.shape)}")
+    d = x.shape[-1]
+    if d % 128:
+        raise ValueError(f"layernorm_ffn needs d = x.shape[-1] to be a multiple of 128 (the lane "
+                         f"width of the kernels' tiles); got d = {d}")
+    names = ("ln_scale", "ln_bias", "w_fc", "b_fc", "w_proj", "b_proj")
+    shapes = (((d,), "(d,)"), ((d,), "(d,)"), ((d, 4 * d), "(d, 4d)"), ((4 * d,), "(4d,)"),
+              ((4 * d, d), "(4d, d)"), ((d,), "(d,)"))
+    for name, p, (shape, formula) in zip(names, params, shapes):
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(p.shape)}; expected {formula} = {shape} "
+                             f"for d = x.shape[-1] = {d} (the hidden width is 4d)")
+    for name, p in zip(names, params):
+        if not jnp.issubdtype(p.dtype, jnp.floating):
+            raise ValueError(f"{name} has dtype {p.dtype}; parameters must be floating point")
+        if p.dtype != params[0].dtype:
+            raise ValueError(f"{name} has dtype {p.dtype} but ln_scale has {params[0].dtype}; "
+                             f"the six parameters must share one dtype")

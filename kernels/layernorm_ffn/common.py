@@ -1,0 +1,110 @@
+"""Math and checks shared by the LayerNorm+FFN kernels of every backend.
+
+The kernels work on a row tile x [bt, d] whose d axis may arrive as a list of column chunks (Triton
+needs power-of-two tensor shapes, and d = 768 is not one); the TPU kernels pass a single chunk.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
+
+
+class Residuals(NamedTuple):
+    """What the forward kernel saves for the backward, T rows (padded) by d or F = 4d columns.
+
+    xn        [T, d] bf16  LN(x), the first matmul's operand (the weight-gradient kernel reuses it)
+    g         [T, F] bf16  gelu(z), the second matmul's operand, z = LN(x) W_fc + b_fc
+    gelu_grad [T, F] bf16  gelu'(z): the backward then needs neither z nor a transcendental function
+    mean      [T, 1] f32   LayerNorm statistics of x
+    rstd      [T, 1] f32
+    """
+    xn: jax.Array
+    g: jax.Array
+    gelu_grad: jax.Array
+    mean: jax.Array
+    rstd: jax.Array
+
+
+def gelu(z: jax.Array, tanh: Callable = jnp.tanh) -> jax.Array:
+    """gelu(z) = z/2 (1 + tanh(c (z + a z^3))), microgpt.model.gelu_tanh with a pluggable tanh."""
+    return 0.5 * z * (1.0 + tanh(GELU_C * z * (1.0 + GELU_A * z * z)))
+
+
+def gelu_and_grad(z: jax.Array, tanh: Callable = jnp.tanh) -> tuple[jax.Array, jax.Array]:
+    """(gelu(z), gelu'(z)) sharing one tanh:  gelu'(z) = (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 a z^2)."""
+    z2 = z * z
+    t = tanh(GELU_C * z * (1.0 + GELU_A * z2))
+    half_1pt = 0.5 + 0.5 * t
+    grad = half_1pt + 0.5 * z * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * z2)
+    return z * half_1pt, grad
+
+
+def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b, float32 accumulation.  a [m, k], b [k, n] -> [m, n]."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b^T, float32 accumulation.  a [m, k], b [n, k] -> [m, n]."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def t_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^T @ b, float32 accumulation (a reduction over the rows).  a [k, m], b [k, n] -> [m, n]."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def row_sum(chunks: Sequence[jax.Array]) -> jax.Array:
+    """sum over the columns of all chunks.  chunks [bt, w_i] -> [bt, 1]."""
+    return sum(jnp.sum(c, axis=1, keepdims=True) for c in chunks)
+
+
+def layernorm_stats(x: Sequence[jax.Array], eps: float) -> tuple[jax.Array, jax.Array]:
+    """mean and 1/sqrt(var + eps) of the rows of x (float32 chunks [bt, w_i]) -> [bt, 1] each.
+
+    The variance is the mean of (x - mean)^2, not E[x^2] - mean^2: rows with a large mean
+    (x = 50 + 20 randn) would lose every significant bit of the variance to cancellation.
+    """
+    d = sum(c.shape[1] for c in x)
+    mean = row_sum(x) / d
+    var = row_sum([jnp.square(c - mean) for c in x]) / d
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def layernorm_backward(dxn: Sequence[jax.Array], xhat: Sequence[jax.Array], rstd: jax.Array,
+                       scale: Sequence[jax.Array]) -> list[jax.Array]:
+    """dL/dx for xn = xhat * scale + bias, xhat = (x - mean) * rstd, all float32 chunks [bt, w_i]:
+
+        dxhat = dxn * scale
+        dx    = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))     (means over the row)
+    """
+    d = sum(c.shape[1] for c in dxn)
+    dxhat = [g * s for g, s in zip(dxn, scale)]
+    mean_dxhat = row_sum(dxhat) / d
+    mean_dxhat_xhat = row_sum([g * h for g, h in zip(dxhat, xhat)]) / d
+    return [rstd * (g - mean_dxhat - h * mean_dxhat_xhat) for g, h in zip(dxhat, xhat)]
+
+
+def check_tile(name: str, value: int, extent: int, *, multiple_of: int = 1,
+               power_of_two: bool = False) -> None:
+    """Raise a ValueError naming the tuning parameter unless `value` tiles `extent` as required."""
+    problems = []
+    if extent % value:
+        problems.append(f"divide {extent}")
+    if value % multiple_of and value != extent:
+        problems.append(f"be a multiple of {multiple_of}")
+    if power_of_two and (value < 16 or value & (value - 1)):
+        problems.append("be a power of two >= 16")
+    if problems:
+        raise ValueError(f"layernorm_ffn: {name}={value} must {' and '.join(problems)}")
+
+
+def flops(tokens: int, d: int) -> int:
+    """Forward FLOPs: two matmuls of 2 T d (4d) each = 16 T d^2 (the backward does twice that)."""
+    return 16 * tokens * d * d

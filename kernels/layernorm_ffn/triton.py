@@ -1,0 +1,199 @@
+"""LayerNorm+FFN forward in Pallas on the Triton backend (GPU).
+
+    LN      grid (T / ln_block_t,)       xn = LN(x) -> bf16 [T, d], mean, rstd [T, 1] f32
+    up      grid (T / bm, F / bn)        z = xn W_fc + b_fc;  g = gelu(z) -> bf16 [T, F]   (+ gelu'(z))
+    down    grid (T / bm, d / bn)        out = g W_proj + b_proj (+ x)
+
+Every matmul is one tiled GEMM (`matmul`) whose epilogue holds the elementwise work, with bf16
+operands and an f32 accumulator [bm, bn] of bm bn / (32 num_warps) registers per thread.
+
+Why the hidden goes through HBM instead of streaming [bt, F] tiles into a [bt, d] accumulator:
+the streamed kernel needs that f32 accumulator live across the whole F loop, bt d / (32 num_warps)
+registers per thread, 128 at bt = 64, d = 512, 8 warps, plus the LN(x) operand and the GELU tile.
+Compiled for sm_90a (pip Triton 3.9 + ptxas, from this module's TTIR) it spilled 0.3 KiB per thread
+at d = 512, 0.7 KiB at d = 768 and 3.7 KiB at d = 1024 with every (block_f, num_warps, num_stages)
+tried, and ptxas serialized its wgmma instructions.  The GEMMs below compile without spills.  The
+price is writing g (8 T d bytes) and reading it back: 0.36 ms at T = 131072, d = 512 against 0.71 ms
+of matmul at 778 TF/s, overlapped with the compute-bound GEMMs; g is written in any case when the
+backward needs it (see triton_vjp.py).  LayerNorm is its own memory-bound pass (4 T d bytes, 0.09 ms
+there) because normalizing inside the up GEMM would redo it for each of the F / bn column tiles.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.layernorm_ffn.common import (Residuals, check_tile, dot, dot_t, gelu, gelu_and_grad,
+                                          layernorm_stats)
+
+GEMMS = ("up", "down")
+# The parameters that tile the tokens (the token count is padded to a multiple of each).
+TOKEN_TILES = ("ln_block_t", "up_block_m", "down_block_m")
+
+
+def default_config(d: int) -> dict:
+    """Forward parameters: 128 x 128 x 64 tiles, 8 warps, 3 stages (48 KiB of shared memory per
+    stage pair, 64 accumulator registers per thread), checked spill-free with ptxas for sm_90a."""
+    config = {"ln_block_t": max(8, 4096 // d)}
+    for gemm in GEMMS:
+        config |= {f"{gemm}_block_m": 128, f"{gemm}_block_n": 128, f"{gemm}_block_k": 64,
+                   f"{gemm}_num_warps": 8, f"{gemm}_num_stages": 3}
+    return config
+
+
+def check_gemm_config(config: dict, gemm: str, n: int, k: int) -> None:
+    check_tile(f"{gemm}_block_m", config[f"{gemm}_block_m"], config[f"{gemm}_block_m"],
+               power_of_two=True)
+    check_tile(f"{gemm}_block_n", config[f"{gemm}_block_n"], n, power_of_two=True)
+    check_tile(f"{gemm}_block_k", config[f"{gemm}_block_k"], k, power_of_two=True)
+
+
+def check_config(config: dict, d: int) -> None:
+    ln = config["ln_block_t"]
+    if ln < 1 or ln & (ln - 1):
+        raise ValueError(f"layernorm_ffn: ln_block_t={ln} must be a power of two")
+    check_gemm_config(config, "up", 4 * d, d)
+    check_gemm_config(config, "down", d, 4 * d)
+
+
+def column_chunks(d: int) -> list[pl.Slice]:
+    """d split into slices of the largest power of two dividing d (d = 768 -> 3 x 256): Triton
+    tensors must have power-of-two sizes."""
+    width = d & -d
+    return [pl.ds(start, width) for start in range(0, d, width)]
+
+
+def tanh_for(interpret: bool):
+    """The GPU's tanh.approx.f32 (one MUFU op, error 2^-11, below bf16's 2^-8 rounding of g), or
+    jnp.tanh in interpret mode, which cannot run inline PTX."""
+    return jnp.tanh if interpret else plgpu.approx_tanh
+
+
+def compiler_params(config: dict, kernel: str) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=config[f"{kernel}_num_warps"],
+                                num_stages=config[f"{kernel}_num_stages"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiled GEMM every matmul of the op runs.
+
+def _matmul_kernel(a_ref, b_ref, *refs, block_k: int, b_transposed: bool, epilogue: Callable):
+    def k_step(k, acc):
+        ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+        a = a_ref[:, ks]
+        return acc + (dot_t(a, b_ref[:, ks]) if b_transposed else dot(a, b_ref[ks, :]))
+
+    acc = jnp.zeros((a_ref.shape[0], b_ref.shape[0] if b_transposed else b_ref.shape[1]),
+                    jnp.float32)
+    epilogue(jax.lax.fori_loop(0, a_ref.shape[1] // block_k, k_step, acc), *refs)
+
+
+def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
+           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, config: dict,
+           gemm: str, interpret: bool) -> list[jax.Array]:
+    """epilogue(A @ B) over output tiles [bm, bn]: grid (M / bm, N / bn), a loop over K / bk.
+
+    a [M, K]; b [K, N], or [N, K] with b_transposed (read as B^T, no copy).  Epilogue inputs and
+    outputs are [M, N] (tiled like the output) or [N] (column vectors such as a bias); the kernel
+    calls epilogue(acc [bm, bn] f32, *input_refs, *output_refs).
+    """
+    (m, k), n = a.shape, b.shape[0] if b_transposed else b.shape[1]
+    bm, bn = config[f"{gemm}_block_m"], config[f"{gemm}_block_n"]
+
+    def tile(shape):
+        if len(shape) == 1:
+            return pl.BlockSpec((bn,), lambda i, j: (j,))
+        return pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+
+    b_spec = (pl.BlockSpec((bn, k), lambda i, j: (j, 0)) if b_transposed
+              else pl.BlockSpec((k, bn), lambda i, j: (0, j)))
+    return pl.pallas_call(
+        functools.partial(_matmul_kernel, block_k=config[f"{gemm}_block_k"],
+                          b_transposed=b_transposed, epilogue=epilogue),
+        grid=(m // bm, n // bn),
+        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), b_spec,
+                  *(tile(x.shape) for x in epilogue_inputs)],
+        out_specs=[tile(s.shape) for s in out_shape],
+        out_shape=list(out_shape),
+        compiler_params=compiler_params(config, gemm),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * m * n * k, transcendentals=0,
+            bytes_accessed=sum(x.size * x.dtype.itemsize for x in (a, b, *epilogue_inputs))
+            + sum(s.size * s.dtype.itemsize for s in out_shape)),
+        interpret=interpret,
+        name=f"layernorm_ffn_{gemm}",
+    )(a, b, *epilogue_inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The forward.
+
+def _layernorm_kernel(x_ref, scale_ref, bias_ref, xn_ref, mean_ref, rstd_ref, *, eps: float):
+    cols = column_chunks(x_ref.shape[1])
+    x = [x_ref[:, c].astype(jnp.float32) for c in cols]
+    mean, rstd = layernorm_stats(x, eps)
+    for xc, c in zip(x, cols):
+        xn_ref[:, c] = ((xc - mean) * rstd * scale_ref[c][None, :]
+                        + bias_ref[c][None, :]).astype(xn_ref.dtype)
+    mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+
+def layernorm(x, scale, bias, *, eps: float, config: dict, interpret: bool):
+    """x [T, d] -> LN(x) bf16 [T, d], mean [T, 1] f32, rstd [T, 1] f32."""
+    (tokens, d), bt = x.shape, config["ln_block_t"]
+    rows = lambda width: pl.BlockSpec((bt, width), lambda i: (i, 0))
+    vector = pl.BlockSpec((d,), lambda i: (0,))
+    stat = jax.ShapeDtypeStruct((tokens, 1), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_layernorm_kernel, eps=eps),
+        grid=(tokens // bt,),
+        in_specs=[rows(d), vector, vector],
+        out_specs=[rows(d), rows(1), rows(1)],
+        out_shape=[jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16), stat, stat],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="layernorm_ffn_layernorm",
+    )(x, scale.astype(jnp.float32), bias.astype(jnp.float32))
+
+
+def _up_epilogue(z, b_fc_ref, g_ref, *gelu_grad_ref, tanh):
+    z = z + b_fc_ref[...][None, :]
+    if gelu_grad_ref:
+        g, grad = gelu_and_grad(z, tanh)
+        gelu_grad_ref[0][...] = grad.astype(jnp.bfloat16)
+    else:
+        g = gelu(z, tanh)
+    g_ref[...] = g.astype(jnp.bfloat16)
+
+
+def _down_epilogue(acc, b_proj_ref, *refs):
+    *x_ref, out_ref = refs
+    out = acc + b_proj_ref[...][None, :]
+    if x_ref:
+        out = out + x_ref[0][...].astype(jnp.float32)
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
+            config: dict, save_residuals: bool, interpret: bool):
+    """x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None)."""
+    tokens, d = x.shape
+    hidden = w_fc.shape[1]
+    xn, mean, rstd = layernorm(x, ln_scale, ln_bias, eps=eps, config=config, interpret=interpret)
+    hidden_bf16 = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
+    g, *gelu_grad = matmul(
+        xn, w_fc.astype(jnp.bfloat16), functools.partial(_up_epilogue, tanh=tanh_for(interpret)),
+        [b_fc.astype(jnp.float32)], [hidden_bf16] * (2 if save_residuals else 1),
+        b_transposed=False, config=config, gemm="up", interpret=interpret)
+    (out,) = matmul(
+        g, w_proj.astype(jnp.bfloat16), _down_epilogue,
+        [b_proj.astype(jnp.float32)] + ([x] if residual else []),
+        [jax.ShapeDtypeStruct((tokens, d), x.dtype)],
+        b_transposed=False, config=config, gemm="down", interpret=interpret)
+    return out, (Residuals(xn, g, gelu_grad[0], mean, rstd) if save_residuals else None)
