@@ -162,3 +162,140 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
 
 
 # ------------------------------------------------------------------ layernorm_ffn
+from kernels.layernorm_ffn import layernorm_ffn
+from kernels.layernorm_ffn import api as layernorm_ffn_api
+
+LNFFN_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]
+LNFFN_NAMES = ("out", "dx", "d_ln_scale", "d_ln_bias", "dw_fc", "db_fc", "dw_proj", "db_proj")
+# Tiles small enough that a 96-token, d = 256 case spans several of each (token, hidden and d
+# tiles, so the accumulations over tiles and the first-tile-only db_fc sums are all exercised).
+LNFFN_SMALL_BLOCKS = {
+    "triton": dict(ln_block_t=16, up_block_m=32, up_block_n=128, up_block_k=64, down_block_m=16,
+                   down_block_n=128, down_block_k=128, dz_block_m=32, dz_block_n=256,
+                   dxn_block_m=16, dxn_block_n=128, lnb_block_t=32, dw_block_t=16, dw_block_f=256,
+                   dw_block_d=128),
+    "tpu": dict(block_t=16, block_f=256, bwd_block_t=32, bwd_block_f=128, dw_block_t=16,
+                dw_block_f=256, dw_block_d=128),
+}
+
+# (x shape, x mean, x std, residual, small blocks).  x = 50 + 20 randn: LayerNorm must subtract the
+# mean in f32 before squaring (E[x^2] - mean^2 would cancel away the variance).
+LNFFN_CASES = [
+    pytest.param((2, 100, 128), 50.0, 20.0, True, False, id="ragged2x100-d128-residual-mean50"),
+    pytest.param((200, 256), 0.0, 1.0, False, False, id="ragged200-d256"),
+    pytest.param((96, 256), 0.0, 3.0, True, True, id="t96-d256-residual-small-blocks"),
+    pytest.param((4, 2048, 512), 0.0, 1.0, True, False, id="t8192-d512-residual", marks=LARGE),
+    pytest.param((16384, 768), 50.0, 20.0, True, False, id="t16384-d768-mean50", marks=LARGE),
+    pytest.param((3, 1000, 1024), 0.0, 1.0, False, False, id="ragged3000-d1024", marks=LARGE),
+    pytest.param((2, 4000, 640), 0.0, 1.0, True, False, id="ragged8000-d640", marks=LARGE),
+]
+
+
+def _lnffn_params(key, d, dtype=jnp.float32):
+    """The six parameters at the scales of a trained block (GPT-2 init plus some spread)."""
+    k = jax.random.split(key, 6)
+    normal = lambda i, shape, scale: scale * jax.random.normal(k[i], shape, jnp.float32)
+    return tuple(p.astype(dtype) for p in (
+        1.0 + normal(0, (d,), 0.1), normal(1, (d,), 0.1), normal(2, (d, 4 * d), 0.02),
+        normal(3, (4 * d,), 0.02), normal(4, (4 * d, d), 0.02), normal(5, (d,), 0.02)))
+
+
+@pytest.mark.parametrize("impl", LNFFN_IMPLS)
+@pytest.mark.parametrize("shape, mean, std, residual, small", LNFFN_CASES)
+def test_layernorm_ffn_matches_reference(impl, shape, mean, std, residual, small):
+    """out and the gradients of x and all six parameters, kernel (bf16 x, f32 parameters) vs the
+    math in f32, each within twice the bf16 math's error plus a slack of 0.1% of the largest
+    magnitude of that output (f32 sums over thousands of tokens differ in order, not in kind)."""
+    seed = zlib.crc32(f"{impl}{shape}{mean}{std}{residual}{small}".encode())
+    kx, kp, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = (mean + std * jax.random.normal(kx, shape, jnp.float32)).astype(jnp.bfloat16)
+    params = _lnffn_params(kp, shape[-1])
+    cotangent = jax.random.normal(kc, shape, jnp.bfloat16)
+    blocks = LNFFN_SMALL_BLOCKS[impl] if small else None
+    kernel = lambda *a: layernorm_ffn(*a, residual=residual, implementation=impl,
+                                      block_sizes=blocks)
+    reference = lambda *a: model.layernorm_ffn(*a, residual=residual)
+
+    got = _value_and_grads(kernel, (x, *params), cotangent)
+    ref_bf16 = _value_and_grads(reference, (x, *params), cotangent)
+    with f32_precision(), pytest.MonkeyPatch.context() as patch:
+        # model.matmul casts its operands to model.COMPUTE_DTYPE (bf16) whatever their dtype, so the
+        # f32 truth needs that switched too; otherwise it would share the bf16 math's roundings.
+        patch.setattr(model, "COMPUTE_DTYPE", jnp.float32)
+        ref_f32 = _value_and_grads(reference, upcast((x, *params)), upcast(cotangent))
+    for name, g, arg in zip(LNFFN_NAMES, got, (x, x, *params)):
+        assert g.dtype == arg.dtype and g.shape == arg.shape, name
+    for name, *outs in zip(LNFFN_NAMES, got, ref_bf16, ref_f32):
+        slack = 1e-3 * float(jnp.max(jnp.abs(outs[2])))
+        assert_within_twice_reference(f"{impl} {name}", *outs, atol=slack)
+
+
+@pytest.mark.parametrize("impl", LNFFN_IMPLS)
+def test_layernorm_ffn_dtypes(impl):
+    """f32 x gives f32 out equal to the math up to summation order (both multiply in bf16);
+    bf16 parameters get bf16 gradients."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 24, 128), jnp.float32)
+    params = _lnffn_params(jax.random.PRNGKey(2), 128)
+    got = layernorm_ffn(x, *params, residual=True, implementation=impl)
+    want = model.layernorm_ffn(x, *params, residual=True)
+    assert got.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(got - want))) < 1e-2 * float(jnp.max(jnp.abs(want)))
+    bf16_params = tuple(p.astype(jnp.bfloat16) for p in params)
+    grads = jax.grad(lambda *a: jnp.sum(layernorm_ffn(*a, implementation=impl)),
+                     argnums=tuple(range(7)))(x.astype(jnp.bfloat16), *bf16_params)
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+
+
+def test_layernorm_ffn_reference_is_the_model_math():
+    x = jax.random.normal(jax.random.PRNGKey(3), (5, 128), jnp.bfloat16)
+    params = _lnffn_params(jax.random.PRNGKey(4), 128)
+    got = layernorm_ffn(x, *params, residual=True, implementation="reference")
+    assert jnp.array_equal(got, model.layernorm_ffn(x, *params, residual=True))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d": 96}, "multiple of 128"),
+    ({"x_dtype": jnp.int32}, "x must be a floating array"),
+    ({"w_fc": (128, 256)}, r"w_fc has shape \(128, 256\); expected \(d, 4d\) = \(128, 512\)"),
+    ({"w_proj": (512, 256)}, r"w_proj has shape \(512, 256\); expected \(4d, d\)"),
+    ({"b_fc": (128,)}, r"b_fc has shape \(128,\); expected \(4d,\) = \(512,\)"),
+    ({"ln_bias": (1, 128)}, r"ln_bias has shape \(1, 128\); expected \(d,\)"),
+    ({"b_proj_dtype": jnp.bfloat16}, "b_proj has dtype bfloat16 but ln_scale has float32"),
+    ({"ln_scale_dtype": jnp.int32}, "ln_scale has dtype int32; parameters must be floating"),
+    ({"implementation": "cuda"}, "unknown implementation 'cuda'"),
+    ({"block_sizes": {"up_block_n": 96}}, "up_block_n=96 must .*be a power of two"),
+    ({"block_sizes": {"up_block_n": 1024}}, "up_block_n=1024 must divide 512"),
+    ({"block_sizes": {"upblock_n": 64}}, "no tuning parameter 'upblock_n'"),
+])
+def test_layernorm_ffn_rejects_bad_inputs(change, message):
+    d = change.get("d", 128)
+    x = jnp.zeros((4, d), change.get("x_dtype", jnp.bfloat16))
+    names = ("ln_scale", "ln_bias", "w_fc", "b_fc", "w_proj", "b_proj")
+    shapes = ((d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,))
+    params = [jnp.zeros(change.get(n, s), change.get(f"{n}_dtype", jnp.float32))
+              for n, s in zip(names, shapes)]
+    with pytest.raises(ValueError, match=message):
+        layernorm_ffn(x, *params, implementation=change.get("implementation", "triton"),
+                      block_sizes=change.get("block_sizes"))
+
+
+@pytest.mark.parametrize("impl, platform, custom_call, calls", [
+    ("triton", "cuda", "__gpu$xla.gpu.triton", (3, 7)), ("tpu", "tpu", "tpu_custom_call", (1, 4))])
+@pytest.mark.parametrize("tokens, d", [(131072, 512), (65536, 768)], ids=str)
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls, tokens, d):
+    """Forward and forward+backward lower to the platform's Pallas custom calls at the benchmark
+    shapes: Triton 3 kernels (LN, up, down) and 4 more for the gradient (dz, dxn, LN', weights);
+    TPU 1 fused kernel and 3 more (dx, dW_proj, dW_fc).  Interpret mode checks none of the
+    Triton/Mosaic block constraints; this lowering is the proof the device path builds."""
+    _skip_unless_pallas_lowers_for(impl, platform)
+    config = layernorm_ffn_api.kernel_config(impl, d, tokens)
+    f = lambda *a: layernorm_ffn_api.fused(*a, eps=model.LN_EPS, residual=True,
+                                           implementation=impl, config=config, interpret=False)
+    grad = jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)),
+                              argnums=tuple(range(7)))
+    specs = [jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16)] + [
+        jax.ShapeDtypeStruct(p.shape, jnp.float32)
+        for p in jax.eval_shape(lambda: _lnffn_params(jax.random.PRNGKey(0), d))]
+    assert _export_text(f, platform, *specs).count(f"custom_call @{custom_call}") == calls[0]
+    assert _export_text(grad, platform, *specs).count(f"custom_call @{custom_call}") == calls[1]

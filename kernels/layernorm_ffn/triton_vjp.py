@@ -108,7 +108,7 @@ def _layernorm_backward(dxn, x, dy, mean, rstd, scale, *, residual, config, inte
                   pl.BlockSpec((d,), lambda i: (0,))],
         out_specs=[tiles(d), partial, partial, partial],
         out_shape=[jax.ShapeDtypeStruct((tokens, d), x.dtype)] + [partial_shape] * 3,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2),
         interpret=interpret,
         name="layernorm_ffn_layernorm_bwd",
     )(dxn, x, dy, mean, rstd, scale.astype(jnp.float32))
