@@ -25,9 +25,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax.numpy as jnp
 
 from bench import attention as attention_bench
+from bench import ln_ffn as ln_ffn_bench
 from bench.common import device_description, time_ms
 from kernels import attention, tuning
 from kernels.attention import triton as attention_triton
+from kernels.layernorm_ffn import api as layernorm_ffn_api
 
 
 class Stage(NamedTuple):
@@ -83,6 +85,27 @@ def _time_attention(which: int):
     return time
 
 
+# ------------------------------------------------------------------ layernorm_ffn (Triton)
+
+# Each compiles spill-free for sm_90a (ptxas) at d = 512 and 768; {} keeps the defaults.
+LN_FFN_CANDIDATES = {
+    "forward": [{}, {"down_block_n": 256}, {"up_num_stages": 4, "down_num_stages": 4},
+                {"up_block_k": 128}, {"up_block_m": 64, "up_num_warps": 4}],
+    "backward": [{}, {"dxn_block_n": 256}, {"dz_num_stages": 4, "dxn_num_stages": 4},
+                 {"dw_block_f": 256, "dw_block_t": 32}, {"dw_block_t": 128, "dw_num_stages": 2}],
+}
+
+
+def _time_ln_ffn(which: int):
+    """Timing of the forward (which=1) or forward+backward (which=2) of our Triton LN+FFN."""
+    def time(shape, config, timing):
+        fn = lambda *a: layernorm_ffn_api.layernorm_ffn(*a, residual=True, implementation="triton",
+                                                        block_sizes=config)
+        args, *calls = ln_ffn_bench.timed_calls(fn, *shape, jnp.bfloat16)
+        return time_ms(calls[which - 1], *(args[:7] if which == 1 else args), **timing)
+    return time
+
+
 OPS = {
     "attention": Op(
         implementation="triton",
@@ -92,6 +115,13 @@ OPS = {
         stages=[Stage("forward", lambda key: ATTENTION_CANDIDATES[key]["forward"], _time_attention(1)),
                 Stage("backward", lambda key: ATTENTION_CANDIDATES[key]["backward"],
                       _time_attention(2))]),
+    "layernorm_ffn": Op(
+        implementation="triton",
+        # (tokens, d): the anchor shapes; --batch sets the tokens (do not pass --seq with this op)
+        shapes={"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)},
+        defaults=lambda key: layernorm_ffn_api.default_config("triton", int(key[1:])),
+        stages=[Stage("forward", lambda key: LN_FFN_CANDIDATES["forward"], _time_ln_ffn(1)),
+                Stage("backward", lambda key: LN_FFN_CANDIDATES["backward"], _time_ln_ffn(2))]),
 }
 
 

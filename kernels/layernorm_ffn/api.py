@@ -54,12 +54,18 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
                  interpret=jax.default_backend() != native_backend)
 
 
+def default_config(implementation: str, d: int) -> dict:
+    """Every kernel parameter of `implementation` (forward and backward) and its default at width d."""
+    forward_module, backward_module, _ = _BACKENDS[implementation]
+    return {**forward_module.default_config(d), **backward_module.default_config(d)}
+
+
 def kernel_config(implementation: str, d: int, tokens: int, overrides: dict | None = None) -> dict:
     """The block sizes of every kernel of `implementation` at width d, from kernels.tuning's table,
     token tiles shrunk (to powers of two >= 16) when there are fewer tokens than a tile."""
     forward_module, backward_module, _ = _BACKENDS[implementation]
-    defaults = {**forward_module.default_config(d), **backward_module.default_config(d)}
-    config = tuning.block_config("layernorm_ffn", implementation, f"d{d}", defaults, overrides)
+    config = tuning.block_config("layernorm_ffn", implementation, f"d{d}",
+                                 default_config(implementation, d), overrides)
     cap = max(16, 1 << (tokens - 1).bit_length())
     for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES:
         config[name] = min(config[name], cap)
