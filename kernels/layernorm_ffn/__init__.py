@@ -14,6 +14,15 @@ Cost (T tokens, F = 4d hidden):
              forward 5.5e11 FLOPs = 0.71 ms of matmul vs 0.27 GB = 0.09 ms of x/out traffic, so
              compute-bound; its training residuals (1.2 GB, 0.4 ms) overlap the matmuls.
              Forward + backward 1.65e12 FLOPs = 2.12 ms (XLA: 1.36 ms and 2.93 ms).
+
+Backends (each file's docstring has its kernels and the reasons):
+  triton.py / triton_vjp.py  GPU: LN pass + 2 GEMMs with fused epilogues (bias, GELU and gelu',
+                             bias + residual); backward dz and dLN(x) GEMMs, an LN-backward pass and
+                             one weight-gradient kernel.  The hidden goes through HBM: a [bt, d] f32
+                             accumulator streamed over F does not fit an H100's registers.
+  tpu.py / tpu_vjp.py        TPU: one fused forward (hidden streamed through VMEM), a fused dx
+                             kernel and two weight-gradient kernels.
+  Both save g, gelu'(z) and LN(x) for the backward rather than recompute (triton_vjp.py says why).
 """
 from kernels.layernorm_ffn.api import IMPLEMENTATIONS, default_implementation, layernorm_ffn
 

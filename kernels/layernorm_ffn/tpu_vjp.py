@@ -146,7 +146,7 @@ def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: b
     n_t = tokens // bt
     rows = lambda width: pl.BlockSpec((bt, width), lambda t, f: (t, 0))
     hidden_tile = pl.BlockSpec((bt, bf), lambda t, f: (t, f))
-    partial = pl.BlockSpec((None, 1, d), lambda t, f: (t, 0, 0))
+    partial = pl.BlockSpec((pl.squeezed, 1, d), lambda t, f: (t, 0, 0))
     partial_shape = jax.ShapeDtypeStruct((n_t, 1, d), jnp.float32)
     dy = dy.astype(x.dtype)
     dx, dz, *partials = pl.pallas_call(

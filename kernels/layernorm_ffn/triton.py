@@ -10,13 +10,15 @@ operands and an f32 accumulator [bm, bn] of bm bn / (32 num_warps) registers per
 Why the hidden goes through HBM instead of streaming [bt, F] tiles into a [bt, d] accumulator:
 the streamed kernel needs that f32 accumulator live across the whole F loop, bt d / (32 num_warps)
 registers per thread, 128 at bt = 64, d = 512, 8 warps, plus the LN(x) operand and the GELU tile.
-Compiled for sm_90a (pip Triton 3.9 + ptxas, from this module's TTIR) it spilled 0.3 KiB per thread
-at d = 512, 0.7 KiB at d = 768 and 3.7 KiB at d = 1024 with every (block_f, num_warps, num_stages)
-tried, and ptxas serialized its wgmma instructions.  The GEMMs below compile without spills.  The
-price is writing g (8 T d bytes) and reading it back: 0.36 ms at T = 131072, d = 512 against 0.71 ms
-of matmul at 778 TF/s, overlapped with the compute-bound GEMMs; g is written in any case when the
-backward needs it (see triton_vjp.py).  LayerNorm is its own memory-bound pass (4 T d bytes, 0.09 ms
-there) because normalizing inside the up GEMM would redo it for each of the F / bn column tiles.
+Compiled for sm_90a (pip Triton 3.9 + ptxas, from the TTIR Pallas emits, bt = 64) that kernel
+spilled 0.3 KiB per thread at d = 512, 0.7 KiB at d = 768 and 3.7 KiB at d = 1024 for every
+block_f in {16, 32, 64}, 8 or 16 warps, 2 or 3 stages, and ptxas serialized its wgmma; even with
+LN(x) read from HBM (wgmma then takes it from shared memory) d = 768 spilled 0.4 KiB and d = 1024
+2 KiB.  The GEMMs below compile without spills at every d.  The price is writing g (8 T d bytes) and
+reading it back, 0.36 ms at T = 131072, d = 512 against 0.71 ms of matmul at 778 TF/s, overlapped
+with the compute-bound GEMMs; and g is written anyway when the backward needs it (triton_vjp.py).
+LayerNorm is its own memory-bound pass (4 T d bytes, 0.09 ms there): normalizing inside the up
+GEMM would redo it for each of the F / bn column tiles.  FLOPs, bytes and floors: __init__.py.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ TOKEN_TILES = ("ln_block_t", "up_block_m", "down_block_m")
 
 
 def default_config(d: int) -> dict:
-    """Forward parameters: 128 x 128 x 64 tiles, 8 warps, 3 stages (48 KiB of shared memory per
-    stage pair, 64 accumulator registers per thread), checked spill-free with ptxas for sm_90a."""
+    """Forward parameters: 128 x 128 x 64 tiles, 8 warps, 3 stages (32 KiB of shared memory per
+    stage, 64 accumulator registers per thread), checked spill-free with ptxas for sm_90a; LN
+    programs of 4096 / d rows (memory-bound: small tiles, many programs)."""
     config = {"ln_block_t": max(8, 4096 // d)}
     for gemm in GEMMS:
         config |= {f"{gemm}_block_m": 128, f"{gemm}_block_n": 128, f"{gemm}_block_k": 64,

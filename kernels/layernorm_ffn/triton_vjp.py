@@ -98,7 +98,7 @@ def _layernorm_backward(dxn, x, dy, mean, rstd, scale, *, residual, config, inte
     """-> dx [T, d] in x's dtype and d_ln_scale, d_ln_bias, db_proj [d] f32."""
     (tokens, d), rows = x.shape, config["lnb_block_t"]
     tiles = lambda width: pl.BlockSpec((rows, width), lambda i: (i, 0))
-    partial = pl.BlockSpec((None, d), lambda i: (i, 0))
+    partial = pl.BlockSpec((pl.squeezed, d), lambda i: (i, 0))
     partial_shape = jax.ShapeDtypeStruct((tokens // rows, d), jnp.float32)
     dx, *partials = pl.pallas_call(
         functools.partial(_layernorm_backward_kernel, block_t=config["ln_block_t"],
@@ -159,7 +159,7 @@ def _weight_gradients(g, dy, dz, xn, *, config, interpret):
         functools.partial(_weight_kernel, block_t=bt),
         grid=(2, hidden // bf, d // bd),
         in_specs=[f_cols, d_cols, f_cols, d_cols],
-        out_specs=[pl.BlockSpec((None, bf, bd), lambda w, j, i: (w, j, i)),
+        out_specs=[pl.BlockSpec((pl.squeezed, bf, bd), lambda w, j, i: (w, j, i)),
                    pl.BlockSpec((bf,), lambda w, j, i: (j,))],
         out_shape=[jax.ShapeDtypeStruct((2, hidden, d), jnp.float32),
                    jax.ShapeDtypeStruct((hidden,), jnp.float32)],
