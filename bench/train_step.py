@@ -1,0 +1,124 @@
+"""Training-step benchmark: ms/step, tokens/s and MFU of the real train step for each kernel path.
+
+    python bench/train_step.py                               # micro_gpt_4, seq 1024, largest batch
+    python bench/train_step.py --kernels reference,pallas --batch 32 --json out.json
+
+It times `microgpt.train.make_train_step` (forward, backward, clipping, AdamW) on random tokens.
+MFU counts the model's FLOPs as the PaLM paper's appendix B does (`model.flops_per_token`: 6 N per
+token for the matmul weights, including the tied logits, plus 12 L S d for attention) over the
+device's measured bf16 matmul peak. The batch is the largest of --batches that fits for every path
+(the reference, which materializes the [S, S] scores, fits the least), so all paths run one shape.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import numpy as np
+
+from bench.common import device_description, format_table, maybe_profile, peak_tflops, write_json
+from microgpt.model import KERNELS, PRESETS, flops_per_token
+from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
+
+
+def step_ms(kernels: str, args, batch: int, warmup: int, repeats: int, steps: int) -> float:
+    """Median milliseconds per train step (state threaded through, as in training)."""
+    model = PRESETS[args.preset](vocab=args.vocab, model_d=args.model_d, num_heads=args.heads,
+                                 kernels=kernels)
+    optimizer, _ = make_optimizer(TrainConfig(max_steps=10_000))
+    step = make_train_step(model, optimizer, data_mesh())
+    params = model.get_params(0)
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng(0)
+    x, y = (jax.device_put(rng.integers(0, args.vocab, (batch, args.seq), dtype=np.int32))
+            for _ in range(2))
+    for _ in range(warmup):
+        params, opt_state, metrics = step(params, opt_state, x, y)
+    jax.block_until_ready(metrics)
+    per_step = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            params, opt_state, metrics = step(params, opt_state, x, y)
+        jax.block_until_ready(metrics)
+        per_step.append((time.perf_counter() - start) * 1e3 / steps)
+    return statistics.median(per_step)
+
+
+def is_out_of_memory(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="micro_gpt_4")
+    p.add_argument("--model-d", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=9000)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, help="one batch size (default: the largest of --batches that fits)")
+    p.add_argument("--batches", default="128,64,32,16,8", help="candidates, largest first")
+    p.add_argument("--kernels", default="reference,xla,pallas")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json")
+    p.add_argument("--profile", help="capture a jax.profiler trace of the timed steps into this folder")
+    args = p.parse_args(argv)
+    paths = args.kernels.split(",")
+    unknown = sorted(set(paths) - set(KERNELS))
+    if unknown:
+        p.error(f"unknown --kernels {unknown}; choose from {KERNELS}")
+    candidates = [args.batch] if args.batch else [int(b) for b in args.batches.split(",")]
+
+    timing = dict(warmup=args.warmup, repeats=args.repeats, steps=args.steps)
+    results: dict[str, float] = {}
+    batch = None
+    with maybe_profile(args.profile):
+        for b in candidates:   # the largest batch every path fits
+            try:
+                for kernels in paths:
+                    results[kernels] = step_ms(kernels, args, b, **timing)
+                    print(f"  {kernels:9s} batch {b}: {results[kernels]:.2f} ms/step", flush=True)
+                batch = b
+                break
+            except Exception as err:  # noqa: BLE001 - only out-of-memory moves to a smaller batch
+                if not is_out_of_memory(err):
+                    raise
+                print(f"  batch {b} does not fit ({kernels}); trying a smaller one", flush=True)
+                results.clear()
+    if batch is None:
+        raise SystemExit("no candidate batch fits")
+
+    peak = peak_tflops()
+    flops_step = flops_per_token(PRESETS[args.preset]().num_layers, args.model_d, args.seq,
+                                 args.vocab) * batch * args.seq
+    records = []
+    for kernels, ms in results.items():
+        tflops = flops_step / (ms * 1e-3) / 1e12
+        records.append(dict(kernels=kernels, preset=args.preset, model_d=args.model_d,
+                            heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
+                            ms_per_step=ms, tokens_per_s=batch * args.seq / (ms * 1e-3),
+                            model_tflops=tflops, mfu=tflops / peak if peak else None,
+                            x_reference=results.get("reference", np.nan) / ms,
+                            x_xla=results.get("xla", np.nan) / ms))
+    print(f"train step, {args.preset} d={args.model_d} heads={args.heads} vocab={args.vocab} "
+          f"seq={args.seq} batch={batch} on {device_description()}")
+    print(format_table(records, [("kernels", "kernels", "s"), ("ms_per_step", "ms/step", ".2f"),
+                                 ("tokens_per_s", "tokens/s", ",.0f"),
+                                 ("model_tflops", "model TF/s", ".1f"), ("mfu", "MFU", ".1%"),
+                                 ("x_reference", "x reference", ".2f"), ("x_xla", "x xla", ".2f")]))
+    if args.json:
+        write_json(args.json, records)
+    return records
+
+
+if __name__ == "__main__":
+    main()
