@@ -150,8 +150,11 @@ KERNELS = ("reference", "pallas", "xla")
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                   sm_scale: float | None = None) -> jax.Array:
-    """The stock path: jax.nn.dot_product_attention, which picks cuDNN on GPUs.  Shapes as `attention`."""
-    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal)
+    """The stock path: jax.nn.dot_product_attention, cuDNN on GPUs (asked for by name, so that it
+    fails loudly rather than silently falling back to XLA's attention).  Shapes as `attention`."""
+    implementation = "cudnn" if jax.default_backend() == "gpu" else None
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                        implementation=implementation)
 
 
 def block_ops(kernels: str) -> BlockOps:
