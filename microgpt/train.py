@@ -149,10 +149,48 @@ def _overrides_conflict(stored: TrainConfig, explicit: dict) -> list[str]:
             for k, v in explicit.items() if getattr(stored, k) != v]
 
 
+def parse_steps(spec: str) -> tuple[int, int]:
+    """"20:25" -> (20, 25): profile the steps 20 <= step < 25."""
+    try:
+        first, last = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--profile-steps wants START:STOP, e.g. 20:25; got {spec!r}") from None
+    if not 0 <= first < last:
+        raise ValueError(f"--profile-steps {spec!r}: need 0 <= START < STOP")
+    return first, last
+
+
+class _StepProfiler:
+    """A jax.profiler trace of the steps first <= step < last, written to `directory`."""
+
+    def __init__(self, directory: str | None, steps: tuple[int, int]):
+        self.directory, (self.first, self.last) = directory, steps
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if self.directory and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after_step(self, step: int, outputs) -> None:
+        if self.active and step + 1 >= self.last:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        if self.active:
+            jax.block_until_ready(outputs)   # the traced steps' device work belongs in the trace
+            jax.profiler.stop_trace()
+            self.active = False
+            tqdm.write(f"profile of steps {self.first}:{self.last} written to {self.directory} "
+                       f"(tensorboard --logdir {self.directory})")
+
+
 def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
-          explicit: dict | None = None, sample: bool = True) -> TrainResult:
+          explicit: dict | None = None, sample: bool = True, profile_dir: str | None = None,
+          profile_steps: tuple[int, int] = (20, 25)) -> TrainResult:
     """Train (or resume) a run; returns per-step losses. `explicit`: flags the user typed, which a
-    resumed run refuses to silently ignore."""
+    resumed run refuses to silently ignore. With `profile_dir`, the steps in `profile_steps` are
+    traced with jax.profiler for TensorBoard's profile plugin."""
     cfg, run_dir, start = _resolve_run(cfg, out, resume)
     if start is not None and explicit:
         conflicts = _overrides_conflict(cfg, explicit)
@@ -248,12 +286,15 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
     if step == 0:
         run_eval(0)
     t_last, steps_since = time.perf_counter(), 0
+    profiler = _StepProfiler(profile_dir, profile_steps)
     with _StopOnSignal() as stop, tqdm(total=cfg.max_steps, initial=step, desc="train",
                                        dynamic_ncols=True) as bar:
         try:
             while step < cfg.max_steps:
                 x, y = put(data.get_batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, step))
+                profiler.before_step(step)
                 params, opt_state, metrics = train_step(params, opt_state, x, y)
+                profiler.after_step(step, metrics)
                 pending.append((step, metrics))
                 step += 1
                 steps_since += 1
@@ -274,6 +315,8 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
         except NonFiniteLoss as err:
             result.stopped = "nan"
             tqdm.write(f"error: {err}")
+        finally:
+            profiler.stop(params)
     writer.close()
     result.step = step
     if sample and result.stopped == "finished":
@@ -307,7 +350,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
     p.add_argument("--text-field", default=defaults.text_field)
     p.add_argument("--out", help="run folder (default: runs/run-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (default: newest)")
+    p.add_argument("--profile-dir", help="write a jax.profiler trace here (e.g. profiles/NAME)")
+    p.add_argument("--profile-steps", default="20:25", help="START:STOP, the steps to trace")
     args = p.parse_args(argv)
+    try:
+        args.profile_steps = parse_steps(args.profile_steps)
+    except ValueError as err:
+        p.error(str(err))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     explicit = {k: v for k, v in values.items() if v != p.get_default(k)}
@@ -323,7 +372,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
 def main(argv=None) -> int:
     cfg, args, explicit = parse_args(argv)
     try:
-        result = train(cfg, out=args.out, resume=args.resume, explicit=explicit)
+        result = train(cfg, out=args.out, resume=args.resume, explicit=explicit,
+                       profile_dir=args.profile_dir, profile_steps=args.profile_steps)
     except data.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
