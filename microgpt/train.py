@@ -234,8 +234,13 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
     eval_loss = jax.jit(model.loss)
     manager = checkpoint.checkpoint_manager(run_dir)
 
+    # Each process feeds its own rows of the global batch (the batch is a pure function of
+    # (seed, step), so every process can cut its slice); one process feeds them all.
+    rows = cfg.batch_size // jax.process_count()
+    local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
     def put(batch):
-        return tuple(jax.device_put(b, batch_sharded) for b in batch)
+        return tuple(jax.make_array_from_process_local_data(batch_sharded, b[local]) for b in batch)
 
     val_batches = [put(b) for b in data.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len,
                                                      cfg.eval_batches)]
