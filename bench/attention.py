@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.numpy as jnp
 
-from bench.common import (device_description, format_table, maybe_profile, peak_tflops, time_ms,
-                          tflops, write_json)
+from bench.common import (add_ratios, add_timing_args, device_description, format_table,
+                          int_list, maybe_profile, time_ms, timed_row, write_json)
 from kernels.attention import attention
 from microgpt import model
 
@@ -87,7 +87,6 @@ def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool,
         block_sizes: dict, timing: dict) -> list[dict]:
     """One record per (impl, shape); cuDNN ratios filled in when cuDNN was measured."""
     fns = implementations(causal, block_sizes)
-    peak = peak_tflops()
     records = []
     for batch, seq, heads, head_dim in shapes:
         fwd_flops, fwd_bwd_flops = flops(batch, seq, heads, head_dim, causal)
@@ -95,25 +94,13 @@ def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool,
         for impl in impls:
             row = dict(impl=impl, batch=batch, seq=seq, heads=heads, head_dim=head_dim,
                        causal=causal, dtype=jnp.dtype(dtype).name)
-            try:
-                row["fwd_ms"], row["fwd_bwd_ms"] = measure(fns[impl], (batch, seq, heads, head_dim),
-                                                           dtype, timing)
-                row["fwd_tflops"] = tflops(fwd_flops, row["fwd_ms"])
-                row["fwd_bwd_tflops"] = tflops(fwd_bwd_flops, row["fwd_bwd_ms"])
-                if peak:
-                    row["fwd_peak_pct"] = 100 * row["fwd_tflops"] / peak
-                    row["fwd_bwd_peak_pct"] = 100 * row["fwd_bwd_tflops"] / peak
-            except Exception as e:  # noqa: BLE001 - OOM, unsupported on this device: report, go on
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
+            timed_row(row, lambda: measure(fns[impl], (batch, seq, heads, head_dim), dtype, timing),
+                      fwd_flops, fwd_bwd_flops)
             rows.append(row)
             print(f"  {impl:<10} B{batch} S{seq} H{heads} D{head_dim}: "
                   + (row.get("error") or f"{row['fwd_ms']:.3f} ms fwd, {row['fwd_bwd_ms']:.3f} ms fwd+bwd"),
                   flush=True)
-        cudnn = next((r for r in rows if r["impl"] == "cudnn" and "error" not in r), None)
-        for row in rows:
-            if cudnn and "error" not in row:
-                row["fwd_vs_cudnn"] = cudnn["fwd_ms"] / row["fwd_ms"]
-                row["fwd_bwd_vs_cudnn"] = cudnn["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        add_ratios(rows, "cudnn")
         records += rows
     return records
 
@@ -125,10 +112,6 @@ COLUMNS = [("impl", "impl", ""), ("batch", "B", "d"), ("seq", "S", "d"), ("heads
            ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("fwd_bwd_tflops", "fwd+bwd TF/s", ".1f"),
            ("fwd_bwd_vs_cudnn", "x cuDNN", ".2f"), ("fwd_bwd_peak_pct", "% peak", ".1f"),
            ("error", "error", "")]
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -145,10 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default here: {default_impls()})")
     p.add_argument("--json", help="write one record per (impl, shape) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
-    on_cpu = jax.default_backend() == "cpu"  # interpret mode: one call is enough to smoke-test
-    p.add_argument("--warmup", type=int, default=1 if on_cpu else 2)
-    p.add_argument("--repeats", type=int, default=1 if on_cpu else 5)
-    p.add_argument("--calls", type=int, default=1 if on_cpu else 20)
+    add_timing_args(p)
     for name in BLOCK_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
                        help="override the tuning table for our kernels")

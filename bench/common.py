@@ -47,6 +47,43 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def int_list(text: str) -> list[int]:
+    """"512,1024" -> [512, 1024] (a command-line list)."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_timing_args(parser) -> None:
+    """--warmup, --repeats, --calls; on CPU the kernels are interpreted: one call smoke-tests."""
+    on_cpu = jax.default_backend() == "cpu"
+    parser.add_argument("--warmup", type=int, default=1 if on_cpu else 2)
+    parser.add_argument("--repeats", type=int, default=1 if on_cpu else 5)
+    parser.add_argument("--calls", type=int, default=1 if on_cpu else 20)
+
+
+def timed_row(row: dict, measure, fwd_flops: float, fwd_bwd_flops: float) -> dict:
+    """`row` with fwd_ms and fwd_bwd_ms from measure() -> (fwd ms, fwd+bwd ms), their TF/s and
+    percent of the device peak; or with an error (out of memory, unsupported here) — the sweep goes on."""
+    peak = peak_tflops()
+    try:
+        row["fwd_ms"], row["fwd_bwd_ms"] = measure()
+        for key, flops in (("fwd", fwd_flops), ("fwd_bwd", fwd_bwd_flops)):
+            row[f"{key}_tflops"] = tflops(flops, row[f"{key}_ms"])
+            if peak:
+                row[f"{key}_peak_pct"] = 100 * row[f"{key}_tflops"] / peak
+    except Exception as e:  # noqa: BLE001 - report the failure in the table and go on
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
+    return row
+
+
+def add_ratios(rows: list[dict], baseline_impl: str) -> None:
+    """row["fwd_vs_<baseline>"] = the baseline's time / the row's (above 1: faster), same for fwd_bwd."""
+    base = next((r for r in rows if r["impl"] == baseline_impl and "error" not in r), None)
+    for row in rows:
+        if base and "error" not in row:
+            row[f"fwd_vs_{baseline_impl}"] = base["fwd_ms"] / row["fwd_ms"]
+            row[f"fwd_bwd_vs_{baseline_impl}"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """rows of dicts -> aligned text table; columns are (key, header, format spec)."""
     def cell(row, key, spec):

@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.numpy as jnp
 
-from bench.common import (device_description, format_table, maybe_profile, peak_tflops, time_ms,
-                          tflops, write_json)
+from bench.common import (add_ratios, add_timing_args, device_description, format_table,
+                          int_list, maybe_profile, time_ms, timed_row, write_json)
 from kernels.layernorm_ffn import layernorm_ffn
 from microgpt import model
 
@@ -81,7 +81,6 @@ def measure(fn, tokens: int, d: int, dtype, timing: dict) -> tuple[float, float]
 def run(impls: list[str], shapes: list[tuple[int, int]], residual: bool, dtype,
         block_sizes: dict | None, timing: dict) -> list[dict]:
     """One record per (impl, shape); XLA ratios filled in when XLA was measured."""
-    peak = peak_tflops()
     records = []
     for tokens, d in shapes:
         fwd_flops, fwd_bwd_flops = flops(tokens, d)
@@ -89,25 +88,13 @@ def run(impls: list[str], shapes: list[tuple[int, int]], residual: bool, dtype,
         for impl in impls:
             row = dict(impl=impl, tokens=tokens, d=d, residual=residual,
                        dtype=jnp.dtype(dtype).name)
-            try:
-                row["fwd_ms"], row["fwd_bwd_ms"] = measure(
-                    implementation(impl, residual, block_sizes), tokens, d, dtype, timing)
-                row["fwd_tflops"] = tflops(fwd_flops, row["fwd_ms"])
-                row["fwd_bwd_tflops"] = tflops(fwd_bwd_flops, row["fwd_bwd_ms"])
-                if peak:
-                    row["fwd_peak_pct"] = 100 * row["fwd_tflops"] / peak
-                    row["fwd_bwd_peak_pct"] = 100 * row["fwd_bwd_tflops"] / peak
-            except Exception as e:  # noqa: BLE001 - OOM, unsupported on this device: report, go on
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
+            timed_row(row, lambda: measure(implementation(impl, residual, block_sizes), tokens, d,
+                                           dtype, timing), fwd_flops, fwd_bwd_flops)
             rows.append(row)
             print(f"  {impl:<7} T{tokens} d{d}: " + (
                 row.get("error") or f"{row['fwd_ms']:.3f} ms fwd, {row['fwd_bwd_ms']:.3f} ms fwd+bwd"),
                 flush=True)
-        xla = next((r for r in rows if r["impl"] == "xla" and "error" not in r), None)
-        for row in rows:
-            if xla and "error" not in row:
-                row["fwd_vs_xla"] = xla["fwd_ms"] / row["fwd_ms"]
-                row["fwd_bwd_vs_xla"] = xla["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        add_ratios(rows, "xla")
         records += rows
     return records
 
@@ -118,10 +105,6 @@ COLUMNS = [("impl", "impl", ""), ("tokens", "T", "d"), ("d", "d", "d"),
            ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("fwd_bwd_tflops", "fwd+bwd TF/s", ".1f"),
            ("fwd_bwd_vs_xla", "x XLA", ".2f"), ("fwd_bwd_peak_pct", "% peak", ".1f"),
            ("error", "error", "")]
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def shapes_of(tokens: list[int] | None, widths: list[int] | None) -> list[tuple[int, int]]:
@@ -150,10 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='JSON overrides of the tuning table, e.g. \'{"up_block_n": 256}\'')
     p.add_argument("--json", help="write one record per (impl, shape) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
-    on_cpu = jax.default_backend() == "cpu"  # interpret mode: one call is enough to smoke-test
-    p.add_argument("--warmup", type=int, default=1 if on_cpu else 2)
-    p.add_argument("--repeats", type=int, default=1 if on_cpu else 5)
-    p.add_argument("--calls", type=int, default=1 if on_cpu else 20)
+    add_timing_args(p)
     return p.parse_args(argv)
 
 

@@ -4,3 +4,18 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=4").strip()
+
+
+import numpy as np  # noqa: E402 - after XLA_FLAGS, like every import that may load jax
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small text corpus (a .txt path) with its token cache under tmp_path."""
+    monkeypatch.setenv("MICROGPT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    words = "the quick brown fox jumps over the lazy dog and then runs far away".split()
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
+    return str(path)

@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from microgpt import generate, train
 from microgpt.model import micro_gpt_2

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from microgpt import micro_gpt_1, micro_gpt_2, micro_gpt_4
-from microgpt.model import MicroGPT, attention, forward, layernorm, sinusoidal_positions
+from microgpt.model import MicroGPT, attention, layernorm, sinusoidal_positions
 
 
 def random_ids(key, shape, vocab):

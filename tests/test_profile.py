@@ -6,7 +6,7 @@ import pytest
 from xprof.convert import raw_to_tool_data
 
 from microgpt import train
-from tests.test_train import TINY, corpus  # noqa: F401 - the corpus fixture
+from tests.test_train import TINY
 
 
 def test_training_trace_reads_in_the_profile_plugin(corpus, tmp_path):

@@ -15,16 +15,6 @@ TINY = dict(preset="micro_gpt_1", model_d=32, heads=2, vocab=300, batch_size=8, 
             peak_lr=1e-2)
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("MICROGPT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    words = "the quick brown fox jumps over the lazy dog and then runs far away".split()
-    rng = np.random.default_rng(0)
-    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
-    return str(path)
-
-
 def run(corpus, out, **overrides):
     cfg = train.TrainConfig(**{**TINY, "data": corpus, **overrides})
     return train.train(cfg, out=str(out), sample=False)
