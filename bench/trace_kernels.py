@@ -1,0 +1,55 @@
+"""The ops that took the most time in a jax.profiler capture, read with TensorBoard's profile plugin.
+
+    python bench/trace_kernels.py profiles/pallas                 # top 20 by total time
+    python bench/trace_kernels.py profiles/pallas --expect flash_attention_fwd,layernorm_ffn
+
+It converts the capture's .xplane.pb with the plugin's own converter (xprof, the `profile` extra)
+into the trace viewer's events — what TensorBoard draws — and prints the names with the most time.
+`--expect` exits non-zero unless every named kernel appears, so a GPU run can check that the
+Pallas kernels, not a fallback, did the work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def event_totals(capture_dir: str | Path) -> dict[str, tuple[float, int]]:
+    """name -> (total microseconds, count) over the complete events of the newest capture under
+    `capture_dir` (on a GPU: the kernels on the device streams, by name, and the host's calls)."""
+    from xprof.convert import raw_to_tool_data  # the `profile` extra
+
+    paths = sorted(Path(capture_dir).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        raise FileNotFoundError(f"no .xplane.pb capture under {capture_dir}")
+    data, _ = raw_to_tool_data.xspace_to_tool_data([str(paths[-1])], "trace_viewer", {})
+    totals: dict[str, tuple[float, int]] = {}
+    for event in json.loads(data)["traceEvents"]:
+        if event.get("ph") == "X":
+            total, count = totals.get(event["name"], (0.0, 0))
+            totals[event["name"]] = (total + float(event.get("dur", 0.0)), count + 1)
+    return totals
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("capture_dir")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--expect", default="", help="comma list of names that must appear among the ops")
+    args = p.parse_args(argv)
+    totals = event_totals(args.capture_dir)
+    top = sorted(totals.items(), key=lambda item: -item[1][0])[: args.top]
+    for name, (us, count) in top:
+        print(f"{us:12.1f} us  {count:6d}x  {name}")
+    names = " ".join(totals)
+    missing = [n for n in args.expect.split(",") if n and n not in names]
+    if missing:
+        print(f"missing from the trace: {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
