@@ -47,7 +47,7 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     if implementation not in _BACKENDS:
         raise ValueError(f"unknown implementation {implementation!r}; choose one of "
                          f"{IMPLEMENTATIONS} or None")
-    forward_module, _, native_backend = _BACKENDS[implementation]
+    native_backend = _BACKENDS[implementation][2]
     return fused(x, *params, eps=eps, residual=residual, implementation=implementation,
                  config=kernel_config(implementation, x.shape[-1], tokens=x.size // x.shape[-1],
                                       overrides=block_sizes),
