@@ -130,6 +130,17 @@ def positions(start, shape, axis):
     return start + lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def tile_mask(masked: bool, plan: Plan, q_start, k_start, block_q: int, block_k: int,
+              transposed: bool = False):
+    """The mask of the score tile of queries q_start.. and keys k_start..: [block_q, block_k], or
+    [block_k, block_q] when `transposed` (the dK/dV orientation); None off the diagonal."""
+    if not masked:
+        return None
+    q_axis = 1 if transposed else 0
+    shape = (block_k, block_q) if transposed else (block_q, block_k)
+    return visible(positions(q_start, shape, q_axis), positions(k_start, shape, 1 - q_axis), plan)
+
+
 # ------------------------------------------------------------------ the per-tile math
 
 def _precision(a):

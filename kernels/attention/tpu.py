@@ -58,11 +58,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *refs, plan, block_q, block_k):
             ref[...] = value
 
     def step(masked):
-        mask = None
-        if masked:
-            shape = (block_q, block_k)
-            mask = common.visible(common.positions(i * block_q, shape, 0),
-                                  common.positions(j * block_k, shape, 1), plan)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k)
         carry = common.softmax_step(tuple(ref[...] for ref in state), q_ref[...], k_ref[...],
                                     v_ref[...], plan.scale_log2, mask)
         for ref, value in zip(state, carry):

@@ -32,11 +32,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     def step(masked):
-        mask = None
-        if masked:
-            shape = (block_k, block_q)
-            mask = common.visible(common.positions(i * block_q, shape, 1),
-                                  common.positions(j * block_k, shape, 0), plan)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k,
+                                transposed=True)
         carry = common.dkdv_step(tuple(ref[...] for ref in state), q_ref[...], k_ref[...],
                                  v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
                                  plan.scale_log2, mask)
@@ -62,11 +59,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc, 
         dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
     def step(masked):
-        mask = None
-        if masked:
-            shape = (block_q, block_k)
-            mask = common.visible(common.positions(i * block_q, shape, 0),
-                                  common.positions(j * block_k, shape, 1), plan)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k)
         dq_acc[...] = common.dq_step(dq_acc[...], q_ref[...], k_ref[...], v_ref[...], do_ref[...],
                                      lse_ref[...], delta_ref[...], plan.scale_log2, mask)
 

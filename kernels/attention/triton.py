@@ -67,11 +67,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, b
 
     def step(j, carry, masked):
         rows = tile_rows(j, block_k)
-        mask = None
-        if masked:
-            shape = (block_q, block_k)
-            mask = common.visible(common.positions(i * block_q, shape, 0),
-                                  common.positions(j * block_k, shape, 1), plan)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k)
         return common.softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], plan.scale_log2, mask)
 
     masked_from, end = common.kv_tiles(i, plan, block_q, block_k)

@@ -27,11 +27,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
     def step(i, carry, masked):
         rows = tile_rows(i, block_q)
-        mask = None
-        if masked:
-            shape = (block_k, block_q)
-            mask = common.visible(common.positions(i * block_q, shape, 1),
-                                  common.positions(j * block_k, shape, 0), plan)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k,
+                                transposed=True)
         return common.dkdv_step(carry, q_ref[rows, :], k, v, do_ref[rows, :],
                                 lse_ref[rows][None, :], delta_ref[rows][None, :],
                                 plan.scale_log2, mask)
@@ -52,11 +49,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan,
 
     def step(j, dq, masked):
         rows = tile_rows(j, block_k)
-        mask = None
-        if masked:
-            shape = (block_q, block_k)
-            mask = common.visible(common.positions(i * block_q, shape, 0),
-                                  common.positions(j * block_k, shape, 1), plan)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k)
         return common.dq_step(dq, q, k_ref[rows, :], v_ref[rows, :], do, lse, delta,
                               plan.scale_log2, mask)
 
