@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from microgpt import data
 from microgpt.data import DataError
@@ -287,3 +288,20 @@ def block_import(monkeypatch, name):
         return real_import(module, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", fake_import)
     monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), step=st.integers(0, 10**7), batch_size=st.integers(1, 8),
+       seq_len=st.integers(1, 100))
+def test_batches_are_windows_of_the_stream(seed, step, batch_size, seq_len):
+    """For any (seed, step): every row of x is a contiguous window of the token stream, y is x
+    shifted by one token, and the same (seed, step) gives the same batch."""
+    tokens = np.arange(1000, dtype=np.uint16)  # token = its position, so windows are visible
+    x, y = data.get_batch(tokens, batch_size, seq_len, seed, step)
+    assert x.shape == y.shape == (batch_size, seq_len) and x.dtype == y.dtype == np.int32
+    np.testing.assert_array_equal(x, x[:, :1] + np.arange(seq_len))
+    np.testing.assert_array_equal(y, x + 1)
+    assert y.max() < len(tokens)
+    x2, y2 = data.get_batch(tokens, batch_size, seq_len, seed, step)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)

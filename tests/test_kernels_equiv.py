@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tests.equiv import ON_CPU, assert_within_twice_reference, f32_precision, upcast
 
@@ -53,16 +54,14 @@ def _value_and_grads(f, args, cotangent):
     return jax.jit(run)(args, cotangent)
 
 
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
-@pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
-def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
-    """o, dq, dk, dv of the kernel (bf16) vs the math in f32, within twice the bf16 math's error."""
-    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}".encode())
+def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None):
+    """o, dq, dk, dv of the kernel (bf16) vs the math in f32, within twice the bf16 math's error,
+    on fresh random inputs drawn from a seed of the case."""
+    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}{blocks}".encode())
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
                    for key in keys)
     q = (q * q_scale).astype(jnp.bfloat16)
-    blocks = SMALL_BLOCKS if small and ON_CPU else None
     kernel = lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl,
                                        block_sizes=blocks)
     reference = lambda q, k, v: model.attention(q, k, v, causal=causal)
@@ -74,6 +73,24 @@ def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, 
     for name, *outs in zip(("o", "dq", "dk", "dv"), got, ref_bf16, ref_f32):
         assert outs[0].dtype == jnp.bfloat16 and outs[0].shape == q.shape, name
         assert_within_twice_reference(f"{impl} {name}", *outs)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
+def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
+    _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
+                     SMALL_BLOCKS if small and ON_CPU else None)
+
+
+@settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 2), seq=st.integers(1, 80 if ON_CPU else 2500),
+       heads=st.integers(1, 3), head_dim=st.sampled_from(SUPPORTED_HEAD_DIMS),
+       causal=st.booleans())
+def test_attention_matches_reference_at_any_shape(batch, seq, heads, head_dim, causal):
+    """Shapes hypothesis picks (any length, including 1 and lengths just past a tile) on the
+    backend's native implementation (CPU: Triton-style kernels interpreted, with small tiles)."""
+    _check_attention(ATTENTION_IMPLS[0], batch, seq, heads, head_dim, causal,
+                     blocks=SMALL_BLOCKS if ON_CPU else None)
 
 
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
