@@ -102,6 +102,14 @@ def make_train_step(model: MicroGPT, optimizer, mesh: Mesh):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_eval_loss(model: MicroGPT, mesh: Mesh):
+    """The jitted mean loss of a batch sharded over 'data', per device like the train step."""
+    def local_loss(params, x, y):
+        return jax.lax.pmean(model.loss(params, x, y), "data")
+    return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                 out_specs=P(), check_vma=False))
+
+
 class _StopOnSignal:
     """Turns the first Ctrl-C into a flag the loop checks between steps (so the checkpoint is
     consistent); a second Ctrl-C interrupts at once."""
@@ -230,7 +238,7 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
 
     params, opt_state = state["params"], state["opt_state"]
     train_step = make_train_step(model, optimizer, mesh)
-    eval_loss = jax.jit(model.loss)
+    eval_loss = make_eval_loss(model, mesh)
     manager = checkpoint.checkpoint_manager(run_dir)
 
     # Each process feeds its own rows of the global batch (the batch is a pure function of
@@ -267,9 +275,11 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
         for s, m in pending:
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not math.isfinite(loss):
+                last = checkpoint.latest_step(run_dir)
                 raise NonFiniteLoss(
-                    f"loss became {loss} at step {s}; stopping. The last good checkpoint is "
-                    f"step {checkpoint.latest_step(run_dir)} in {run_dir}")
+                    f"loss became {loss} at step {s}; stopping. " + (
+                        f"The last good checkpoint is step {last} in {run_dir}" if last is not None
+                        else "No checkpoint was written before it."))
             result.losses[s] = loss
             writer.add_scalar("train/loss", loss, s)
             writer.add_scalar("train/grad_norm", grad_norm, s)
