@@ -4,6 +4,9 @@ Decoding runs the prompt through the model once (prefill), storing every block's
 then feeds one token per step, attending over the cache: each new token costs one position's work
 instead of a whole-sequence forward. The cache holds `context` positions (the training length);
 when it fills, the last half is re-prefilled and decoding continues (a sliding window).
+A run trained with --kernels=pallas decodes with its kernels for LayerNorm+FFN; attention over the
+cache is the reference math (`masked_attention`): the flash kernel computes whole causal
+self-attention, not new queries against a cache.
 """
 from __future__ import annotations
 
