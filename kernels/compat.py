@@ -4,3 +4,15 @@ from __future__ import annotations
 import jax
 
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def mosaic_gpu_row_layout():
+    """The register layout of a per-row statistic (max, sum) of a wgmma accumulator tile.
+
+    jax 0.10 spells it Layout.WGMMA.reduce(1); older Pallas Mosaic GPU had Layout.WGMMA_ROW.
+    (A feature test rather than a version number: the spelling moved between point releases.)
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layout = plgpu.Layout.WGMMA
+    return layout.reduce(1) if hasattr(layout, "reduce") else plgpu.Layout.WGMMA_ROW

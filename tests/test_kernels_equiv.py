@@ -17,12 +17,15 @@ from tests.equiv import ON_CPU, assert_within_twice_reference, f32_precision, up
 import re
 import zlib
 
-from kernels.attention import attention
+from kernels.attention import api, attention, mosaic_gpu
 from kernels.attention.common import SUPPORTED_HEAD_DIMS
 from microgpt import model
 
-# The implementations this backend runs: both Pallas backends interpreted on CPU, compiled natively.
+# The implementations this backend runs: both Pallas backends interpreted on CPU, compiled natively;
+# on a Hopper GPU also the Mosaic GPU forward (it has no interpret mode: on CPU only its lowering is
+# tested, below).
 ATTENTION_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]
+ATTENTION_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 # Small tiles on CPU so a few-dozen-row sequence still spans several tiles, with block_q != block_k
 # (diagonal tiles split unevenly) and the backward's tiles different from the forward's.
 SMALL_BLOCKS = dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
@@ -95,8 +98,13 @@ def test_attention_matches_reference_at_any_shape(batch, seq, heads, head_dim, c
 
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 def test_attention_f32_and_explicit_scale(impl):
-    """f32 inputs give f32 outputs close to the math; sm_scale is honoured."""
+    """f32 inputs give f32 outputs close to the math; sm_scale is honoured. (mosaic_gpu takes
+    bf16 only: wgmma would round f32 to tf32, so it refuses f32 rather than lose precision.)"""
     q, k, v = jax.random.normal(jax.random.PRNGKey(7), (3, 1, 24, 2, 64), jnp.float32)
+    if impl == "mosaic_gpu":
+        with pytest.raises(NotImplementedError, match="takes bfloat16 inputs"):
+            attention(q, k, v, implementation=impl)
+        return
     got = attention(q, k, v, causal=True, sm_scale=0.3, implementation=impl,
                     block_sizes=SMALL_BLOCKS if ON_CPU else None)
     with f32_precision():
@@ -146,10 +154,11 @@ def _export_text(f, platform, *args) -> str:
 def _skip_unless_pallas_lowers_for(impl: str, platform: str) -> None:
     """Skip (with the reason) when this jax cannot lower any Pallas kernel for the platform."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plmgpu
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as plgpu
 
-    params = plgpu.CompilerParams() if impl == "triton" else pltpu.CompilerParams()
+    params = {"triton": plgpu, "tpu": pltpu, "mosaic_gpu": plmgpu}[impl].CompilerParams()
 
     def copy(x_ref, o_ref):
         o_ref[...] = x_ref[...]
@@ -176,6 +185,41 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     assert _export_text(f, platform, spec, spec, spec).count(f"custom_call @{custom_call}") == 1
     assert _export_text(grad, platform, spec, spec, spec).count(f"custom_call @{custom_call}") == 3
+
+
+@pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal):
+    """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
+    (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
+    and barriers in Python; its gradient adds Triton's dK/dV and dQ kernels on the saved
+    residuals. (The kernel's PTX is only built on the GPU, at the first run.)"""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
+                                  interpret=False)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
+        r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
+    assert calls(f) == ["mosaic_gpu"]
+    assert calls(grad) == ["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"]
+
+
+@pytest.mark.skipif(mosaic_gpu.on_sm90(), reason="on a Hopper GPU mosaic_gpu runs")
+def test_attention_mosaic_gpu_refuses_off_hopper():
+    """No interpret mode: anywhere but an sm90 GPU it says so (and where to go instead)."""
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="runs only on an sm90 GPU; use "
+                                                  "implementation='triton' to interpret on CPU"):
+        attention(q, q, q, implementation="mosaic_gpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_attention_default_is_never_mosaic_gpu(backend, monkeypatch):
+    """mosaic_gpu is opt-in until measured: implementation=None never picks it."""
+    monkeypatch.setattr(api.jax, "default_backend", lambda: backend)
+    assert api.default_implementation() == {"tpu": "tpu"}.get(backend, "triton")
 
 
 # ------------------------------------------------------------------ layernorm_ffn

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import tuning
-from kernels.attention import common, tpu, tpu_vjp, triton, triton_vjp
+from kernels.attention import common, mosaic_gpu, tpu, tpu_vjp, triton, triton_vjp
 from microgpt import model
 
 class Backend(NamedTuple):
@@ -24,12 +24,16 @@ class Backend(NamedTuple):
 BACKENDS = {
     "triton": Backend(triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
     "tpu": Backend(tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
+    # Hopper only, opt-in until measured; its forward saves Triton's residuals, so Triton's
+    # backward differentiates it. It has no interpret mode (off the GPU it raises).
+    "mosaic_gpu": Backend(mosaic_gpu.DEFAULTS, mosaic_gpu.forward, triton_vjp.backward, "gpu"),
 }
 IMPLEMENTATIONS = ("reference", *BACKENDS)
 
 
 def default_implementation() -> str:
-    """gpu -> "triton", tpu -> "tpu", anything else -> "triton" (interpreted)."""
+    """gpu -> "triton", tpu -> "tpu", anything else -> "triton" (interpreted); never
+    "mosaic_gpu", which stays opt-in until it is measured on an H100."""
     return "tpu" if jax.default_backend() == "tpu" else "triton"
 
 
@@ -40,8 +44,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
     q, k, v [B, S, H, D] (the layout of jax.nn.dot_product_attention), bf16 or f32, one shape;
     D in common.SUPPORTED_HEAD_DIMS for the kernels. sm_scale defaults to 1/sqrt(D).
-    implementation: "reference" (microgpt.model.attention), "triton" or "tpu"; None picks by
-    jax.default_backend(). block_sizes overrides the tuning table's entries (names: the keys of
+    implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
+    (Hopper only, bf16, not yet run on a GPU); None picks by jax.default_backend() and never
+    "mosaic_gpu". block_sizes overrides the tuning table's entries (names: the keys of
     the backend's DEFAULTS). interpret: run the Pallas kernel in interpret mode; None interprets
     exactly when the default backend is not the kernel's platform (so the kernels run on CPU).
     -> [B, S, H, D] in the input dtype.

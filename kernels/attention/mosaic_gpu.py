@@ -1,0 +1,222 @@
+"""Flash attention forward in Pallas Mosaic GPU for Hopper (sm90): TMA, mbarriers and wgmma.
+
+NOT YET RUN ON A GPU: numerics and speed unverified (lowering proven by tests).
+
+The math is triton.py's (common.softmax_step, in base 2 with c = sm_scale log2 e). For each query
+row and each key tile, with raw scores s = q k^T:
+
+    m' = max(m, c max_j s_j)    alpha = 2^(m - m')    p = 2^(c s - m')
+    l' = alpha l + sum_j p_j     acc' = alpha acc + p v
+    o  = acc / l                 lse = m + log2 l      (m, l, acc, lse in f32)
+
+Shapes: q, k, v, o [B, S, H, D] in HBM (S padded to the blocks), bf16, D in (64, 128);
+residuals lse [B, H, S] f32 and o's low half [B, S, H, D] (common.low_half), the Triton
+backward's format, so triton_vjp.backward differentiates this forward.
+
+Design (FlashAttention-3's warp specialization, without its ping-pong scheduling barrier):
+grid (S / 2bq, B, H): one CTA per pair of query tiles of one (batch, head), three warpgroups.
+  * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
+    then for every key tile t it needs waits for K_t, computes s = q K_t^T by wgmma into an f32
+    accumulator [bq, bk] (registers), releases K_t, runs the online softmax in registers (the
+    mask only on the tiles crossing the diagonal or the padded end), waits for V_t, adds p V_t by
+    wgmma (p from registers in bf16, acc [bq, D] f32 in registers) and releases V_t.
+  * warpgroup 2 produces: it TMA-copies K and V tiles [bk, D] into a ring of `num_stages` slots
+    in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a "consumed"
+    barrier (one arrival per consumer), and refills a slot as soon as both consumers released it.
+Causal: key tiles above the diagonal are never loaded. The lower query tile of a pair needs fewer
+key tiles than the upper one, so once done it keeps waiting for and releasing the tiles its
+neighbour still needs (it must wait for the load before releasing: an early arrival would count
+towards the slot's previous tile and let the producer overwrite it while the neighbour reads it).
+Query tiles run last-first under causal masking (triton.tile_order): the longest rows go first.
+
+Shared memory: q 2 bq D, K and V 2 num_stages bk D elements (bf16) plus 2 bq f32 for lse; the
+q buffers are reused to stage o and its low half on the way out.
+
+FLOPs: two matmuls of 2 S^2 D per (batch, head), 4 B H S^2 D in all, half of that when causal.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import compat
+from kernels.attention import common, triton
+
+WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are multiples of it
+CONSUMERS = 2      # consumer warpgroups per CTA, each with its own query tile
+SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle (D is 64 or 128)
+_BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
+             "num_stages_bwd")
+
+# Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k) and
+# ring depth (num_stages), unmeasured; the backward is Triton's, with Triton's parameters.
+DEFAULTS = {
+    d: dict(block_q=64, block_k=128, num_stages=3 if d == 64 else 2,
+            **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
+    for d in common.SUPPORTED_HEAD_DIMS
+}
+NOT_HERE = "mosaic_gpu runs only on an sm90 GPU; use implementation='triton' to interpret on CPU"
+
+
+def on_sm90() -> bool:
+    """True when the default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, lse_smem,
+            q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, plan, block_q, block_k,
+            num_stages, num_pairs):
+    lse_ref, o_lo_ref = residual_refs or (None, None)
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    pair = triton.tile_order(lax.axis_index("q"), num_pairs, plan.causal)
+    # The producer streams every key tile the upper query tile needs (the most either needs).
+    last_q_tile = CONSUMERS * pair + CONSUMERS - 1
+    num_kv = common.kv_tiles(last_q_tile, plan, block_q, block_k)[1]
+    slot_of = lambda t: lax.rem(t, num_stages)
+    kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
+    plgpu = _plgpu()
+
+    @pl.when(wg < CONSUMERS)
+    def _consume():
+        plgpu.set_max_registers(232, action="increase")
+        i = CONSUMERS * pair + wg
+        q_rows = (b, pl.ds(i * block_q, block_q), h)
+        q_tile = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_tile, q_loaded.at[wg])
+        plgpu.barrier_wait(q_loaded.at[wg])
+
+        def step(t, carry, masked):
+            acc, m, l = carry
+            slot = slot_of(t)
+            plgpu.barrier_wait(k_loaded.at[slot])
+
+            def scores(s_ref):
+                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return s_ref[...]  # reading the accumulator waits for the wgmma
+            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked:
+                iota = lambda axis: plgpu.broadcasted_iota(
+                    jnp.int32, (block_q, block_k), axis, layout=plgpu.Layout.WGMMA)
+                mask = common.visible(i * block_q + iota(0), t * block_k + iota(1), plan)
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1) * plan.scale_log2)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = alpha * l + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_loaded.at[slot])
+
+            def add_pv(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
+            acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        def release(t, _):
+            """A tile only the neighbour needs: wait for its load (see the module docstring)."""
+            slot = slot_of(t)
+            for loaded, consumed in ((k_loaded, k_consumed), (v_loaded, v_consumed)):
+                plgpu.barrier_wait(loaded.at[slot])
+                plgpu.barrier_arrive(consumed.at[slot])
+
+        row = compat.mosaic_gpu_row_layout()
+        carry = (plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
+                                   plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
+                 plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
+        masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
+        carry = triton.visit(step, carry, unmasked=(0, masked_from), masked=(masked_from, end))
+        lax.fori_loop(end, num_kv, release, None)
+
+        acc, m, l = carry
+        o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+        q_tile[...] = o.astype(q_tile.dtype)
+        if lse_ref is not None:
+            lse_smem.at[wg][...] = m + jnp.log(l) * common.LOG2E  # log2 l: Mosaic GPU has no log2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[q_rows])
+        if lse_ref is not None:
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(i * block_q, block_q)])
+            # The low half goes out through the same buffer once the TMA has read o from it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            q_tile[...] = common.low_half(o, q_tile.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, o_lo_ref.at[q_rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(t, _):
+            slot = slot_of(t)
+            for src, ring, loaded, consumed in ((k_ref, k_smem, k_loaded, k_consumed),
+                                                (v_ref, v_smem, v_loaded, v_consumed)):
+                # The slot's previous tile (t - num_stages) must be released by both consumers.
+                pl.when(t >= num_stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+                plgpu.copy_gmem_to_smem(src.at[kv_rows(t)], ring.at[slot], loaded.at[slot])
+
+        lax.fori_loop(0, num_kv, load, None)
+
+
+def _plgpu():
+    """jax.experimental.pallas.mosaic_gpu, imported on first use: it pulls in the Mosaic GPU
+    compiler's MLIR dialects, which a CPU-only session of the other kernels never needs."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu
+
+
+def forward(q, k, v, plan: common.Plan, residuals: bool):
+    """q, k, v [B, S, H, D] bf16 (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
+
+    The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32 and o's low half. Tiles
+    below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
+    the sequence is padded further to a multiple of a CTA's 2 block_q rows and of block_k;
+    padded keys are masked like the api's (common.visible) and padded rows sliced off.
+    """
+    if plan.interpret or (jax.default_backend() == "gpu" and not on_sm90()):
+        raise NotImplementedError(NOT_HERE)
+    if q.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"mosaic_gpu attention takes bfloat16 inputs (wgmma on f32 "
+                                  f"would round them to tf32); got {q.dtype}")
+    plgpu = _plgpu()
+    b, s, h, d = q.shape
+    config = plan.config
+    bq, bk = (max(config[name], WGMMA_M) for name in ("block_q", "block_k"))
+    padded = -(-s // max(CONSUMERS * bq, bk)) * max(CONSUMERS * bq, bk)
+    pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
+    q_p, k_p, v_p = (jnp.pad(x, pad) for x in (q, k, v))
+    num_pairs = padded // (CONSUMERS * bq)
+    num_stages = config["num_stages"]
+
+    tiled = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=(
+        plgpu.TilingTransform((8, SWIZZLE // q.dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
+    ring_barrier = lambda arrivals: plgpu.Barrier(num_arrivals=arrivals, num_barriers=num_stages)
+    scratch = dict(
+        q_smem=tiled(CONSUMERS, bq, d), k_smem=tiled(num_stages, bk, d),
+        v_smem=tiled(num_stages, bk, d),
+        lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
+        q_loaded=plgpu.Barrier(num_barriers=CONSUMERS), k_loaded=ring_barrier(1),
+        v_loaded=ring_barrier(1), k_consumed=ring_barrier(CONSUMERS),
+        v_consumed=ring_barrier(CONSUMERS))
+    o_type = jax.ShapeDtypeStruct(q_p.shape, q.dtype)
+    lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
+    outs = plgpu.kernel(
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_stages=num_stages,
+                          num_pairs=num_pairs),
+        out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch_types=scratch,
+        grid=(num_pairs, b, h), grid_names=("q", "batch", "heads"),
+        num_threads=CONSUMERS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_attention_fwd_mgpu")(q_p, k_p, v_p)
+    o = outs[0][:, :s]
+    if not residuals:
+        return o, None
+    lse, o_lo = outs[1][:, :, :s], outs[2][:, :s]
+    return o, (q, k, v, o, lse, o_lo)
