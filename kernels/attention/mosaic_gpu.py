@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton
@@ -65,7 +66,8 @@ NOT_HERE = "mosaic_gpu runs only on an sm90 GPU; use implementation='triton' to 
 def on_sm90() -> bool:
     """True when the default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
     device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+    capability = str(getattr(device, "compute_capability", ""))  # "9.0" on an H100
+    return device.platform == "gpu" and capability.startswith("9")
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, lse_smem,
@@ -79,7 +81,6 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
     num_kv = common.kv_tiles(last_q_tile, plan, block_q, block_k)[1]
     slot_of = lambda t: lax.rem(t, num_stages)
     kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
-    plgpu = _plgpu()
 
     @pl.when(wg < CONSUMERS)
     def _consume():
@@ -160,16 +161,12 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
                                                 (v_ref, v_smem, v_loaded, v_consumed)):
                 # The slot's previous tile (t - num_stages) must be released by both consumers.
                 pl.when(t >= num_stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-                plgpu.copy_gmem_to_smem(src.at[kv_rows(t)], ring.at[slot], loaded.at[slot])
+                pl.when(t < num_kv)(lambda: plgpu.copy_gmem_to_smem(
+                    src.at[kv_rows(t)], ring.at[slot], loaded.at[slot]))
 
-        lax.fori_loop(0, num_kv, load, None)
-
-
-def _plgpu():
-    """jax.experimental.pallas.mosaic_gpu, imported on first use: it pulls in the Mosaic GPU
-    compiler's MLIR dialects, which a CPU-only session of the other kernels never needs."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    return plgpu
+        # num_stages more steps wait for the release of the last tiles, so the producer sees
+        # every phase of its barriers (the Mosaic GPU interpreter checks that it does).
+        lax.fori_loop(0, num_kv + num_stages, load, None)
 
 
 def forward(q, k, v, plan: common.Plan, residuals: bool):
@@ -185,7 +182,6 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     if q.dtype != jnp.bfloat16:
         raise NotImplementedError(f"mosaic_gpu attention takes bfloat16 inputs (wgmma on f32 "
                                   f"would round them to tf32); got {q.dtype}")
-    plgpu = _plgpu()
     b, s, h, d = q.shape
     config = plan.config
     bq, bk = (max(config[name], WGMMA_M) for name in ("block_q", "block_k"))
