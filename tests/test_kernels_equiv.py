@@ -11,19 +11,21 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.equiv import ON_CPU, assert_within_twice_reference, f32_precision, upcast
+from tests.equiv import ON_CPU, assert_within_twice_reference, f32_precision, max_err, upcast
 
 # ------------------------------------------------------------------ attention
+import functools
 import re
 import zlib
+from typing import NamedTuple
 
 from kernels.attention import api, attention, mosaic_gpu
-from kernels.attention.common import SUPPORTED_HEAD_DIMS
+from kernels.attention.common import LOG2E, SUPPORTED_HEAD_DIMS, Plan
 from microgpt import model
 
 # The implementations this backend runs: both Pallas backends interpreted on CPU, compiled natively;
-# on a Hopper GPU also the Mosaic GPU forward (it has no interpret mode: on CPU only its lowering is
-# tested, below).
+# on a Hopper GPU also the Mosaic GPU forward (no interpret mode of its own: on CPU its lowering is
+# tested, and it runs in jax's Mosaic GPU interpreter with wgmma emulated, below).
 ATTENTION_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]
 ATTENTION_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 # Small tiles on CPU so a few-dozen-row sequence still spans several tiles, with block_q != block_k
@@ -158,12 +160,14 @@ def _skip_unless_pallas_lowers_for(impl: str, platform: str) -> None:
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as plgpu
 
-    params = {"triton": plgpu, "tpu": pltpu, "mosaic_gpu": plmgpu}[impl].CompilerParams()
-
     def copy(x_ref, o_ref):
         o_ref[...] = x_ref[...]
 
-    probe = lambda x: pl.pallas_call(copy, out_shape=x, compiler_params=params)(x)
+    if impl == "mosaic_gpu":  # its own entry point (pallas_call for Mosaic GPU is deprecated)
+        probe = lambda x: plmgpu.kernel(copy, out_type=x)(x)
+    else:
+        params = {"triton": plgpu, "tpu": pltpu}[impl].CompilerParams()
+        probe = lambda x: pl.pallas_call(copy, out_shape=x, compiler_params=params)(x)
     try:
         _export_text(probe, platform, jax.ShapeDtypeStruct((16, 128), jnp.float32))
     except Exception as e:  # noqa: BLE001 - any failure here means the platform is unavailable
@@ -204,6 +208,86 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal):
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
     assert calls(f) == ["mosaic_gpu"]
     assert calls(grad) == ["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"]
+
+
+def _emulate_wgmma(monkeypatch):
+    """What jax 0.10's Mosaic GPU interpreter lacks, emulated for the kernel's trace: wgmma
+    (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref), its
+    accumulators (zeros, or pl.run_state's initial value) and layout casts (it has no layouts)."""
+    from jax._src.pallas.mosaic_gpu import core as mgpu_core
+    from jax.experimental import pallas as pl
+    plgpu = mosaic_gpu.plgpu
+
+    class Acc:  # an accumulator's value, threaded through the trace instead of registers
+        def __init__(self, value):
+            self.value = value
+
+        def __getitem__(self, index):
+            return self.value
+
+    class AccType(NamedTuple):
+        shape: tuple
+        dtype: object
+        value: object = None
+
+        @staticmethod
+        def init(value):
+            return AccType(value.shape, value.dtype, value)
+
+    def wgmma(acc, a, b):
+        a = a if isinstance(a, jax.Array) else a[...]
+        b = b[1][...].T if isinstance(b, tuple) else b[...]
+        acc.value = acc.value + jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    def run_scoped(f, *types, **kwargs):
+        if len(types) == 1 and isinstance(types[0], AccType):
+            return f(Acc(jnp.zeros(types[0].shape, types[0].dtype)))
+        return real_run_scoped(f, *types, **kwargs)
+
+    def run_state(f):
+        def run(acc_type):
+            acc = Acc(acc_type.value)
+            f(acc)
+            return acc.value
+        return run
+
+    real_run_scoped = pl.run_scoped
+    for module, name, value in [
+            (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
+            (pl, "run_state", run_state), (plgpu, "transpose_ref", lambda ref, _: ("T", ref)),
+            (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x)]:
+        monkeypatch.setattr(module, name, value)
+
+
+@pytest.mark.parametrize("seq, head_dim, causal", [(256, 64, True), (200, 128, False)])
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
+def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, monkeypatch):
+    """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
+    warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
+    unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
+    Key tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
+    releases the tiles only its neighbour needs; 200 rows leave a ragged, masked last key tile."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    _emulate_wgmma(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
+        mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
+    config = {**mosaic_gpu.DEFAULTS[head_dim], "block_k": 64, "num_stages": 2}
+    sm_scale = head_dim ** -0.5
+    plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
+    q, k, v = (jax.random.normal(key, (1, seq, 1, head_dim), jnp.bfloat16)
+               for key in jax.random.split(jax.random.PRNGKey(seq), 3))
+    o, (*_, lse, o_lo) = mosaic_gpu.forward(q, k, v, plan, residuals=True)
+
+    ref_bf16 = model.attention(q, k, v, causal=causal)
+    with f32_precision():
+        ref_f32 = model.attention(*upcast((q, k, v)), causal=causal)
+        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, k))) * sm_scale
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
+    assert_within_twice_reference("mosaic_gpu o", o, ref_bf16, ref_f32)
+    assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)  # half a bf16 ulp
+    assert max_err(upcast(o) + upcast(o_lo), ref_f32) <= max_err(o, ref_f32)
+    assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
 
 
 @pytest.mark.skipif(mosaic_gpu.on_sm90(), reason="on a Hopper GPU mosaic_gpu runs")
