@@ -1,6 +1,8 @@
 """Flash attention forward in Pallas Mosaic GPU for Hopper (sm90): TMA, mbarriers and wgmma.
 
-NOT YET RUN ON A GPU: numerics and speed unverified (lowering proven by tests).
+NOT YET RUN ON A GPU: numerics and speed unverified (lowering proven by tests). On CPU the tests
+also run it in jax's Mosaic GPU interpreter, which simulates the warpgroups, TMA copies and
+barriers (with wgmma emulated there): evidence for the protocol and the math, not for the GPU.
 
 The math is triton.py's (common.softmax_step, in base 2 with c = sm_scale log2 e). For each query
 row and each key tile, with raw scores s = q k^T:
