@@ -261,6 +261,7 @@ def _emulate_wgmma(monkeypatch):
 
 @pytest.mark.parametrize("seq, head_dim, causal", [(256, 64, True), (200, 128, False)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
+@pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
