@@ -51,6 +51,7 @@ def implementations(causal: bool, block_sizes: dict) -> dict:
         "cudnn": nn_attention("cudnn"),
         "jax_triton": functools.partial(jax_triton_mha, causal=causal),
         "triton": ours("triton"),
+        "mosaic_gpu": ours("mosaic_gpu"),
         "tpu": ours("tpu"),
     }
 
@@ -124,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--impl", default=None,
-                   help="comma list of reference, xla, cudnn, jax_triton, triton, tpu "
+                   help="comma list of reference, xla, cudnn, jax_triton, triton, mosaic_gpu, tpu "
                         f"(default here: {default_impls()})")
     p.add_argument("--json", help="write one record per (impl, shape) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")

@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env equiv attention ln_ffn tune train_step
-#                                           #   curves profile
+#                                           #   mosaic curves profile
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
 # bench/fetch_wheels.sh downloads into .whl/ (pass .whl in the device call's carry).
 set -uo pipefail
@@ -28,10 +28,13 @@ for stage in "${stages[@]}"; do
       $PY -c "import jax, optax; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__)" \
         2>&1 | tee -a "$OUT/env.txt" ;;
     equiv)
-      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 -p no:cacheprovider ${EQUIV_ARGS:-} 2>&1 \
+      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 --timeout=300 -p no:cacheprovider ${EQUIV_ARGS:-} 2>&1 \
         | tee "$OUT/equiv.log" | tail -n 15 ;;
     attention)
       $PY bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
+    mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
+      $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
+        | tee "$OUT/attention_mosaic.txt" ;;
     ln_ffn)
       $PY bench/ln_ffn.py --json "$OUT/ln_ffn.json" 2>&1 | tee "$OUT/ln_ffn.txt" ;;
     tune)
