@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env equiv attention ln_ffn tune train_step
-#                                           #   mosaic curves profile
+#                                           #   mosaic curves profile scaling
+#   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
 # bench/fetch_wheels.sh downloads into .whl/ (pass .whl in the device call's carry).
 set -uo pipefail
@@ -38,19 +39,25 @@ for stage in "${stages[@]}"; do
     ln_ffn)
       $PY bench/ln_ffn.py --json "$OUT/ln_ffn.json" 2>&1 | tee "$OUT/ln_ffn.txt" ;;
     tune)
-      $PY bench/tune.py 2>&1 | tee "$OUT/tune.txt"
+      $PY bench/tune.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt"
       cp kernels/tuning.json "$OUT/tuning.json" ;;
     train_step)
       $PY bench/train_step.py --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt" ;;
     curves)   # micro_gpt_4 at seq 1024, reference vs pallas: curves.png and curves.json come back
       $PY bench/train_curves.py --data .whl/shakespeare --out /tmp/curves 2>&1 | tail -n 30 | tee "$OUT/curves.txt"
       cp /tmp/curves/curves.png /tmp/curves/curves.json "$OUT/" ;;
-    profile)  # our Pallas kernels must appear by name among the traced GPU kernels
-      $PY bench/train_step.py --kernels pallas --batches 64 --repeats 1 --profile /tmp/prof 2>&1 \
-        | tail -n 5
-      $PY bench/trace_kernels.py /tmp/prof --top 25 \
+    profile)  # our Pallas kernels must appear by name among the traced GPU kernels; the capture
+              # comes back (gzipped) for TensorBoard
+      $PY bench/train_step.py --kernels pallas --batches 64 --repeats 1 --steps 3 --profile /tmp/prof \
+        2>&1 | tail -n 5
+      gzip -c "$(find /tmp/prof -name '*.xplane.pb' | head -n 1)" > "$OUT/pallas_step.xplane.pb.gz"
+      $PY -X faulthandler bench/trace_kernels.py /tmp/prof --top 25 \
         --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn \
-        2>&1 | tee "$OUT/trace_kernels.txt" ;;
+        > "$OUT/trace_kernels.txt" 2> "$OUT/trace_kernels.log"
+      echo "trace_kernels exit status $?"; cat "$OUT/trace_kernels.txt" ;;
+    scaling)  # the same global batch data-parallel on 1 and 2 GPUs (a 2-GPU machine)
+      $PY bench/train_step.py --kernels pallas --batch 64 --devices 1,2 --json "$OUT/scaling.json" \
+        2>&1 | tee "$OUT/scaling.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

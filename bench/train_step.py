@@ -2,12 +2,15 @@
 
     python bench/train_step.py                               # micro_gpt_4, seq 1024, largest batch
     python bench/train_step.py --kernels reference,pallas --batch 32 --json out.json
+    python bench/train_step.py --kernels pallas --batch 64 --devices 1,2    # data-parallel scaling
 
 It times `microgpt.train.make_train_step` (forward, backward, clipping, AdamW) on random tokens.
 MFU counts the model's FLOPs as the PaLM paper's appendix B does (`model.flops_per_token`: 6 N per
 token for the matmul weights, including the tied logits, plus 12 L S d for attention) over the
 device's measured bf16 matmul peak. The batch is the largest of --batches that fits for every path
 (the reference, which materializes the [S, S] scores, fits the least), so all paths run one shape.
+With --devices, each path also runs data-parallel over the first n devices for each n listed, at the
+same global batch and data: the losses after the timed steps must agree, the speed-up is the scaling.
 """
 from __future__ import annotations
 
@@ -23,17 +26,20 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import numpy as np
 
-from bench.common import device_description, format_table, maybe_profile, peak_tflops, write_json
+from bench.common import (device_description, format_table, int_list, maybe_profile, peak_tflops,
+                          write_json)
 from microgpt.model import KERNELS, PRESETS, flops_per_token
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
 
 
-def step_ms(kernels: str, args, batch: int, warmup: int, repeats: int, steps: int) -> float:
-    """Median milliseconds per train step (state threaded through, as in training)."""
+def step_ms(kernels: str, args, batch: int, devices: int, warmup: int, repeats: int,
+            steps: int) -> tuple[float, float]:
+    """(median milliseconds per train step, the loss of the last step) over the first `devices`
+    devices, state threaded through as in training (every run takes the same steps on the same data)."""
     model = PRESETS[args.preset](vocab=args.vocab, model_d=args.model_d, num_heads=args.heads,
                                  kernels=kernels)
     optimizer, _ = make_optimizer(TrainConfig(max_steps=10_000))
-    step = make_train_step(model, optimizer, data_mesh())
+    step = make_train_step(model, optimizer, data_mesh(jax.devices()[:devices]))
     params = model.get_params(0)
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)
@@ -49,7 +55,7 @@ def step_ms(kernels: str, args, batch: int, warmup: int, repeats: int, steps: in
             params, opt_state, metrics = step(params, opt_state, x, y)
         jax.block_until_ready(metrics)
         per_step.append((time.perf_counter() - start) * 1e3 / steps)
-    return statistics.median(per_step)
+    return statistics.median(per_step), float(metrics["loss"])
 
 
 def is_out_of_memory(err: Exception) -> bool:
@@ -66,6 +72,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, help="one batch size (default: the largest of --batches that fits)")
     p.add_argument("--batches", default="128,64,32,16,8", help="candidates, largest first")
     p.add_argument("--kernels", default="reference,xla,pallas")
+    p.add_argument("--devices", help="comma list of device counts (default: every local device)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
@@ -77,16 +84,24 @@ def main(argv=None) -> list[dict]:
     if unknown:
         p.error(f"unknown --kernels {unknown}; choose from {KERNELS}")
     candidates = [args.batch] if args.batch else [int(b) for b in args.batches.split(",")]
+    counts = int_list(args.devices) if args.devices else [jax.device_count()]
+    if max(counts) > jax.device_count() or min(counts) < 1:
+        p.error(f"--devices {counts}: this host has {jax.device_count()} devices")
+    runs = [(kernels, n) for kernels in paths for n in counts]
 
     timing = dict(warmup=args.warmup, repeats=args.repeats, steps=args.steps)
-    results: dict[str, float] = {}
+    results: dict[tuple[str, int], tuple[float, float]] = {}
     batch = None
     with maybe_profile(args.profile):
         for b in candidates:   # the largest batch every path fits
+            if any(b % n for n in counts):
+                print(f"  batch {b} does not split over {counts} devices; skipped", flush=True)
+                continue
             try:
-                for kernels in paths:
-                    results[kernels] = step_ms(kernels, args, b, **timing)
-                    print(f"  {kernels:9s} batch {b}: {results[kernels]:.2f} ms/step", flush=True)
+                for kernels, n in runs:
+                    results[kernels, n] = step_ms(kernels, args, b, n, **timing)
+                    print(f"  {kernels:9s} batch {b} on {n} device(s): "
+                          f"{results[kernels, n][0]:.2f} ms/step", flush=True)
                 batch = b
                 break
             except Exception as err:  # noqa: BLE001 - only out-of-memory moves to a smaller batch
@@ -101,20 +116,24 @@ def main(argv=None) -> list[dict]:
     flops_step = flops_per_token(PRESETS[args.preset]().num_layers, args.model_d, args.seq,
                                  args.vocab) * batch * args.seq
     records = []
-    for kernels, ms in results.items():
+    for (kernels, n), (ms, loss) in results.items():
         tflops = flops_step / (ms * 1e-3) / 1e12
-        records.append(dict(kernels=kernels, preset=args.preset, model_d=args.model_d,
+        ms_of = lambda path: results.get((path, n), (np.nan,))[0]
+        records.append(dict(kernels=kernels, devices=n, preset=args.preset, model_d=args.model_d,
                             heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
                             ms_per_step=ms, tokens_per_s=batch * args.seq / (ms * 1e-3),
-                            model_tflops=tflops, mfu=tflops / peak if peak else None,
-                            x_reference=results.get("reference", np.nan) / ms,
-                            x_xla=results.get("xla", np.nan) / ms))
+                            model_tflops=tflops, mfu=tflops / (peak * n) if peak else None,
+                            x_reference=ms_of("reference") / ms, x_xla=ms_of("xla") / ms,
+                            x_one_device=results.get((kernels, 1), (np.nan,))[0] / ms,
+                            loss=loss))
     print(f"train step, {args.preset} d={args.model_d} heads={args.heads} vocab={args.vocab} "
           f"seq={args.seq} batch={batch} on {device_description()}")
-    print(format_table(records, [("kernels", "kernels", "s"), ("ms_per_step", "ms/step", ".2f"),
+    print(format_table(records, [("kernels", "kernels", "s"), ("devices", "devices", "d"),
+                                 ("ms_per_step", "ms/step", ".2f"),
                                  ("tokens_per_s", "tokens/s", ",.0f"),
                                  ("model_tflops", "model TF/s", ".1f"), ("mfu", "MFU", ".1%"),
-                                 ("x_reference", "x reference", ".2f"), ("x_xla", "x xla", ".2f")]))
+                                 ("x_reference", "x reference", ".2f"), ("x_xla", "x xla", ".2f"),
+                                 ("x_one_device", "x 1 device", ".2f"), ("loss", "last loss", ".6f")]))
     if args.json:
         write_json(args.json, records)
     return records

@@ -1,20 +1,26 @@
 """Sweep candidate block configurations on this device; record the fastest in kernels/tuning.json.
 
-    python bench/tune.py                              # every op, every shape key (~3 min on an H100)
+    python bench/tune.py                              # every op, every shape key (~5 min on an H100)
     python bench/tune.py --op attention --shape-keys d128
+    python bench/tune.py --op attention/mosaic_gpu
 
-For each op, shape key and stage, every candidate (a partial configuration over the best so far)
-is timed with bench/common.py; candidates that fail to compile are skipped. The stages run in
-order, each starting from the previous stage's winner (attention: the forward's blocks, timed on
-the forward, then the backward's, timed on forward+backward), and the final configuration is
-written with kernels.tuning.record, where block_config finds it on this device kind.
+For each op implementation that runs here, shape key and stage, every candidate (a partial
+configuration over the best so far) is timed with bench/common.py; candidates that fail to compile
+are skipped. The stages run in order, each starting from the previous stage's winner (attention: the
+forward's blocks, timed on the forward, then the backward's, timed on forward+backward), and the
+final configuration is written with kernels.tuning.record, where block_config finds it on this
+device kind. Where several implementations of one op were tuned at a shape key, their winners are
+timed on forward+backward and the fastest is recorded as the op's preferred implementation there
+(kernels.tuning.record_preferred; attention's default follows it on Hopper GPUs).
 
-Adding an op: one OPS entry naming its implementation, the shape each shape key is timed at, its
-defaults, and its stages as (candidates(shape_key) -> [partial config], time(shape, config) -> ms).
+Adding an op: one OPS entry "op/implementation" with the shape each shape key is timed at, its
+defaults, its stages as (candidates(shape_key) -> [partial config], time(shape, config) -> ms), the
+forward+backward timing and whether it runs on this device.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -28,6 +34,7 @@ from bench import attention as attention_bench
 from bench import ln_ffn as ln_ffn_bench
 from bench.common import device_description, time_ms
 from kernels import attention, tuning
+from kernels.attention import mosaic_gpu as attention_mosaic_gpu
 from kernels.attention import triton as attention_triton
 from kernels.layernorm_ffn import api as layernorm_ffn_api
 
@@ -39,13 +46,14 @@ class Stage(NamedTuple):
 
 
 class Op(NamedTuple):
-    implementation: str
     shapes: dict[str, tuple]                         # shape key -> the shape it is timed at
     defaults: Callable[[str], dict]                  # shape key -> the op's default configuration
     stages: list[Stage]
+    total: Callable[[tuple, dict, dict], float]      # forward+backward ms, to compare implementations
+    available: Callable[[], bool] = lambda: True     # whether it runs on this device
 
 
-# ------------------------------------------------------------------ attention (Triton)
+# ------------------------------------------------------------------ attention (Triton, Mosaic GPU)
 
 def _attention_configs(names: tuple[str, ...], rows: list[tuple]) -> list[dict]:
     return [dict(zip(names, row)) for row in rows]
@@ -74,10 +82,25 @@ ATTENTION_CANDIDATES = {
 }
 
 
-def _time_attention(which: int):
-    """Timing of the forward (which=1) or forward+backward (which=2) of our Triton attention."""
+# The Mosaic GPU forward's query tile per consumer warpgroup, key tile and ring depth (its backward
+# is Triton's, whose tuned parameters it takes over).
+MOSAIC_FORWARD = ("block_q", "block_k", "num_stages")
+MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
+    (64, 128, 2), (64, 128, 3), (128, 64, 2), (128, 64, 3), (64, 64, 3), (128, 128, 2)])
+
+
+def _mosaic_defaults(key: str) -> dict:
+    """mosaic_gpu's forward defaults with Triton's backward parameters as tuned (or defaulted)."""
+    d = int(key[1:])
+    triton_config = tuning.block_config("attention", "triton", key, attention_triton.DEFAULTS[d])
+    return {**attention_mosaic_gpu.DEFAULTS[d],
+            **{name: triton_config[name] for name in BACKWARD}}
+
+
+def _time_attention(which: int, implementation: str):
+    """Timing of the forward (which=1) or forward+backward (which=2) of our attention."""
     def time(shape, config, timing):
-        fn = lambda q, k, v: attention(q, k, v, causal=True, implementation="triton",
+        fn = lambda q, k, v: attention(q, k, v, causal=True, implementation=implementation,
                                        block_sizes=config)
         (q, k, v, cotangent), *calls = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
         args = (q, k, v) if which == 1 else (q, k, v, cotangent)
@@ -87,11 +110,19 @@ def _time_attention(which: int):
 
 # ------------------------------------------------------------------ layernorm_ffn (Triton)
 
-# Each compiles spill-free for sm_90a (ptxas) at d = 512 and 768; {} keeps the defaults.
+def _wide(*gemms: str, stages: int = 4) -> dict:
+    """128 x 256 x 64 tiles, 8 warps: the Pallas Triton GEMM's best shape on the H100 (a plain
+    bf16 GEMM at T = 131072, d = 512: 430-540 TF/s against 290-330 for 128 x 128)."""
+    return {f"{g}_{name}": value for g in gemms for name, value in
+            (("block_m", 128), ("block_n", 256), ("block_k", 64), ("num_warps", 8),
+             ("num_stages", stages))}
+
+
+# {} keeps the defaults (or the table's entry).
 LN_FFN_CANDIDATES = {
-    "forward": [{}, {"down_block_n": 256}, {"up_num_stages": 4, "down_num_stages": 4},
-                {"up_block_k": 128}, {"up_block_m": 64, "up_num_warps": 4}],
-    "backward": [{}, {"dxn_block_n": 256}, {"dz_num_stages": 4, "dxn_num_stages": 4},
+    "forward": [{}, _wide("up", "down"), _wide("up", "down", stages=3), _wide("down"), _wide("up"),
+                {"down_block_n": 256}, {"up_num_stages": 4, "down_num_stages": 4}],
+    "backward": [{}, _wide("dz", "dxn"), _wide("dz"), _wide("dxn"), {"dxn_block_n": 256},
                  {"dw_block_f": 256, "dw_block_t": 32}, {"dw_block_t": 128, "dw_num_stages": 2}],
 }
 
@@ -106,37 +137,47 @@ def _time_ln_ffn(which: int):
     return time
 
 
+# 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
+ATTENTION_SHAPES = {"d64": (8, 2048, 32, 64), "d128": (8, 2048, 16, 128)}
 OPS = {
-    "attention": Op(
-        implementation="triton",
-        # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
-        shapes={"d64": (8, 2048, 32, 64), "d128": (8, 2048, 16, 128)},
+    "attention/triton": Op(
+        shapes=ATTENTION_SHAPES,
         defaults=lambda key: attention_triton.DEFAULTS[int(key[1:])],
-        stages=[Stage("forward", lambda key: ATTENTION_CANDIDATES[key]["forward"], _time_attention(1)),
+        stages=[Stage("forward", lambda key: ATTENTION_CANDIDATES[key]["forward"],
+                      _time_attention(1, "triton")),
                 Stage("backward", lambda key: ATTENTION_CANDIDATES[key]["backward"],
-                      _time_attention(2))]),
-    "layernorm_ffn": Op(
-        implementation="triton",
+                      _time_attention(2, "triton"))],
+        total=_time_attention(2, "triton")),
+    "attention/mosaic_gpu": Op(
+        shapes=ATTENTION_SHAPES,
+        defaults=_mosaic_defaults,
+        stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu"))],
+        total=_time_attention(2, "mosaic_gpu"),
+        available=attention_mosaic_gpu.on_sm90),
+    "layernorm_ffn/triton": Op(
         # (tokens, d): the anchor shapes; --batch sets the tokens (do not pass --seq with this op)
         shapes={"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)},
         defaults=lambda key: layernorm_ffn_api.default_config("triton", int(key[1:])),
         stages=[Stage("forward", lambda key: LN_FFN_CANDIDATES["forward"], _time_ln_ffn(1)),
-                Stage("backward", lambda key: LN_FFN_CANDIDATES["backward"], _time_ln_ffn(2))]),
+                Stage("backward", lambda key: LN_FFN_CANDIDATES["backward"], _time_ln_ffn(2))],
+        total=_time_ln_ffn(2)),
 }
 
 
 # ------------------------------------------------------------------ the sweep
 
-def sweep(op_name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
-          max_candidates: int | None) -> dict:
-    """The fastest configuration for one op and shape key, stage by stage."""
-    best = tuning.block_config(op_name, op.implementation, shape_key, op.defaults(shape_key))
+def sweep(name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
+          max_candidates: int | None) -> dict | None:
+    """The fastest configuration for one op implementation and shape key, stage by stage; None
+    when no candidate of some stage ran (nothing measured, nothing to record)."""
+    op_name, implementation = name.split("/")
+    best = tuning.block_config(op_name, implementation, shape_key, op.defaults(shape_key))
     for stage in op.stages:
         candidates = stage.candidates(shape_key)[:max_candidates]
-        best_ms, winner = float("inf"), best
+        best_ms, winner = float("inf"), None
         for n, candidate in enumerate(candidates, 1):
             config = {**best, **candidate}
-            label = f"[{op_name} {shape_key} {stage.name} {n}/{len(candidates)}] {candidate}"
+            label = f"[{name} {shape_key} {stage.name} {n}/{len(candidates)}] {candidate}"
             try:
                 ms = stage.time(shape, config, timing)
             except Exception as e:  # noqa: BLE001 - does not compile here (shared memory, ...)
@@ -146,6 +187,8 @@ def sweep(op_name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
             if ms < best_ms:
                 best_ms, winner = ms, config
             print(f"{label}: {ms:.3f} ms (best {best_ms:.3f})", flush=True)
+        if winner is None:
+            return None
         best = winner
     return best
 
@@ -165,22 +208,58 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    """-> {(op, shape key): the configuration recorded}."""
+    """-> {(op/implementation, shape key): the configuration recorded}."""
     args = parse_args(argv)
     timing = dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls)
+    device = tuning.device_kind()
     print(f"tuning on {device_description()}")
+    asked = args.op.split(",")
+    names = [n for n in OPS if n in asked or n.split("/")[0] in asked]
+    unknown = [a for a in asked if not any(n == a or n.split("/")[0] == a for n in OPS)]
+    if unknown:
+        raise SystemExit(f"unknown --op {unknown}; known: {sorted(OPS)} or their op names")
     recorded = {}
-    for op_name in args.op.split(","):
-        op = OPS[op_name]
+    for name in names:
+        op = OPS[name]
+        if not op.available():
+            print(f"{name}: does not run on this device, not tuned")
+            continue
         keys = args.shape_keys.split(",") if args.shape_keys else list(op.shapes)
         for key in keys:
-            batch, seq, *rest = op.shapes[key]
-            shape = (args.batch or batch, args.seq or seq, *rest)
-            best = sweep(op_name, op, key, shape, timing, args.max_candidates)
-            tuning.record(tuning.device_kind(), op_name, op.implementation, key, best, args.table)
-            print(f"recorded {op_name}/{op.implementation} {key} for {tuning.device_kind()}: {best}")
-            recorded[op_name, key] = best
+            best = sweep(name, op, key, _shape(op, key, args), timing, args.max_candidates)
+            if best is None:
+                print(f"{name} {key}: no candidate ran, nothing recorded")
+                continue
+            tuning.record(device, *name.split("/"), key, best, args.table)
+            print(f"recorded {name} {key} for {device}: {best}")
+            recorded[name, key] = best
+    for op_name in sorted({name.split("/")[0] for name, _ in recorded}):
+        for key in sorted({key for name, key in recorded if name.startswith(op_name + "/")}):
+            prefer(op_name, key, args, timing)
     return recorded
+
+
+def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
+    """Time forward+backward of every implementation of op_name that runs here and has a tuned
+    entry for `key` in the table; record the fastest as the op's preferred implementation there."""
+    table = json.loads(args.table.read_text()).get(tuning.device_kind(), {})
+    rivals = {name: {**OPS[name].defaults(key), **table[name][key]} for name in OPS
+              if name.startswith(op_name + "/") and OPS[name].available()
+              and key in table.get(name, {})}
+    if len(rivals) < 2:
+        return None
+    times = {name: OPS[name].total(_shape(OPS[name], key, args), config, timing)
+             for name, config in rivals.items()}
+    fastest = min(times, key=times.get)
+    print(f"{op_name} {key} forward+backward: "
+          + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()) + f" -> {fastest}")
+    tuning.record_preferred(tuning.device_kind(), op_name, key, fastest.split("/")[1], args.table)
+    return fastest
+
+
+def _shape(op: Op, key: str, args) -> tuple:
+    batch, seq, *rest = op.shapes[key]
+    return (args.batch or batch, args.seq or seq, *rest)
 
 
 if __name__ == "__main__":

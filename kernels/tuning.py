@@ -3,7 +3,9 @@
 `kernels/tuning.json` maps a device kind (jax.Device.device_kind, e.g. "NVIDIA H100 80GB HBM3") to
 entries "op/implementation" -> {shape key or "*": {parameter: value}}. The kernels ask `block_config`
 for their parameters; measured entries (written by `python bench/tune.py`) override each op's defaults,
-and a caller's explicit overrides win over both.
+and a caller's explicit overrides win over both. Where an op has several implementations for one
+device, the entry "op" -> {shape key: implementation} names the one measured fastest there
+(`preferred_implementation`).
 """
 from __future__ import annotations
 
@@ -45,12 +47,28 @@ def block_config(op: str, implementation: str, shape_key: str, defaults: dict,
     return config
 
 
-def record(device: str, op: str, implementation: str, shape_key: str, config: dict,
-           path: Path = TABLE_PATH) -> None:
-    """Write one measured entry into the table (used by the sweep script), atomically."""
+def preferred_implementation(op: str, shape_key: str) -> str | None:
+    """The implementation of `op` that bench/tune.py measured fastest at shape_key on this device."""
+    return _table().get(device_kind(), {}).get(op, {}).get(shape_key)
+
+
+def _update(path: Path, device: str, entry: str, shape_key: str, value) -> None:
+    """table[device][entry][shape_key] = value, written atomically."""
     table = json.loads(path.read_text()) if path.exists() else {}
-    table.setdefault(device, {}).setdefault(f"{op}/{implementation}", {})[shape_key] = config
+    table.setdefault(device, {}).setdefault(entry, {})[shape_key] = value
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     _table.cache_clear()
+
+
+def record(device: str, op: str, implementation: str, shape_key: str, config: dict,
+           path: Path = TABLE_PATH) -> None:
+    """Write one measured configuration into the table (used by the sweep script)."""
+    _update(path, device, f"{op}/{implementation}", shape_key, config)
+
+
+def record_preferred(device: str, op: str, shape_key: str, implementation: str,
+                     path: Path = TABLE_PATH) -> None:
+    """Write which implementation of `op` was measured fastest at shape_key."""
+    _update(path, device, op, shape_key, implementation)

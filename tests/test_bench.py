@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from bench import attention as attention_bench
+from bench import train_step as train_step_bench
 from bench import tune
 from kernels import tuning
 
@@ -49,7 +50,43 @@ def test_tune_records_the_best_candidate(tmp_path):
                           "--max-candidates", "1", "--table", str(table),
                           "--warmup", "0", "--repeats", "1", "--calls", "1"])
     entry = json.loads(table.read_text())[tuning.device_kind()]["attention/triton"]["d64"]
-    assert entry == recorded["attention", "d64"]
+    assert entry == recorded["attention/triton", "d64"]
     first = {**tune.ATTENTION_CANDIDATES["d64"]["forward"][0],
              **tune.ATTENTION_CANDIDATES["d64"]["backward"][0]}
     assert first.items() <= entry.items()
+
+
+def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
+    """--devices 1,2: the same global batch data-parallel over 1 and 2 devices gives the same loss."""
+    records = train_step_bench.main(["--kernels", "reference", "--batch", "4", "--seq", "16",
+                                     "--model-d", "64", "--heads", "2", "--vocab", "64",
+                                     "--devices", "1,2", "--warmup", "1", "--repeats", "1",
+                                     "--steps", "1"])
+    assert [(r["kernels"], r["devices"]) for r in records] == [("reference", 1), ("reference", 2)]
+    one, two = (r["loss"] for r in records)
+    assert abs(one - two) <= 1e-5 * abs(one)
+    assert records[0]["x_one_device"] == 1.0
+
+
+def test_tune_prefers_the_implementation_measured_fastest(tmp_path, monkeypatch):
+    """Of the implementations with a tuned entry, the fastest forward+backward is recorded as the
+    op's preferred one (the default attention follows it on Hopper)."""
+    timed = {}
+
+    def op(ms):
+        def total(shape, config, timing):
+            timed[config["tile"]] = shape
+            return ms
+        return tune.Op(shapes={"d64": (2, 8, 64)}, defaults=lambda key: {"tile": 0}, stages=[],
+                       total=total)
+
+    monkeypatch.setattr(tune, "OPS", {"toy/slow": op(2.0), "toy/fast": op(1.0),
+                                      "toy/untuned": op(0.5)})
+    table = tmp_path / "tuning.json"
+    device = tuning.device_kind()
+    tuning.record(device, "toy", "slow", "d64", {"tile": 16}, table)
+    tuning.record(device, "toy", "fast", "d64", {"tile": 32}, table)
+    args = tune.parse_args(["--table", str(table), "--batch", "4"])
+    assert tune.prefer("toy", "d64", args, timing={}) == "toy/fast"
+    assert json.loads(table.read_text())[device]["toy"] == {"d64": "fast"}
+    assert timed == {16: (4, 8, 64), 32: (4, 8, 64)}   # the tuned configs, at the tuning shape

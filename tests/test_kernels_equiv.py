@@ -259,20 +259,24 @@ def _emulate_wgmma(monkeypatch):
         monkeypatch.setattr(module, name, value)
 
 
-@pytest.mark.parametrize("seq, head_dim, causal", [(256, 64, True), (200, 128, False)])
+@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier",
+                         [(256, 64, True, 1), (200, 128, False, 0)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, monkeypatch):
+def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
+                                                     monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
     Key tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
-    releases the tiles only its neighbour needs; 200 rows leave a ragged, masked last key tile."""
+    releases the tiles only its neighbour needs (in step with it through the ping-pong barrier);
+    200 rows leave a ragged, masked last key tile."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     _emulate_wgmma(monkeypatch)
     monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
         mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
-    config = {**mosaic_gpu.DEFAULTS[head_dim], "block_k": 64, "num_stages": 2}
+    config = {**mosaic_gpu.DEFAULTS[head_dim], "block_k": 64, "num_stages": 2,
+              "schedule_barrier": schedule_barrier}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
     q, k, v = (jax.random.normal(key, (1, seq, 1, head_dim), jnp.bfloat16)
@@ -300,11 +304,27 @@ def test_attention_mosaic_gpu_refuses_off_hopper():
         attention(q, q, q, implementation="mosaic_gpu")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_attention_default_is_never_mosaic_gpu(backend, monkeypatch):
-    """mosaic_gpu is opt-in until measured: implementation=None never picks it."""
+@pytest.mark.parametrize("backend, sm90, preferred, dtype, expected", [
+    ("cpu", False, None, jnp.bfloat16, "triton"),
+    ("tpu", False, "mosaic_gpu", jnp.bfloat16, "tpu"),
+    ("gpu", False, "mosaic_gpu", jnp.bfloat16, "triton"),       # not a Hopper GPU
+    ("gpu", True, None, jnp.bfloat16, "triton"),                # not measured here
+    ("gpu", True, "triton", jnp.bfloat16, "triton"),            # measured slower
+    ("gpu", True, "mosaic_gpu", jnp.float32, "triton"),         # wgmma would round f32 to tf32
+    ("gpu", True, "mosaic_gpu", jnp.bfloat16, "mosaic_gpu"),
+])
+def test_attention_default_follows_the_tuning_table(backend, sm90, preferred, dtype, expected,
+                                                    monkeypatch):
+    """implementation=None picks mosaic_gpu only on Hopper, for bf16, where bench/tune.py measured
+    it faster at that head_dim."""
     monkeypatch.setattr(api.jax, "default_backend", lambda: backend)
-    assert api.default_implementation() == {"tpu": "tpu"}.get(backend, "triton")
+    monkeypatch.setattr(mosaic_gpu, "on_sm90", lambda: sm90)
+    asked = []
+    monkeypatch.setattr(api.tuning, "preferred_implementation",
+                        lambda op, key: asked.append((op, key)) or preferred)
+    q = jnp.zeros((1, 16, 2, 128), dtype)
+    assert api.default_implementation(q) == expected
+    assert asked in ([], [("attention", "d128")])
 
 
 # ------------------------------------------------------------------ layernorm_ffn

@@ -24,17 +24,24 @@ class Backend(NamedTuple):
 BACKENDS = {
     "triton": Backend(triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
     "tpu": Backend(tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
-    # Hopper only, opt-in until measured; its forward saves Triton's residuals, so Triton's
-    # backward differentiates it. It has no interpret mode (off the GPU it raises).
+    # Hopper only, bf16; its forward saves Triton's residuals, so Triton's backward differentiates
+    # it. It has no interpret mode (off the GPU it raises).
     "mosaic_gpu": Backend(mosaic_gpu.DEFAULTS, mosaic_gpu.forward, triton_vjp.backward, "gpu"),
 }
 IMPLEMENTATIONS = ("reference", *BACKENDS)
 
 
-def default_implementation() -> str:
-    """gpu -> "triton", tpu -> "tpu", anything else -> "triton" (interpreted); never
-    "mosaic_gpu", which stays opt-in until it is measured on an H100."""
-    return "tpu" if jax.default_backend() == "tpu" else "triton"
+def default_implementation(q: jax.Array | None = None) -> str:
+    """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 q on a Hopper GPU where the tuning table says it
+    was measured faster at q's head_dim (bench/tune.py), else "triton"; anything else -> "triton"
+    (interpreted)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "tpu"
+    if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
+            and tuning.preferred_implementation("attention", f"d{q.shape[-1]}") == "mosaic_gpu"):
+        return "mosaic_gpu"
+    return "triton"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -45,13 +52,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     q, k, v [B, S, H, D] (the layout of jax.nn.dot_product_attention), bf16 or f32, one shape;
     D in common.SUPPORTED_HEAD_DIMS for the kernels. sm_scale defaults to 1/sqrt(D).
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16, not yet run on a GPU); None picks by jax.default_backend() and never
-    "mosaic_gpu". block_sizes overrides the tuning table's entries (names: the keys of
-    the backend's DEFAULTS). interpret: run the Pallas kernel in interpret mode; None interprets
+    (Hopper only, bf16); None picks by backend (`default_implementation`). block_sizes overrides
+    the tuning table's entries (names: the keys of the backend's DEFAULTS). interpret: run the Pallas kernel in interpret mode; None interprets
     exactly when the default backend is not the kernel's platform (so the kernels run on CPU).
     -> [B, S, H, D] in the input dtype.
     """
-    implementation = implementation or default_implementation()
+    implementation = implementation or default_implementation(q)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
                          f"known: {IMPLEMENTATIONS}")

@@ -15,13 +15,18 @@ Shapes: q, k, v, o [B, S, H, D] in HBM (S padded to the blocks), bf16, D in (64,
 residuals lse [B, H, S] f32 and o's low half [B, S, H, D] (common.low_half), the Triton
 backward's format, so triton_vjp.backward differentiates this forward.
 
-Design (FlashAttention-3's warp specialization, without its ping-pong scheduling barrier):
+Design (FlashAttention-3's warp specialization and ping-pong schedule):
 grid (S / 2bq, B, H): one CTA per pair of query tiles of one (batch, head), three warpgroups.
   * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
-    then for every key tile t it needs waits for K_t, computes s = q K_t^T by wgmma into an f32
-    accumulator [bq, bk] (registers), releases K_t, runs the online softmax in registers (the
-    mask only on the tiles crossing the diagonal or the padded end), waits for V_t, adds p V_t by
-    wgmma (p from registers in bf16, acc [bq, D] f32 in registers) and releases V_t.
+    then for every key tile t it needs computes s = q K_t^T by wgmma into an f32 accumulator
+    [bq, bk] (registers), releases K_t, runs the online softmax in registers (the mask only on the
+    tiles crossing the diagonal or the padded end), waits for V_t, adds p V_t by wgmma (p from
+    registers in bf16, acc [bq, D] f32 in registers), waits for K_t+1 while that runs, and
+    releases V_t.
+  * ping-pong (`schedule_barrier`=1): a barrier both consumers pass twice per key tile, once after
+    issuing q K^T and once before p V, with warpgroup 1 one pass behind, so that one
+    warpgroup's softmax (exp2 on the special-function units) runs while the other's two matmuls
+    hold the tensor cores, instead of both contending for the same unit at once.
   * warpgroup 2 produces: it TMA-copies K and V tiles [bk, D] into a ring of `num_stages` slots
     in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a "consumed"
     barrier (one arrival per consumer), and refills a slot as soon as both consumers released it.
@@ -55,10 +60,11 @@ SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle (D is
 _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
              "num_stages_bwd")
 
-# Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k) and
-# ring depth (num_stages), unmeasured; the backward is Triton's, with Triton's parameters.
+# Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
+# depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
+# ping-pong; bench/RESULTS.md); the backward is Triton's, with Triton's parameters.
 DEFAULTS = {
-    d: dict(block_q=64, block_k=128, num_stages=3 if d == 64 else 2,
+    d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }
@@ -73,7 +79,7 @@ def on_sm90() -> bool:
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, lse_smem,
-            q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, plan, block_q, block_k,
+            q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule, plan, block_q, block_k,
             num_stages, num_pairs):
     lse_ref, o_lo_ref = residual_refs or (None, None)
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
@@ -84,6 +90,12 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
     slot_of = lambda t: lax.rem(t, num_stages)
     kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
 
+    def pass_schedule():
+        """Both consumers meet here (no-op without ping-pong)."""
+        if schedule is not None:
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
     @pl.when(wg < CONSUMERS)
     def _consume():
         plgpu.set_max_registers(232, action="increase")
@@ -91,15 +103,18 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
         q_rows = (b, pl.ds(i * block_q, block_q), h)
         q_tile = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_tile, q_loaded.at[wg])
+        masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
         plgpu.barrier_wait(q_loaded.at[wg])
+        plgpu.barrier_wait(k_loaded.at[0])     # each later K_t is waited for during p V_t-1
+        pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
 
         def step(t, carry, masked):
             acc, m, l = carry
             slot = slot_of(t)
-            plgpu.barrier_wait(k_loaded.at[slot])
 
             def scores(s_ref):
                 plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                pass_schedule()
                 return s_ref[...]  # reading the accumulator waits for the wgmma
             s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
@@ -113,10 +128,18 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
             p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
             l = alpha * l + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(v_smem.dtype)
+            # The softmax must be done before this warpgroup lets the other one compute.
+            acc, m_new, l, p = lax.optimization_barrier((acc, m_new, l, p))
+            if schedule is not None:
+                plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(v_loaded.at[slot])
+            if schedule is not None:
+                plgpu.barrier_wait(schedule)   # the other warpgroup's matmuls are issued
 
             def add_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                pl.when(t + 1 < end)(lambda: plgpu.barrier_wait(k_loaded.at[slot_of(t + 1)]))
             acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
@@ -124,18 +147,21 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
         def release(t, _):
             """A tile only the neighbour needs: wait for its load (see the module docstring)."""
             slot = slot_of(t)
-            for loaded, consumed in ((k_loaded, k_consumed), (v_loaded, v_consumed)):
-                plgpu.barrier_wait(loaded.at[slot])
-                plgpu.barrier_arrive(consumed.at[slot])
+            plgpu.barrier_wait(k_loaded.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_wait(v_loaded.at[slot])
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            pass_schedule()   # the two passes a step makes, to stay paired with the neighbour
+            pass_schedule()
 
         row = compat.mosaic_gpu_row_layout()
         carry = (plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
                                    plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
-        masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
         carry = triton.visit(step, carry, unmasked=(0, masked_from), masked=(masked_from, end))
         lax.fori_loop(end, num_kv, release, None)
+        pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 
         acc, m, l = carry
         o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
@@ -202,7 +228,8 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
         q_loaded=plgpu.Barrier(num_barriers=CONSUMERS), k_loaded=ring_barrier(1),
         v_loaded=ring_barrier(1), k_consumed=ring_barrier(CONSUMERS),
-        v_consumed=ring_barrier(CONSUMERS))
+        v_consumed=ring_barrier(CONSUMERS),
+        schedule=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
     o_type = jax.ShapeDtypeStruct(q_p.shape, q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = plgpu.kernel(
