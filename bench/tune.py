@@ -82,11 +82,12 @@ ATTENTION_CANDIDATES = {
 }
 
 
-# The Mosaic GPU forward's query tile per consumer warpgroup, key tile and ring depth (its backward
-# is Triton's, whose tuned parameters it takes over).
-MOSAIC_FORWARD = ("block_q", "block_k", "num_stages")
+# The Mosaic GPU forward's query tile per consumer warpgroup, key tile, ring depth and ping-pong
+# (its backward is Triton's, whose tuned parameters it takes over).
+MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
-    (64, 128, 2), (64, 128, 3), (128, 64, 2), (128, 64, 3), (64, 64, 3), (128, 128, 2)])
+    (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
+    (128, 128, 2, 1), (64, 64, 3, 1)])
 
 
 def _mosaic_defaults(key: str) -> dict:
@@ -120,10 +121,8 @@ def _wide(*gemms: str, stages: int = 4) -> dict:
 
 # {} keeps the defaults (or the table's entry).
 LN_FFN_CANDIDATES = {
-    "forward": [{}, _wide("up", "down"), _wide("up", "down", stages=3), _wide("down"), _wide("up"),
-                {"down_block_n": 256}, {"up_num_stages": 4, "down_num_stages": 4}],
-    "backward": [{}, _wide("dz", "dxn"), _wide("dz"), _wide("dxn"), {"dxn_block_n": 256},
-                 {"dw_block_f": 256, "dw_block_t": 32}, {"dw_block_t": 128, "dw_num_stages": 2}],
+    "forward": [{}, _wide("up", "down"), _wide("up", "down", stages=3), _wide("down")],
+    "backward": [{}, _wide("dz", "dxn"), _wide("dxn"), {"dw_block_f": 256, "dw_block_t": 32}],
 }
 
 
