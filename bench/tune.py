@@ -195,7 +195,8 @@ def sweep(name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--op", default=",".join(OPS), help=f"comma list of {sorted(OPS)}")
-    p.add_argument("--shape-keys", help="comma list (default: every key of each op)")
+    p.add_argument("--shape-keys", help="comma list (default: every key of each op; each op tunes "
+                                        "the ones it has)")
     p.add_argument("--seq", type=int, help="time at this sequence length instead")
     p.add_argument("--batch", type=int, help="time at this batch instead")
     p.add_argument("--max-candidates", type=int, help="try at most this many per stage")
@@ -223,7 +224,8 @@ def main(argv=None) -> dict:
         if not op.available():
             print(f"{name}: does not run on this device, not tuned")
             continue
-        keys = args.shape_keys.split(",") if args.shape_keys else list(op.shapes)
+        keys = [k for k in args.shape_keys.split(",") if k in op.shapes] if args.shape_keys \
+            else list(op.shapes)
         for key in keys:
             best = sweep(name, op, key, _shape(op, key, args), timing, args.max_candidates)
             if best is None:
