@@ -19,6 +19,7 @@ import re
 import zlib
 from typing import NamedTuple
 
+from kernels import compat
 from kernels.attention import api, attention, mosaic_gpu
 from kernels.attention.common import LOG2E, SUPPORTED_HEAD_DIMS, Plan
 from microgpt import model
@@ -193,27 +194,33 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
 
 @pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("mosaic_backward, backward_calls", [
+    (1, ["mosaic_gpu"] * 2), (0, ["__gpu$xla.gpu.triton"] * 2)], ids=["mosaic_bwd", "triton_bwd"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal):
+def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, mosaic_backward,
+                                                    backward_calls):
     """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
     (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
-    and barriers in Python; its gradient adds Triton's dK/dV and dQ kernels on the saved
-    residuals. (The kernel's PTX is only built on the GPU, at the first run.)"""
+    and barriers in Python; its gradient adds the Mosaic GPU dK/dV and dQ kernels, or Triton's
+    with mosaic_backward=0, on the saved residuals. (The kernels' PTX is only built on the GPU,
+    at the first run.)"""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
+                                  block_sizes={"mosaic_backward": mosaic_backward},
                                   interpret=False)
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
     assert calls(f) == ["mosaic_gpu"]
-    assert calls(grad) == ["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"]
+    assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
 
 
 def _emulate_wgmma(monkeypatch):
     """What jax 0.10's Mosaic GPU interpreter lacks, emulated for the kernel's trace: wgmma
     (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref), its
-    accumulators (zeros, or pl.run_state's initial value) and layout casts (it has no layouts)."""
+    accumulators (zeros, or pl.run_state's initial value), layout casts and loads in a layout (it
+    has no layouts)."""
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
     from jax.experimental import pallas as pl
     plgpu = mosaic_gpu.plgpu
@@ -255,7 +262,8 @@ def _emulate_wgmma(monkeypatch):
     for module, name, value in [
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
             (pl, "run_state", run_state), (plgpu, "transpose_ref", lambda ref, _: ("T", ref)),
-            (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x)]:
+            (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x),
+            (compat, "mosaic_gpu_load", lambda ref, _: ref[...])]:
         monkeypatch.setattr(module, name, value)
 
 
@@ -293,6 +301,44 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)  # half a bf16 ulp
     assert max_err(upcast(o) + upcast(o_lo), ref_f32) <= max_err(o, ref_f32)
     assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
+
+
+@pytest.mark.parametrize("seq, head_dim, causal", [(256, 64, True), (200, 128, False)])
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
+@pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
+def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, monkeypatch):
+    """The Mosaic GPU dK/dV and dQ kernels in jax's Mosaic GPU interpreter (wgmma emulated), on
+    the reference's residuals: dq, dk, dv vs the math. Tiles of 64 and 2 stages over 256 rows: the
+    rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
+    neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
+    masked last tile (and padded rows whose do is zero)."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from kernels.attention import common, mosaic_gpu_vjp
+    _emulate_wgmma(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
+        mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
+    config = {**mosaic_gpu.DEFAULTS[head_dim], "bwd_block_q": 64, "bwd_block_k": 64,
+              "bwd_num_stages": 2}
+    sm_scale = head_dim ** -0.5
+    plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
+    q, k, v, do = (jax.random.normal(key, (1, seq, 2, head_dim), jnp.bfloat16)
+                   for key in jax.random.split(jax.random.PRNGKey(seq), 4))
+    with f32_precision():
+        o32 = model.attention(*upcast((q, k, v)), causal=causal)
+        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, k))) * sm_scale
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1) * LOG2E                          # [B, H, S], base 2
+    o = o32.astype(jnp.bfloat16)
+    grads = mosaic_gpu_vjp.backward(plan, (q, k, v, o, lse, common.low_half(o32, o.dtype)), do)
+
+    math = lambda q, k, v: model.attention(q, k, v, causal=causal)
+    ref_bf16 = jax.vjp(math, q, k, v)[1](do)
+    with f32_precision():
+        ref_f32 = jax.vjp(math, *upcast((q, k, v)))[1](upcast(do))
+    for name, got, want_bf16, want_f32 in zip(("dq", "dk", "dv"), grads, ref_bf16, ref_f32):
+        assert got.shape == q.shape and got.dtype == q.dtype
+        assert_within_twice_reference(f"mosaic_gpu {name}", got, want_bf16, want_f32)
 
 
 @pytest.mark.skipif(mosaic_gpu.on_sm90(), reason="on a Hopper GPU mosaic_gpu runs")

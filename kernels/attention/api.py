@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels import tuning
-from kernels.attention import common, mosaic_gpu, tpu, tpu_vjp, triton, triton_vjp
+from kernels.attention import (common, mosaic_gpu, mosaic_gpu_vjp, tpu, tpu_vjp, triton,
+                               triton_vjp)
 from microgpt import model
 
 class Backend(NamedTuple):
@@ -24,9 +25,9 @@ class Backend(NamedTuple):
 BACKENDS = {
     "triton": Backend(triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
     "tpu": Backend(tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
-    # Hopper only, bf16; its forward saves Triton's residuals, so Triton's backward differentiates
-    # it. It has no interpret mode (off the GPU it raises).
-    "mosaic_gpu": Backend(mosaic_gpu.DEFAULTS, mosaic_gpu.forward, triton_vjp.backward, "gpu"),
+    # Hopper only, bf16, no interpret mode (off the GPU it raises); its forward saves Triton's
+    # residuals, so either backward can differentiate it (mosaic_gpu_vjp picks by the tuning).
+    "mosaic_gpu": Backend(mosaic_gpu.DEFAULTS, mosaic_gpu.forward, mosaic_gpu_vjp.backward, "gpu"),
 }
 IMPLEMENTATIONS = ("reference", *BACKENDS)
 

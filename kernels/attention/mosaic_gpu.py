@@ -43,7 +43,9 @@ FLOPs: two matmuls of 2 S^2 D per (batch, head), 4 B H S^2 D in all, half of tha
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +64,11 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
-# ping-pong; bench/RESULTS.md); the backward is Triton's, with Triton's parameters.
+# ping-pong; bench/RESULTS.md); the backward's (mosaic_gpu_vjp.py) tiles and ring depth, and
+# mosaic_backward = 0 to use Triton's backward instead, with Triton's parameters.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1,
+            mosaic_backward=1, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }
@@ -78,17 +82,123 @@ def on_sm90() -> bool:
     return device.platform == "gpu" and capability.startswith("9")
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, lse_smem,
-            q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule, plan, block_q, block_k,
-            num_stages, num_pairs):
+# ------------------------------------------------------------------ what every kernel here shares
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """Tiles the producer warpgroup streams through shared memory: the n-th tile of the stream
+    lands in slot n % stages, guarded by a `loaded` barrier (the TMA's completion) and a
+    `consumed` barrier (one arrival per consumer warpgroup) that frees the slot for tile n + stages.
+    Every consumer waits for and releases every tile, in order, the ones it does not use too
+    (`skip`): an early release would count towards the slot's previous tile."""
+    source: Callable   # n -> the GMEM ref of the n-th tile
+    smem: Any          # [stages, *tile]
+    loaded: Any        # barriers [stages], one arrival
+    consumed: Any      # barriers [stages], CONSUMERS arrivals
+
+    def slot(self, n):
+        return lax.rem(n, self.smem.shape[0])
+
+    def tile(self, n):
+        return self.smem.at[self.slot(n)]
+
+    def wait(self, n):
+        plgpu.barrier_wait(self.loaded.at[self.slot(n)])
+
+    def release(self, n):
+        plgpu.barrier_arrive(self.consumed.at[self.slot(n)])
+
+
+def ring_scratch(tile_type, stages: int) -> tuple:
+    """The shared memory and barriers of a Ring of `stages` slots of tile_type (an SMEM type
+    whose leading axis is the slot)."""
+    return (tile_type, plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+
+
+def skip(rings, n) -> None:
+    """Tile n, which this consumer does not need: wait for it (see Ring), then release it."""
+    for ring in rings:
+        ring.wait(n)
+        ring.release(n)
+
+
+def produce(rings, count) -> None:
+    """The producer warpgroup: TMA-copies tiles 0..count-1 of every ring, each into a slot both
+    consumers have released. `stages` more steps wait for the release of the last tiles, so the
+    producer observes every phase of its barriers (the Mosaic GPU interpreter checks that)."""
+    stages = rings[0].smem.shape[0]
+
+    def load(n, _):
+        for ring in rings:
+            pl.when(n >= stages)(lambda: plgpu.barrier_wait(ring.consumed.at[ring.slot(n)]))
+            pl.when(n < count)(lambda: plgpu.copy_gmem_to_smem(
+                ring.source(n), ring.tile(n), ring.loaded.at[ring.slot(n)]))
+
+    lax.fori_loop(0, count + stages, load, None)
+
+
+def specialize(consume: Callable, rings, count) -> None:
+    """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
+    last one streams the rings with few."""
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < CONSUMERS)
+    def _consume():
+        plgpu.set_max_registers(232, action="increase")
+        consume(wg)
+
+    @pl.when(wg == CONSUMERS)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        produce(rings, count)
+
+
+def tiled_smem(dtype, *shape):
+    """Shared memory in the layout TMA writes and wgmma reads: 128-byte swizzled rows."""
+    dtype = jnp.dtype(dtype)
+    return plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, SWIZZLE // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def launch(kernel, *, out_type, scratch, grid, name):
+    """plgpu.kernel over grid (tile pairs, batch, heads) with CONSUMERS + 1 warpgroups."""
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=("pair", "batch", "heads"), num_threads=CONSUMERS + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        kernel_name=name)
+
+
+def check_runs_here(plan: common.Plan, dtype) -> None:
+    """No interpret mode, no GPU but Hopper, bf16 only. (Off the GPU, uninterpreted, the kernels
+    still trace: jax.export lowers them for CUDA, and the tests run them in the Mosaic GPU
+    interpreter.)"""
+    if plan.interpret or (jax.default_backend() == "gpu" and not on_sm90()):
+        raise NotImplementedError(NOT_HERE)
+    if dtype != jnp.bfloat16:
+        raise NotImplementedError(f"mosaic_gpu attention takes bfloat16 inputs (wgmma on f32 "
+                                  f"would round them to tf32); got {dtype}")
+
+
+def pad_rows(x, rows: int, axis: int = 1):
+    """x with zeros appended along `axis` up to `rows`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rows - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+# ------------------------------------------------------------------ the forward
+
+def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_loaded, k_ring,
+            v_ring, schedule, plan, block_q, block_k, num_pairs):
     lse_ref, o_lo_ref = residual_refs or (None, None)
-    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    pair = triton.tile_order(lax.axis_index("q"), num_pairs, plan.causal)
-    # The producer streams every key tile the upper query tile needs (the most either needs).
-    last_q_tile = CONSUMERS * pair + CONSUMERS - 1
-    num_kv = common.kv_tiles(last_q_tile, plan, block_q, block_k)[1]
-    slot_of = lambda t: lax.rem(t, num_stages)
+    b, h = lax.axis_index("batch"), lax.axis_index("heads")
+    pair = triton.tile_order(lax.axis_index("pair"), num_pairs, plan.causal)
     kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
+    k_ring = Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring)
+    v_ring = Ring(lambda t: v_ref.at[kv_rows(t)], *v_ring)
+    # The producer streams every key tile the upper query tile needs (the most either needs).
+    num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
 
     def pass_schedule():
         """Both consumers meet here (no-op without ping-pong)."""
@@ -96,61 +206,51 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-    @pl.when(wg < CONSUMERS)
-    def _consume():
-        plgpu.set_max_registers(232, action="increase")
+    def consume(wg):
         i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
         q_tile = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_tile, q_loaded.at[wg])
         masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
         plgpu.barrier_wait(q_loaded.at[wg])
-        plgpu.barrier_wait(k_loaded.at[0])     # each later K_t is waited for during p V_t-1
+        k_ring.wait(0)                         # each later K_t is waited for during p V_t-1
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
 
         def step(t, carry, masked):
             acc, m, l = carry
-            slot = slot_of(t)
 
             def scores(s_ref):
-                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_ring.tile(t), (1, 0)))
                 pass_schedule()
                 return s_ref[...]  # reading the accumulator waits for the wgmma
             s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
+            k_ring.release(t)
             if masked:
-                iota = lambda axis: plgpu.broadcasted_iota(
-                    jnp.int32, (block_q, block_k), axis, layout=plgpu.Layout.WGMMA)
-                mask = common.visible(i * block_q + iota(0), t * block_k + iota(1), plan)
-                s = jnp.where(mask, s, -jnp.inf)
+                s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * plan.scale_log2)
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
             l = alpha * l + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(v_smem.dtype)
+            p = p.astype(q_tile.dtype)
             # The softmax must be done before this warpgroup lets the other one compute.
             acc, m_new, l, p = lax.optimization_barrier((acc, m_new, l, p))
             if schedule is not None:
                 plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(v_loaded.at[slot])
+            v_ring.wait(t)
             if schedule is not None:
                 plgpu.barrier_wait(schedule)   # the other warpgroup's matmuls are issued
 
             def add_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                pl.when(t + 1 < end)(lambda: plgpu.barrier_wait(k_loaded.at[slot_of(t + 1)]))
+                plgpu.wgmma(acc_ref, p, v_ring.tile(t))
+                pl.when(t + 1 < end)(lambda: k_ring.wait(t + 1))
             acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_consumed.at[slot])
+            v_ring.release(t)
             return acc, m_new, l
 
         def release(t, _):
-            """A tile only the neighbour needs: wait for its load (see the module docstring)."""
-            slot = slot_of(t)
-            plgpu.barrier_wait(k_loaded.at[slot])
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            plgpu.barrier_wait(v_loaded.at[slot])
-            plgpu.barrier_arrive(v_consumed.at[slot])
+            """A tile only the neighbour needs (K_end was not waited for during the last p V)."""
+            skip((k_ring, v_ring), t)
             pass_schedule()   # the two passes a step makes, to stay paired with the neighbour
             pass_schedule()
 
@@ -179,22 +279,15 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, k_smem, v_smem, 
             plgpu.copy_smem_to_gmem(q_tile, o_lo_ref.at[q_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == CONSUMERS)
-    def _produce():
-        plgpu.set_max_registers(40, action="decrease")
+    specialize(consume, (k_ring, v_ring), num_kv)
 
-        def load(t, _):
-            slot = slot_of(t)
-            for src, ring, loaded, consumed in ((k_ref, k_smem, k_loaded, k_consumed),
-                                                (v_ref, v_smem, v_loaded, v_consumed)):
-                # The slot's previous tile (t - num_stages) must be released by both consumers.
-                pl.when(t >= num_stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-                pl.when(t < num_kv)(lambda: plgpu.copy_gmem_to_smem(
-                    src.at[kv_rows(t)], ring.at[slot], loaded.at[slot]))
 
-        # num_stages more steps wait for the release of the last tiles, so the producer sees
-        # every phase of its barriers (the Mosaic GPU interpreter checks that it does).
-        lax.fori_loop(0, num_kv + num_stages, load, None)
+def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: bool = False):
+    """common.visible over a wgmma accumulator tile whose rows are queries from row_start and
+    columns keys from col_start (or the other way round when `transposed`)."""
+    iota = lambda axis: plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+    rows, cols = row_start + iota(0), col_start + iota(1)
+    return common.visible(cols, rows, plan) if transposed else common.visible(rows, cols, plan)
 
 
 def forward(q, k, v, plan: common.Plan, residuals: bool):
@@ -205,41 +298,27 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     the sequence is padded further to a multiple of a CTA's 2 block_q rows and of block_k;
     padded keys are masked like the api's (common.visible) and padded rows sliced off.
     """
-    if plan.interpret or (jax.default_backend() == "gpu" and not on_sm90()):
-        raise NotImplementedError(NOT_HERE)
-    if q.dtype != jnp.bfloat16:
-        raise NotImplementedError(f"mosaic_gpu attention takes bfloat16 inputs (wgmma on f32 "
-                                  f"would round them to tf32); got {q.dtype}")
+    check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
     config = plan.config
     bq, bk = (max(config[name], WGMMA_M) for name in ("block_q", "block_k"))
     padded = -(-s // max(CONSUMERS * bq, bk)) * max(CONSUMERS * bq, bk)
-    pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
-    q_p, k_p, v_p = (jnp.pad(x, pad) for x in (q, k, v))
     num_pairs = padded // (CONSUMERS * bq)
-    num_stages = config["num_stages"]
-
-    tiled = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=(
-        plgpu.TilingTransform((8, SWIZZLE // q.dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
-    ring_barrier = lambda arrivals: plgpu.Barrier(num_arrivals=arrivals, num_barriers=num_stages)
+    stages = config["num_stages"]
     scratch = dict(
-        q_smem=tiled(CONSUMERS, bq, d), k_smem=tiled(num_stages, bk, d),
-        v_smem=tiled(num_stages, bk, d),
+        q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
-        q_loaded=plgpu.Barrier(num_barriers=CONSUMERS), k_loaded=ring_barrier(1),
-        v_loaded=ring_barrier(1), k_consumed=ring_barrier(CONSUMERS),
-        v_consumed=ring_barrier(CONSUMERS),
+        q_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
+        k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
+        v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         schedule=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
-    o_type = jax.ShapeDtypeStruct(q_p.shape, q.dtype)
+    o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
-    outs = plgpu.kernel(
-        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_stages=num_stages,
-                          num_pairs=num_pairs),
-        out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch_types=scratch,
-        grid=(num_pairs, b, h), grid_names=("q", "batch", "heads"),
-        num_threads=CONSUMERS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="flash_attention_fwd_mgpu")(q_p, k_p, v_p)
+    outs = launch(
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_pairs=num_pairs),
+        out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
+        grid=(num_pairs, b, h), name="flash_attention_fwd_mgpu",
+    )(*(pad_rows(x, padded) for x in (q, k, v)))
     o = outs[0][:, :s]
     if not residuals:
         return o, None

@@ -1,0 +1,237 @@
+"""Flash attention backward in Pallas Mosaic GPU for Hopper (sm90): two warp-specialized kernels.
+
+The math is common.dq_step's and common.dkdv_step's (base 2, c = sm_scale log2 e; p recomputed from
+q, k and the forward's lse; delta = rowsum(do * (o + o_lo)) by XLA beforehand):
+
+    dK/dV  grid (S / 2bk, B, H): each consumer warpgroup owns a key tile [bk, D] and streams the
+           query tiles that see it, in transposed orientation so every product has the key tile
+           as wgmma's M (as in dkdv_step):
+               s^T = k q^T     p^T = 2^(c s^T - lse)     dv += p^T do
+               dp^T = v do^T   ds^T = p^T (dp^T - delta) dk += ds^T q        (dk *= sm_scale)
+    dQ     grid (S / 2bq, B, H): each consumer warpgroup owns a query tile [bq, D] (with do, lse,
+           delta) and streams the key tiles it sees:
+               s = q k^T       p = 2^(c s - lse)         dp = do v^T
+               ds = p (dp - delta)                       dq += ds k          (dq *= sm_scale)
+
+As in the forward (mosaic_gpu.py), a producer warpgroup TMA-copies the streamed tiles into rings of
+`bwd_num_stages` slots (mosaic_gpu.Ring) and the two consumers share them: the dK/dV kernel streams
+q, do [bq, D] and lse, delta [bq] from the first query tile the lower key tile needs, and the
+upper key tile's warpgroup skips the ones before its own first; the dQ kernel streams k, v up to
+the last key tile the upper query tile needs, and the lower one skips the rest. Masks only on the
+tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq accumulate in f32
+registers, p and ds enter the tensor cores in bf16 from registers.
+
+FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
+14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
+
+`mosaic_backward` = 0 in the tuning configuration differentiates the Mosaic GPU forward with
+triton_vjp instead (same residuals), where bench/tune.py measures that faster.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import compat
+from kernels.attention import common, triton_vjp
+from kernels.attention.mosaic_gpu import (CONSUMERS, WGMMA_M, Ring, check_runs_here, launch,
+                                          pad_rows, ring_scratch, skip, specialize, tile_visible,
+                                          tiled_smem)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, k_smem,
+                 v_smem, kv_loaded, q_ring, do_ring, lse_ring, delta_ring, plan, block_q,
+                 block_k):
+    b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
+    q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
+    q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
+    # The stream starts at the first query tile the lower key tile sees (the earliest either sees).
+    first = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)[0]
+    rings = (Ring(lambda n: q_ref.at[q_rows(first + n)], *q_ring),
+             Ring(lambda n: do_ref.at[q_rows(first + n)], *do_ring),
+             Ring(lambda n: lse_ref.at[q_cols(first + n)], *lse_ring),
+             Ring(lambda n: delta_ref.at[q_cols(first + n)], *delta_ring))
+    q_ring, do_ring, lse_ring, delta_ring = rings
+    num_q = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)[2] - first
+    column = compat.mosaic_gpu_column_layout()
+
+    def consume(wg):
+        j = CONSUMERS * pair + wg
+        k_rows = (b, pl.ds(j * block_k, block_k), h)
+        k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+        plgpu.copy_gmem_to_smem(k_ref.at[k_rows], k_tile, kv_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[k_rows], v_tile, kv_loaded.at[CONSUMERS + wg])
+        start, unmasked_from, end = common.q_tiles(j, plan, block_q, block_k)
+        lax.fori_loop(0, start - first, lambda n, _: skip(rings, n), None)
+        plgpu.barrier_wait(kv_loaded.at[wg])
+        plgpu.barrier_wait(kv_loaded.at[CONSUMERS + wg])
+
+        def step(i, carry, masked):
+            dk, dv = carry
+            n = i - first
+            q_ring.wait(n)
+            lse_ring.wait(n)
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, k_tile, plgpu.transpose_ref(q_ring.tile(n), (1, 0)))
+                return acc_ref[...]
+            s_t = pl.run_scoped(scores, plgpu.ACC((block_k, block_q), jnp.float32))
+            if masked:
+                visible = tile_visible(plan, j * block_k, i * block_q, s_t.shape, transposed=True)
+                s_t = jnp.where(visible, s_t, -jnp.inf)
+            lse = compat.mosaic_gpu_load(lse_ring.tile(n), column)
+            p_t = jnp.exp2(s_t * plan.scale_log2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+            lse_ring.release(n)
+            do_ring.wait(n)
+            delta_ring.wait(n)
+
+            def add_dv(acc_ref):
+                plgpu.wgmma(acc_ref, p_t.astype(k_tile.dtype), do_ring.tile(n))
+            dv = pl.run_state(add_dv)(plgpu.ACC.init(dv))
+
+            def output_grad(acc_ref):
+                plgpu.wgmma(acc_ref, v_tile, plgpu.transpose_ref(do_ring.tile(n), (1, 0)))
+                return acc_ref[...]
+            dp_t = pl.run_scoped(output_grad, plgpu.ACC((block_k, block_q), jnp.float32))
+            do_ring.release(n)
+            delta = compat.mosaic_gpu_load(delta_ring.tile(n), column)
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+            delta_ring.release(n)
+
+            def add_dk(acc_ref):
+                plgpu.wgmma(acc_ref, ds_t.astype(k_tile.dtype), q_ring.tile(n))
+            dk = pl.run_state(add_dk)(plgpu.ACC.init(dk))
+            q_ring.release(n)
+            return dk, dv
+
+        zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
+                                  plgpu.Layout.WGMMA)
+        # In stream order: the masked tiles (on the diagonal) come before the unmasked ones.
+        carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True),
+                              (zeros, zeros))
+        dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
+        # Both products that read k_tile and v_tile are complete: they stage dk and dv.
+        k_tile[...] = (dk * plan.sm_scale).astype(k_tile.dtype)
+        v_tile[...] = dv.astype(v_tile.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[k_rows])
+        plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[k_rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    specialize(consume, rings, num_q)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
+               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k):
+    b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
+    kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
+    rings = (Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring),
+             Ring(lambda t: v_ref.at[kv_rows(t)], *v_ring))
+    k_ring, v_ring = rings
+    # The stream ends at the last key tile the upper query tile sees (the most either sees).
+    num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
+    row = compat.mosaic_gpu_row_layout()
+
+    def consume(wg):
+        i = CONSUMERS * pair + wg
+        q_rows = (b, pl.ds(i * block_q, block_q), h)
+        q_cols = (b, h, pl.ds(i * block_q, block_q))
+        q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+        for n, (src, dst) in enumerate(((q_ref.at[q_rows], q_tile), (do_ref.at[q_rows], do_tile),
+                                        (lse_ref.at[q_cols], lse_smem.at[wg]),
+                                        (delta_ref.at[q_cols], delta_smem.at[wg]))):
+            plgpu.copy_gmem_to_smem(src, dst, q_loaded.at[n * CONSUMERS + wg])
+        for n in range(4):
+            plgpu.barrier_wait(q_loaded.at[n * CONSUMERS + wg])
+        lse = compat.mosaic_gpu_load(lse_smem.at[wg], row)
+        delta = compat.mosaic_gpu_load(delta_smem.at[wg], row)
+
+        def step(t, dq, masked):
+            k_ring.wait(t)
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_ring.tile(t), (1, 0)))
+                return acc_ref[...]
+            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
+            if masked:
+                s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s, -jnp.inf)
+            p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
+            v_ring.wait(t)
+
+            def output_grad(acc_ref):
+                plgpu.wgmma(acc_ref, do_tile, plgpu.transpose_ref(v_ring.tile(t), (1, 0)))
+                return acc_ref[...]
+            dp = pl.run_scoped(output_grad, plgpu.ACC((block_q, block_k), jnp.float32))
+            v_ring.release(t)
+            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+
+            def add_dq(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(q_tile.dtype), k_ring.tile(t))
+            dq = pl.run_state(add_dq)(plgpu.ACC.init(dq))
+            k_ring.release(t)
+            return dq
+
+        masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
+        dq = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
+                               plgpu.Layout.WGMMA)
+        dq = lax.fori_loop(0, masked_from, functools.partial(step, masked=False), dq)
+        dq = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), dq)
+        lax.fori_loop(end, num_kv, lambda t, _: skip(rings, t), None)
+        q_tile[...] = (dq * plan.sm_scale).astype(q_tile.dtype)  # q's products are complete
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[q_rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    specialize(consume, rings, num_kv)
+
+
+def backward(plan: common.Plan, residuals, do):
+    """The forward's residuals (q, k, v, o [B, S, H, D], lse [B, H, S] f32, o's low half) and
+    do [B, S, H, D] -> (dq, dk, dv) [B, S, H, D] in q's dtype.
+
+    Tiles are raised to 64 rows (wgmma's M) and the sequence padded to a multiple of a CTA's two
+    tiles in both kernels; padded rows have do = 0 and delta = 0, so they add nothing."""
+    config = plan.config
+    if not config["mosaic_backward"]:
+        return triton_vjp.backward(plan, residuals, do)
+    q, k, v, o, lse, o_lo = residuals
+    check_runs_here(plan, q.dtype)
+    b, s, h, d = q.shape
+    bq, bk = (max(config[name], WGMMA_M) for name in ("bwd_block_q", "bwd_block_k"))
+    stages = config["bwd_num_stages"]
+    padded = -(-s // (CONSUMERS * max(bq, bk))) * CONSUMERS * max(bq, bk)
+    delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
+    q_p, k_p, v_p, do_p = (pad_rows(x, padded) for x in (q, k, v, do))
+    lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
+    grad = lambda: jax.ShapeDtypeStruct(q_p.shape, q.dtype)
+    vector_ring = lambda: ring_scratch(plgpu.SMEM((stages, bq), jnp.float32), stages)
+
+    dk, dv = launch(
+        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk),
+        out_type=[grad(), grad()],
+        scratch=dict(k_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
+                     v_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
+                     kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS),
+                     q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
+                     do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
+                     lse_ring=vector_ring(), delta_ring=vector_ring()),
+        grid=(padded // (CONSUMERS * bk), b, h), name="flash_attention_dkdv_mgpu",
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    dq = launch(
+        functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk),
+        out_type=grad(),
+        scratch=dict(q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
+                     do_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
+                     lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+                     delta_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+                     q_loaded=plgpu.Barrier(num_barriers=4 * CONSUMERS),
+                     k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
+                     v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
+        grid=(padded // (CONSUMERS * bq), b, h), name="flash_attention_dq_mgpu",
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    return dq[:, :s], dk[:, :s], dv[:, :s]
