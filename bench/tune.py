@@ -88,6 +88,11 @@ MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
     (128, 128, 2, 1), (64, 64, 3, 1)])
+# Its backward: Triton's (mosaic_backward=0) or its own, with the query and key tiles both kernels
+# use and their ring depth.
+MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_stages")
+MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
+    (1, 64, 64, 2), (0, 64, 64, 2), (1, 64, 64, 3), (1, 128, 64, 2), (1, 64, 128, 2)])
 
 
 def _mosaic_defaults(key: str) -> dict:
@@ -150,7 +155,9 @@ OPS = {
     "attention/mosaic_gpu": Op(
         shapes=ATTENTION_SHAPES,
         defaults=_mosaic_defaults,
-        stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu"))],
+        stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
+                Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
+                      _time_attention(2, "mosaic_gpu"))],
         total=_time_attention(2, "mosaic_gpu"),
         available=attention_mosaic_gpu.on_sm90),
     "layernorm_ffn/triton": Op(
@@ -166,12 +173,14 @@ OPS = {
 # ------------------------------------------------------------------ the sweep
 
 def sweep(name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
-          max_candidates: int | None) -> dict | None:
+          max_candidates: int | None, stages: list[str] | None = None) -> dict | None:
     """The fastest configuration for one op implementation and shape key, stage by stage; None
     when no candidate of some stage ran (nothing measured, nothing to record)."""
     op_name, implementation = name.split("/")
     best = tuning.block_config(op_name, implementation, shape_key, op.defaults(shape_key))
     for stage in op.stages:
+        if stages and stage.name not in stages:
+            continue
         candidates = stage.candidates(shape_key)[:max_candidates]
         best_ms, winner = float("inf"), None
         for n, candidate in enumerate(candidates, 1):
@@ -200,6 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, help="time at this sequence length instead")
     p.add_argument("--batch", type=int, help="time at this batch instead")
     p.add_argument("--max-candidates", type=int, help="try at most this many per stage")
+    p.add_argument("--stages", help="comma list of stage names to run (default: all), each "
+                                    "starting from the table's entry")
     p.add_argument("--table", type=Path, default=tuning.TABLE_PATH, help="where to record")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -227,7 +238,8 @@ def main(argv=None) -> dict:
         keys = [k for k in args.shape_keys.split(",") if k in op.shapes] if args.shape_keys \
             else list(op.shapes)
         for key in keys:
-            best = sweep(name, op, key, _shape(op, key, args), timing, args.max_candidates)
+            best = sweep(name, op, key, _shape(op, key, args), timing, args.max_candidates,
+                         args.stages.split(",") if args.stages else None)
             if best is None:
                 print(f"{name} {key}: no candidate ran, nothing recorded")
                 continue

@@ -84,8 +84,10 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
+    # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above).
+    blocks = {"mosaic_backward": 1} if impl == "mosaic_gpu" else None
     _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
-                     SMALL_BLOCKS if small and ON_CPU else None)
+                     SMALL_BLOCKS if small and ON_CPU else blocks)
 
 
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)

@@ -64,11 +64,12 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
-# ping-pong; bench/RESULTS.md); the backward's (mosaic_gpu_vjp.py) tiles and ring depth, and
-# mosaic_backward = 0 to use Triton's backward instead, with Triton's parameters.
+# ping-pong; bench/RESULTS.md); the backward: Triton's (mosaic_backward = 0, with Triton's
+# parameters) unless the tuning table, measured where the equivalence suite passed, picks the Mosaic
+# GPU one (mosaic_gpu_vjp.py), with its tiles and ring depth.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1,
-            mosaic_backward=1, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2,
+            mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }
