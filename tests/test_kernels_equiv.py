@@ -319,8 +319,8 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     _emulate_wgmma(monkeypatch)
     monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
         mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
-    config = {**mosaic_gpu.DEFAULTS[head_dim], "bwd_block_q": 64, "bwd_block_k": 64,
-              "bwd_num_stages": 2}
+    config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
+              "bwd_block_k": 64, "bwd_num_stages": 2}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
     q, k, v, do = (jax.random.normal(key, (1, seq, 2, head_dim), jnp.bfloat16)
