@@ -112,6 +112,8 @@ def maybe_profile(directory: str | None):
     if directory is None:
         yield
         return
-    with jax.profiler.trace(directory):
+    from microgpt.train import profiler_options
+
+    with jax.profiler.trace(directory, profiler_options=profiler_options()):
         yield
     print(f"profile written to {directory} (open with: tensorboard --logdir {directory})")
