@@ -51,7 +51,7 @@ for stage in "${stages[@]}"; do
       $PY bench/train_step.py --kernels pallas --batches 64 --repeats 1 --steps 3 --profile /tmp/prof \
         2>&1 | tail -n 5
       gzip -c "$(find /tmp/prof -name '*.xplane.pb' | head -n 1)" > "$OUT/pallas_step.xplane.pb.gz"
-      $PY -X faulthandler bench/trace_kernels.py /tmp/prof --top 25 \
+      $PY -X faulthandler bench/trace_kernels.py /tmp/prof --device --top 30 \
         --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn \
         > "$OUT/trace_kernels.txt" 2> "$OUT/trace_kernels.log"
       echo "trace_kernels exit status $?"; cat "$OUT/trace_kernels.txt" ;;

@@ -49,12 +49,15 @@ def step_ms(kernels: str, args, batch: int, devices: int, warmup: int, repeats: 
         params, opt_state, metrics = step(params, opt_state, x, y)
     jax.block_until_ready(metrics)
     per_step = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            params, opt_state, metrics = step(params, opt_state, x, y)
-        jax.block_until_ready(metrics)
-        per_step.append((time.perf_counter() - start) * 1e3 / steps)
+    # The trace holds the timed steps only (not compilation and autotuning).
+    profile = args.profile and f"{args.profile}/{kernels}-{devices}dev"
+    with maybe_profile(profile):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                params, opt_state, metrics = step(params, opt_state, x, y)
+            jax.block_until_ready(metrics)
+            per_step.append((time.perf_counter() - start) * 1e3 / steps)
     return statistics.median(per_step), float(metrics["loss"])
 
 
@@ -77,7 +80,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json")
-    p.add_argument("--profile", help="capture a jax.profiler trace of the timed steps into this folder")
+    p.add_argument("--profile", help="capture a jax.profiler trace of each path's timed steps into "
+                                     "a subfolder of this folder (PATH-NdEV)")
     args = p.parse_args(argv)
     paths = args.kernels.split(",")
     unknown = sorted(set(paths) - set(KERNELS))
@@ -92,23 +96,22 @@ def main(argv=None) -> list[dict]:
     timing = dict(warmup=args.warmup, repeats=args.repeats, steps=args.steps)
     results: dict[tuple[str, int], tuple[float, float]] = {}
     batch = None
-    with maybe_profile(args.profile):
-        for b in candidates:   # the largest batch every path fits
-            if any(b % n for n in counts):
-                print(f"  batch {b} does not split over {counts} devices; skipped", flush=True)
-                continue
-            try:
-                for kernels, n in runs:
-                    results[kernels, n] = step_ms(kernels, args, b, n, **timing)
-                    print(f"  {kernels:9s} batch {b} on {n} device(s): "
-                          f"{results[kernels, n][0]:.2f} ms/step", flush=True)
-                batch = b
-                break
-            except Exception as err:  # noqa: BLE001 - only out-of-memory moves to a smaller batch
-                if not is_out_of_memory(err):
-                    raise
-                print(f"  batch {b} does not fit ({kernels}); trying a smaller one", flush=True)
-                results.clear()
+    for b in candidates:   # the largest batch every path fits
+        if any(b % n for n in counts):
+            print(f"  batch {b} does not split over {counts} devices; skipped", flush=True)
+            continue
+        try:
+            for kernels, n in runs:
+                results[kernels, n] = step_ms(kernels, args, b, n, **timing)
+                print(f"  {kernels:9s} batch {b} on {n} device(s): "
+                      f"{results[kernels, n][0]:.2f} ms/step", flush=True)
+            batch = b
+            break
+        except Exception as err:  # noqa: BLE001 - only out-of-memory moves to a smaller batch
+            if not is_out_of_memory(err):
+                raise
+            print(f"  batch {b} does not fit ({kernels}); trying a smaller one", flush=True)
+            results.clear()
     if batch is None:
         raise SystemExit("no candidate batch fits")
 

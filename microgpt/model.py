@@ -73,10 +73,33 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+@jax.custom_vjp
 def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
-    """a @ w with bfloat16 inputs and float32 accumulation.  a [..., m], w [m, n] -> [..., n] float32."""
+    """a @ w with bfloat16 inputs and float32 accumulation.  a [..., m], w [m, n] -> [..., n] float32.
+
+    The backward keeps the same rule: with g = dL/d(a @ w) rounded to bfloat16,
+        da = g w^T,   dw = sum over the leading axes of a^T g,
+    bfloat16 products accumulated in float32 (autodiff would multiply the float32 g by an upcast
+    operand: float32 matmuls, which GPUs run at half the bfloat16 rate or less).
+    """
     return jnp.matmul(a.astype(COMPUTE_DTYPE), w.astype(COMPUTE_DTYPE),
                       preferred_element_type=jnp.float32)
+
+
+def _matmul_forward(a, w):
+    return matmul(a, w), (a, w)
+
+
+def _matmul_backward(residuals, g):
+    a, w = residuals
+    a_c, w_c, g_c = (x.astype(COMPUTE_DTYPE) for x in (a, w, g))
+    da = jnp.matmul(g_c, w_c.T, preferred_element_type=jnp.float32)
+    dw = jnp.matmul(a_c.reshape(-1, a.shape[-1]).T, g_c.reshape(-1, g.shape[-1]),
+                    preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from microgpt import micro_gpt_1, micro_gpt_2, micro_gpt_4
+from microgpt import micro_gpt_1, micro_gpt_2, micro_gpt_4, model
 from microgpt.model import MicroGPT, attention, layernorm, sinusoidal_positions
 
 
@@ -105,3 +105,29 @@ def test_bad_configs_raise():
         MicroGPT(vocab=10, model_d=66, num_heads=4)
     with pytest.raises(ValueError, match="unknown kernels"):
         MicroGPT(kernels="nope")
+
+
+def test_matmul_backward_multiplies_bf16_operands_accumulating_in_f32():
+    """model.matmul's gradients follow its forward's rule: every product of the backward takes
+    bfloat16 operands (the cotangent rounded to bf16) with float32 accumulation, and they agree
+    with the float32 gradient to bf16 precision; da and dw come back in a's and w's dtypes."""
+    ka, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    a = jax.random.normal(ka, (2, 8, 32), jnp.bfloat16)
+    w = jax.random.normal(kw, (32, 16), jnp.float32)
+    g = jax.random.normal(kg, (2, 8, 16), jnp.float32)
+    backward = lambda a, w, g: jax.vjp(model.matmul, a, w)[1](g)
+
+    dots = [eqn for eqn in jax.make_jaxpr(backward)(a, w, g).eqns
+            if eqn.primitive.name == "dot_general"]
+    assert len(dots) == 2   # da and dw (the forward's product does not reach the cotangents)
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2
+        assert eqn.params["preferred_element_type"] == jnp.float32
+
+    da, dw = backward(a, w, g)
+    assert (da.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        exact = jax.vjp(lambda a, w: a @ w, a.astype(jnp.float32), w)[1](g)
+    for got, want in zip((da, dw), exact):
+        scale = float(jnp.max(jnp.abs(want)))
+        assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 2 ** -6 * scale
