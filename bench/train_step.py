@@ -118,16 +118,16 @@ def main(argv=None) -> list[dict]:
     peak = peak_tflops()
     flops_step = flops_per_token(PRESETS[args.preset]().num_layers, args.model_d, args.seq,
                                  args.vocab) * batch * args.seq
+    ms_of = lambda path, devices: results.get((path, devices), (np.nan,))[0]
     records = []
     for (kernels, n), (ms, loss) in results.items():
         tflops = flops_step / (ms * 1e-3) / 1e12
-        ms_of = lambda path: results.get((path, n), (np.nan,))[0]
         records.append(dict(kernels=kernels, devices=n, preset=args.preset, model_d=args.model_d,
                             heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
                             ms_per_step=ms, tokens_per_s=batch * args.seq / (ms * 1e-3),
                             model_tflops=tflops, mfu=tflops / (peak * n) if peak else None,
-                            x_reference=ms_of("reference") / ms, x_xla=ms_of("xla") / ms,
-                            x_one_device=results.get((kernels, 1), (np.nan,))[0] / ms,
+                            x_reference=ms_of("reference", n) / ms, x_xla=ms_of("xla", n) / ms,
+                            x_one_device=ms_of(kernels, 1) / ms,
                             loss=loss))
     print(f"train step, {args.preset} d={args.model_d} heads={args.heads} vocab={args.vocab} "
           f"seq={args.seq} batch={batch} on {device_description()}")

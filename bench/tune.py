@@ -83,7 +83,7 @@ ATTENTION_CANDIDATES = {
 
 
 # The Mosaic GPU forward's query tile per consumer warpgroup, key tile, ring depth and ping-pong
-# (its backward is Triton's, whose tuned parameters it takes over).
+# (when its backward is Triton's, it takes over Triton's tuned parameters: _mosaic_defaults).
 MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),

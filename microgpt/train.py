@@ -169,8 +169,8 @@ def parse_steps(spec: str) -> tuple[int, int]:
 
 def profiler_options() -> jax.profiler.ProfileOptions:
     """What a capture records: device activity and the runtime's host events, without the Python
-    tracer, whose every-function-call events made a 3-step GPU capture of micro_gpt_4 1.5 GB
-    (too large for the trace viewer's converter)."""
+    tracer, whose every-function-call events made a 3-step GPU capture of micro_gpt_4 103 MB
+    gzipped, too large for the trace viewer's converter (it died converting it)."""
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
     return options

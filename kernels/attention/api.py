@@ -54,7 +54,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     D in common.SUPPORTED_HEAD_DIMS for the kernels. sm_scale defaults to 1/sqrt(D).
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
     (Hopper only, bf16); None picks by backend (`default_implementation`). block_sizes overrides
-    the tuning table's entries (names: the keys of the backend's DEFAULTS). interpret: run the Pallas kernel in interpret mode; None interprets
+    the tuning table's entries (names: the keys of the backend's DEFAULTS). interpret: run the
+    Pallas kernel in interpret mode; None interprets
     exactly when the default backend is not the kernel's platform (so the kernels run on CPU).
     -> [B, S, H, D] in the input dtype.
     """

@@ -50,14 +50,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
     q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
     q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
-    # The stream starts at the first query tile the lower key tile sees (the earliest either sees).
-    first = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)[0]
+    # The stream runs from the first query tile the lower key tile sees (the earliest either sees)
+    # to the end, which both see.
+    first, _, stream_end = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
     rings = (Ring(lambda n: q_ref.at[q_rows(first + n)], *q_ring),
              Ring(lambda n: do_ref.at[q_rows(first + n)], *do_ring),
              Ring(lambda n: lse_ref.at[q_cols(first + n)], *lse_ring),
              Ring(lambda n: delta_ref.at[q_cols(first + n)], *delta_ring))
     q_ring, do_ring, lse_ring, delta_ring = rings
-    num_q = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)[2] - first
     column = compat.mosaic_gpu_column_layout()
 
     def consume(wg):
@@ -123,7 +123,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[k_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, rings, num_q)
+    specialize(consume, rings, stream_end - first)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
