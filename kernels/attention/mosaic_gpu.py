@@ -3,8 +3,8 @@
 Proven on the H100 by the equivalence suite, measured by bench/attention.py (bench/RESULTS.md has
 the versions tried); on CPU the tests prove that it lowers for CUDA and run it in jax's Mosaic GPU
 interpreter, which simulates the warpgroups, TMA copies and barriers (wgmma emulated there).
-This file also holds what the backward kernels (mosaic_gpu_vjp.py) share: Ring, produce, skip,
-specialize, launch.
+The producer/consumer machinery (Ring, produce, specialize, launch) is kernels/warp_specialized.py,
+shared with the backward (mosaic_gpu_vjp.py) and the LayerNorm+FFN GEMMs.
 
 The math is triton.py's (common.softmax_step, in base 2 with c = sm_scale log2 e). For each query
 row and each key tile, with raw scores s = q k^T:
@@ -45,9 +45,7 @@ FLOPs: two matmuls of 2 S^2 D per (batch, head), 4 B H S^2 D in all, half of tha
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +55,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, on_sm90, pad_rows,
+                                      ring_scratch, skip, specialize, tiled_smem)
 
-WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are multiples of it
-CONSUMERS = 2      # consumer warpgroups per CTA, each with its own query tile
-SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle (D is 64 or 128)
 _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
              "num_stages_bwd")
 
@@ -78,98 +75,7 @@ DEFAULTS = {
 NOT_HERE = "mosaic_gpu runs only on an sm90 GPU; use implementation='triton' to interpret on CPU"
 
 
-def on_sm90() -> bool:
-    """True when the default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
-    device = jax.devices()[0]
-    capability = str(getattr(device, "compute_capability", ""))  # "9.0" on an H100
-    return device.platform == "gpu" and capability.startswith("9")
-
-
-# ------------------------------------------------------------------ what every kernel here shares
-
-@dataclasses.dataclass(frozen=True)
-class Ring:
-    """Tiles the producer warpgroup streams through shared memory: the n-th tile of the stream
-    lands in slot n % stages, guarded by a `loaded` barrier (the TMA's completion) and a
-    `consumed` barrier (one arrival per consumer warpgroup) that frees the slot for tile n + stages.
-    Every consumer waits for and releases every tile, in order, the ones it does not use too
-    (`skip`): an early release would count towards the slot's previous tile."""
-    source: Callable   # n -> the GMEM ref of the n-th tile
-    smem: Any          # [stages, *tile]
-    loaded: Any        # barriers [stages], one arrival
-    consumed: Any      # barriers [stages], CONSUMERS arrivals
-
-    def slot(self, n):
-        return lax.rem(n, self.smem.shape[0])
-
-    def tile(self, n):
-        return self.smem.at[self.slot(n)]
-
-    def wait(self, n):
-        plgpu.barrier_wait(self.loaded.at[self.slot(n)])
-
-    def release(self, n):
-        plgpu.barrier_arrive(self.consumed.at[self.slot(n)])
-
-
-def ring_scratch(tile_type, stages: int) -> tuple:
-    """The shared memory and barriers of a Ring of `stages` slots of tile_type (an SMEM type
-    whose leading axis is the slot)."""
-    return (tile_type, plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
-
-
-def skip(rings, n) -> None:
-    """Tile n, which this consumer does not need: wait for it (see Ring), then release it."""
-    for ring in rings:
-        ring.wait(n)
-        ring.release(n)
-
-
-def produce(rings, count) -> None:
-    """The producer warpgroup: TMA-copies tiles 0..count-1 of every ring, each into a slot both
-    consumers have released. `stages` more steps wait for the release of the last tiles, so the
-    producer observes every phase of its barriers (the Mosaic GPU interpreter checks that)."""
-    stages = rings[0].smem.shape[0]
-
-    def load(n, _):
-        for ring in rings:
-            pl.when(n >= stages)(lambda: plgpu.barrier_wait(ring.consumed.at[ring.slot(n)]))
-            pl.when(n < count)(lambda: plgpu.copy_gmem_to_smem(
-                ring.source(n), ring.tile(n), ring.loaded.at[ring.slot(n)]))
-
-    lax.fori_loop(0, count + stages, load, None)
-
-
-def specialize(consume: Callable, rings, count) -> None:
-    """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
-    last one streams the rings with few."""
-    wg = lax.axis_index("wg")
-
-    @pl.when(wg < CONSUMERS)
-    def _consume():
-        plgpu.set_max_registers(232, action="increase")
-        consume(wg)
-
-    @pl.when(wg == CONSUMERS)
-    def _produce():
-        plgpu.set_max_registers(40, action="decrease")
-        produce(rings, count)
-
-
-def tiled_smem(dtype, *shape):
-    """Shared memory in the layout TMA writes and wgmma reads: 128-byte swizzled rows."""
-    dtype = jnp.dtype(dtype)
-    return plgpu.SMEM(shape, dtype, transforms=(
-        plgpu.TilingTransform((8, SWIZZLE // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
-
-
-def launch(kernel, *, out_type, scratch, grid, name):
-    """plgpu.kernel over grid (tile pairs, batch, heads) with CONSUMERS + 1 warpgroups."""
-    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
-                        grid_names=("pair", "batch", "heads"), num_threads=CONSUMERS + 1,
-                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                        kernel_name=name)
+GRID_NAMES = ("pair", "batch", "heads")  # a pair of query tiles of one (batch, head)
 
 
 def check_runs_here(plan: common.Plan, dtype) -> None:
@@ -181,13 +87,6 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
     if dtype != jnp.bfloat16:
         raise NotImplementedError(f"mosaic_gpu attention takes bfloat16 inputs (wgmma on f32 "
                                   f"would round them to tf32); got {dtype}")
-
-
-def pad_rows(x, rows: int, axis: int = 1):
-    """x with zeros appended along `axis` up to `rows`."""
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, rows - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 # ------------------------------------------------------------------ the forward
@@ -320,7 +219,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     outs = launch(
         functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_pairs=num_pairs),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
-        grid=(num_pairs, b, h), name="flash_attention_fwd_mgpu",
+        grid=(num_pairs, b, h), grid_names=GRID_NAMES, name="flash_attention_fwd_mgpu",
     )(*(pad_rows(x, padded) for x in (q, k, v)))
     o = outs[0][:, :s]
     if not residuals:

@@ -14,7 +14,7 @@ q, k and the forward's lse; delta = rowsum(do * (o + o_lo)) by XLA beforehand):
                ds = p (dp - delta)                       dq += ds k          (dq *= sm_scale)
 
 As in the forward (mosaic_gpu.py), a producer warpgroup TMA-copies the streamed tiles into rings of
-`bwd_num_stages` slots (mosaic_gpu.Ring) and the two consumers share them: the dK/dV kernel streams
+`bwd_num_stages` slots (warp_specialized.Ring) and the two consumers share them: the dK/dV kernel streams
 q, do [bq, D] and lse, delta [bq] from the first query tile the lower key tile needs, and the
 upper key tile's warpgroup skips the ones before its own first; the dQ kernel streams k, v up to
 the last key tile the upper query tile needs, and the lower one skips the rest. Masks only on the
@@ -39,9 +39,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton_vjp
-from kernels.attention.mosaic_gpu import (CONSUMERS, WGMMA_M, Ring, check_runs_here, launch,
-                                          pad_rows, ring_scratch, skip, specialize, tile_visible,
-                                          tiled_smem)
+from kernels.attention.mosaic_gpu import GRID_NAMES, check_runs_here, tile_visible
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, pad_rows, ring_scratch,
+                                      skip, specialize, tiled_smem)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, k_smem,
@@ -220,7 +220,8 @@ def backward(plan: common.Plan, residuals, do):
                      q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      lse_ring=vector_ring(), delta_ring=vector_ring()),
-        grid=(padded // (CONSUMERS * bk), b, h), name="flash_attention_dkdv_mgpu",
+        grid=(padded // (CONSUMERS * bk), b, h), grid_names=GRID_NAMES,
+        name="flash_attention_dkdv_mgpu",
     )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     dq = launch(
         functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk),
@@ -232,6 +233,7 @@ def backward(plan: common.Plan, residuals, do):
                      q_loaded=plgpu.Barrier(num_barriers=4 * CONSUMERS),
                      k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
                      v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
-        grid=(padded // (CONSUMERS * bq), b, h), name="flash_attention_dq_mgpu",
+        grid=(padded // (CONSUMERS * bq), b, h), grid_names=GRID_NAMES,
+        name="flash_attention_dq_mgpu",
     )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     return dq[:, :s], dk[:, :s], dv[:, :s]

@@ -1,0 +1,120 @@
+"""What the Mosaic GPU kernels (attention, LayerNorm+FFN) share: warp specialization on Hopper.
+
+A CTA runs CONSUMERS consumer warpgroups and one producer warpgroup. The producer TMA-copies tiles
+from HBM into rings of shared-memory slots (`Ring`), each slot guarded by mbarriers; the consumers
+wait for a slot, feed it to wgmma, and release it so the producer can refill it. `tiled_smem` is the
+128-byte-swizzled layout that both TMA and wgmma read at full speed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are multiples of it
+CONSUMERS = 2      # consumer warpgroups per CTA
+SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle
+
+
+def on_sm90() -> bool:
+    """True when the default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))  # "9.0" on an H100
+    return device.platform == "gpu" and capability.startswith("9")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """Tiles the producer warpgroup streams through shared memory: the n-th tile of the stream
+    lands in slot n % stages, guarded by a `loaded` barrier (the TMA's completion) and a
+    `consumed` barrier (one arrival per consumer warpgroup) that frees the slot for tile n + stages.
+    Every consumer waits for and releases every tile, in order, the ones it does not use too
+    (`skip`): an early release would count towards the slot's previous tile."""
+    source: Callable   # n -> the GMEM ref of the n-th tile
+    smem: Any          # [stages, *tile]
+    loaded: Any        # barriers [stages], one arrival
+    consumed: Any      # barriers [stages], CONSUMERS arrivals
+
+    def slot(self, n):
+        return lax.rem(n, self.smem.shape[0])
+
+    def tile(self, n):
+        return self.smem.at[self.slot(n)]
+
+    def wait(self, n):
+        plgpu.barrier_wait(self.loaded.at[self.slot(n)])
+
+    def release(self, n):
+        plgpu.barrier_arrive(self.consumed.at[self.slot(n)])
+
+
+def ring_scratch(tile_type, stages: int) -> tuple:
+    """The shared memory and barriers of a Ring of `stages` slots of tile_type (an SMEM type
+    whose leading axis is the slot)."""
+    return (tile_type, plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+
+
+def skip(rings, n) -> None:
+    """Tile n, which this consumer does not need: wait for it (see Ring), then release it."""
+    for ring in rings:
+        ring.wait(n)
+        ring.release(n)
+
+
+def produce(rings, count) -> None:
+    """The producer warpgroup: TMA-copies tiles 0..count-1 of every ring, each into a slot both
+    consumers have released. `stages` more steps wait for the release of the last tiles, so the
+    producer observes every phase of its barriers (the Mosaic GPU interpreter checks that)."""
+    stages = rings[0].smem.shape[0]
+
+    def load(n, _):
+        for ring in rings:
+            pl.when(n >= stages)(lambda: plgpu.barrier_wait(ring.consumed.at[ring.slot(n)]))
+            pl.when(n < count)(lambda: plgpu.copy_gmem_to_smem(
+                ring.source(n), ring.tile(n), ring.loaded.at[ring.slot(n)]))
+
+    lax.fori_loop(0, count + stages, load, None)
+
+
+def specialize(consume: Callable, rings, count) -> None:
+    """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
+    last one streams the rings with few."""
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < CONSUMERS)
+    def _consume():
+        plgpu.set_max_registers(232, action="increase")
+        consume(wg)
+
+    @pl.when(wg == CONSUMERS)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        produce(rings, count)
+
+
+def tiled_smem(dtype, *shape):
+    """Shared memory in the layout TMA writes and wgmma reads: 128-byte swizzled rows."""
+    dtype = jnp.dtype(dtype)
+    return plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, SWIZZLE // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def launch(kernel, *, out_type, scratch, grid, grid_names, name):
+    """plgpu.kernel over `grid` (axes named grid_names) with CONSUMERS + 1 warpgroups."""
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=grid_names, num_threads=CONSUMERS + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        kernel_name=name)
+
+
+def pad_rows(x, rows: int, axis: int = 1):
+    """x with zeros appended along `axis` up to `rows`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rows - x.shape[axis])
+    return jnp.pad(x, pad)
