@@ -29,12 +29,13 @@ import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
                           int_list, maybe_profile, time_ms, timed_row, write_json)
+from kernels import warp_specialized
 from kernels.layernorm_ffn import layernorm_ffn
 from microgpt import model
 
 # The anchor shapes of ../shared/anchors/h100-peers.md: (tokens, d).
 ANCHOR_SHAPES = [(131072, 512), (65536, 768), (32768, 1024)]
-IMPLS = ("xla", "triton", "tpu")
+IMPLS = ("xla", "triton", "mosaic_gpu", "tpu")
 ALIASES = {"reference": "xla"}
 
 
@@ -47,6 +48,8 @@ def implementation(name: str, residual: bool, block_sizes: dict | None):
 
 
 def default_impls() -> str:
+    if warp_specialized.on_sm90():
+        return "xla,triton,mosaic_gpu"
     return {"gpu": "xla,triton", "tpu": "xla,tpu"}.get(jax.default_backend(), "xla,triton")
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from bench import attention as attention_bench
 from bench import ln_ffn as ln_ffn_bench
 from bench.common import device_description, time_ms
-from kernels import attention, tuning
+from kernels import attention, tuning, warp_specialized
 from kernels.attention import mosaic_gpu as attention_mosaic_gpu
 from kernels.attention import triton as attention_triton
 from kernels.layernorm_ffn import api as layernorm_ffn_api
@@ -131,16 +131,36 @@ LN_FFN_CANDIDATES = {
 }
 
 
-def _time_ln_ffn(which: int):
-    """Timing of the forward (which=1) or forward+backward (which=2) of our Triton LN+FFN."""
+# ------------------------------------------------------------------ layernorm_ffn (Mosaic GPU)
+
+def _mosaic_tiles(gemms: tuple[str, ...], block_m: int, block_n: int, stages: int) -> dict:
+    return {f"{g}_{name}": value for g in gemms for name, value in
+            (("block_m", block_m), ("block_n", block_n), ("num_stages", stages))}
+
+
+# Per consumer warpgroup: 64 x 256 and 128 x 128 (128 accumulator registers a thread) fit 3 ring
+# stages beside the epilogue buffer in 227 KB of shared memory; 64 x 128 fits 5.
+LN_FFN_MOSAIC_CANDIDATES = {
+    "forward": [{}, _mosaic_tiles(("up", "down"), 128, 128, 3),
+                _mosaic_tiles(("up", "down"), 64, 128, 5), _mosaic_tiles(("down",), 128, 128, 3)],
+    "backward": [{}, _mosaic_tiles(("dz", "dxn"), 128, 128, 3),
+                 _mosaic_tiles(("dz", "dxn"), 64, 128, 5)],
+}
+
+
+def _time_ln_ffn(which: int, implementation: str):
+    """Timing of the forward (which=1) or forward+backward (which=2) of our LN+FFN."""
     def time(shape, config, timing):
-        fn = lambda *a: layernorm_ffn_api.layernorm_ffn(*a, residual=True, implementation="triton",
+        fn = lambda *a: layernorm_ffn_api.layernorm_ffn(*a, residual=True,
+                                                        implementation=implementation,
                                                         block_sizes=config)
         args, *calls = ln_ffn_bench.timed_calls(fn, *shape, jnp.bfloat16)
         return time_ms(calls[which - 1], *(args[:7] if which == 1 else args), **timing)
     return time
 
 
+# (tokens, d): the LN+FFN anchor shapes; --batch sets the tokens (do not pass --seq with these ops)
+LN_FFN_SHAPES = {"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)}
 # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
 ATTENTION_SHAPES = {"d64": (8, 2048, 32, 64), "d128": (8, 2048, 16, 128)}
 OPS = {
@@ -161,12 +181,22 @@ OPS = {
         total=_time_attention(2, "mosaic_gpu"),
         available=attention_mosaic_gpu.on_sm90),
     "layernorm_ffn/triton": Op(
-        # (tokens, d): the anchor shapes; --batch sets the tokens (do not pass --seq with this op)
-        shapes={"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)},
+        shapes=LN_FFN_SHAPES,
         defaults=lambda key: layernorm_ffn_api.default_config("triton", int(key[1:])),
-        stages=[Stage("forward", lambda key: LN_FFN_CANDIDATES["forward"], _time_ln_ffn(1)),
-                Stage("backward", lambda key: LN_FFN_CANDIDATES["backward"], _time_ln_ffn(2))],
-        total=_time_ln_ffn(2)),
+        stages=[Stage("forward", lambda key: LN_FFN_CANDIDATES["forward"],
+                      _time_ln_ffn(1, "triton")),
+                Stage("backward", lambda key: LN_FFN_CANDIDATES["backward"],
+                      _time_ln_ffn(2, "triton"))],
+        total=_time_ln_ffn(2, "triton")),
+    "layernorm_ffn/mosaic_gpu": Op(
+        shapes=LN_FFN_SHAPES,
+        defaults=lambda key: layernorm_ffn_api.default_config("mosaic_gpu", int(key[1:])),
+        stages=[Stage("forward", lambda key: LN_FFN_MOSAIC_CANDIDATES["forward"],
+                      _time_ln_ffn(1, "mosaic_gpu")),
+                Stage("backward", lambda key: LN_FFN_MOSAIC_CANDIDATES["backward"],
+                      _time_ln_ffn(2, "mosaic_gpu"))],
+        total=_time_ln_ffn(2, "mosaic_gpu"),
+        available=warp_specialized.on_sm90),
 }
 
 

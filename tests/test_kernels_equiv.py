@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -352,7 +353,8 @@ def test_attention_mosaic_gpu_refuses_off_hopper():
         attention(q, q, q, implementation="mosaic_gpu")
 
 
-@pytest.mark.parametrize("backend, sm90, preferred, dtype, expected", [
+# (backend, Hopper, the tuning table's preference, dtype) -> the default implementation.
+DEFAULT_CASES = [
     ("cpu", False, None, jnp.bfloat16, "triton"),
     ("tpu", False, "mosaic_gpu", jnp.bfloat16, "tpu"),
     ("gpu", False, "mosaic_gpu", jnp.bfloat16, "triton"),       # not a Hopper GPU
@@ -360,7 +362,10 @@ def test_attention_mosaic_gpu_refuses_off_hopper():
     ("gpu", True, "triton", jnp.bfloat16, "triton"),            # measured slower
     ("gpu", True, "mosaic_gpu", jnp.float32, "triton"),         # wgmma would round f32 to tf32
     ("gpu", True, "mosaic_gpu", jnp.bfloat16, "mosaic_gpu"),
-])
+]
+
+
+@pytest.mark.parametrize("backend, sm90, preferred, dtype, expected", DEFAULT_CASES)
 def test_attention_default_follows_the_tuning_table(backend, sm90, preferred, dtype, expected,
                                                     monkeypatch):
     """implementation=None picks mosaic_gpu only on Hopper, for bf16, where bench/tune.py measured
@@ -378,8 +383,11 @@ def test_attention_default_follows_the_tuning_table(backend, sm90, preferred, dt
 # ------------------------------------------------------------------ layernorm_ffn
 from kernels.layernorm_ffn import layernorm_ffn
 from kernels.layernorm_ffn import api as layernorm_ffn_api
+from kernels.layernorm_ffn import common as lnffn_common
+from kernels.layernorm_ffn import mosaic_gpu as lnffn_mosaic_gpu
 
 LNFFN_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]
+LNFFN_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 LNFFN_NAMES = ("out", "dx", "d_ln_scale", "d_ln_bias", "dw_fc", "db_fc", "dw_proj", "db_proj")
 # Tiles small enough that a 96-token, d = 256 case spans several of each (token, hidden and d
 # tiles, so the accumulations over tiles and the first-tile-only db_fc sums are all exercised).
@@ -390,6 +398,9 @@ LNFFN_SMALL_BLOCKS = {
                    dw_block_d=128),
     "tpu": dict(block_t=16, block_f=256, bwd_block_t=32, bwd_block_f=128, dw_block_t=16,
                 dw_block_f=256, dw_block_d=128),
+    "mosaic_gpu": dict(ln_block_t=16, up_block_n=128, down_block_n=64, dz_block_n=256,
+                       dxn_block_m=128, dxn_block_n=64, up_num_stages=2, lnb_block_t=32,
+                       dw_block_t=16, dw_block_f=256, dw_block_d=128),
 }
 
 # (x shape, x mean, x std, residual, small blocks).  x = 50 + 20 randn: LayerNorm must subtract the
@@ -450,6 +461,10 @@ def test_layernorm_ffn_dtypes(impl):
     bf16 parameters get bf16 gradients."""
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 24, 128), jnp.float32)
     params = _lnffn_params(jax.random.PRNGKey(2), 128)
+    if impl == "mosaic_gpu":
+        with pytest.raises(NotImplementedError, match="bfloat16"):
+            layernorm_ffn(x, *params, residual=True, implementation=impl)
+        return
     got = layernorm_ffn(x, *params, residual=True, implementation=impl)
     want = model.layernorm_ffn(x, *params, residual=True)
     assert got.dtype == jnp.float32
@@ -493,14 +508,76 @@ def test_layernorm_ffn_rejects_bad_inputs(change, message):
                       block_sizes=change.get("block_sizes"))
 
 
+@pytest.mark.parametrize("backend, sm90, preferred, dtype, expected", DEFAULT_CASES)
+def test_layernorm_ffn_default_follows_the_tuning_table(backend, sm90, preferred, dtype, expected,
+                                                        monkeypatch):
+    """implementation=None picks mosaic_gpu only on Hopper, for bf16 x, where bench/tune.py
+    measured it faster at that width."""
+    monkeypatch.setattr(layernorm_ffn_api.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(layernorm_ffn_api.warp_specialized, "on_sm90", lambda: sm90)
+    asked = []
+    monkeypatch.setattr(layernorm_ffn_api.tuning, "preferred_implementation",
+                        lambda op, key: asked.append((op, key)) or preferred)
+    x = jnp.zeros((16, 512), dtype)
+    assert layernorm_ffn_api.default_implementation(x) == expected
+    assert asked in ([], [("layernorm_ffn", "d512")])
+
+
+# (epilogue, B transposed, epilogue inputs) of the four GEMMs of the Mosaic GPU LayerNorm+FFN.
+MOSAIC_GEMMS = [
+    pytest.param(functools.partial(lnffn_common.up_epilogue, tanh=jnp.tanh, with_grad=True), False,
+                 ("vector",), id="up-bias-gelu-and-grad"),
+    pytest.param(lnffn_common.down_epilogue, False, ("vector", "tile"), id="down-bias-residual"),
+    pytest.param(lnffn_common.dz_epilogue, True, ("tile",), id="dz-transposed-gelu-grad"),
+    pytest.param(lnffn_common.store_epilogue, True, (), id="dxn-transposed"),
+]
+
+
+@pytest.mark.parametrize("epilogue, b_transposed, inputs", MOSAIC_GEMMS)
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
+@pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
+def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transposed, inputs,
+                                                              monkeypatch):
+    """The Mosaic GPU GEMM of the LayerNorm+FFN in jax's Mosaic GPU interpreter (wgmma emulated),
+    each epilogue vs the same epilogue on the f32 product. 300 rows (ragged: padded to 3 blocks of
+    2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
+    tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    _emulate_wgmma(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
+        mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
+    monkeypatch.setattr(lnffn_mosaic_gpu, "num_sms", lambda: 4)
+    m, k, n = 300, 192, 256
+    keys = jax.random.split(jax.random.PRNGKey(n), 4)
+    a = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    b = (jax.random.normal(keys[1], (n, k) if b_transposed else (k, n), jnp.bfloat16) / 8)
+    operands = {"vector": jax.random.normal(keys[2], (n,), jnp.float32),
+                "tile": jax.random.normal(keys[3], (m, n), jnp.bfloat16)}
+    extra = [operands[name] for name in inputs]
+    num_outputs = len(epilogue(jnp.zeros((1, n)), *(x[:1] for x in extra)))
+    config = dict(gemm_block_m=64, gemm_block_n=128, gemm_num_stages=2)
+    got = lnffn_mosaic_gpu.matmul(a, b, epilogue, extra,
+                                  [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)] * num_outputs,
+                                  b_transposed=b_transposed, config=config, gemm="gemm")
+    product = jnp.dot(a, b.T if b_transposed else b, preferred_element_type=jnp.float32)
+    want = epilogue(product, *(x[None, :] if x.ndim == 1 else x for x in extra))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == (m, n) and g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32),
+                                   rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("impl, platform, custom_call, calls", [
-    ("triton", "cuda", "__gpu$xla.gpu.triton", (3, 7)), ("tpu", "tpu", "tpu_custom_call", (1, 4))])
+    ("triton", "cuda", "__gpu$xla.gpu.triton", (3, 7)), ("tpu", "tpu", "tpu_custom_call", (1, 4)),
+    ("mosaic_gpu", "cuda", "mosaic_gpu", (2, 4))])
 @pytest.mark.parametrize("tokens, d", [(131072, 512), (65536, 768)], ids=str)
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls, tokens, d):
     """Forward and forward+backward lower to the platform's Pallas custom calls at the benchmark
     shapes: Triton 3 kernels (LN, up, down) and 4 more for the gradient (dz, dxn, LN', weights);
-    TPU 1 fused kernel and 3 more (dx, dW_proj, dW_fc).  Interpret mode checks none of the
+    TPU 1 fused kernel and 3 more (dx, dW_proj, dW_fc); Mosaic GPU the 2 GEMMs and 2 more (dz,
+    dxn; its LN passes and weight kernel are Triton's).  Interpret mode checks none of the
     Triton/Mosaic block constraints; this lowering is the proof the device path builds."""
     _skip_unless_pallas_lowers_for(impl, platform)
     config = layernorm_ffn_api.kernel_config(impl, d, tokens)
@@ -511,5 +588,6 @@ def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls,
     specs = [jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16)] + [
         jax.ShapeDtypeStruct(p.shape, jnp.float32)
         for p in jax.eval_shape(lambda: _lnffn_params(jax.random.PRNGKey(0), d))]
-    assert _export_text(f, platform, *specs).count(f"custom_call @{custom_call}") == calls[0]
-    assert _export_text(grad, platform, *specs).count(f"custom_call @{custom_call}") == calls[1]
+    count = lambda g: len(re.findall(rf"custom_call @{re.escape(custom_call)}\w*\(",
+                                     _export_text(g, platform, *specs)))
+    assert (count(f), count(grad)) == calls

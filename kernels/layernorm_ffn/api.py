@@ -8,19 +8,29 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import tuning
-from kernels.layernorm_ffn import tpu, tpu_vjp, triton, triton_vjp
+from kernels import tuning, warp_specialized
+from kernels.layernorm_ffn import mosaic_gpu, mosaic_gpu_vjp, tpu, tpu_vjp, triton, triton_vjp
 from microgpt import model
 
-IMPLEMENTATIONS = ("reference", "triton", "tpu")
+IMPLEMENTATIONS = ("reference", "triton", "mosaic_gpu", "tpu")
 # implementation -> (forward module, backward module, the jax backend it compiles for; anywhere
-# else it runs in its interpret mode)
-_BACKENDS = {"triton": (triton, triton_vjp, "gpu"), "tpu": (tpu, tpu_vjp, "tpu")}
+# else it runs in its interpret mode, which mosaic_gpu has not)
+_BACKENDS = {"triton": (triton, triton_vjp, "gpu"), "mosaic_gpu": (mosaic_gpu, mosaic_gpu_vjp, "gpu"),
+             "tpu": (tpu, tpu_vjp, "tpu")}
 
 
-def default_implementation() -> str:
-    """gpu -> "triton", tpu -> "tpu", anything else (cpu) -> "triton" in interpret mode."""
-    return "tpu" if jax.default_backend() == "tpu" else "triton"
+def default_implementation(x: jax.Array | None = None) -> str:
+    """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 x on a Hopper GPU where the tuning table says it
+    was measured faster at x's width (bench/tune.py), else "triton"; anything else (cpu) ->
+    "triton" in interpret mode."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "tpu"
+    if (backend == "gpu" and x is not None and x.dtype == jnp.bfloat16
+            and warp_specialized.on_sm90()
+            and tuning.preferred_implementation("layernorm_ffn", f"d{x.shape[-1]}") == "mosaic_gpu"):
+        return "mosaic_gpu"
+    return "triton"
 
 
 def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: jax.Array,
@@ -34,14 +44,15 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     matmul operands, float32 accumulation.  -> [..., d] in x's dtype, differentiable in x and all
     six parameters (gradients in their dtypes).
 
-    implementation: "reference" (the jnp math), "triton" (Pallas on GPU via Triton), "tpu" (Pallas
-    Mosaic TPU); None picks by jax.default_backend().  Off their own hardware the kernels run in
+    implementation: "reference" (the jnp math), "triton" (Pallas on GPU via Triton), "mosaic_gpu"
+    (Pallas Mosaic GPU GEMMs, Hopper only, bf16 x), "tpu" (Pallas Mosaic TPU); None picks by
+    backend (`default_implementation`).  Off their own hardware the Triton and TPU kernels run in
     Pallas's interpret mode.  block_sizes overrides the tuning table (kernels.tuning), e.g.
     {"up_block_n": 256}; see <backend>.default_config and <backend>_vjp.default_config for names.
     """
     params = (ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj)
     _check_arguments(x, params)
-    implementation = implementation or default_implementation()
+    implementation = implementation or default_implementation(x)
     if implementation == "reference":
         return model.layernorm_ffn(x, *params, eps=eps, residual=residual)
     if implementation not in _BACKENDS:

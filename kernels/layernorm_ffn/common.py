@@ -45,6 +45,32 @@ def gelu_and_grad(z: jax.Array, tanh: Callable = jnp.tanh) -> tuple[jax.Array, j
     return z * half_1pt, grad
 
 
+# GEMM epilogues: the elementwise work on a matmul's f32 output tile, one definition for every GPU
+# backend. Each takes acc [bm, bn] f32 and the tile's inputs (column vectors such as a bias already
+# broadcastable against acc, tiles [bm, bn]) and returns the tile's outputs, which the GEMM casts to
+# their dtypes.
+
+def up_epilogue(acc, b_fc, *, tanh: Callable, with_grad: bool) -> tuple:
+    """z = acc + b_fc -> (gelu(z),) or, for the backward, (gelu(z), gelu'(z))."""
+    z = acc + b_fc
+    return gelu_and_grad(z, tanh) if with_grad else (gelu(z, tanh),)
+
+
+def down_epilogue(acc, b_proj, *x) -> tuple:
+    """(acc + b_proj [+ x],): the block's output, with the residual x when given."""
+    out = acc + b_proj
+    return (out + x[0].astype(jnp.float32) if x else out,)
+
+
+def dz_epilogue(dg, gelu_grad) -> tuple:
+    """(dg * gelu'(z),): dL/dz from dL/dg = dy W_proj^T."""
+    return (dg * gelu_grad.astype(jnp.float32),)
+
+
+def store_epilogue(acc) -> tuple:
+    return (acc,)
+
+
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b, float32 accumulation.  a [m, k], b [k, n] -> [m, n]."""
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)

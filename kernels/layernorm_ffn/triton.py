@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.layernorm_ffn.common import (Residuals, check_tile, dot, dot_t, gelu, gelu_and_grad,
-                                          layernorm_stats)
+from kernels.layernorm_ffn.common import (Residuals, check_tile, dot, dot_t, down_epilogue,
+                                          layernorm_stats, up_epilogue)
 
 GEMMS = ("up", "down")
 # The parameters that tile the tokens (the token count is padded to a multiple of each).
@@ -85,7 +85,8 @@ def compiler_params(config: dict, kernel: str) -> plgpu.CompilerParams:
 # ------------------------------------------------------------------------------------------------
 # The tiled GEMM every matmul of the op runs.
 
-def _matmul_kernel(a_ref, b_ref, *refs, block_k: int, b_transposed: bool, epilogue: Callable):
+def _matmul_kernel(a_ref, b_ref, *refs, block_k: int, b_transposed: bool, epilogue: Callable,
+                   num_inputs: int):
     def k_step(k, acc):
         ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
         a = a_ref[:, ks]
@@ -93,7 +94,10 @@ def _matmul_kernel(a_ref, b_ref, *refs, block_k: int, b_transposed: bool, epilog
 
     acc = jnp.zeros((a_ref.shape[0], b_ref.shape[0] if b_transposed else b_ref.shape[1]),
                     jnp.float32)
-    epilogue(jax.lax.fori_loop(0, a_ref.shape[1] // block_k, k_step, acc), *refs)
+    acc = jax.lax.fori_loop(0, a_ref.shape[1] // block_k, k_step, acc)
+    inputs = [r[...][None, :] if len(r.shape) == 1 else r[...] for r in refs[:num_inputs]]
+    for out_ref, out in zip(refs[num_inputs:], epilogue(acc, *inputs)):
+        out_ref[...] = out.astype(out_ref.dtype)
 
 
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
@@ -101,9 +105,9 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
            gemm: str, interpret: bool) -> list[jax.Array]:
     """epilogue(A @ B) over output tiles [bm, bn]: grid (M / bm, N / bn), a loop over K / bk.
 
-    a [M, K]; b [K, N], or [N, K] with b_transposed (read as B^T, no copy).  Epilogue inputs and
-    outputs are [M, N] (tiled like the output) or [N] (column vectors such as a bias); the kernel
-    calls epilogue(acc [bm, bn] f32, *input_refs, *output_refs).
+    a [M, K]; b [K, N], or [N, K] with b_transposed (read as B^T, no copy).  Epilogue inputs are
+    [M, N] (tiled like the output) or [N] (column vectors such as a bias), outputs [M, N]; the kernel
+    stores epilogue(acc [bm, bn] f32, *input tiles) (common.up_epilogue, ...) into the outputs.
     """
     (m, k), n = a.shape, b.shape[0] if b_transposed else b.shape[1]
     bm, bn = config[f"{gemm}_block_m"], config[f"{gemm}_block_n"]
@@ -117,7 +121,8 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
               else pl.BlockSpec((k, bn), lambda i, j: (0, j)))
     return pl.pallas_call(
         functools.partial(_matmul_kernel, block_k=config[f"{gemm}_block_k"],
-                          b_transposed=b_transposed, epilogue=epilogue),
+                          b_transposed=b_transposed, epilogue=epilogue,
+                          num_inputs=len(epilogue_inputs)),
         grid=(m // bm, n // bn),
         in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), b_spec,
                   *(tile(x.shape) for x in epilogue_inputs)],
@@ -165,37 +170,24 @@ def layernorm(x, scale, bias, *, eps: float, config: dict, interpret: bool):
     )(x, scale.astype(jnp.float32), bias.astype(jnp.float32))
 
 
-def _up_epilogue(z, b_fc_ref, g_ref, *gelu_grad_ref, tanh):
-    z = z + b_fc_ref[...][None, :]
-    if gelu_grad_ref:
-        g, grad = gelu_and_grad(z, tanh)
-        gelu_grad_ref[0][...] = grad.astype(jnp.bfloat16)
-    else:
-        g = gelu(z, tanh)
-    g_ref[...] = g.astype(jnp.bfloat16)
-
-
-def _down_epilogue(acc, b_proj_ref, *refs):
-    *x_ref, out_ref = refs
-    out = acc + b_proj_ref[...][None, :]
-    if x_ref:
-        out = out + x_ref[0][...].astype(jnp.float32)
-    out_ref[...] = out.astype(out_ref.dtype)
-
-
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-            config: dict, save_residuals: bool, interpret: bool):
-    """x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None)."""
+            config: dict, save_residuals: bool, interpret: bool, matmul_fn: Callable = matmul,
+            tanh: Callable | None = None):
+    """x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None).
+
+    matmul_fn runs the two GEMMs (mosaic_gpu.py passes its own, with jnp.tanh, which Mosaic GPU
+    lowers to tanh.approx.f32 under approx_math)."""
     tokens, d = x.shape
     hidden = w_fc.shape[1]
     xn, mean, rstd = layernorm(x, ln_scale, ln_bias, eps=eps, config=config, interpret=interpret)
     hidden_bf16 = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
-    g, *gelu_grad = matmul(
-        xn, w_fc.astype(jnp.bfloat16), functools.partial(_up_epilogue, tanh=tanh_for(interpret)),
+    g, *gelu_grad = matmul_fn(
+        xn, w_fc.astype(jnp.bfloat16),
+        functools.partial(up_epilogue, tanh=tanh or tanh_for(interpret), with_grad=save_residuals),
         [b_fc.astype(jnp.float32)], [hidden_bf16] * (2 if save_residuals else 1),
         b_transposed=False, config=config, gemm="up", interpret=interpret)
-    (out,) = matmul(
-        g, w_proj.astype(jnp.bfloat16), _down_epilogue,
+    (out,) = matmul_fn(
+        g, w_proj.astype(jnp.bfloat16), down_epilogue,
         [b_proj.astype(jnp.float32)] + ([x] if residual else []),
         [jax.ShapeDtypeStruct((tokens, d), x.dtype)],
         b_transposed=False, config=config, gemm="down", interpret=interpret)

@@ -24,13 +24,15 @@ recomputed (another 8 T d^2 FLOPs).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.layernorm_ffn.common import Residuals, check_tile, layernorm_backward, t_dot
+from kernels.layernorm_ffn.common import (Residuals, check_tile, dz_epilogue, layernorm_backward,
+                                          store_epilogue, t_dot)
 from kernels.layernorm_ffn.triton import (check_gemm_config, column_chunks, compiler_params,
                                           matmul)
 
@@ -60,14 +62,6 @@ def check_config(config: dict, d: int) -> None:
     check_tile("dw_block_t", config["dw_block_t"], config["dw_block_t"], power_of_two=True)
     check_tile("dw_block_f", config["dw_block_f"], 4 * d, power_of_two=True)
     check_tile("dw_block_d", config["dw_block_d"], d, power_of_two=True)
-
-
-def _dz_epilogue(dg, gelu_grad_ref, dz_ref):
-    dz_ref[...] = (dg * gelu_grad_ref[...].astype(jnp.float32)).astype(dz_ref.dtype)
-
-
-def _store_epilogue(acc, out_ref):
-    out_ref[...] = acc.astype(out_ref.dtype)
 
 
 def _layernorm_backward_kernel(dxn_ref, x_ref, dy_ref, mean_ref, rstd_ref, scale_ref,
@@ -173,15 +167,16 @@ def _weight_gradients(g, dy, dz, xn, *, config, interpret):
 
 
 def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: bool, config: dict,
-             interpret: bool):
+             interpret: bool, matmul_fn: Callable = matmul):
     """dy [T, d] -> (dx [T, d] in x's dtype, d_ln_scale, d_ln_bias, dW_fc, db_fc, dW_proj, db_proj),
-    the parameter gradients in f32."""
+    the parameter gradients in f32.  matmul_fn runs the dz and dxn GEMMs (triton.matmul's
+    contract; mosaic_gpu_vjp.py passes the Mosaic GPU one)."""
     dy = dy.astype(x.dtype)
     dy_bf16 = dy.astype(jnp.bfloat16)
-    (dz,) = matmul(dy_bf16, w_proj.astype(jnp.bfloat16), _dz_epilogue, [residuals.gelu_grad],
+    (dz,) = matmul_fn(dy_bf16, w_proj.astype(jnp.bfloat16), dz_epilogue, [residuals.gelu_grad],
                    [jax.ShapeDtypeStruct(residuals.g.shape, jnp.bfloat16)],
                    b_transposed=True, config=config, gemm="dz", interpret=interpret)
-    (dxn,) = matmul(dz, w_fc.astype(jnp.bfloat16), _store_epilogue, [],
+    (dxn,) = matmul_fn(dz, w_fc.astype(jnp.bfloat16), store_epilogue, [],
                     [jax.ShapeDtypeStruct(x.shape, x.dtype)],
                     b_transposed=True, config=config, gemm="dxn", interpret=interpret)
     dx, d_ln_scale, d_ln_bias, db_proj = _layernorm_backward(
