@@ -150,12 +150,40 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     return out.astype(x.dtype)
 
 
+@jax.custom_vjp
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean over tokens of -log softmax(logits)[target], in float32.  logits [B, S, V], targets [B, S]."""
+    """Mean over tokens of -log softmax(logits)[target], in float32.  logits [B, S, V], targets [B, S].
+
+    With N tokens and g = dL/dloss, the gradient is written out:
+        dL/dlogits = g (softmax(logits) - onehot(target)) / N
+    one fused pass over the [N, V] logits, which `matmul`'s backward then rounds to bfloat16;
+    autodiff of the forward took several float32 passes (softmax, the target's scatter, the cast).
+    """
+    return _cross_entropy(logits, targets)[0]
+
+
+def _cross_entropy(logits, targets):
+    """-> (the mean loss, log Z [B, S])."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(log_z - target_logit)
+    return jnp.mean(log_z - target_logit), log_z
+
+
+def _cross_entropy_forward(logits, targets):
+    loss, log_z = _cross_entropy(logits, targets)
+    return loss, (logits, targets, log_z)
+
+
+def _cross_entropy_backward(residuals, g):
+    logits, targets, log_z = residuals
+    softmax = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
+    dlogits = (softmax - onehot) * (g / targets.size)
+    return dlogits.astype(logits.dtype), None
+
+
+cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
 
 
 # ----------------------------------------------------------------------------------------------
