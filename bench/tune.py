@@ -159,6 +159,17 @@ def _time_ln_ffn(which: int, implementation: str):
     return time
 
 
+def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) -> Op:
+    """The LN+FFN by `implementation`: forward tiles first, then the backward's."""
+    return Op(
+        shapes=LN_FFN_SHAPES,
+        defaults=lambda key: layernorm_ffn_api.default_config(implementation, int(key[1:])),
+        stages=[Stage(name, lambda key, name=name: candidates[name],
+                      _time_ln_ffn(which, implementation))
+                for which, name in ((1, "forward"), (2, "backward"))],
+        total=_time_ln_ffn(2, implementation), available=available)
+
+
 # (tokens, d): the LN+FFN anchor shapes; --batch sets the tokens (do not pass --seq with these ops)
 LN_FFN_SHAPES = {"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)}
 # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
@@ -180,23 +191,9 @@ OPS = {
                       _time_attention(2, "mosaic_gpu"))],
         total=_time_attention(2, "mosaic_gpu"),
         available=attention_mosaic_gpu.on_sm90),
-    "layernorm_ffn/triton": Op(
-        shapes=LN_FFN_SHAPES,
-        defaults=lambda key: layernorm_ffn_api.default_config("triton", int(key[1:])),
-        stages=[Stage("forward", lambda key: LN_FFN_CANDIDATES["forward"],
-                      _time_ln_ffn(1, "triton")),
-                Stage("backward", lambda key: LN_FFN_CANDIDATES["backward"],
-                      _time_ln_ffn(2, "triton"))],
-        total=_time_ln_ffn(2, "triton")),
-    "layernorm_ffn/mosaic_gpu": Op(
-        shapes=LN_FFN_SHAPES,
-        defaults=lambda key: layernorm_ffn_api.default_config("mosaic_gpu", int(key[1:])),
-        stages=[Stage("forward", lambda key: LN_FFN_MOSAIC_CANDIDATES["forward"],
-                      _time_ln_ffn(1, "mosaic_gpu")),
-                Stage("backward", lambda key: LN_FFN_MOSAIC_CANDIDATES["backward"],
-                      _time_ln_ffn(2, "mosaic_gpu"))],
-        total=_time_ln_ffn(2, "mosaic_gpu"),
-        available=warp_specialized.on_sm90),
+    "layernorm_ffn/triton": _ln_ffn_op("triton", LN_FFN_CANDIDATES),
+    "layernorm_ffn/mosaic_gpu": _ln_ffn_op("mosaic_gpu", LN_FFN_MOSAIC_CANDIDATES,
+                                           available=warp_specialized.on_sm90),
 }
 
 
