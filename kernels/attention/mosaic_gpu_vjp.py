@@ -40,8 +40,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common, triton_vjp
 from kernels.attention.mosaic_gpu import GRID_NAMES, check_runs_here, tile_visible
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, pad_rows, ring_scratch,
-                                      skip, specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, launch, matmul_t,
+                                      pad_rows, ring_scratch, skip, specialize, tiled_smem)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, k_smem,
@@ -77,10 +77,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
             q_ring.wait(n)
             lse_ring.wait(n)
 
-            def scores(acc_ref):
-                plgpu.wgmma(acc_ref, k_tile, plgpu.transpose_ref(q_ring.tile(n), (1, 0)))
-                return acc_ref[...]
-            s_t = pl.run_scoped(scores, plgpu.ACC((block_k, block_q), jnp.float32))
+            s_t = matmul_t(k_tile, q_ring.tile(n))
             if masked:
                 visible = tile_visible(plan, j * block_k, i * block_q, s_t.shape, transposed=True)
                 s_t = jnp.where(visible, s_t, -jnp.inf)
@@ -90,22 +87,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
             do_ring.wait(n)
             delta_ring.wait(n)
 
-            def add_dv(acc_ref):
-                plgpu.wgmma(acc_ref, p_t.astype(k_tile.dtype), do_ring.tile(n))
-            dv = pl.run_state(add_dv)(plgpu.ACC.init(dv))
-
-            def output_grad(acc_ref):
-                plgpu.wgmma(acc_ref, v_tile, plgpu.transpose_ref(do_ring.tile(n), (1, 0)))
-                return acc_ref[...]
-            dp_t = pl.run_scoped(output_grad, plgpu.ACC((block_k, block_q), jnp.float32))
+            dv = accumulate(dv, p_t.astype(k_tile.dtype), do_ring.tile(n))
+            dp_t = matmul_t(v_tile, do_ring.tile(n))
             do_ring.release(n)
             delta = compat.mosaic_gpu_load(delta_ring.tile(n), column)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
             delta_ring.release(n)
-
-            def add_dk(acc_ref):
-                plgpu.wgmma(acc_ref, ds_t.astype(k_tile.dtype), q_ring.tile(n))
-            dk = pl.run_state(add_dk)(plgpu.ACC.init(dk))
+            dk = accumulate(dk, ds_t.astype(k_tile.dtype), q_ring.tile(n))
             q_ring.release(n)
             return dk, dv
 
@@ -153,26 +141,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
 
         def step(t, dq, masked):
             k_ring.wait(t)
-
-            def scores(acc_ref):
-                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_ring.tile(t), (1, 0)))
-                return acc_ref[...]
-            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
+            s = matmul_t(q_tile, k_ring.tile(t))
             if masked:
                 s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s, -jnp.inf)
             p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
             v_ring.wait(t)
-
-            def output_grad(acc_ref):
-                plgpu.wgmma(acc_ref, do_tile, plgpu.transpose_ref(v_ring.tile(t), (1, 0)))
-                return acc_ref[...]
-            dp = pl.run_scoped(output_grad, plgpu.ACC((block_q, block_k), jnp.float32))
+            dp = matmul_t(do_tile, v_ring.tile(t))
             v_ring.release(t)
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-
-            def add_dq(acc_ref):
-                plgpu.wgmma(acc_ref, ds.astype(q_tile.dtype), k_ring.tile(t))
-            dq = pl.run_state(add_dq)(plgpu.ACC.init(dq))
+            dq = accumulate(dq, ds.astype(q_tile.dtype), k_ring.tile(t))
             k_ring.release(t)
             return dq
 

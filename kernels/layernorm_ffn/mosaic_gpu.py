@@ -41,8 +41,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.layernorm_ffn import triton
 from kernels.layernorm_ffn.common import check_tile
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, on_sm90, pad_rows,
-                                      ring_scratch, specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, launch, on_sm90,
+                                      pad_rows, ring_scratch, specialize, tiled_smem)
 
 GEMMS = ("up", "down")
 TOKEN_TILES = ("ln_block_t",)   # the GEMMs pad the tokens to their own tiles
@@ -146,11 +146,8 @@ def _kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem, 
                 a_ring.wait(n)
                 b_ring.wait(n)
                 b = b_ring.tile(n)
-
-                def accumulate(acc_ref):
-                    plgpu.wgmma(acc_ref, a_ring.tile(n).at[pl.ds(wg * block_m, block_m)],
-                                plgpu.transpose_ref(b, (1, 0)) if b_transposed else b)
-                acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))  # returns once it is done
+                acc = accumulate(acc, a_ring.tile(n).at[pl.ds(wg * block_m, block_m)],
+                                 plgpu.transpose_ref(b, (1, 0)) if b_transposed else b)
                 a_ring.release(n)
                 b_ring.release(n)
                 return acc
