@@ -144,7 +144,8 @@ LN_FFN_MOSAIC_CANDIDATES = {
     "forward": [{}, _mosaic_tiles(("up", "down"), 128, 128, 3),
                 _mosaic_tiles(("up", "down"), 64, 128, 5), _mosaic_tiles(("down",), 128, 128, 3)],
     "backward": [{}, _mosaic_tiles(("dz", "dxn"), 128, 128, 3),
-                 _mosaic_tiles(("dz", "dxn"), 64, 128, 5), {"dw_block_f": 256, "dw_block_t": 32}],
+                 _mosaic_tiles(("dz", "dxn"), 64, 128, 5), _mosaic_tiles(("dw",), 64, 256, 3),
+                 _mosaic_tiles(("dw",), 64, 128, 5)],
 }
 
 

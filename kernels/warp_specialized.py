@@ -8,6 +8,7 @@ wait for a slot, feed it to wgmma, and release it so the producer can refill it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -123,11 +124,18 @@ def tiled_smem(dtype, *shape):
 
 
 def launch(kernel, *, out_type, scratch, grid, grid_names, name):
-    """plgpu.kernel over `grid` (axes named grid_names) with CONSUMERS + 1 warpgroups."""
-    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
-                        grid_names=grid_names, num_threads=CONSUMERS + 1,
-                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                        kernel_name=name)
+    """A Pallas kernel over `grid` (axes named grid_names) with CONSUMERS + 1 warpgroups; the
+    scratch is allocated once per CTA, shared by its warpgroups.  Like plgpu.kernel, but its
+    operands may be mutable refs (jax.new_ref) that the kernel updates in place (plgpu.kernel's
+    batching wrapper does not take refs)."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=CONSUMERS + 1,
+                      thread_name="wg", kernel_name=name)
+
+    def body(*refs):
+        pl.run_scoped(functools.partial(kernel, *refs), collective_axes="wg", **scratch)
+
+    return pl.kernel(body, out_type=out_type, mesh=mesh, name=name,
+                     compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def pad_rows(x, rows: int, axis: int = 1):

@@ -219,11 +219,13 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, mosaic_backwa
     assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
 
 
-def _emulate_wgmma(monkeypatch):
-    """What jax 0.10's Mosaic GPU interpreter lacks, emulated for the kernel's trace: wgmma
+def _in_the_gpu_interpreter(monkeypatch):
+    """Mosaic GPU kernels (warp_specialized.launch) run by jax's Mosaic GPU interpreter on CPU,
+    with what jax 0.10's interpreter lacks emulated for the kernel's trace: wgmma
     (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref), its
     accumulators (zeros, or pl.run_state's initial value), layout casts and loads in a layout (it
     has no layouts)."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
     from jax.experimental import pallas as pl
     plgpu = mosaic_gpu.plgpu
@@ -266,7 +268,8 @@ def _emulate_wgmma(monkeypatch):
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
             (pl, "run_state", run_state), (plgpu, "transpose_ref", lambda ref, _: ("T", ref)),
             (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x),
-            (compat, "mosaic_gpu_load", lambda ref, _: ref[...])]:
+            (compat, "mosaic_gpu_load", lambda ref, _: ref[...]),
+            (pl, "kernel", functools.partial(pl.kernel, interpret=params.InterpretGPUParams()))]:
         monkeypatch.setattr(module, name, value)
 
 
@@ -282,10 +285,7 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     Key tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
     releases the tiles only its neighbour needs (in step with it through the ping-pong barrier);
     200 rows leave a ragged, masked last key tile."""
-    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
-    _emulate_wgmma(monkeypatch)
-    monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
-        mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
+    _in_the_gpu_interpreter(monkeypatch)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "block_k": 64, "num_stages": 2,
               "schedule_barrier": schedule_barrier}
     sm_scale = head_dim ** -0.5
@@ -315,11 +315,8 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
     neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
     masked last tile (and padded rows whose do is zero)."""
-    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from kernels.attention import common, mosaic_gpu_vjp
-    _emulate_wgmma(monkeypatch)
-    monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
-        mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
+    _in_the_gpu_interpreter(monkeypatch)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
               "bwd_block_k": 64, "bwd_num_stages": 2}
     sm_scale = head_dim ** -0.5
@@ -400,7 +397,7 @@ LNFFN_SMALL_BLOCKS = {
                 dw_block_f=256, dw_block_d=128),
     "mosaic_gpu": dict(ln_block_t=16, up_block_n=128, down_block_n=64, dz_block_n=256,
                        dxn_block_m=128, dxn_block_n=64, up_num_stages=2, lnb_block_t=32,
-                       dw_block_t=16, dw_block_f=256, dw_block_d=128),
+                       dw_block_m=64, dw_block_n=64, dw_num_stages=2),
 }
 
 # (x shape, x mean, x std, residual, small blocks).  x = 50 + 20 randn: LayerNorm must subtract the
@@ -542,10 +539,7 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
     each epilogue vs the same epilogue on the f32 product. 300 rows (ragged: padded to 3 blocks of
     2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
     tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
-    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
-    _emulate_wgmma(monkeypatch)
-    monkeypatch.setattr(mosaic_gpu.plgpu, "kernel", functools.partial(
-        mosaic_gpu.plgpu.kernel, interpret=params.InterpretGPUParams()))
+    _in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(lnffn_mosaic_gpu, "num_sms", lambda: 4)
     m, k, n = 300, 192, 256
     keys = jax.random.split(jax.random.PRNGKey(n), 4)
@@ -570,14 +564,14 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
 
 @pytest.mark.parametrize("impl, platform, custom_call, calls", [
     ("triton", "cuda", "__gpu$xla.gpu.triton", (3, 7)), ("tpu", "tpu", "tpu_custom_call", (1, 4)),
-    ("mosaic_gpu", "cuda", "mosaic_gpu", (2, 4))])
+    ("mosaic_gpu", "cuda", "mosaic_gpu", (2, 6))])
 @pytest.mark.parametrize("tokens, d", [(131072, 512), (65536, 768)], ids=str)
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls, tokens, d):
     """Forward and forward+backward lower to the platform's Pallas custom calls at the benchmark
     shapes: Triton 3 kernels (LN, up, down) and 4 more for the gradient (dz, dxn, LN', weights);
-    TPU 1 fused kernel and 3 more (dx, dW_proj, dW_fc); Mosaic GPU the 2 GEMMs and 2 more (dz,
-    dxn; its LN passes and weight kernel are Triton's).  Interpret mode checks none of the
+    TPU 1 fused kernel and 3 more (dx, dW_proj, dW_fc); Mosaic GPU the 2 GEMMs and 4 more (dz,
+    dxn, the two weight gradients; its LN passes are Triton's).  Interpret mode checks none of the
     Triton/Mosaic block constraints; this lowering is the proof the device path builds."""
     _skip_unless_pallas_lowers_for(impl, platform)
     config = layernorm_ffn_api.kernel_config(impl, d, tokens)

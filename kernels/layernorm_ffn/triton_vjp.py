@@ -167,10 +167,13 @@ def _weight_gradients(g, dy, dz, xn, *, config, interpret):
 
 
 def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: bool, config: dict,
-             interpret: bool, matmul_fn: Callable = matmul):
+             interpret: bool, matmul_fn: Callable = matmul,
+             weight_gradients_fn: Callable | None = None):
     """dy [T, d] -> (dx [T, d] in x's dtype, d_ln_scale, d_ln_bias, dW_fc, db_fc, dW_proj, db_proj),
     the parameter gradients in f32.  matmul_fn runs the dz and dxn GEMMs (triton.matmul's
-    contract; mosaic_gpu_vjp.py passes the Mosaic GPU one)."""
+    contract), weight_gradients_fn the weight gradients (_weight_gradients' contract);
+    mosaic_gpu_vjp.py passes the Mosaic GPU ones."""
+    weight_gradients_fn = weight_gradients_fn or _weight_gradients
     dy = dy.astype(x.dtype)
     dy_bf16 = dy.astype(jnp.bfloat16)
     (dz,) = matmul_fn(dy_bf16, w_proj.astype(jnp.bfloat16), dz_epilogue, [residuals.gelu_grad],
@@ -182,6 +185,6 @@ def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: b
     dx, d_ln_scale, d_ln_bias, db_proj = _layernorm_backward(
         dxn, x, dy, residuals.mean, residuals.rstd, ln_scale, residual=residual, config=config,
         interpret=interpret)
-    dw_proj, dw_fc, db_fc = _weight_gradients(residuals.g, dy_bf16, dz,
-                                              residuals.xn, config=config, interpret=interpret)
+    dw_proj, dw_fc, db_fc = weight_gradients_fn(residuals.g, dy_bf16, dz, residuals.xn,
+                                                config=config, interpret=interpret)
     return dx, d_ln_scale, d_ln_bias, dw_fc, db_fc, dw_proj, db_proj
