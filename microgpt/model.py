@@ -150,40 +150,65 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     return out.astype(x.dtype)
 
 
-@jax.custom_vjp
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean over tokens of -log softmax(logits)[target], in float32.  logits [B, S, V], targets [B, S].
+def logsumexp(x: jax.Array) -> jax.Array:
+    """log sum exp(x) over the last axis, in one pass.  x [..., V] float32 -> [...].
 
-    With N tokens and g = dL/dloss, the gradient is written out:
-        dL/dlogits = g (softmax(logits) - onehot(target)) / N
-    one fused pass over the [N, V] logits, which `matmul`'s backward then rounds to bfloat16;
-    autodiff of the forward took several float32 passes (softmax, the target's scatter, the cast).
+    A running pair (m, s) = (max so far, sum of exp(x - m)) merges as m = max(m1, m2),
+    s = s1 exp(m1 - m) + s2 exp(m2 - m); jax.nn.logsumexp reads x twice, for the max and then
+    for the sum, and at [B S, V] every read of the float32 logits is a pass over gigabytes.
     """
+    def merge(a, b):
+        (m1, s1), (m2, s2) = a, b
+        m = jnp.maximum(m1, m2)
+        rescale = lambda mi: jnp.exp(jnp.where(mi == m, 0.0, mi - m))  # -inf - -inf is nan
+        return m, s1 * rescale(m1) + s2 * rescale(m2)
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (-jnp.inf, 0.0), merge, (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over tokens of -log softmax(logits)[target], in float32.  logits [B, S, V], targets [B, S]."""
     return _cross_entropy(logits, targets)[0]
 
 
 def _cross_entropy(logits, targets):
     """-> (the mean loss, log Z [B, S])."""
     logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_z = logsumexp(logits)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - target_logit), log_z
 
 
-def _cross_entropy_forward(logits, targets):
+@jax.custom_vjp
+def tied_logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array) -> jax.Array:
+    """cross_entropy(h E^T, targets): the loss of the tied logits.  h = LN_f(x_L) [B, S, d],
+    embed E [V, d], targets [B, S] -> scalar float32.
+
+    With N tokens and g = dL/dloss, the gradient is written out:
+        dlogits = g (softmax(logits) - onehot(target)) / N      rounded to bfloat16 once
+        dh = dlogits E,   dE = dlogits^T h                      (`matmul`'s rule)
+    one fused pass over the float32 [N, V] logits that writes bfloat16; autodiff through
+    cross_entropy and matmul wrote dlogits in float32 and read it again to round it.
+    """
+    return _cross_entropy(matmul(h, embed.T), targets)[0]
+
+
+def _tied_logits_loss_forward(h, embed, targets):
+    logits = matmul(h, embed.T)
     loss, log_z = _cross_entropy(logits, targets)
-    return loss, (logits, targets, log_z)
+    return loss, (h, embed, targets, logits, log_z)
 
 
-def _cross_entropy_backward(residuals, g):
-    logits, targets, log_z = residuals
-    softmax = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+def _tied_logits_loss_backward(residuals, g):
+    h, embed, targets, logits, log_z = residuals
+    softmax = jnp.exp(logits - log_z[..., None])
     onehot = targets[..., None] == jnp.arange(logits.shape[-1])
-    dlogits = (softmax - onehot) * (g / targets.size)
-    return dlogits.astype(logits.dtype), None
+    dlogits = ((softmax - onehot) * (g / targets.size)).astype(COMPUTE_DTYPE)
+    dh, dembed_t = _matmul_backward((h, embed.T), dlogits)
+    return dh, dembed_t.T, None
 
 
-cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
+tied_logits_loss.defvjp(_tied_logits_loss_forward, _tied_logits_loss_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,23 +319,31 @@ def tied_logits(params: Params, x: jax.Array) -> jax.Array:
     return matmul(layernorm(x, None, None), params["embed"].T)
 
 
-def forward(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
-    """The whole GPT.  ids [B, S] int -> logits [B, S, V] float32."""
+def hidden(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
+    """The embedding and the blocks.  ids [B, S] int -> x_L [B, S, d] float32."""
     ops = block_ops(kernels)
     with jax.named_scope("embedding"):
         x = embed(ids, params["embed"])
     for block in params["blocks"]:
         x = transformer_block(block, x, num_heads, ops)
+    return x
+
+
+def forward(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
+    """The whole GPT.  ids [B, S] int -> logits [B, S, V] float32."""
+    x = hidden(params, ids, num_heads, kernels)
     with jax.named_scope("logits"):
         return tied_logits(params, x)
 
 
 def loss_fn(params: Params, ids: jax.Array, targets: jax.Array, num_heads: int,
             kernels: str = "reference") -> jax.Array:
-    """Mean next-token cross-entropy.  ids, targets [B, S] -> scalar float32."""
-    logits = forward(params, ids, num_heads, kernels)
-    with jax.named_scope("loss"):
-        return cross_entropy(logits, targets)
+    """Mean next-token cross-entropy of forward's logits.  ids, targets [B, S] -> scalar float32."""
+    x = hidden(params, ids, num_heads, kernels)
+    with jax.named_scope("logits"):
+        h = layernorm(x, None, None)
+    with jax.named_scope("loss"):   # the logits' matmul, fused with the loss's gradient
+        return tied_logits_loss(h, params["embed"], targets)
 
 
 def count_params(params: Params) -> int:

@@ -133,14 +133,32 @@ def test_matmul_backward_multiplies_bf16_operands_accumulating_in_f32():
         assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 2 ** -6 * scale
 
 
-def test_cross_entropy_and_its_written_out_gradient_match_optax():
-    """The loss and its hand-written gradient, (softmax - onehot) g / N, against optax's integer-label
-    cross-entropy differentiated by autodiff; the gradient under a scaled cotangent too."""
-    logits = 4.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 7, 33), jnp.float32)
-    targets = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, 33)
-    optax_loss = lambda l: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(l, targets))
-    np.testing.assert_allclose(model.cross_entropy(logits, targets), optax_loss(logits), rtol=1e-6)
-    got = jax.grad(lambda l: 3.0 * model.cross_entropy(l, targets))(logits)
-    want = jax.grad(lambda l: 3.0 * optax_loss(l))(logits)
-    assert got.dtype == logits.dtype
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+def test_logsumexp_in_one_pass_matches_jax():
+    """The one-pass (max, rescaled sum) reduction vs jax.nn.logsumexp, rows with -inf included
+    (masked entries) and rows all -inf (the merge of two empty pairs must not make nan)."""
+    x = 30.0 * jax.random.normal(jax.random.PRNGKey(0), (5, 1000), jnp.float32)
+    x = x.at[1, ::3].set(-jnp.inf).at[2].set(-jnp.inf)
+    np.testing.assert_allclose(model.logsumexp(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6)
+    assert float(model.logsumexp(x)[2]) == -np.inf
+
+
+def test_tied_logits_loss_and_its_written_out_gradient_match_optax():
+    """The loss head and its hand-written gradient (dlogits = (softmax - onehot) g / N in bf16,
+    then matmul's rule) against optax's integer-label cross-entropy of the same logits,
+    differentiated by autodiff, under a scaled cotangent; the loss also equals cross_entropy of
+    tied_logits, the logits that forward returns."""
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 64), jnp.float32)
+    embed = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (333, 64), jnp.float32)
+    targets = jax.random.randint(jax.random.PRNGKey(2), (2, 7), 0, 333)
+    optax_loss = lambda h, e: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        model.matmul(h, e.T), targets))
+    loss = model.tied_logits_loss(h, embed, targets)
+    np.testing.assert_allclose(loss, optax_loss(h, embed), rtol=1e-6)
+    np.testing.assert_allclose(loss, model.cross_entropy(model.matmul(h, embed.T), targets),
+                               rtol=1e-6)
+    got = jax.grad(lambda h, e: 3.0 * model.tied_logits_loss(h, e, targets), (0, 1))(h, embed)
+    want = jax.grad(lambda h, e: 3.0 * optax_loss(h, e), (0, 1))(h, embed)
+    for g, w, x in zip(got, want, (h, embed)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        # both round dlogits to bf16 before matmul's products: the same up to summation order
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(w))))
