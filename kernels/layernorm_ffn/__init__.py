@@ -20,9 +20,9 @@ Backends (each file's docstring has its kernels and the reasons):
                              bias + residual); backward dz and dLN(x) GEMMs, an LN-backward pass and
                              one weight-gradient kernel.  The hidden goes through HBM: a [bt, d] f32
                              accumulator streamed over F does not fit an H100's registers.
-  mosaic_gpu.py / _vjp.py    Hopper: the same decomposition with the up, down, dz and dxn GEMMs as
-                             persistent warp-specialized Mosaic GPU kernels (TMA + wgmma); the LN
-                             passes and the weight-gradient kernel are Triton's.
+  mosaic_gpu.py / _vjp.py    Hopper: the same decomposition with the up, down, dz and dxn GEMMs and
+                             the weight gradients as persistent warp-specialized Mosaic GPU kernels
+                             (TMA + wgmma); the LN passes are Triton's.
   tpu.py / tpu_vjp.py        TPU: one fused forward (hidden streamed through VMEM), a fused dx
                              kernel and two weight-gradient kernels.
   Both save g, gelu'(z) and LN(x) for the backward rather than recompute (triton_vjp.py says why).
