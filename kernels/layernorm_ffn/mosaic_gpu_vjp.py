@@ -104,7 +104,7 @@ def _weight_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, on
 
     def consume(wg):
         ones = ones_smem.at[wg] if sums_ref else None
-        if sums_ref:
+        if ones is not None:
             first_column = plgpu.broadcasted_iota(jnp.int32, ones.shape, 1,
                                                   layout=plgpu.Layout.WGMMA) == 0
             ones[...] = first_column.astype(ones.dtype)
@@ -138,8 +138,8 @@ def _weight_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, on
 
                 zeros = lambda cols: plgpu.layout_cast(jnp.zeros((block_m, cols), jnp.float32),
                                                        plgpu.Layout.WGMMA)
-                accs = lax.fori_loop(0, chunk_steps, k_step,
-                                     (zeros(block_n),) + ((zeros(SUMS_COLUMNS),) * with_sums))
+                init = (zeros(block_n), zeros(SUMS_COLUMNS)) if with_sums else (zeros(block_n),)
+                accs = lax.fori_loop(0, chunk_steps, k_step, init)
                 add_into(out_ref.at[rows, pl.ds(col * block_n, block_n)], accs[0])
                 if with_sums:
                     add_into(sums_ref[0].at[rows], accs[1][:, :IO_COLUMNS])
