@@ -33,9 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import mosaic_gpu_gemm
 from kernels.layernorm_ffn import mosaic_gpu, triton_vjp
 from kernels.layernorm_ffn.common import check_tile
-from kernels.layernorm_ffn.mosaic_gpu import BLOCK_K, num_sms
+from kernels.mosaic_gpu_gemm import BLOCK_K
 from kernels.warp_specialized import (CONSUMERS, Ring, accumulate, launch, pad_rows, ring_scratch,
                                       specialize, tiled_smem)
 
@@ -167,9 +168,9 @@ def weight_gradient(a: jax.Array, b: jax.Array, *, config: dict, column_sums: bo
     padded = -(-tokens // BLOCK_K) * BLOCK_K
     k_steps, tiles_n = padded // BLOCK_K, n // block_n
     num_tiles = m // (CONSUMERS * block_m) * tiles_n
-    chunks = choose_chunks(num_tiles, k_steps, num_sms())
+    chunks = choose_chunks(num_tiles, k_steps, mosaic_gpu_gemm.num_sms())
     num_units = chunks * num_tiles
-    num_ctas = min(num_sms(), num_units)
+    num_ctas = min(mosaic_gpu_gemm.num_sms(), num_units)
     out = jax.new_ref(jnp.zeros((m, n), jnp.float32))
     sums = [jax.new_ref(jnp.zeros((m, IO_COLUMNS), jnp.float32))] if column_sums else []
     scratch = dict(
