@@ -3,8 +3,8 @@
 # compiled on the GPU, and the benchmark sweeps. Tables go to stdout, logs and JSON under $OUT.
 #
 #   bash bench/gpu_suite.sh                 # all stages
-#   bash bench/gpu_suite.sh equiv attention # some stages: env equiv attention ln_ffn tune train_step
-#                                           #   mosaic curves profile scaling
+#   bash bench/gpu_suite.sh equiv attention # some stages: env equiv attention ln_ffn loss_head tune
+#                                           #   train_step mosaic curves profile scaling
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
 # bench/fetch_wheels.sh downloads into .whl/ (pass .whl in the device call's carry).
@@ -29,7 +29,7 @@ for stage in "${stages[@]}"; do
       $PY -c "import jax, optax; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__)" \
         2>&1 | tee -a "$OUT/env.txt" ;;
     equiv)
-      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 --timeout=300 -p no:cacheprovider ${EQUIV_ARGS:-} 2>&1 \
+      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 --timeout=300 -p no:cacheprovider ${EQUIV_K:+-k "$EQUIV_K"} 2>&1 \
         | tee "$OUT/equiv.log" | tail -n 15 ;;
     attention)
       $PY bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
@@ -38,6 +38,8 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/attention_mosaic.txt" ;;
     ln_ffn)
       $PY bench/ln_ffn.py --json "$OUT/ln_ffn.json" 2>&1 | tee "$OUT/ln_ffn.txt" ;;
+    loss_head)   # the loss head: our Mosaic GPU kernel beside XLA's fusion of the math
+      $PY bench/loss_head.py --json "$OUT/loss_head.json" 2>&1 | tee "$OUT/loss_head.txt" ;;
     tune)
       $PY bench/tune.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt"
       cp kernels/tuning.json "$OUT/tuning.json" ;;
@@ -52,7 +54,7 @@ for stage in "${stages[@]}"; do
         2>&1 | tail -n 5
       gzip -c "$(find /tmp/prof -name '*.xplane.pb' | head -n 1)" > "$OUT/pallas_step.xplane.pb.gz"
       $PY -X faulthandler bench/trace_kernels.py /tmp/prof --device --top 30 \
-        --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn \
+        --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn,logits_loss \
         > "$OUT/trace_kernels.txt" 2> "$OUT/trace_kernels.log"
       echo "trace_kernels exit status $?"; cat "$OUT/trace_kernels.txt" ;;
     scaling)  # the same global batch data-parallel on 1 and 2 GPUs (a 2-GPU machine)

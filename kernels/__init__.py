@@ -1,9 +1,11 @@
-"""Hand-written Pallas kernels for the two fused ops of a GPT block, forward and backward.
+"""Hand-written Pallas kernels for the two fused ops of a GPT block and for its loss head, forward
+and backward.
 
 Each op has one entry point with an `implementation=` switch ("reference", "triton", "tpu", ...),
 chosen by backend when None; see kernels/<op>/api.py.
 """
 from kernels.attention import attention
 from kernels.layernorm_ffn import layernorm_ffn
+from kernels.logits_loss import logits_loss
 
-__all__ = ["attention", "layernorm_ffn"]
+__all__ = ["attention", "layernorm_ffn", "logits_loss"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from tokenizers import Tokenizer
 
 from microgpt import checkpoint, data
-from microgpt.model import (COMPUTE_DTYPE, MicroGPT, Params, attention_projections, block_ops,
+from microgpt.model import (COMPUTE_DTYPE, MicroGPT, Params, attention_projections, kernel_ops,
                             block_output, embed, masked_attention, tied_logits)
 
 Cache = list  # per block: (keys, values), each [B, T, H, Dh] bfloat16
@@ -39,7 +39,7 @@ def forward_cached(params: Params, ids: jax.Array, cache: Cache, start: jax.Arra
     ids [B, n]; cache per block ([B, T, H, Dh], [B, T, H, Dh]).  -> logits [B, n, V] float32, new cache.
     Query t attends to cached keys at positions <= t (the causal mask, offset by `start`).
     """
-    ops = block_ops(kernels)
+    ops = kernel_ops(kernels)
     x = embed(ids, params["embed"], start)
     n, length = ids.shape[1], cache[0][0].shape[1]
     q_pos = start + jnp.arange(n)

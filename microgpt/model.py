@@ -13,8 +13,9 @@ Notation (used in every docstring below):
 Mixed precision: parameters are kept in float32; matmuls take bfloat16 inputs and accumulate in
 float32; LayerNorm statistics, softmax statistics and the loss are float32.
 
-Each block calls attention and LayerNorm+FFN through one switch, `block_ops(kernels)`, so that the
-hand-written kernels in `kernels/` replace the math here without touching anything else.
+Each block calls attention and LayerNorm+FFN, and the loss calls its head, through one switch,
+`kernel_ops(kernels)`, so that the hand-written kernels in `kernels/` replace the math here
+without touching anything else.
 """
 from __future__ import annotations
 
@@ -215,10 +216,12 @@ tied_logits_loss.defvjp(_tied_logits_loss_forward, _tied_logits_loss_backward)
 # The implementation switch: which code computes attention and LayerNorm+FFN inside a block.
 # ----------------------------------------------------------------------------------------------
 
-class BlockOps(NamedTuple):
-    """The two fused ops of a block: attention(q, k, v) and layernorm_ffn(x, ..., residual=True)."""
+class KernelOps(NamedTuple):
+    """The fused ops: a block's attention(q, k, v) and layernorm_ffn(x, ..., residual=True), and
+    the loss head logits_loss(h, embed, targets)."""
     attention: Callable[..., jax.Array]
     layernorm_ffn: Callable[..., jax.Array]
+    logits_loss: Callable[..., jax.Array]
 
 
 KERNELS = ("reference", "pallas", "xla")
@@ -233,21 +236,22 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Tr
                                         implementation=implementation)
 
 
-def block_ops(kernels: str) -> BlockOps:
-    """The ops a block runs for `kernels`:
+def kernel_ops(kernels: str) -> KernelOps:
+    """The ops the model runs for `kernels`:
 
     "reference"  the math in this file;
     "pallas"     the hand-written kernels of kernels/ (implementation chosen by backend);
-    "xla"        the strongest stock path: jax.nn.dot_product_attention (cuDNN on GPU) and this
-                 file's LayerNorm+FFN fused by XLA.
+    "xla"        the strongest stock path: jax.nn.dot_product_attention (cuDNN on GPU), and this
+                 file's LayerNorm+FFN and loss head fused by XLA.
     """
     if kernels == "reference":
-        return BlockOps(attention, layernorm_ffn)
+        return KernelOps(attention, layernorm_ffn, tied_logits_loss)
     if kernels == "pallas":
         from kernels import attention as pallas_attention, layernorm_ffn as pallas_layernorm_ffn
-        return BlockOps(pallas_attention, pallas_layernorm_ffn)
+        from kernels import logits_loss
+        return KernelOps(pallas_attention, pallas_layernorm_ffn, logits_loss)
     if kernels == "xla":
-        return BlockOps(xla_attention, layernorm_ffn)
+        return KernelOps(xla_attention, layernorm_ffn, tied_logits_loss)
     raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
 
 
@@ -297,7 +301,7 @@ def attention_projections(block: Params, x: jax.Array, num_heads: int):
     return heads(block["attn"]["wq"]), heads(block["attn"]["wk"]), heads(block["attn"]["wv"])
 
 
-def block_output(block: Params, x: jax.Array, attn: jax.Array, ops: BlockOps) -> jax.Array:
+def block_output(block: Params, x: jax.Array, attn: jax.Array, ops: KernelOps) -> jax.Array:
     """a = x + attn Wo;  x' = a + FFN(LN_2(a)).  x [B, S, d], attn [B, S, H, Dh] -> [B, S, d]."""
     a = x + matmul(attn.reshape(x.shape), block["attn"]["wo"]).astype(x.dtype)
     f = block["ffn"]
@@ -305,7 +309,7 @@ def block_output(block: Params, x: jax.Array, attn: jax.Array, ops: BlockOps) ->
                              f["w_proj"], f["b_proj"], residual=True)
 
 
-def transformer_block(block: Params, x: jax.Array, num_heads: int, ops: BlockOps) -> jax.Array:
+def transformer_block(block: Params, x: jax.Array, num_heads: int, ops: KernelOps) -> jax.Array:
     """One pre-LN block.  x [B, S, d] -> [B, S, d]."""
     with jax.named_scope("attention"):
         q, k, v = attention_projections(block, x, num_heads)
@@ -321,7 +325,7 @@ def tied_logits(params: Params, x: jax.Array) -> jax.Array:
 
 def hidden(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
     """The embedding and the blocks.  ids [B, S] int -> x_L [B, S, d] float32."""
-    ops = block_ops(kernels)
+    ops = kernel_ops(kernels)
     with jax.named_scope("embedding"):
         x = embed(ids, params["embed"])
     for block in params["blocks"]:
@@ -343,7 +347,7 @@ def loss_fn(params: Params, ids: jax.Array, targets: jax.Array, num_heads: int,
     with jax.named_scope("logits"):
         h = layernorm(x, None, None)
     with jax.named_scope("loss"):   # the logits' matmul, fused with the loss's gradient
-        return tied_logits_loss(h, params["embed"], targets)
+        return kernel_ops(kernels).logits_loss(h, params["embed"], targets)
 
 
 def count_params(params: Params) -> int:
@@ -383,7 +387,7 @@ class MicroGPT:
             raise ValueError(f"model_d={self.model_d} is not divisible by num_heads={self.num_heads}")
         if self.model_d % 2:
             raise ValueError(f"model_d={self.model_d} must be even for sinusoidal positions")
-        block_ops(self.kernels)  # fail early on an unknown name
+        kernel_ops(self.kernels)  # fail early on an unknown name
 
     def get_params(self, rng: jax.Array | int = 0) -> Params:
         """Freshly initialised float32 parameters (see `init_params`)."""

@@ -540,7 +540,7 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
     2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
     tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
     _in_the_gpu_interpreter(monkeypatch)
-    monkeypatch.setattr(lnffn_mosaic_gpu, "num_sms", lambda: 4)
+    monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     m, k, n = 300, 192, 256
     keys = jax.random.split(jax.random.PRNGKey(n), 4)
     a = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
@@ -585,3 +585,111 @@ def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls,
     count = lambda g: len(re.findall(rf"custom_call @{re.escape(custom_call)}\w*\(",
                                      _export_text(g, platform, *specs)))
     assert (count(f), count(grad)) == calls
+
+
+# ------------------------------------------------------------------ logits_loss
+from kernels import mosaic_gpu_gemm  # noqa: E402
+from kernels.logits_loss import api as logits_loss_api, logits_loss  # noqa: E402
+
+LOSS_IMPLS = ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
+# (h shape [..., d], vocabulary, logit scale): ragged tokens and a vocabulary that is no multiple
+# of the tile (padded, masked columns); micro_gpt_4's head; logits as large as a trained model's.
+LOSS_CASES = [((2, 150, 128), 1000, 1.0), ((8, 1024, 512), 9000, 1.0),
+              ((4, 1000, 512), 9000, 8.0)]
+
+
+def _check_logits_loss(loss_fn, shape, vocab, scale):
+    """The loss and dh, dE of loss_fn(h, embed, targets) (bf16 h, f32 E) vs the math in f32, each
+    within twice the bf16 math's error plus 0.1% of its largest magnitude (f32 sums over the
+    vocabulary or the tokens differ in order)."""
+    keys = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"{shape}{vocab}{scale}".encode())), 3)
+    h = jax.random.normal(keys[0], shape, jnp.bfloat16)
+    embed = scale * 0.05 * jax.random.normal(keys[1], (vocab, shape[-1]), jnp.float32)
+    targets = jax.random.randint(keys[2], shape[:-1], 0, vocab)
+    run = lambda f, h, embed: _value_and_grads(lambda h, e: f(h, e, targets), (h, embed),
+                                               jnp.float32(1.0))
+    got = run(loss_fn, h, embed)
+    ref_bf16 = run(model.tied_logits_loss, h, embed)
+    with f32_precision(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "COMPUTE_DTYPE", jnp.float32)   # as in the LayerNorm+FFN test
+        ref_f32 = run(model.tied_logits_loss, *upcast((h, embed)))
+    for name, g, arg in zip(("loss", "dh", "dembed"), got, (ref_bf16[0], h, embed)):
+        assert g.dtype == arg.dtype and g.shape == arg.shape, name
+    for name, *outs in zip(("loss", "dh", "dembed"), got, ref_bf16, ref_f32):
+        slack = 1e-3 * float(jnp.max(jnp.abs(outs[2])))
+        assert_within_twice_reference(name, *outs, atol=slack)
+
+
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+@pytest.mark.parametrize("shape, vocab, scale", LOSS_CASES, ids=str)
+def test_logits_loss_matches_reference(impl, shape, vocab, scale):
+    _check_logits_loss(functools.partial(logits_loss, implementation=impl), shape, vocab, scale)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
+@pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
+def test_logits_loss_mosaic_gpu_in_the_gpu_interpreter(monkeypatch):
+    """The Mosaic GPU loss head in jax's Mosaic GPU interpreter (wgmma emulated): 300 tokens
+    (padded to 3 row blocks of 2 x 64) by a vocabulary of 1000 (4 column tiles of 256, the last
+    with 232 real columns), 12 output tiles over 4 persistent CTAs, the per-row statistics of each
+    tile out beside its bf16 tile; loss and gradients vs the math."""
+    _in_the_gpu_interpreter(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
+    config = {"block_m": 64, "block_n": 256, "num_stages": 2}
+    fused = lambda h, e, t: logits_loss_api.fused(h, e, t, implementation="mosaic_gpu",
+                                                  config=config)
+    _check_logits_loss(fused, *LOSS_CASES[0])
+
+
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernel compiles")
+def test_logits_loss_lowers_for_the_device():
+    """At micro_gpt_4's head (64 x 1024 tokens, V = 9000, d = 512) the loss and its gradient lower
+    for CUDA with one Mosaic GPU kernel each (the backward is XLA's)."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    config = logits_loss_api.kernel_config("mosaic_gpu", 512)
+    f = lambda h, e, t: logits_loss_api.fused(h, e, t, implementation="mosaic_gpu", config=config)
+    grad = jax.value_and_grad(f, argnums=(0, 1))
+    specs = (jax.ShapeDtypeStruct((64, 1024, 512), jnp.bfloat16),
+             jax.ShapeDtypeStruct((9000, 512), jnp.float32),
+             jax.ShapeDtypeStruct((64, 1024), jnp.int32))
+    count = lambda g: len(re.findall(r"custom_call @mosaic_gpu\w*\(", _export_text(g, "cuda", *specs)))
+    assert (count(f), count(grad)) == (1, 1)
+
+
+def test_logits_loss_reference_is_the_model_math():
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 64), jnp.float32)
+    embed = jax.random.normal(jax.random.PRNGKey(1), (50, 64), jnp.float32)
+    targets = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, 50)
+    assert logits_loss(h, embed, targets, implementation="reference") == \
+        model.tied_logits_loss(h, embed, targets)
+    if not LOSS_IMPLS:   # off Hopper the default is the math
+        assert logits_loss_api.default_implementation(h) == "reference"
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"d": 96}, ValueError, "multiple of 64"),
+    ({"embed_shape": (50, 128)}, ValueError, r"embed must be a floating \[V, d\] array with d = "),
+    ({"targets_shape": (2, 7)}, ValueError, r"targets must be integers of shape h.shape\[:-1\]"),
+    ({"targets_dtype": jnp.float32}, ValueError, "targets must be integers"),
+    ({"implementation": "triton"}, ValueError, "unknown implementation 'triton'"),
+    ({"implementation": "mosaic_gpu", "block_sizes": {"block_n": 96}}, ValueError,
+     "block_n=96 must be a positive multiple of 64"),
+    ({"implementation": "mosaic_gpu", "block_sizes": {"blockn": 64}}, ValueError,
+     "no tuning parameter 'blockn'"),
+])
+def test_logits_loss_rejects_bad_inputs(change, error, message):
+    d = change.get("d", 64)
+    h = jnp.zeros((2, 8, d), jnp.bfloat16)
+    embed = jnp.zeros(change.get("embed_shape", (50, d)), jnp.float32)
+    targets = jnp.zeros(change.get("targets_shape", (2, 8)), change.get("targets_dtype", jnp.int32))
+    with pytest.raises(error, match=message):
+        logits_loss(h, embed, targets, implementation=change.get("implementation", "reference"),
+                    block_sizes=change.get("block_sizes"))
+
+
+@pytest.mark.skipif(not ON_CPU, reason="on a GPU the kernel runs")
+def test_logits_loss_mosaic_gpu_refuses_off_the_gpu():
+    h = jnp.zeros((2, 8, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="runs only on a GPU .*implementation='reference'"):
+        logits_loss(h, jnp.zeros((50, 64)), jnp.zeros((2, 8), jnp.int32),
+                    implementation="mosaic_gpu")

@@ -1,0 +1,91 @@
+"""Loss-head benchmark: the tied logits + cross-entropy, our kernel against XLA's fusion of the math.
+
+    python bench/loss_head.py                          # micro_gpt_4's head at batch 64 and 128
+    python bench/loss_head.py --tokens 256 --vocab 1000 --d 128 --impl xla   # CPU smoke test
+
+loss = mean cross_entropy(h E^T, targets) on h [T, d] bf16, E [V, d] f32 (as in the model).
+Forward FLOPs 2 T V d (the logits' matmul); forward+backward times jit(value_and_grad) with
+respect to h and E and counts 6 T V d. "xla" is microgpt.model.tied_logits_loss (the reference
+and xla paths of the training step); "mosaic_gpu" is kernels.logits_loss (the pallas path).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench.common import (add_ratios, add_timing_args, device_description, format_table,
+                          int_list, maybe_profile, time_ms, timed_row, write_json)
+from kernels.logits_loss import logits_loss
+from microgpt import model
+
+IMPLS = ("xla", "mosaic_gpu")
+
+
+def implementation(name: str):
+    """name -> fn(h, embed, targets) -> scalar loss."""
+    if name == "xla":
+        return model.tied_logits_loss
+    return functools.partial(logits_loss, implementation=name)
+
+
+def measure(fn, tokens: int, vocab: int, d: int, timing: dict) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) on random h, E at the model's scale, random targets."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    h = jax.random.normal(keys[0], (tokens, d), jnp.bfloat16)
+    embed = 0.02 * jax.random.normal(keys[1], (vocab, d), jnp.float32)
+    targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
+    forward = jax.jit(fn)
+    forward_backward = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    return (time_ms(forward, h, embed, targets, **timing),
+            time_ms(forward_backward, h, embed, targets, **timing))
+
+
+COLUMNS = [("impl", "impl", ""), ("tokens", "T", "d"), ("vocab", "V", "d"), ("d", "d", "d"),
+           ("fwd_ms", "fwd ms", ".3f"), ("fwd_tflops", "fwd TF/s", ".1f"),
+           ("fwd_vs_xla", "x XLA", ".2f"), ("fwd_bwd_ms", "fwd+bwd ms", ".3f"),
+           ("fwd_bwd_tflops", "fwd+bwd TF/s", ".1f"), ("fwd_bwd_vs_xla", "x XLA", ".2f"),
+           ("error", "error", "")]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int_list, default=[65536, 131072], help="token counts T")
+    p.add_argument("--vocab", type=int, default=9000)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--impl", default="xla,mosaic_gpu", help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--json", help="write one record per (impl, T) to this path")
+    p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
+    add_timing_args(p)
+    args = p.parse_args(argv)
+    impls = args.impl.split(",")
+    if set(impls) - set(IMPLS):
+        raise SystemExit(f"unknown --impl {sorted(set(impls) - set(IMPLS))}; known: {IMPLS}")
+    timing = dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls)
+    print(f"loss head, V {args.vocab}, d {args.d}, on {device_description()}")
+    records = []
+    with maybe_profile(args.profile):
+        for tokens in args.tokens:
+            matmul_flops = 2 * tokens * args.vocab * args.d
+            rows = [timed_row(dict(impl=impl, tokens=tokens, vocab=args.vocab, d=args.d),
+                              lambda: measure(implementation(impl), tokens, args.vocab, args.d,
+                                              timing), matmul_flops, 3 * matmul_flops)
+                    for impl in impls]
+            add_ratios(rows, "xla")
+            records += rows
+    print(format_table(records, COLUMNS))
+    if args.json:
+        write_json(args.json, records,
+                   command=" ".join(["python bench/loss_head.py", *(argv or sys.argv[1:])]))
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Smoke test of bench/loss_head.py at a tiny size on CPU."""
+from __future__ import annotations
+
+import json
+
+from bench import loss_head
+
+
+def test_loss_head_bench_writes_records(tmp_path):
+    path = tmp_path / "loss_head.json"
+    records = loss_head.main(["--tokens", "128", "--vocab", "300", "--d", "64", "--impl", "xla",
+                              "--json", str(path)])
+    assert json.loads(path.read_text())["records"] == records
+    (record,) = records
+    assert (record["tokens"], record["vocab"], record["d"]) == (128, 300, 64)
+    assert record["fwd_ms"] > 0 and record["fwd_bwd_ms"] > 0 and record["fwd_vs_xla"] == 1.0
