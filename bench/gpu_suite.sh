@@ -40,9 +40,9 @@ for stage in "${stages[@]}"; do
       $PY bench/ln_ffn.py --json "$OUT/ln_ffn.json" 2>&1 | tee "$OUT/ln_ffn.txt" ;;
     loss_head)   # the loss head: our Mosaic GPU kernel beside XLA's fusion of the math
       $PY bench/loss_head.py --json "$OUT/loss_head.json" 2>&1 | tee "$OUT/loss_head.txt" ;;
-    tune)
-      $PY bench/tune.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt"
-      cp kernels/tuning.json "$OUT/tuning.json" ;;
+    tune)     # records into $OUT/tuning.json key by key, so a run cut short keeps what it measured
+      cp kernels/tuning.json "$OUT/tuning.json"
+      $PY bench/tune.py --table "$OUT/tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt" ;;
     train_step)
       $PY bench/train_step.py --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt" ;;
     curves)   # micro_gpt_4 at seq 1024, reference vs pallas: curves.png and curves.json come back

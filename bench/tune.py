@@ -96,8 +96,9 @@ MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
 
 
 def _mosaic_defaults(key: str) -> dict:
-    """mosaic_gpu's forward defaults with Triton's backward parameters as tuned (or defaulted)."""
-    d = int(key[1:])
+    """mosaic_gpu's forward defaults with Triton's backward parameters as tuned (or defaulted);
+    key "d<head_dim>" or narrower, "d<head_dim>_s<length>"."""
+    d = int(key.split("_")[0][1:])
     triton_config = tuning.block_config("attention", "triton", key, attention_triton.DEFAULTS[d])
     return {**attention_mosaic_gpu.DEFAULTS[d],
             **{name: triton_config[name] for name in BACKWARD}}
@@ -175,6 +176,11 @@ def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) ->
 LN_FFN_SHAPES = {"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)}
 # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
 ATTENTION_SHAPES = {"d64": (8, 2048, 32, 64), "d128": (8, 2048, 16, 128)}
+# The Mosaic GPU kernels also per length (kernels.attention.api.shape_key), where the best tiles
+# were seen to move: the sweep's long sequences, and micro_gpt_4's training shape at 1024.
+MOSAIC_ATTENTION_SHAPES = {**ATTENTION_SHAPES, "d64_s1024": (128, 1024, 8, 64),
+                           "d64_s4096": (4, 4096, 32, 64), "d64_s8192": (2, 8192, 32, 64),
+                           "d128_s4096": (4, 4096, 16, 128), "d128_s8192": (2, 8192, 16, 128)}
 OPS = {
     "attention/triton": Op(
         shapes=ATTENTION_SHAPES,
@@ -185,7 +191,7 @@ OPS = {
                       _time_attention(2, "triton"))],
         total=_time_attention(2, "triton")),
     "attention/mosaic_gpu": Op(
-        shapes=ATTENTION_SHAPES,
+        shapes=MOSAIC_ATTENTION_SHAPES,
         defaults=_mosaic_defaults,
         stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,

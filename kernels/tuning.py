@@ -3,7 +3,9 @@
 `kernels/tuning.json` maps a device kind (jax.Device.device_kind, e.g. "NVIDIA H100 80GB HBM3") to
 entries "op/implementation" -> {shape key or "*": {parameter: value}}. The kernels ask `block_config`
 for their parameters; measured entries (written by `python bench/tune.py`) override each op's defaults,
-and a caller's explicit overrides win over both. Where an op has several implementations for one
+and a caller's explicit overrides win over both. A shape key narrows with underscores: "d128_s8192"
+(head_dim 128 at sequences up to 8192) layers its entry over "d128"'s, so a table needs the
+narrower keys only where they were measured to differ. Where an op has several implementations for one
 device, the entry "op" -> {shape key: implementation} names the one measured fastest there
 (`preferred_implementation`).
 """
@@ -33,11 +35,15 @@ def block_config(op: str, implementation: str, shape_key: str, defaults: dict,
                  overrides: dict | None = None) -> dict:
     """Parameters for `op` run by `implementation` at `shape_key` on the current device.
 
-    Precedence: overrides > the table's entry for shape_key > its "*" entry > defaults.
+    Precedence: overrides > the table's entry for shape_key > those of its prefixes up to an
+    underscore, narrowest first ("d128_s8192" > "d128") > its "*" entry > defaults.
     Unknown parameter names in overrides raise, so a typo never silently does nothing.
     """
     entries = _table().get(device_kind(), {}).get(f"{op}/{implementation}", {})
-    config = {**defaults, **entries.get("*", {}), **entries.get(shape_key, {})}
+    parts = shape_key.split("_")
+    config = {**defaults, **entries.get("*", {})}
+    for n in range(1, len(parts) + 1):
+        config.update(entries.get("_".join(parts[:n]), {}))
     for name, value in (overrides or {}).items():
         if name not in defaults:
             raise ValueError(f"{op}/{implementation} has no tuning parameter {name!r}; "

@@ -90,3 +90,16 @@ def test_tune_prefers_the_implementation_measured_fastest(tmp_path, monkeypatch)
     assert tune.prefer("toy", "d64", args, timing={}) == "toy/fast"
     assert json.loads(table.read_text())[device]["toy"] == {"d64": "fast"}
     assert timed == {16: (4, 8, 64), 32: (4, 8, 64)}   # the tuned configs, at the tuning shape
+
+
+def test_block_config_layers_narrower_shape_keys(monkeypatch):
+    """"d128_s8192" layers over "d128", which layers over "*" and the defaults; overrides win."""
+    table = {tuning.device_kind(): {"toy/impl": {
+        "*": {"a": 1}, "d128": {"b": 2, "c": 2}, "d128_s8192": {"c": 3}}}}
+    monkeypatch.setattr(tuning, "_table", lambda: table)
+    defaults = {"a": 0, "b": 0, "c": 0, "d": 0}
+    assert tuning.block_config("toy", "impl", "d128_s8192", defaults) == {"a": 1, "b": 2, "c": 3,
+                                                                         "d": 0}
+    assert tuning.block_config("toy", "impl", "d128_s4096", defaults)["c"] == 2
+    assert tuning.block_config("toy", "impl", "d64_s8192", defaults) == {**defaults, "a": 1}
+    assert tuning.block_config("toy", "impl", "d128_s8192", defaults, {"c": 9})["c"] == 9

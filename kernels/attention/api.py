@@ -70,9 +70,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         return model.attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
     backend = BACKENDS[implementation]
-    config = tuning.block_config("attention", implementation, f"d{head_dim}",
-                                 backend.defaults[head_dim], block_sizes)
     seq_len = q.shape[1]
+    config = tuning.block_config("attention", implementation, shape_key(head_dim, seq_len),
+                                 backend.defaults[head_dim], block_sizes)
     config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
     if interpret is None:
         interpret = jax.default_backend() != backend.platform
@@ -83,6 +83,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     return _attention(q, k, v, plan)[:, :seq_len]
+
+
+def shape_key(head_dim: int, seq_len: int) -> str:
+    """The tuning table's key: "d<head_dim>_s<the power of two at or above seq_len>", which falls
+    back to "d<head_dim>" where no length was tuned on its own (kernels.tuning)."""
+    return f"d{head_dim}_s{1 << max(seq_len - 1, 1).bit_length()}"
 
 
 def _validate(q, k, v, kernel: bool) -> None:
