@@ -176,11 +176,13 @@ def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) ->
 LN_FFN_SHAPES = {"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)}
 # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
 ATTENTION_SHAPES = {"d64": (8, 2048, 32, 64), "d128": (8, 2048, 16, 128)}
-# The Mosaic GPU kernels also per length (kernels.attention.api.shape_key), where the best tiles
-# were seen to move: the sweep's long sequences, and micro_gpt_4's training shape at 1024.
-MOSAIC_ATTENTION_SHAPES = {**ATTENTION_SHAPES, "d64_s1024": (128, 1024, 8, 64),
-                           "d64_s4096": (4, 4096, 32, 64), "d64_s8192": (2, 8192, 32, 64),
-                           "d128_s4096": (4, 4096, 16, 128), "d128_s8192": (2, 8192, 16, 128)}
+# The Mosaic GPU kernels also per length (kernels.attention.api.shape_key): the sweep's lengths
+# (16k tokens), at 1024 with head_dim 64 micro_gpt_4's training shape.
+MOSAIC_ATTENTION_SHAPES = {
+    **ATTENTION_SHAPES, "d64_s512": (32, 512, 32, 64), "d64_s1024": (128, 1024, 8, 64),
+    "d64_s4096": (4, 4096, 32, 64), "d64_s8192": (2, 8192, 32, 64),
+    "d128_s512": (32, 512, 16, 128), "d128_s1024": (16, 1024, 16, 128),
+    "d128_s4096": (4, 4096, 16, 128), "d128_s8192": (2, 8192, 16, 128)}
 OPS = {
     "attention/triton": Op(
         shapes=ATTENTION_SHAPES,
