@@ -46,6 +46,7 @@ ATTENTION_CASES = [
     pytest.param(1, 48, 2, 64, True, 30.0, True, id="large-logits-causal"),
     pytest.param(2, 4096, 4, 64, True, 1.0, False, id="s4096-causal-d64", marks=LARGE),
     pytest.param(4, 1024, 8, 128, True, 1.0, False, id="s1024-causal-d128", marks=LARGE),
+    pytest.param(1, 4096, 4, 128, True, 1.0, False, id="s4096-causal-d128", marks=LARGE),
     pytest.param(2, 2048, 8, 64, False, 1.0, False, id="s2048-noncausal-d64", marks=LARGE),
     pytest.param(3, 1000, 4, 128, True, 1.0, False, id="ragged1000-causal-d128", marks=LARGE),
     pytest.param(2, 384, 4, 64, False, 1.0, False, id="s384-noncausal-d64", marks=LARGE),
