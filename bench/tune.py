@@ -3,15 +3,17 @@
     python bench/tune.py                              # every op, every shape key (~5 min on an H100)
     python bench/tune.py --op attention --shape-keys d128
     python bench/tune.py --op attention/mosaic_gpu
+    python bench/tune.py --op attention --compare-only   # only re-pick the implementation per key
 
 For each op implementation that runs here, shape key and stage, every candidate (a partial
 configuration over the best so far) is timed with bench/common.py; candidates that fail to compile
 are skipped. The stages run in order, each starting from the previous stage's winner (attention: the
 forward's blocks, timed on the forward, then the backward's, timed on forward+backward), and the
 final configuration is written with kernels.tuning.record, where block_config finds it on this
-device kind. Where several implementations of one op were tuned at a shape key, their winners are
-timed on forward+backward and the fastest is recorded as the op's preferred implementation there
-(kernels.tuning.record_preferred; attention's default follows it on Hopper GPUs).
+device kind. Where several implementations of one op were tuned at a shape key (or at a wider one:
+"d64" applies to "d64_s1024"), their configurations for it are timed on forward+backward and the
+fastest is recorded as the op's preferred implementation there (kernels.tuning.record_preferred;
+attention's default follows it on Hopper GPUs).
 
 Adding an op: one OPS entry "op/implementation" with the shape each shape key is timed at, its
 defaults, its stages as (candidates(shape_key) -> [partial config], time(shape, config) -> ms), the
@@ -95,10 +97,14 @@ MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (1, 64, 64, 2), (0, 64, 64, 2), (1, 64, 64, 3), (1, 128, 64, 2), (1, 64, 128, 2)])
 
 
+def _head_dim(key: str) -> int:
+    """An attention shape key, "d<head_dim>" or narrower ("d<head_dim>_s<length>") -> head_dim."""
+    return int(key.split("_")[0][1:])
+
+
 def _mosaic_defaults(key: str) -> dict:
-    """mosaic_gpu's forward defaults with Triton's backward parameters as tuned (or defaulted);
-    key "d<head_dim>" or narrower, "d<head_dim>_s<length>"."""
-    d = int(key.split("_")[0][1:])
+    """mosaic_gpu's forward defaults with Triton's backward parameters as tuned (or defaulted)."""
+    d = _head_dim(key)
     triton_config = tuning.block_config("attention", "triton", key, attention_triton.DEFAULTS[d])
     return {**attention_mosaic_gpu.DEFAULTS[d],
             **{name: triton_config[name] for name in BACKWARD}}
@@ -186,7 +192,7 @@ MOSAIC_ATTENTION_SHAPES = {
 OPS = {
     "attention/triton": Op(
         shapes=ATTENTION_SHAPES,
-        defaults=lambda key: attention_triton.DEFAULTS[int(key[1:])],
+        defaults=lambda key: attention_triton.DEFAULTS[_head_dim(key)],
         stages=[Stage("forward", lambda key: ATTENTION_CANDIDATES[key]["forward"],
                       _time_attention(1, "triton")),
                 Stage("backward", lambda key: ATTENTION_CANDIDATES[key]["backward"],
@@ -247,6 +253,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-candidates", type=int, help="try at most this many per stage")
     p.add_argument("--stages", help="comma list of stage names to run (default: all), each "
                                     "starting from the table's entry")
+    p.add_argument("--compare-only", action="store_true",
+                   help="tune nothing: time each implementation's tuned configuration at the "
+                        "shape keys and record the fastest as the preferred one")
     p.add_argument("--table", type=Path, default=tuning.TABLE_PATH, help="where to record")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -265,6 +274,13 @@ def main(argv=None) -> dict:
     unknown = [a for a in asked if not any(n == a or n.split("/")[0] == a for n in OPS)]
     if unknown:
         raise SystemExit(f"unknown --op {unknown}; known: {sorted(OPS)} or their op names")
+    if args.compare_only:
+        for op_name in dict.fromkeys(name.split("/")[0] for name in names):
+            keys = dict.fromkeys(k for n in names if n.startswith(op_name + "/")
+                                 for k in OPS[n].shapes)
+            for key in (k for k in keys if not args.shape_keys or k in args.shape_keys.split(",")):
+                prefer(op_name, key, args, timing)
+        return {}
     recorded = {}
     for name in names:
         op = OPS[name]
@@ -290,15 +306,16 @@ def main(argv=None) -> dict:
 
 def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
     """Time forward+backward of every implementation of op_name that runs here and has a tuned
-    entry for `key` in the table; record the fastest as the op's preferred implementation there."""
+    entry for `key` or a wider key in the table (each with its configuration for `key`,
+    tuning.layered_entry); record the fastest as the op's preferred implementation there."""
     table = json.loads(args.table.read_text()).get(tuning.device_kind(), {})
-    rivals = {name: {**OPS[name].defaults(key), **table[name][key]} for name in OPS
-              if name.startswith(op_name + "/") and OPS[name].available()
-              and key in table.get(name, {})}
+    rivals = {name: {**OPS[name].defaults(key), **tuning.layered_entry(table[name], key)}
+              for name in OPS if name.startswith(op_name + "/") and OPS[name].available()
+              and any(k in table.get(name, {}) for k in tuning.shape_key_prefixes(key))}
     if len(rivals) < 2:
         return None
-    times = {name: OPS[name].total(_shape(OPS[name], key, args), config, timing)
-             for name, config in rivals.items()}
+    shape = next(_shape(OPS[name], key, args) for name in rivals if key in OPS[name].shapes)
+    times = {name: OPS[name].total(shape, config, timing) for name, config in rivals.items()}
     fastest = min(times, key=times.get)
     print(f"{op_name} {key} forward+backward: "
           + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()) + f" -> {fastest}")

@@ -40,10 +40,7 @@ def block_config(op: str, implementation: str, shape_key: str, defaults: dict,
     Unknown parameter names in overrides raise, so a typo never silently does nothing.
     """
     entries = _table().get(device_kind(), {}).get(f"{op}/{implementation}", {})
-    parts = shape_key.split("_")
-    config = {**defaults, **entries.get("*", {})}
-    for n in range(1, len(parts) + 1):
-        config.update(entries.get("_".join(parts[:n]), {}))
+    config = {**defaults, **layered_entry(entries, shape_key)}
     for name, value in (overrides or {}).items():
         if name not in defaults:
             raise ValueError(f"{op}/{implementation} has no tuning parameter {name!r}; "
@@ -53,9 +50,27 @@ def block_config(op: str, implementation: str, shape_key: str, defaults: dict,
     return config
 
 
+def shape_key_prefixes(shape_key: str) -> list[str]:
+    """"d128_s8192" -> ["d128", "d128_s8192"]: the keys that apply, widest first."""
+    parts = shape_key.split("_")
+    return ["_".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def layered_entry(entries: dict, shape_key: str) -> dict:
+    """One implementation's table entries {key: config} merged for shape_key: "*", then each
+    prefix of shape_key, the narrower over the wider."""
+    config = dict(entries.get("*", {}))
+    for key in shape_key_prefixes(shape_key):
+        config.update(entries.get(key, {}))
+    return config
+
+
 def preferred_implementation(op: str, shape_key: str) -> str | None:
-    """The implementation of `op` that bench/tune.py measured fastest at shape_key on this device."""
-    return _table().get(device_kind(), {}).get(op, {}).get(shape_key)
+    """The implementation of `op` that bench/tune.py measured fastest at shape_key, or at its
+    narrowest prefix that was measured, on this device."""
+    preferences = _table().get(device_kind(), {}).get(op, {})
+    measured = [preferences[key] for key in shape_key_prefixes(shape_key) if key in preferences]
+    return measured[-1] if measured else None
 
 
 def _update(path: Path, device: str, entry: str, shape_key: str, value) -> None:

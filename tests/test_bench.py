@@ -103,3 +103,30 @@ def test_block_config_layers_narrower_shape_keys(monkeypatch):
     assert tuning.block_config("toy", "impl", "d128_s4096", defaults)["c"] == 2
     assert tuning.block_config("toy", "impl", "d64_s8192", defaults) == {**defaults, "a": 1}
     assert tuning.block_config("toy", "impl", "d128_s8192", defaults, {"c": 9})["c"] == 9
+
+
+def test_tune_compares_implementations_at_narrower_keys(tmp_path, monkeypatch):
+    """--compare-only at "d64_s1024": the implementation tuned only at "d64" competes with its
+    "d64" configuration, at the shape of the implementation that has the narrow key."""
+    timed = {}
+
+    def op(ms, shapes):
+        def total(shape, config, timing):
+            timed[config["tile"]] = shape
+            return ms
+        return tune.Op(shapes=shapes, defaults=lambda key: {"tile": 0}, stages=[], total=total)
+
+    monkeypatch.setattr(tune, "OPS", {
+        "toy/wide": op(1.0, {"d64": (2, 8, 64)}),
+        "toy/narrow": op(2.0, {"d64": (2, 8, 64), "d64_s1024": (4, 1024, 64)})})
+    table = tmp_path / "tuning.json"
+    device = tuning.device_kind()
+    tuning.record(device, "toy", "wide", "d64", {"tile": 16}, table)
+    tuning.record(device, "toy", "narrow", "d64", {"tile": 8}, table)
+    tuning.record(device, "toy", "narrow", "d64_s1024", {"tile": 32}, table)
+    tune.main(["--op", "toy", "--compare-only", "--shape-keys", "d64_s1024", "--table", str(table)])
+    assert json.loads(table.read_text())[device]["toy"] == {"d64_s1024": "wide"}
+    assert timed == {16: (4, 1024, 64), 32: (4, 1024, 64)}
+    monkeypatch.setattr(tuning, "_table", lambda: json.loads(table.read_text()))
+    assert tuning.preferred_implementation("toy", "d64_s1024") == "wide"
+    assert tuning.preferred_implementation("toy", "d64_s2048") is None

@@ -367,7 +367,7 @@ DEFAULT_CASES = [
 def test_attention_default_follows_the_tuning_table(backend, sm90, preferred, dtype, expected,
                                                     monkeypatch):
     """implementation=None picks mosaic_gpu only on Hopper, for bf16, where bench/tune.py measured
-    it faster at that head_dim."""
+    it faster at that head_dim and length."""
     monkeypatch.setattr(api.jax, "default_backend", lambda: backend)
     monkeypatch.setattr(mosaic_gpu, "on_sm90", lambda: sm90)
     asked = []
@@ -375,7 +375,7 @@ def test_attention_default_follows_the_tuning_table(backend, sm90, preferred, dt
                         lambda op, key: asked.append((op, key)) or preferred)
     q = jnp.zeros((1, 16, 2, 128), dtype)
     assert api.default_implementation(q) == expected
-    assert asked in ([], [("attention", "d128")])
+    assert asked in ([], [("attention", "d128_s16")])   # head_dim 128, length 16
 
 
 # ------------------------------------------------------------------ layernorm_ffn

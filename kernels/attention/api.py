@@ -34,13 +34,14 @@ IMPLEMENTATIONS = ("reference", *BACKENDS)
 
 def default_implementation(q: jax.Array | None = None) -> str:
     """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 q on a Hopper GPU where the tuning table says it
-    was measured faster at q's head_dim (bench/tune.py), else "triton"; anything else -> "triton"
+    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`), else "triton"; anything else -> "triton"
     (interpreted)."""
     backend = jax.default_backend()
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
-            and tuning.preferred_implementation("attention", f"d{q.shape[-1]}") == "mosaic_gpu"):
+            and tuning.preferred_implementation("attention", shape_key(q.shape[-1], q.shape[1]))
+            == "mosaic_gpu"):
         return "mosaic_gpu"
     return "triton"
 
