@@ -627,6 +627,23 @@ def test_logits_loss_matches_reference(impl, shape, vocab, scale):
     _check_logits_loss(functools.partial(logits_loss, implementation=impl), shape, vocab, scale)
 
 
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+def test_logits_loss_is_deterministic(impl):
+    """The same inputs give bitwise the same loss and gradients, run after run (no atomics: each
+    logits tile is one CTA's; a race on the epilogue's shared buffers would show here)."""
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    h = jax.random.normal(keys[0], (4096, 512), jnp.bfloat16)
+    embed = 0.2 * jax.random.normal(keys[1], (9000, 512), jnp.float32)
+    targets = jax.random.randint(keys[2], (4096,), 0, 9000)
+    run = jax.jit(jax.value_and_grad(functools.partial(logits_loss, implementation=impl),
+                                     argnums=(0, 1)))
+    first = run(h, embed, targets)
+    for _ in range(3):
+        again = run(h, embed, targets)
+        for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_logits_loss_mosaic_gpu_in_the_gpu_interpreter(monkeypatch):
