@@ -93,7 +93,7 @@ def _kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem, 
                 b_ring.wait(n)
                 b = b_ring.tile(n)
                 acc = accumulate(acc, a_ring.tile(n).at[pl.ds(wg * block_m, block_m)],
-                                 plgpu.transpose_ref(b, (1, 0)) if b_transposed else b)
+                                 b.transpose((1, 0)) if b_transposed else b)
                 a_ring.release(n)
                 b_ring.release(n)
                 return acc

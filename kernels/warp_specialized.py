@@ -103,14 +103,14 @@ def matmul_t(a, b_smem):
     """a b^T by wgmma into a fresh f32 accumulator, read back once done.  a [m, k] in shared
     memory, b_smem [n, k] in shared memory -> [m, n] f32 in registers (WGMMA layout)."""
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)))
+        plgpu.wgmma(acc_ref, a, b_smem.transpose((1, 0)))
         return acc_ref[...]
     return pl.run_scoped(product, plgpu.ACC((a.shape[0], b_smem.shape[0]), jnp.float32))
 
 
 def accumulate(acc, a, b):
     """acc + a b by wgmma, returned once done.  acc [m, n] f32 in registers, a [m, k] (registers
-    or shared memory), b [k, n] in shared memory (or a transpose_ref of one)."""
+    or shared memory), b [k, n] in shared memory (or the .transpose of one)."""
     def add(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(add)(plgpu.ACC.init(acc))

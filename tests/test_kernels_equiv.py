@@ -223,11 +223,13 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, mosaic_backwa
 def _in_the_gpu_interpreter(monkeypatch):
     """Mosaic GPU kernels (warp_specialized.launch) run by jax's Mosaic GPU interpreter on CPU,
     with what jax 0.10's interpreter lacks emulated for the kernel's trace: wgmma
-    (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref), its
+    (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref, which the
+    interpreter cannot read: ref.transpose only marks it for the emulated wgmma), its
     accumulators (zeros, or pl.run_state's initial value), layout casts and loads in a layout (it
     has no layouts)."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
+    from jax._src.state import types as state_types
     from jax.experimental import pallas as pl
     plgpu = mosaic_gpu.plgpu
 
@@ -267,7 +269,8 @@ def _in_the_gpu_interpreter(monkeypatch):
     real_run_scoped = pl.run_scoped
     for module, name, value in [
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
-            (pl, "run_state", run_state), (plgpu, "transpose_ref", lambda ref, _: ("T", ref)),
+            (pl, "run_state", run_state),
+            (state_types.TransformedRef, "transpose", lambda ref, _: ("T", ref)),
             (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x),
             (compat, "mosaic_gpu_load", lambda ref, _: ref[...]),
             (pl, "kernel", functools.partial(pl.kernel, interpret=params.InterpretGPUParams()))]:

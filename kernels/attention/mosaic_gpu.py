@@ -122,7 +122,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             acc, m, l = carry
 
             def scores(s_ref):
-                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_ring.tile(t), (1, 0)))
+                plgpu.wgmma(s_ref, q_tile, k_ring.tile(t).transpose((1, 0)))
                 pass_schedule()
                 return s_ref[...]  # reading the accumulator waits for the wgmma
             s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))

@@ -129,8 +129,7 @@ def _weight_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, on
                     n = i * chunk_steps + k
                     a_ring.wait(n)
                     b_ring.wait(n)
-                    a = plgpu.transpose_ref(a_ring.tile(n).at[:, pl.ds(wg * block_m, block_m)],
-                                            (1, 0))
+                    a = a_ring.tile(n).at[:, pl.ds(wg * block_m, block_m)].transpose((1, 0))
                     accs = (accumulate(accs[0], a, b_ring.tile(n)),
                             *(accumulate(s, a, ones) for s in accs[1:]))
                     a_ring.release(n)
