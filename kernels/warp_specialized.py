@@ -99,13 +99,20 @@ def specialize(consume: Callable, rings, count) -> None:
         produce(rings, count)
 
 
-def matmul_t(a, b_smem):
-    """a b^T by wgmma into a fresh f32 accumulator, read back once done.  a [m, k] in shared
-    memory, b_smem [n, k] in shared memory -> [m, n] f32 in registers (WGMMA layout)."""
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_smem.transpose((1, 0)))
-        return acc_ref[...]
-    return pl.run_scoped(product, plgpu.ACC((a.shape[0], b_smem.shape[0]), jnp.float32))
+def matmuls_t(first, second, between: Callable):
+    """(between(a b^T), c d^T) for first = (a, b), second = (c, d); a [m, k], b [n, k], c, d
+    likewise, in shared memory; the products in f32 registers (WGMMA layout). The two wgmmas are
+    issued back to back and `between` runs on a b^T while c d^T is still on the tensor cores
+    (wgmma.wait_group 1), as FlashAttention-3 overlaps its softmax with the next product."""
+    (a, b), (c, d) = first, second
+
+    def products(x_ref, y_ref):
+        plgpu.wgmma(x_ref, a, b.transpose((1, 0)))
+        plgpu.wgmma(y_ref, c, d.transpose((1, 0)))
+        x = between(plgpu.wgmma_accumulator_load(x_ref, wait_n=1))
+        return x, y_ref[...]
+    return pl.run_scoped(products, plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32),
+                         plgpu.ACC((c.shape[0], d.shape[0]), jnp.float32))
 
 
 def accumulate(acc, a, b):

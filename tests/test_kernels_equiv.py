@@ -255,21 +255,24 @@ def _in_the_gpu_interpreter(monkeypatch):
         acc.value = acc.value + jnp.dot(a, b, preferred_element_type=jnp.float32)
 
     def run_scoped(f, *types, **kwargs):
-        if len(types) == 1 and isinstance(types[0], AccType):
-            return f(Acc(jnp.zeros(types[0].shape, types[0].dtype)))
+        if types and all(isinstance(t, AccType) for t in types):
+            return f(*(Acc(jnp.zeros(t.shape, t.dtype)) for t in types))
         return real_run_scoped(f, *types, **kwargs)
 
-    def run_state(f):
-        def run(acc_type):
-            acc = Acc(acc_type.value)
-            f(acc)
-            return acc.value
+    def run_state(f):   # one accumulator, or a tuple of them
+        def run(acc_types):
+            accs = jax.tree_util.tree_map(lambda t: Acc(t.value), acc_types,
+                                          is_leaf=lambda t: isinstance(t, AccType))
+            f(accs)
+            return jax.tree_util.tree_map(lambda acc: acc.value, accs,
+                                          is_leaf=lambda a: isinstance(a, Acc))
         return run
 
     real_run_scoped = pl.run_scoped
     for module, name, value in [
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
             (pl, "run_state", run_state),
+            (plgpu, "wgmma_accumulator_load", lambda acc, wait_n=0: acc.value),
             (state_types.TransformedRef, "transpose", lambda ref, _: ("T", ref)),
             (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x),
             (compat, "mosaic_gpu_load", lambda ref, _: ref[...]),

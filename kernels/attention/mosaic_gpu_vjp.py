@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common, triton_vjp
 from kernels.attention.mosaic_gpu import GRID_NAMES, check_runs_here, tile_visible
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, launch, matmul_t,
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, launch, matmuls_t,
                                       pad_rows, ring_scratch, skip, specialize, tiled_smem)
 
 
@@ -74,27 +74,31 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         def step(i, carry, masked):
             dk, dv = carry
             n = i - first
-            q_ring.wait(n)
-            lse_ring.wait(n)
+            for ring in rings:
+                ring.wait(n)
+            q_tile, do_tile = q_ring.tile(n), do_ring.tile(n)
 
-            s_t = matmul_t(k_tile, q_ring.tile(n))
-            if masked:
-                visible = tile_visible(plan, j * block_k, i * block_q, s_t.shape, transposed=True)
-                s_t = jnp.where(visible, s_t, -jnp.inf)
-            lse = compat.mosaic_gpu_load(lse_ring.tile(n), column)
-            p_t = jnp.exp2(s_t * plan.scale_log2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            lse_ring.release(n)
-            do_ring.wait(n)
-            delta_ring.wait(n)
+            def softmax(s_t):
+                if masked:
+                    visible = tile_visible(plan, j * block_k, i * block_q, s_t.shape,
+                                           transposed=True)
+                    s_t = jnp.where(visible, s_t, -jnp.inf)
+                lse = compat.mosaic_gpu_load(lse_ring.tile(n), column)
+                return jnp.exp2(s_t * plan.scale_log2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
-            dv = accumulate(dv, p_t.astype(k_tile.dtype), do_ring.tile(n))
-            dp_t = matmul_t(v_tile, do_ring.tile(n))
-            do_ring.release(n)
+            # dp^T = v do^T runs on the tensor cores while the softmax of s^T = k q^T does not.
+            p_t, dp_t = matmuls_t((k_tile, q_tile), (v_tile, do_tile), softmax)
             delta = compat.mosaic_gpu_load(delta_ring.tile(n), column)
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-            delta_ring.release(n)
-            dk = accumulate(dk, ds_t.astype(k_tile.dtype), q_ring.tile(n))
-            q_ring.release(n)
+
+            def update(accs):
+                dk_ref, dv_ref = accs
+                plgpu.wgmma(dv_ref, p_t.astype(k_tile.dtype), do_tile)
+                # ds^T while p^T do is on the tensor cores.
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                plgpu.wgmma(dk_ref, ds_t.astype(k_tile.dtype), q_tile)
+            dk, dv = pl.run_state(update)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+            for ring in rings:   # the products that read the slots are complete
+                ring.release(n)
             return dk, dv
 
         zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
@@ -141,12 +145,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
 
         def step(t, dq, masked):
             k_ring.wait(t)
-            s = matmul_t(q_tile, k_ring.tile(t))
-            if masked:
-                s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s, -jnp.inf)
-            p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
             v_ring.wait(t)
-            dp = matmul_t(do_tile, v_ring.tile(t))
+
+            def softmax(s):
+                if masked:
+                    s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s,
+                                  -jnp.inf)
+                return jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
+
+            # dp = do v^T runs on the tensor cores while the softmax of s = q k^T does not.
+            p, dp = matmuls_t((q_tile, k_ring.tile(t)), (do_tile, v_ring.tile(t)), softmax)
             v_ring.release(t)
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
             dq = accumulate(dq, ds.astype(q_tile.dtype), k_ring.tile(t))
