@@ -19,7 +19,9 @@ q, do [bq, D] and lse, delta [bq] from the first query tile the lower key tile n
 upper key tile's warpgroup skips the ones before its own first; the dQ kernel streams k, v up to
 the last key tile the upper query tile needs, and the lower one skips the rest. Masks only on the
 tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq accumulate in f32
-registers, p and ds enter the tensor cores in bf16 from registers.
+registers, p and ds enter the tensor cores in bf16 from registers. Within a step the products
+overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right behind s, so the
+softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed while p^T do runs.
 
 FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
 14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
