@@ -34,8 +34,8 @@ IMPLEMENTATIONS = ("reference", *BACKENDS)
 
 def default_implementation(q: jax.Array | None = None) -> str:
     """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 q on a Hopper GPU where the tuning table says it
-    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`), else "triton"; anything else -> "triton"
-    (interpreted)."""
+    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`), else "triton";
+    anything else -> "triton" (interpreted)."""
     backend = jax.default_backend()
     if backend == "tpu":
         return "tpu"
