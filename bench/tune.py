@@ -91,10 +91,12 @@ MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
     (128, 128, 2, 1), (64, 64, 3, 1)])
 # Its backward: Triton's (mosaic_backward=0) or its own, with the query and key tiles both kernels
-# use and their ring depth.
-MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_stages")
+# use, their ring depth and whether the dK/dV kernel also sums dq (one pass, no dQ kernel).
+MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_stages",
+                   "bwd_fused_dq")
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
-    (1, 64, 64, 2), (0, 64, 64, 2), (1, 64, 64, 3), (1, 128, 64, 2), (1, 64, 128, 2)])
+    (1, 64, 64, 2, 0), (0, 64, 64, 2, 0), (1, 64, 64, 3, 0), (1, 128, 64, 2, 0),
+    (1, 64, 128, 2, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
 
 
 def _head_dim(key: str) -> int:

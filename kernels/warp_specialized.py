@@ -20,6 +20,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are multiples of it
 CONSUMERS = 2      # consumer warpgroups per CTA
 SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle
+IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
 
 
 def on_sm90() -> bool:

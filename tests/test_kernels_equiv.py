@@ -17,6 +17,7 @@ from tests.equiv import ON_CPU, assert_within_twice_reference, f32_precision, ma
 # ------------------------------------------------------------------ attention
 import functools
 import re
+import threading
 import zlib
 from typing import NamedTuple
 
@@ -86,10 +87,21 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
-    # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above).
-    blocks = {"mosaic_backward": 1} if impl == "mosaic_gpu" else None
+    # mosaic_gpu: its own two-kernel backward, whatever the tuning table picked (Triton's is
+    # tested above, the one-pass one below).
+    blocks = {"mosaic_backward": 1, "bwd_fused_dq": 0} if impl == "mosaic_gpu" else None
     _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
                      SMALL_BLOCKS if small and ON_CPU else blocks)
+
+
+@pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="mosaic_gpu runs on a Hopper GPU; on CPU "
+                    "test_attention_mosaic_gpu_backward_in_the_gpu_interpreter runs it")
+@pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
+def test_attention_mosaic_gpu_fused_dq_matches_reference(batch, seq, heads, head_dim, causal,
+                                                         q_scale, small):
+    """The one-pass backward: dq summed by the dK/dV kernel's TMA reduce-adds."""
+    _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
+                     {"mosaic_backward": 1, "bwd_fused_dq": 1})
 
 
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
@@ -198,21 +210,22 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
 
 @pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("mosaic_backward, backward_calls", [
-    (1, ["mosaic_gpu"] * 2), (0, ["__gpu$xla.gpu.triton"] * 2)], ids=["mosaic_bwd", "triton_bwd"])
+@pytest.mark.parametrize("backward, backward_calls", [
+    ({"mosaic_backward": 1, "bwd_fused_dq": 0}, ["mosaic_gpu"] * 2),
+    ({"mosaic_backward": 1, "bwd_fused_dq": 1}, ["mosaic_gpu"]),
+    ({"mosaic_backward": 0}, ["__gpu$xla.gpu.triton"] * 2)],
+    ids=["mosaic_bwd", "mosaic_bwd_fused_dq", "triton_bwd"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, mosaic_backward,
-                                                    backward_calls):
+def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, backward_calls):
     """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
     (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
-    and barriers in Python; its gradient adds the Mosaic GPU dK/dV and dQ kernels, or Triton's
-    with mosaic_backward=0, on the saved residuals. (The kernels' PTX is only built on the GPU,
-    at the first run.)"""
+    and barriers in Python; its gradient adds the Mosaic GPU dK/dV and dQ kernels (or the dK/dV
+    kernel alone with bwd_fused_dq), or Triton's with mosaic_backward=0, on the saved residuals.
+    (The kernels' PTX is only built on the GPU, at the first run.)"""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
-                                  block_sizes={"mosaic_backward": mosaic_backward},
-                                  interpret=False)
+                                  block_sizes=backward, interpret=False)
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
@@ -228,6 +241,7 @@ def _in_the_gpu_interpreter(monkeypatch):
     accumulators (zeros, or pl.run_state's initial value), layout casts and loads in a layout (it
     has no layouts)."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
     from jax._src.state import types as state_types
     from jax.experimental import pallas as pl
@@ -249,10 +263,30 @@ def _in_the_gpu_interpreter(monkeypatch):
         def init(value):
             return AccType(value.shape, value.dtype, value)
 
+    def operand(x):   # registers, a shared-memory ref, or a transposed one ("T", ref)
+        if isinstance(x, tuple):
+            return x[1][...].T
+        return x if isinstance(x, jax.Array) else x[...]
+
     def wgmma(acc, a, b):
-        a = a if isinstance(a, jax.Array) else a[...]
-        b = b[1][...].T if isinstance(b, tuple) else b[...]
-        acc.value = acc.value + jnp.dot(a, b, preferred_element_type=jnp.float32)
+        acc.value = acc.value + jnp.dot(operand(a), operand(b), preferred_element_type=jnp.float32)
+
+    def copy_smem_to_gmem(*, reduction_op, **kwargs):
+        """The TMA's reduce-add (cp.reduce.async.bulk), which jax 0.10's interpreter refuses: its
+        plain copy with the store into the destination made dst += src, one copy at a time."""
+        if reduction_op is None:
+            return real_copy(reduction_op=None, **kwargs)
+        memory = type(gpu_callbacks._get_shared_memory())
+        dst = gpu_callbacks.HostAllocationKey.from_array(kwargs["dst_allocation_key_as_array"])
+        with reduction_lock, monkeypatch.context() as patch:  # one add at a time, as in L2
+            store = memory.store_buffer_content
+
+            def add(self, key, rnge, value, thread, *args, **kw):
+                if key == dst:
+                    value = value + self.get_buffer_content(key, rnge, thread)[0]
+                return store(self, key, rnge, value, thread, *args, **kw)
+            patch.setattr(memory, "store_buffer_content", add)
+            return real_copy(reduction_op=None, **kwargs)
 
     def run_scoped(f, *types, **kwargs):
         if types and all(isinstance(t, AccType) for t in types):
@@ -268,8 +302,10 @@ def _in_the_gpu_interpreter(monkeypatch):
                                           is_leaf=lambda a: isinstance(a, Acc))
         return run
 
-    real_run_scoped = pl.run_scoped
+    real_run_scoped, real_copy = pl.run_scoped, gpu_callbacks.copy_smem_to_gmem
+    reduction_lock = threading.Lock()
     for module, name, value in [
+            (gpu_callbacks, "copy_smem_to_gmem", copy_smem_to_gmem),
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
             (pl, "run_state", run_state),
             (plgpu, "wgmma_accumulator_load", lambda acc, wait_n=0: acc.value),
@@ -313,19 +349,22 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
 
 
-@pytest.mark.parametrize("seq, head_dim, causal", [(256, 64, True), (200, 128, False)])
+@pytest.mark.parametrize("seq, head_dim, causal, fused_dq", [
+    (256, 64, True, 0), (200, 128, False, 0), (256, 64, True, 1), (200, 128, False, 1)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, monkeypatch):
-    """The Mosaic GPU dK/dV and dQ kernels in jax's Mosaic GPU interpreter (wgmma emulated), on
-    the reference's residuals: dq, dk, dv vs the math. Tiles of 64 and 2 stages over 256 rows: the
+def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, fused_dq,
+                                                              monkeypatch):
+    """The Mosaic GPU backward in jax's Mosaic GPU interpreter (wgmma emulated), on the
+    reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels, or (fused_dq) the
+    dK/dV kernel alone adding dq by TMA reduce-add. Tiles of 64 and 2 stages over 256 rows: the
     rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
     neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
     masked last tile (and padded rows whose do is zero)."""
     from kernels.attention import common, mosaic_gpu_vjp
     _in_the_gpu_interpreter(monkeypatch)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
-              "bwd_block_k": 64, "bwd_num_stages": 2}
+              "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_fused_dq": fused_dq}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
     q, k, v, do = (jax.random.normal(key, (1, seq, 2, head_dim), jnp.bfloat16)

@@ -68,7 +68,7 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # GPU one (mosaic_gpu_vjp.py), with its tiles and ring depth.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1,
-            mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2,
+            mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }

@@ -42,13 +42,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common, triton_vjp
 from kernels.attention.mosaic_gpu import GRID_NAMES, check_runs_here, tile_visible
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, launch, matmuls_t,
-                                      pad_rows, ring_scratch, skip, specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accumulate, launch,
+                                      matmuls_t, pad_rows, ring_scratch, skip, specialize,
+                                      tiled_smem)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, k_smem,
-                 v_smem, kv_loaded, q_ring, do_ring, lse_ring, delta_ring, plan, block_q,
-                 block_k):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
+                 kv_loaded, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, plan,
+                 block_q, block_k):
+    # grad_refs: (dq_acc, dk, dv) when dq is accumulated here (ds_smem given), else (dk, dv).
+    *dq_acc, dk_ref, dv_ref = grad_refs
     b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
     q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
     q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
@@ -93,21 +96,44 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
             delta = compat.mosaic_gpu_load(delta_ring.tile(n), column)
 
             def update(accs):
-                dk_ref, dv_ref = accs
-                plgpu.wgmma(dv_ref, p_t.astype(k_tile.dtype), do_tile)
+                plgpu.wgmma(accs[1], p_t.astype(k_tile.dtype), do_tile)
                 # ds^T while p^T do is on the tensor cores.
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                plgpu.wgmma(dk_ref, ds_t.astype(k_tile.dtype), q_tile)
-            dk, dv = pl.run_state(update)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+                ds_t = ds_t.astype(k_tile.dtype)
+                if dq_acc:
+                    # wgmma takes a transposed operand only from shared memory: ds = (ds^T)^T.
+                    ds_smem.at[wg][...] = ds_t
+                    plgpu.commit_smem()
+                plgpu.wgmma(accs[0], ds_t, q_tile)
+                if dq_acc:
+                    plgpu.wgmma(accs[2], ds_smem.at[wg].transpose((1, 0)), k_tile)
+            accs = (dk, dv, zeros(block_q)) if dq_acc else (dk, dv)
+            dk, dv, *dq = pl.run_state(update)(tuple(plgpu.ACC.init(x) for x in accs))
             for ring in rings:   # the products that read the slots are complete
                 ring.release(n)
+            if dq_acc:
+                add_dq(i, dq[0])
             return dk, dv
 
-        zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
-                                  plgpu.Layout.WGMMA)
+        def add_dq(i, dq):
+            """dq_acc[query tile i] += dq by TMA reduce-add, through shared memory in slices of
+            IO_COLUMNS (a 128-byte swizzled f32 row) once the last step's adds have read it."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for c in range(dq_smem.shape[1]):
+                dq_smem.at[wg, c][...] = dq[:, c * IO_COLUMNS:(c + 1) * IO_COLUMNS]
+            plgpu.commit_smem()
+            for c in range(dq_smem.shape[1]):
+                plgpu.copy_smem_to_gmem(
+                    dq_smem.at[wg, c],
+                    dq_acc[0].at[b, pl.ds(i * block_q, block_q), h, pl.ds(c * IO_COLUMNS,
+                                                                          IO_COLUMNS)],
+                    reduction_op="add")
+
+        zeros = lambda rows: plgpu.layout_cast(
+            jnp.zeros((rows, k_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
         # In stream order: the masked tiles (on the diagonal) come before the unmasked ones.
         carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True),
-                              (zeros, zeros))
+                              (zeros(block_k), zeros(block_k)))
         dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
         # Both products that read k_tile and v_tile are complete: they stage dk and dv.
         k_tile[...] = (dk * plan.sm_scale).astype(k_tile.dtype)
@@ -183,9 +209,15 @@ def backward(plan: common.Plan, residuals, do):
 
     Tiles are raised to 64 rows (wgmma's M) and the sequence padded to a multiple of a CTA's two
     tiles in both kernels; padded rows have do = 0 and delta = 0, so they add nothing."""
-    config = plan.config
-    if not config["mosaic_backward"]:
+    if not plan.config["mosaic_backward"]:
         return triton_vjp.backward(plan, residuals, do)
+    return _mosaic_backward(plan, residuals, do)
+
+
+# Jitted: the dq accumulator, a GMEM ref, can only be made inside a jit (also when called eagerly).
+@functools.partial(jax.jit, static_argnums=0)
+def _mosaic_backward(plan: common.Plan, residuals, do):
+    config = plan.config
     q, k, v, o, lse, o_lo = residuals
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
@@ -197,6 +229,10 @@ def backward(plan: common.Plan, residuals, do):
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
     grad = lambda: jax.ShapeDtypeStruct(q_p.shape, q.dtype)
     vector_ring = lambda: ring_scratch(plgpu.SMEM((stages, bq), jnp.float32), stages)
+    fused = bool(config["bwd_fused_dq"])
+    # One pass: dq's f32 sum is added into a zeroed buffer by the dK/dV kernel's CTAs.
+    dq_acc = ([jax.new_ref(jnp.zeros(q_p.shape, jnp.float32), memory_space=plgpu.GMEM)]
+              if fused else [])
 
     dk, dv = launch(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk),
@@ -206,21 +242,27 @@ def backward(plan: common.Plan, residuals, do):
                      kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS),
                      q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
-                     lse_ring=vector_ring(), delta_ring=vector_ring()),
+                     lse_ring=vector_ring(), delta_ring=vector_ring(),
+                     ds_smem=tiled_smem(q.dtype, CONSUMERS, bk, bq) if fused else None,
+                     dq_smem=(tiled_smem(jnp.float32, CONSUMERS, d // IO_COLUMNS, bq, IO_COLUMNS)
+                              if fused else None)),
         grid=(padded // (CONSUMERS * bk), b, h), grid_names=GRID_NAMES,
         name="flash_attention_dkdv_mgpu",
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
-    dq = launch(
-        functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk),
-        out_type=grad(),
-        scratch=dict(q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
-                     do_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
-                     lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-                     delta_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-                     q_loaded=plgpu.Barrier(num_barriers=4 * CONSUMERS),
-                     k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
-                     v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
-        grid=(padded // (CONSUMERS * bq), b, h), grid_names=GRID_NAMES,
-        name="flash_attention_dq_mgpu",
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dq_acc)
+    if fused:
+        dq = (jax.freeze(dq_acc[0]) * plan.sm_scale).astype(q.dtype)
+    else:
+        dq = launch(
+            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk),
+            out_type=grad(),
+            scratch=dict(q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
+                         do_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
+                         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+                         delta_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+                         q_loaded=plgpu.Barrier(num_barriers=4 * CONSUMERS),
+                         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
+                         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
+            grid=(padded // (CONSUMERS * bq), b, h), grid_names=GRID_NAMES,
+            name="flash_attention_dq_mgpu",
+        )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     return dq[:, :s], dk[:, :s], dv[:, :s]

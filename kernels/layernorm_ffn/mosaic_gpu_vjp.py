@@ -37,12 +37,11 @@ from kernels import mosaic_gpu_gemm
 from kernels.layernorm_ffn import mosaic_gpu, triton_vjp
 from kernels.layernorm_ffn.common import check_tile
 from kernels.mosaic_gpu_gemm import BLOCK_K
-from kernels.warp_specialized import (CONSUMERS, Ring, accumulate, launch, pad_rows, ring_scratch,
-                                      specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, Ring, accumulate, launch, pad_rows,
+                                      ring_scratch, specialize, tiled_smem)
 
 GEMMS = ("dz", "dxn", "dw")
 TOKEN_TILES = ("lnb_block_t",)
-IO_COLUMNS = 32   # f32 columns per TMA store: one 128-byte swizzled row
 SUMS_COLUMNS = 64  # the ones block's width (wgmma's B tile: one 128-byte swizzled bf16 row)
 FLUSH_STEPS = 4   # a unit's TMA reduce-add costs about this many k-steps (for choosing chunks)
 
