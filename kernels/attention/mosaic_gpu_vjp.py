@@ -48,9 +48,9 @@ from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accu
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
-                 kv_loaded, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, plan,
-                 block_q, block_k):
-    # grad_refs: (dq_acc, dk, dv) when dq is accumulated here (ds_smem given), else (dk, dv).
+                 kv_loaded, q_ring, do_ring, lse_ring, delta_ring, dq_scratch, plan, block_q,
+                 block_k):
+    # grad_refs: (dq_acc, dk, dv) with bwd_fused_dq (dq_scratch given), else (dk, dv).
     *dq_acc, dk_ref, dv_ref = grad_refs
     b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
     q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
@@ -58,12 +58,58 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
     # The stream runs from the first query tile the lower key tile sees (the earliest either sees)
     # to the end, which both see.
     first, _, stream_end = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
+    count = stream_end - first
     rings = (Ring(lambda n: q_ref.at[q_rows(first + n)], *q_ring),
              Ring(lambda n: do_ref.at[q_rows(first + n)], *do_ring),
              Ring(lambda n: lse_ref.at[q_cols(first + n)], *lse_ring),
              Ring(lambda n: delta_ref.at[q_cols(first + n)], *delta_ring))
     q_ring, do_ring, lse_ring, delta_ring = rings
     column = compat.mosaic_gpu_column_layout()
+    if dq_acc:
+        ds_smem, dq_smem, dq_ready, dq_free = dq_scratch
+
+    def add_dq(n, wg, k_tile=None):
+        """The n-th query tile's dq = ds k over this CTA's two key tiles, added into dq_acc in
+        one TMA reduce-add (half the L2 traffic of one per warpgroup). Warpgroup 0 puts its
+        (ds^T)^T k into slot n % 2 of dq_smem; warpgroup 1 adds its own onto it and sends the
+        sum, or sends it as it is for the tiles it skips (k_tile None), then frees the slot once
+        the TMA has read it. A slot is [D / IO_COLUMNS, bq, IO_COLUMNS]: each slice of columns
+        one contiguous TMA source."""
+        slot = dq_smem.at[lax.rem(n, 2)]
+        columns = range(slot.shape[0])
+        chunk = lambda x, c: x[:, c * IO_COLUMNS:(c + 1) * IO_COLUMNS]
+        product = lambda: pl.run_scoped(
+            lambda acc: (plgpu.wgmma(acc, ds_smem.at[wg].transpose((1, 0)), k_tile), acc[...])[1],
+            plgpu.ACC((block_q, k_smem.shape[-1]), jnp.float32))
+
+        def partial():
+            dq = product()
+            pl.when(n >= 2)(lambda: plgpu.barrier_wait(dq_free.at[lax.rem(n, 2)]))
+            for c in columns:
+                slot.at[c][...] = chunk(dq, c)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(dq_ready.at[lax.rem(n, 2)])
+        if k_tile is not None:   # warpgroup 0 never skips
+            pl.when(wg == 0)(partial)
+
+        @pl.when(wg == 1)
+        def _send():
+            dq = None if k_tile is None else product()
+            plgpu.barrier_wait(dq_ready.at[lax.rem(n, 2)])
+            if dq is not None:
+                for c in columns:
+                    slot.at[c][...] = (compat.mosaic_gpu_load(slot.at[c], plgpu.Layout.WGMMA)
+                                       + chunk(dq, c))
+                plgpu.commit_smem()
+            for c in columns:
+                plgpu.copy_smem_to_gmem(
+                    slot.at[c], dq_acc[0].at[(*q_rows(first + n), pl.ds(c * IO_COLUMNS, IO_COLUMNS))],
+                    commit_group=c == columns[-1], reduction_op="add")
+
+            @pl.when(n >= 1)
+            def _free_previous():
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                plgpu.barrier_arrive(dq_free.at[lax.rem(n - 1, 2)])
 
     def consume(wg):
         j = CONSUMERS * pair + wg
@@ -72,7 +118,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         plgpu.copy_gmem_to_smem(k_ref.at[k_rows], k_tile, kv_loaded.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[k_rows], v_tile, kv_loaded.at[CONSUMERS + wg])
         start, unmasked_from, end = common.q_tiles(j, plan, block_q, block_k)
-        lax.fori_loop(0, start - first, lambda n, _: skip(rings, n), None)
+
+        def skip_tile(n, _):   # only warpgroup 1 skips tiles: the ones before its first
+            skip(rings, n)
+            if dq_acc:
+                add_dq(n, wg)
+        lax.fori_loop(0, start - first, skip_tile, None)
         plgpu.barrier_wait(kv_loaded.at[wg])
         plgpu.barrier_wait(kv_loaded.at[CONSUMERS + wg])
 
@@ -96,45 +147,35 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
             delta = compat.mosaic_gpu_load(delta_ring.tile(n), column)
 
             def update(accs):
-                plgpu.wgmma(accs[1], p_t.astype(k_tile.dtype), do_tile)
+                dk_ref, dv_ref = accs
+                plgpu.wgmma(dv_ref, p_t.astype(k_tile.dtype), do_tile)
                 # ds^T while p^T do is on the tensor cores.
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
                 ds_t = ds_t.astype(k_tile.dtype)
-                if dq_acc:
-                    # wgmma takes a transposed operand only from shared memory: ds = (ds^T)^T.
+                if dq_acc:   # for dq: wgmma transposes only operands in shared memory
                     ds_smem.at[wg][...] = ds_t
                     plgpu.commit_smem()
-                plgpu.wgmma(accs[0], ds_t, q_tile)
-                if dq_acc:
-                    plgpu.wgmma(accs[2], ds_smem.at[wg].transpose((1, 0)), k_tile)
-            accs = (dk, dv, zeros(block_q)) if dq_acc else (dk, dv)
-            dk, dv, *dq = pl.run_state(update)(tuple(plgpu.ACC.init(x) for x in accs))
+                plgpu.wgmma(dk_ref, ds_t, q_tile)
+            dk, dv = pl.run_state(update)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
             for ring in rings:   # the products that read the slots are complete
                 ring.release(n)
-            if dq_acc:
-                add_dq(i, dq[0])
+            if dq_acc:   # p^T and dp^T are dead: dq's accumulator fits in the registers
+                add_dq(n, wg, k_tile)
             return dk, dv
 
-        def add_dq(i, dq):
-            """dq_acc[query tile i] += dq by TMA reduce-add, through shared memory in slices of
-            IO_COLUMNS (a 128-byte swizzled f32 row) once the last step's adds have read it."""
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            for c in range(dq_smem.shape[1]):
-                dq_smem.at[wg, c][...] = dq[:, c * IO_COLUMNS:(c + 1) * IO_COLUMNS]
-            plgpu.commit_smem()
-            for c in range(dq_smem.shape[1]):
-                plgpu.copy_smem_to_gmem(
-                    dq_smem.at[wg, c],
-                    dq_acc[0].at[b, pl.ds(i * block_q, block_q), h, pl.ds(c * IO_COLUMNS,
-                                                                          IO_COLUMNS)],
-                    reduction_op="add")
-
-        zeros = lambda rows: plgpu.layout_cast(
-            jnp.zeros((rows, k_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+        zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
+                                  plgpu.Layout.WGMMA)
         # In stream order: the masked tiles (on the diagonal) come before the unmasked ones.
         carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True),
-                              (zeros(block_k), zeros(block_k)))
+                              (zeros, zeros))
         dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
+        if dq_acc:   # every phase of dq_free observed: the last two tiles' sends are read
+            pl.when(wg == 1)(lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True))
+            pl.when((wg == 1) & (count >= 1))(
+                lambda: plgpu.barrier_arrive(dq_free.at[lax.rem(count - 1, 2)]))
+            pl.when(wg == 0)(lambda: lax.fori_loop(
+                jnp.maximum(count - 2, 0), count,
+                lambda m, _: plgpu.barrier_wait(dq_free.at[lax.rem(m, 2)]), None))
         # Both products that read k_tile and v_tile are complete: they stage dk and dv.
         k_tile[...] = (dk * plan.sm_scale).astype(k_tile.dtype)
         v_tile[...] = dv.astype(v_tile.dtype)
@@ -143,7 +184,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[k_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, rings, stream_end - first)
+    specialize(consume, rings, count)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
@@ -243,9 +284,11 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                      q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      lse_ring=vector_ring(), delta_ring=vector_ring(),
-                     ds_smem=tiled_smem(q.dtype, CONSUMERS, bk, bq) if fused else None,
-                     dq_smem=(tiled_smem(jnp.float32, CONSUMERS, d // IO_COLUMNS, bq, IO_COLUMNS)
-                              if fused else None)),
+                     # ds^T per warpgroup, two slots of dq and their handover barriers
+                     dq_scratch=(tiled_smem(q.dtype, CONSUMERS, bk, bq),
+                                 tiled_smem(jnp.float32, 2, d // IO_COLUMNS, bq, IO_COLUMNS),
+                                 plgpu.Barrier(num_barriers=2),
+                                 plgpu.Barrier(num_barriers=2)) if fused else None),
         grid=(padded // (CONSUMERS * bk), b, h), grid_names=GRID_NAMES,
         name="flash_attention_dkdv_mgpu",
     )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dq_acc)
