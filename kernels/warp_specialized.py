@@ -21,6 +21,10 @@ WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are
 CONSUMERS = 2      # consumer warpgroups per CTA
 SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle
 IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
+# Registers per thread after warp specialization (setmaxnreg; 2 x 240 + 24 = 504 of 512 per lane
+# across the three warpgroups). ptxas spilled 60 bytes in the attention forward and 80 in its
+# dK/dV kernel at head_dim 128 with 232 / 40; 8 and 8 with 240 / 24 (bench/RESULTS.md).
+CONSUMER_REGISTERS, PRODUCER_REGISTERS = 240, 24
 
 
 def on_sm90() -> bool:
@@ -91,12 +95,12 @@ def specialize(consume: Callable, rings, count) -> None:
 
     @pl.when(wg < CONSUMERS)
     def _consume():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
         consume(wg)
 
     @pl.when(wg == CONSUMERS)
     def _produce():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
         produce(rings, count)
 
 

@@ -65,8 +65,9 @@ def _value_and_grads(f, args, cotangent):
 
 def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None):
     """o, dq, dk, dv of the kernel (bf16) vs the math in f32, within twice the bf16 math's error,
-    on fresh random inputs drawn from a seed of the case."""
-    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}{blocks}".encode())
+    on fresh random inputs drawn from a seed of the case (the same for every block
+    configuration of one implementation, so their errors compare)."""
+    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}".encode())
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
                    for key in keys)

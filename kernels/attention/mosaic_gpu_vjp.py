@@ -26,6 +26,14 @@ softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed whil
 FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
 14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
 
+One pass (`bwd_fused_dq` = 1): the dK/dV kernel also computes ds = (ds^T)^T and dq += ds k, 5
+products instead of 7, with no dQ kernel. dq's f32 sum goes into a zeroed buffer by TMA
+reduce-add: the CTA's two warpgroups first add their partials for the query tile in shared memory
+(`add_dq`), which halves the L2 reduce traffic (causal, 64-row key tiles: S^2 D / 64 bytes per
+(batch, head), 4.3 GB at the sweep's S 8192, head_dim 128). Run to run, the order of the adds
+varies and with it dq's last bits. Measured slower than the two kernels so far (bench/RESULTS.md,
+version 6: ptxas spills at head_dim 128), so the tuning table does not pick it.
+
 `mosaic_backward` = 0 in the tuning configuration differentiates the Mosaic GPU forward with
 triton_vjp instead (same residuals), where bench/tune.py measures that faster.
 """
@@ -42,8 +50,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common, triton_vjp
 from kernels.attention.mosaic_gpu import GRID_NAMES, check_runs_here, tile_visible
-from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accumulate, launch,
-                                      matmuls_t, pad_rows, ring_scratch, skip, specialize,
+from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
+                                      launch, matmuls_t, pad_rows, ring_scratch, skip, specialize,
                                       tiled_smem)
 
 
@@ -74,19 +82,29 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         (ds^T)^T k into slot n % 2 of dq_smem; warpgroup 1 adds its own onto it and sends the
         sum, or sends it as it is for the tiles it skips (k_tile None), then frees the slot once
         the TMA has read it. A slot is [D / IO_COLUMNS, bq, IO_COLUMNS]: each slice of columns
-        one contiguous TMA source."""
+        one contiguous TMA source. The product runs 64 columns at a time, so that its
+        accumulator beside dk and dv stays within a thread's registers at head_dim 128."""
         slot = dq_smem.at[lax.rem(n, 2)]
-        columns = range(slot.shape[0])
-        chunk = lambda x, c: x[:, c * IO_COLUMNS:(c + 1) * IO_COLUMNS]
-        product = lambda: pl.run_scoped(
-            lambda acc: (plgpu.wgmma(acc, ds_smem.at[wg].transpose((1, 0)), k_tile), acc[...])[1],
-            plgpu.ACC((block_q, k_smem.shape[-1]), jnp.float32))
+        width = SWIZZLE // k_smem.dtype.itemsize          # k_tile's columns per swizzled row
+        per_block = width // IO_COLUMNS
+
+        def product(block):   # -> the block-th 64 columns of this warpgroup's ds k
+            def run(acc):
+                plgpu.wgmma(acc, ds_smem.at[wg].transpose((1, 0)),
+                            k_tile.at[:, pl.ds(block * width, width)])
+                return acc[...]
+            return pl.run_scoped(run, plgpu.ACC((block_q, width), jnp.float32))
+
+        def chunks(block):   # the slot's IO_COLUMNS-wide slices of that block, with their columns
+            return [(slot.at[block * per_block + c], slice(c * IO_COLUMNS, (c + 1) * IO_COLUMNS))
+                    for c in range(per_block)]
 
         def partial():
-            dq = product()
             pl.when(n >= 2)(lambda: plgpu.barrier_wait(dq_free.at[lax.rem(n, 2)]))
-            for c in columns:
-                slot.at[c][...] = chunk(dq, c)
+            for block in range(k_smem.shape[-1] // width):
+                dq = product(block)
+                for dst, cols in chunks(block):
+                    dst[...] = dq[:, cols]
             plgpu.commit_smem()
             plgpu.barrier_arrive(dq_ready.at[lax.rem(n, 2)])
         if k_tile is not None:   # warpgroup 0 never skips
@@ -94,13 +112,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
 
         @pl.when(wg == 1)
         def _send():
-            dq = None if k_tile is None else product()
             plgpu.barrier_wait(dq_ready.at[lax.rem(n, 2)])
-            if dq is not None:
-                for c in columns:
-                    slot.at[c][...] = (compat.mosaic_gpu_load(slot.at[c], plgpu.Layout.WGMMA)
-                                       + chunk(dq, c))
+            if k_tile is not None:
+                for block in range(k_smem.shape[-1] // width):
+                    dq = product(block)
+                    for dst, cols in chunks(block):
+                        dst[...] = compat.mosaic_gpu_load(dst, plgpu.Layout.WGMMA) + dq[:, cols]
                 plgpu.commit_smem()
+            columns = range(slot.shape[0])
             for c in columns:
                 plgpu.copy_smem_to_gmem(
                     slot.at[c], dq_acc[0].at[(*q_rows(first + n), pl.ds(c * IO_COLUMNS, IO_COLUMNS))],
