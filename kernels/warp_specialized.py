@@ -21,10 +21,11 @@ WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are
 CONSUMERS = 2      # consumer warpgroups per CTA
 SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle
 IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
-# Registers per thread after warp specialization (setmaxnreg; 2 x 240 + 24 = 504 of 512 per lane
-# across the three warpgroups). ptxas spilled 60 bytes in the attention forward and 80 in its
-# dK/dV kernel at head_dim 128 with 232 / 40; 8 and 8 with 240 / 24 (bench/RESULTS.md).
-CONSUMER_REGISTERS, PRODUCER_REGISTERS = 240, 24
+# Registers per thread after warp specialization (setmaxnreg): (2 x 232 + 40) x 128 threads =
+# 64,512 of an SM's 65,536. 240 / 24 cut ptxas's spills in the head_dim-128 attention
+# kernels (forward 60 -> 8 bytes, dK/dV 80 -> 8) but moved their times only within +-2% and
+# slowed the training shape's forward by 2.5% (bench/RESULTS.md, version 7).
+CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40
 
 
 def on_sm90() -> bool:
