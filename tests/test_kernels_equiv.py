@@ -35,6 +35,7 @@ ATTENTION_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 # (diagonal tiles split unevenly) and the backward's tiles different from the forward's.
 SMALL_BLOCKS = dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
                     block_k_dq=16)
+MOSAIC_BACKWARD = {"mosaic_backward": 1}
 LARGE = pytest.mark.skipif(ON_CPU, reason="large shapes need an accelerator (interpret mode is slow)")
 
 # (batch, seq, heads, head_dim, causal, q_scale, small blocks); q_scale ~30 makes logits of tens to
@@ -63,11 +64,13 @@ def _value_and_grads(f, args, cotangent):
     return jax.jit(run)(args, cotangent)
 
 
-def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None):
+def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None,
+                     seed_blocks=None):
     """o, dq, dk, dv of the kernel (bf16) vs the math in f32, within twice the bf16 math's error,
-    on fresh random inputs drawn from a seed of the case (the same for every block
-    configuration of one implementation, so their errors compare)."""
-    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}".encode())
+    on fresh random inputs drawn from a seed of the case and the block configuration (or
+    seed_blocks, another configuration's, to face its inputs)."""
+    seed_blocks = blocks if seed_blocks is None else seed_blocks
+    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}{seed_blocks}".encode())
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
                    for key in keys)
@@ -88,9 +91,9 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
-    # mosaic_gpu: its own two-kernel backward, whatever the tuning table picked (Triton's is
-    # tested above, the one-pass one below).
-    blocks = {"mosaic_backward": 1, "bwd_fused_dq": 0} if impl == "mosaic_gpu" else None
+    # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above;
+    # the table picks the two-kernel one, the one-pass one is tested below).
+    blocks = MOSAIC_BACKWARD if impl == "mosaic_gpu" else None
     _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
                      SMALL_BLOCKS if small and ON_CPU else blocks)
 
@@ -101,9 +104,11 @@ def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, 
 def test_attention_mosaic_gpu_fused_dq_matches_reference(batch, seq, heads, head_dim, causal,
                                                          q_scale, small):
     """The one-pass backward: dq summed by the dK/dV kernel's TMA reduce-adds (2 stages: its
-    dq and ds buffers leave no shared memory for a third at head_dim 128)."""
+    dq and ds buffers leave no shared memory for a third at head_dim 128), on the inputs of
+    the case above, which the two-kernel backward passes."""
     _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
-                     {"mosaic_backward": 1, "bwd_fused_dq": 1, "bwd_num_stages": 2})
+                     {**MOSAIC_BACKWARD, "bwd_fused_dq": 1, "bwd_num_stages": 2},
+                     seed_blocks=MOSAIC_BACKWARD)
 
 
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
