@@ -82,8 +82,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         (ds^T)^T k into slot n % 2 of dq_smem; warpgroup 1 adds its own onto it and sends the
         sum, or sends it as it is for the tiles it skips (k_tile None), then frees the slot once
         the TMA has read it. A slot is [D / IO_COLUMNS, bq, IO_COLUMNS]: each slice of columns
-        one contiguous TMA source. The product runs 64 columns at a time, so that its
-        accumulator beside dk and dv stays within a thread's registers at head_dim 128."""
+        one contiguous TMA source. The product runs 64 columns at a time to keep its
+        accumulator small beside dk and dv (head_dim 128 still spills: RESULTS.md, version 6)."""
         slot = dq_smem.at[lax.rem(n, 2)]
         width = SWIZZLE // k_smem.dtype.itemsize          # k_tile's columns per swizzled row
         per_block = width // IO_COLUMNS
@@ -121,9 +121,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
                 plgpu.commit_smem()
             columns = range(slot.shape[0])
             for c in columns:
-                plgpu.copy_smem_to_gmem(
-                    slot.at[c], dq_acc[0].at[(*q_rows(first + n), pl.ds(c * IO_COLUMNS, IO_COLUMNS))],
-                    commit_group=c == columns[-1], reduction_op="add")
+                cols = pl.ds(c * IO_COLUMNS, IO_COLUMNS)
+                plgpu.copy_smem_to_gmem(slot.at[c], dq_acc[0].at[(*q_rows(first + n), cols)],
+                                        commit_group=c == columns[-1], reduction_op="add")
 
             @pl.when(n >= 1)
             def _free_previous():
