@@ -97,6 +97,10 @@ MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_sta
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (1, 64, 64, 2, 0), (0, 64, 64, 2, 0), (1, 64, 64, 3, 0), (1, 128, 64, 2, 0),
     (1, 64, 128, 2, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
+# Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
+# tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
+# the last group start. Forward and backward share it: timed on forward+backward.
+MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib} for mib in (12, 32, 1024)]
 
 
 def _head_dim(key: str) -> int:
@@ -205,6 +209,8 @@ OPS = {
         defaults=_mosaic_defaults,
         stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
+                      _time_attention(2, "mosaic_gpu")),
+                Stage("grid", lambda key: MOSAIC_GROUP_CANDIDATES,
                       _time_attention(2, "mosaic_gpu"))],
         total=_time_attention(2, "mosaic_gpu"),
         available=attention_mosaic_gpu.on_sm90),

@@ -323,24 +323,25 @@ def _in_the_gpu_interpreter(monkeypatch):
         monkeypatch.setattr(module, name, value)
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier",
-                         [(256, 64, True, 1), (200, 128, False, 0)])
+@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib",
+                         [(256, 64, True, 1, 0), (200, 128, False, 0, 12)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
-                                                     monkeypatch):
+                                                     group_mib, monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
     Key tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
     releases the tiles only its neighbour needs (in step with it through the ping-pong barrier);
-    200 rows leave a ragged, masked last key tile."""
+    200 rows leave a ragged, masked last key tile. Two batches of two heads: a group per
+    (batch, head) (group_mib 0) or one group of all four (launch_grid)."""
     _in_the_gpu_interpreter(monkeypatch)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "block_k": 64, "num_stages": 2,
-              "schedule_barrier": schedule_barrier}
+              "schedule_barrier": schedule_barrier, "group_mib": group_mib}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
-    q, k, v = (jax.random.normal(key, (1, seq, 1, head_dim), jnp.bfloat16)
+    q, k, v = (jax.random.normal(key, (2, seq, 2, head_dim), jnp.bfloat16)
                for key in jax.random.split(jax.random.PRNGKey(seq), 3))
     o, (*_, lse, o_lo) = mosaic_gpu.forward(q, k, v, plan, residuals=True)
 
@@ -354,6 +355,15 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)  # half a bf16 ulp
     assert max_err(upcast(o) + upcast(o_lo), ref_f32) <= max_err(o, ref_f32)
     assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
+
+
+def test_attention_mosaic_gpu_groups_the_heads_whose_tiles_fit_in_l2():
+    """launch_grid: (groups, pairs, members), members the most (batch, head)s dividing batch x
+    heads whose streamed tiles fit in group_mib MiB, at least one."""
+    mib = 2 ** 20
+    assert mosaic_gpu.launch_grid(2, 32, 64, 2 * mib, 12) == (16, 64, 4)  # 6 fit, 4 divide 64
+    assert mosaic_gpu.launch_grid(2, 3, 5, mib // 4, 12) == (1, 5, 6)     # all fit: one group
+    assert mosaic_gpu.launch_grid(2, 3, 5, 64 * mib, 12) == (6, 5, 1)     # none fits: one each
 
 
 @pytest.mark.parametrize("seq, head_dim, causal, fused_dq", [

@@ -18,7 +18,7 @@ residuals lse [B, H, S] f32 and o's low half [B, S, H, D] (common.low_half), the
 backward's format, so triton_vjp.backward differentiates this forward.
 
 Design (FlashAttention-3's warp specialization and ping-pong schedule):
-grid (S / 2bq, B, H): one CTA per pair of query tiles of one (batch, head), three warpgroups.
+grid launch_grid(): one CTA per pair of query tiles of one (batch, head), three warpgroups.
   * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
     then for every key tile t it needs computes s = q K_t^T by wgmma into an f32 accumulator
     [bq, bk] (registers), releases K_t, runs the online softmax in registers (the mask only on the
@@ -63,11 +63,12 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
-# ping-pong; bench/RESULTS.md); the backward: Triton's (mosaic_backward = 0, with Triton's
+# ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
+# (group_mib, launch_grid; forward and backward); the backward: Triton's (mosaic_backward = 0, with Triton's
 # parameters) unless the tuning table, measured where the equivalence suite passed, picks the Mosaic
 # GPU one (mosaic_gpu_vjp.py), with its tiles and ring depth.
 DEFAULTS = {
-    d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1,
+    d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12,
             mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
@@ -75,7 +76,30 @@ DEFAULTS = {
 NOT_HERE = "mosaic_gpu runs only on an sm90 GPU; use implementation='triton' to interpret on CPU"
 
 
-GRID_NAMES = ("pair", "batch", "heads")  # a pair of query tiles of one (batch, head)
+GRID_NAMES = ("group", "pair", "member")
+
+
+def launch_grid(batch: int, heads: int, num_pairs: int, head_bytes: int,
+                group_mib: int) -> tuple[int, int, int]:
+    """The grid (groups, pairs, members) of a CTA per pair of tiles of one (batch, head).
+
+    Pallas Mosaic GPU launches a grid row-major, the last axis fastest: the CTAs go out group by
+    group of `members` (batch, head)s, and within a group pair by pair (the longest first), one for
+    each member. A group's streamed tiles (K and V; in the backward q and do: head_bytes per
+    (batch, head)) stay in L2 while its CTAs run, and the longest CTAs of the last group start
+    well before the end. members: the most (batch, head)s, dividing batch x heads, whose tiles fit
+    in group_mib MiB.
+    """
+    units = batch * heads
+    fit = max(1, group_mib * 2**20 // head_bytes)
+    members = max(g for g in range(1, min(units, fit) + 1) if units % g == 0)
+    return units // members, num_pairs, members
+
+
+def batch_and_head(heads: int, members: int):
+    """This CTA's (batch, head) in a launch_grid of `members` per group."""
+    unit = lax.axis_index("group") * members + lax.axis_index("member")
+    return lax.div(unit, heads), lax.rem(unit, heads)
 
 
 def check_runs_here(plan: common.Plan, dtype) -> None:
@@ -92,9 +116,9 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 # ------------------------------------------------------------------ the forward
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_loaded, k_ring,
-            v_ring, schedule, plan, block_q, block_k, num_pairs):
+            v_ring, schedule, plan, block_q, block_k, num_pairs, members):
     lse_ref, o_lo_ref = residual_refs or (None, None)
-    b, h = lax.axis_index("batch"), lax.axis_index("heads")
+    b, h = batch_and_head(q_ref.shape[2], members)
     pair = triton.tile_order(lax.axis_index("pair"), num_pairs, plan.causal)
     kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
     k_ring = Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring)
@@ -214,12 +238,14 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         schedule=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
+    grid = launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize, config["group_mib"])
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(
-        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_pairs=num_pairs),
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_pairs=num_pairs,
+                          members=grid[2]),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
-        grid=(num_pairs, b, h), grid_names=GRID_NAMES, name="flash_attention_fwd_mgpu",
+        grid=grid, grid_names=GRID_NAMES, name="flash_attention_fwd_mgpu",
     )(*(pad_rows(x, padded) for x in (q, k, v)))
     o = outs[0][:, :s]
     if not residuals:

@@ -3,13 +3,13 @@
 The math is common.dq_step's and common.dkdv_step's (base 2, c = sm_scale log2 e; p recomputed from
 q, k and the forward's lse; delta = rowsum(do * (o + o_lo)) by XLA beforehand):
 
-    dK/dV  grid (S / 2bk, B, H): each consumer warpgroup owns a key tile [bk, D] and streams the
-           query tiles that see it, in transposed orientation so every product has the key tile
-           as wgmma's M (as in dkdv_step):
+    dK/dV  a CTA per pair of key tiles (mosaic_gpu.launch_grid): each consumer warpgroup owns
+           a key tile [bk, D] and streams the query tiles that see it, in transposed orientation
+           so every product has the key tile as wgmma's M (as in dkdv_step):
                s^T = k q^T     p^T = 2^(c s^T - lse)     dv += p^T do
                dp^T = v do^T   ds^T = p^T (dp^T - delta) dk += ds^T q        (dk *= sm_scale)
-    dQ     grid (S / 2bq, B, H): each consumer warpgroup owns a query tile [bq, D] (with do, lse,
-           delta) and streams the key tiles it sees:
+    dQ     a CTA per pair of query tiles: each consumer warpgroup owns a query tile [bq, D] (with
+           do, lse, delta) and streams the key tiles it sees:
                s = q k^T       p = 2^(c s - lse)         dp = do v^T
                ds = p (dp - delta)                       dq += ds k          (dq *= sm_scale)
 
@@ -48,8 +48,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
-from kernels.attention import common, triton_vjp
-from kernels.attention.mosaic_gpu import GRID_NAMES, check_runs_here, tile_visible
+from kernels.attention import common, triton, triton_vjp
+from kernels.attention.mosaic_gpu import (GRID_NAMES, batch_and_head, check_runs_here, launch_grid,
+                                          tile_visible)
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
                                       launch, matmuls_t, pad_rows, ring_scratch, skip, specialize,
                                       tiled_smem)
@@ -57,10 +58,11 @@ from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, R
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
                  kv_loaded, q_ring, do_ring, lse_ring, delta_ring, dq_scratch, plan, block_q,
-                 block_k):
+                 block_k, members):
     # grad_refs: (dq_acc, dk, dv) with bwd_fused_dq (dq_scratch given), else (dk, dv).
     *dq_acc, dk_ref, dv_ref = grad_refs
-    b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
+    b, h = batch_and_head(q_ref.shape[2], members)
+    pair = lax.axis_index("pair")   # key tiles: the first ones are seen by the most query tiles
     q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
     q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
     # The stream runs from the first query tile the lower key tile sees (the earliest either sees)
@@ -207,8 +209,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
-               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k):
-    b, h, pair = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("pair")
+               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, members,
+               num_pairs):
+    b, h = batch_and_head(q_ref.shape[2], members)
+    pair = triton.tile_order(lax.axis_index("pair"), num_pairs, plan.causal)  # longest first
     kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
     rings = (Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring),
              Ring(lambda t: v_ref.at[kv_rows(t)], *v_ring))
@@ -294,8 +298,12 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     dq_acc = ([jax.new_ref(jnp.zeros(q_p.shape, jnp.float32), memory_space=plgpu.GMEM)]
               if fused else [])
 
+    # Both kernels stream a (batch, head)'s q and do, or k and v: 2 S D bf16 elements.
+    grid = lambda num_pairs: launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize,
+                                         config["group_mib"])
+    dkdv_grid, dq_grid = grid(padded // (CONSUMERS * bk)), grid(padded // (CONSUMERS * bq))
     dk, dv = launch(
-        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk),
+        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, members=dkdv_grid[2]),
         out_type=[grad(), grad()],
         scratch=dict(k_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
                      v_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
@@ -308,14 +316,15 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                                  tiled_smem(jnp.float32, 2, d // IO_COLUMNS, bq, IO_COLUMNS),
                                  plgpu.Barrier(num_barriers=2),
                                  plgpu.Barrier(num_barriers=2)) if fused else None),
-        grid=(padded // (CONSUMERS * bk), b, h), grid_names=GRID_NAMES,
+        grid=dkdv_grid, grid_names=GRID_NAMES,
         name="flash_attention_dkdv_mgpu",
     )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dq_acc)
     if fused:
         dq = (jax.freeze(dq_acc[0]) * plan.sm_scale).astype(q.dtype)
     else:
         dq = launch(
-            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk),
+            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk,
+                              members=dq_grid[2], num_pairs=dq_grid[1]),
             out_type=grad(),
             scratch=dict(q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
                          do_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
@@ -324,7 +333,7 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                          q_loaded=plgpu.Barrier(num_barriers=4 * CONSUMERS),
                          k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
                          v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
-            grid=(padded // (CONSUMERS * bq), b, h), grid_names=GRID_NAMES,
+            grid=dq_grid, grid_names=GRID_NAMES,
             name="flash_attention_dq_mgpu",
         )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     return dq[:, :s], dk[:, :s], dv[:, :s]
