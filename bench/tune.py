@@ -99,8 +99,10 @@ MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (1, 64, 128, 2, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
 # tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
-# the last group start. Forward and backward share it: timed on forward+backward.
-MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib} for mib in (12, 32, 1024)]
+# the last group start (forward and backward share it); and whether the forward runs persistent
+# CTAs, one per multiprocessor. Timed on forward+backward.
+MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib, "persistent": 0} for mib in (12, 32, 1024)] + [
+    {"group_mib": 12, "persistent": 1}]
 
 
 def _head_dim(key: str) -> int:

@@ -34,15 +34,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
-from kernels.warp_specialized import (CONSUMERS, Ring, accumulate, launch, pad_rows, ring_scratch,
-                                      specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, Ring, accumulate, launch, num_sms, pad_rows,
+                                      produce, ring_scratch, specialize, tiled_smem)
 
 BLOCK_K = 64    # one 128-byte swizzled row of bf16
-
-
-def num_sms() -> int:
-    """The persistent grid: one CTA per streaming multiprocessor (132 on an H100 SXM)."""
-    return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def _kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem, io_loaded,
@@ -128,7 +123,7 @@ def _kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem, 
         lax.fori_loop(0, my_tiles, output_tile, None)
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, (a_ring, b_ring), my_tiles * k_steps)
+    specialize(consume, lambda: produce((a_ring, b_ring), my_tiles * k_steps))
 
 
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],

@@ -28,6 +28,11 @@ IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
 CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40
 
 
+def num_sms() -> int:
+    """A persistent grid's CTAs: one per streaming multiprocessor (132 on an H100 SXM)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def on_sm90() -> bool:
     """True when the default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
     device = jax.devices()[0]
@@ -46,9 +51,10 @@ class Ring:
     smem: Any          # [stages, *tile]
     loaded: Any        # barriers [stages], one arrival
     consumed: Any      # barriers [stages], CONSUMERS arrivals
+    offset: Any = 0    # tiles streamed before tile 0 (a persistent kernel's earlier work units)
 
     def slot(self, n):
-        return lax.rem(n, self.smem.shape[0])
+        return lax.rem(self.offset + n, self.smem.shape[0])
 
     def tile(self, n):
         return self.smem.at[self.slot(n)]
@@ -74,24 +80,26 @@ def skip(rings, n) -> None:
         ring.release(n)
 
 
-def produce(rings, count) -> None:
+def produce(rings, count, drain: bool = True) -> None:
     """The producer warpgroup: TMA-copies tiles 0..count-1 of every ring, each into a slot both
-    consumers have released. `stages` more steps wait for the release of the last tiles, so the
-    producer observes every phase of its barriers (the Mosaic GPU interpreter checks that)."""
+    consumers have released. With `drain`, `stages` more steps wait for the release of the last
+    tiles, so the producer observes every phase of its barriers (the Mosaic GPU interpreter checks
+    that); a persistent kernel drains once, after its last work unit."""
     stages = rings[0].smem.shape[0]
 
     def load(n, _):
         for ring in rings:
-            pl.when(n >= stages)(lambda: plgpu.barrier_wait(ring.consumed.at[ring.slot(n)]))
+            pl.when(ring.offset + n >= stages)(
+                lambda: plgpu.barrier_wait(ring.consumed.at[ring.slot(n)]))
             pl.when(n < count)(lambda: plgpu.copy_gmem_to_smem(
                 ring.source(n), ring.tile(n), ring.loaded.at[ring.slot(n)]))
 
-    lax.fori_loop(0, count + stages, load, None)
+    lax.fori_loop(0, count + (stages if drain else 0), load, None)
 
 
-def specialize(consume: Callable, rings, count) -> None:
+def specialize(consume: Callable, producer: Callable) -> None:
     """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
-    last one streams the rings with few."""
+    last one runs producer() (streaming the rings, `produce`) with few."""
     wg = lax.axis_index("wg")
 
     @pl.when(wg < CONSUMERS)
@@ -102,7 +110,7 @@ def specialize(consume: Callable, rings, count) -> None:
     @pl.when(wg == CONSUMERS)
     def _produce():
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-        produce(rings, count)
+        producer()
 
 
 def matmuls_t(first, second, between: Callable):

@@ -111,6 +111,17 @@ def test_attention_mosaic_gpu_fused_dq_matches_reference(batch, seq, heads, head
                      seed_blocks=MOSAIC_BACKWARD)
 
 
+@pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="mosaic_gpu runs on a Hopper GPU; on CPU "
+                    "test_attention_mosaic_gpu_in_the_gpu_interpreter runs it")
+@pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
+def test_attention_mosaic_gpu_persistent_matches_reference(batch, seq, heads, head_dim, causal,
+                                                           q_scale, small):
+    """The persistent forward (a CTA per multiprocessor, through the work units in turn), on the
+    inputs of the case above."""
+    _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
+                     {**MOSAIC_BACKWARD, "persistent": 1}, seed_blocks=MOSAIC_BACKWARD)
+
+
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
 @given(batch=st.integers(1, 2), seq=st.integers(1, 80 if ON_CPU else 2500),
        heads=st.integers(1, 3), head_dim=st.sampled_from(SUPPORTED_HEAD_DIMS),
@@ -222,17 +233,21 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
     ({"mosaic_backward": 1, "bwd_fused_dq": 1}, ["mosaic_gpu"]),
     ({"mosaic_backward": 0}, ["__gpu$xla.gpu.triton"] * 2)],
     ids=["mosaic_bwd", "mosaic_bwd_fused_dq", "triton_bwd"])
+@pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, backward_calls):
+def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, backward_calls,
+                                                    persistent):
     """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
     (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
-    and barriers in Python; its gradient adds the Mosaic GPU dK/dV and dQ kernels (or the dK/dV
+    and barriers in Python (a CTA per work unit, or persistent CTAs); its gradient adds the Mosaic
+    GPU dK/dV and dQ kernels (or the dK/dV
     kernel alone with bwd_fused_dq), or Triton's with mosaic_backward=0, on the saved residuals.
     (The kernels' PTX is only built on the GPU, at the first run.)"""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
-                                  block_sizes=backward, interpret=False)
+                                  block_sizes={**backward, "persistent": persistent},
+                                  interpret=False)
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
@@ -323,22 +338,26 @@ def _in_the_gpu_interpreter(monkeypatch):
         monkeypatch.setattr(module, name, value)
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib",
-                         [(256, 64, True, 1, 0), (200, 128, False, 0, 12)])
+@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent",
+                         [(256, 64, True, 1, 0, 0), (200, 128, False, 0, 12, 0),
+                          (256, 64, True, 1, 0, 1), (200, 128, False, 0, 12, 1)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
-                                                     group_mib, monkeypatch):
+                                                     group_mib, persistent, monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
-    Key tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
+    Tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
     releases the tiles only its neighbour needs (in step with it through the ping-pong barrier);
     200 rows leave a ragged, masked last key tile. Two batches of two heads: a group per
-    (batch, head) (group_mib 0) or one group of all four (launch_grid)."""
+    (batch, head) (group_mib 0) or one group of all four (launch_grid); a CTA per pair of query
+    tiles, or 3 persistent CTAs, each through 2 or 3 of the 8 pairs in turn."""
     _in_the_gpu_interpreter(monkeypatch)
-    config = {**mosaic_gpu.DEFAULTS[head_dim], "block_k": 64, "num_stages": 2,
-              "schedule_barrier": schedule_barrier, "group_mib": group_mib}
+    monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
+    config = {**mosaic_gpu.DEFAULTS[head_dim], "block_q": 64, "block_k": 64, "num_stages": 2,
+              "schedule_barrier": schedule_barrier, "group_mib": group_mib,
+              "persistent": persistent}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
     q, k, v = (jax.random.normal(key, (2, seq, 2, head_dim), jnp.bfloat16)

@@ -18,7 +18,11 @@ residuals lse [B, H, S] f32 and o's low half [B, S, H, D] (common.low_half), the
 backward's format, so triton_vjp.backward differentiates this forward.
 
 Design (FlashAttention-3's warp specialization and ping-pong schedule):
-grid launch_grid(): one CTA per pair of query tiles of one (batch, head), three warpgroups.
+a work unit per pair of query tiles of one (batch, head), in launch_grid's order (groups of
+(batch, head)s whose K and V fit in L2, pair by pair within a group), three warpgroups a CTA.
+A CTA runs one unit, or (`persistent`=1) one CTA per multiprocessor runs the units c, c + #SMs,
+... in turn: its producer streams the next unit's K and V while the consumers finish the last,
+and each consumer loads its next q tile into a second buffer.
   * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
     then for every key tile t it needs computes s = q K_t^T by wgmma into an f32 accumulator
     [bq, bk] (registers), releases K_t, runs the online softmax in registers (the mask only on the
@@ -38,14 +42,16 @@ neighbour still needs (it must wait for the load before releasing: an early arri
 towards the slot's previous tile and let the producer overwrite it while the neighbour reads it).
 Query tiles run last-first under causal masking (triton.tile_order): the longest rows go first.
 
-Shared memory: q 2 bq D, K and V 2 num_stages bk D elements (bf16) plus 2 bq f32 for lse; the
-q buffers are reused to stage o and its low half on the way out.
+Shared memory: q 2 bq D (persistent: 4 bq D), K and V 2 num_stages bk D elements (bf16) plus
+2 bq f32 for lse; the q buffers are reused to stage o and its low half on the way out.
 
 FLOPs: two matmuls of 2 S^2 D per (batch, head), 4 B H S^2 D in all, half of that when causal.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +61,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, on_sm90, pad_rows,
-                                      ring_scratch, skip, specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, num_sms, on_sm90,
+                                      pad_rows, produce, ring_scratch, skip, specialize,
+                                      tiled_smem)
 
 _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
              "num_stages_bwd")
@@ -64,11 +71,11 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
-# (group_mib, launch_grid; forward and backward); the backward: Triton's (mosaic_backward = 0, with Triton's
+# (group_mib, launch_grid; forward and backward) and persistent CTAs (forward); the backward: Triton's (mosaic_backward = 0, with Triton's
 # parameters) unless the tuning table, measured where the equivalence suite passed, picks the Mosaic
 # GPU one (mosaic_gpu_vjp.py), with its tiles and ring depth.
 DEFAULTS = {
-    d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12,
+    d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12, persistent=0,
             mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
@@ -96,10 +103,19 @@ def launch_grid(batch: int, heads: int, num_pairs: int, head_bytes: int,
     return units // members, num_pairs, members
 
 
-def batch_and_head(heads: int, members: int):
-    """This CTA's (batch, head) in a launch_grid of `members` per group."""
-    unit = lax.axis_index("group") * members + lax.axis_index("member")
-    return lax.div(unit, heads), lax.rem(unit, heads)
+def launch_index(grid: tuple[int, int, int]):
+    """This CTA's position in a launch_grid's order (a persistent CTA's work units use it too)."""
+    _, num_pairs, members = grid
+    return ((lax.axis_index("group") * num_pairs + lax.axis_index("pair")) * members
+            + lax.axis_index("member"))
+
+
+def unit_coords(unit, grid: tuple[int, int, int], heads: int):
+    """Position `unit` in a launch_grid's order -> (batch, head, pair index)."""
+    _, num_pairs, members = grid
+    member, rest = lax.rem(unit, members), lax.div(unit, members)
+    batch_head = lax.div(rest, num_pairs) * members + member
+    return lax.div(batch_head, heads), lax.rem(batch_head, heads), lax.rem(rest, num_pairs)
 
 
 def check_runs_here(plan: common.Plan, dtype) -> None:
@@ -116,15 +132,27 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 # ------------------------------------------------------------------ the forward
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_loaded, k_ring,
-            v_ring, schedule, plan, block_q, block_k, num_pairs, members):
+            v_ring, schedule, plan, block_q, block_k, grid, num_ctas):
     lse_ref, o_lo_ref = residual_refs or (None, None)
-    b, h = batch_and_head(q_ref.shape[2], members)
-    pair = triton.tile_order(lax.axis_index("pair"), num_pairs, plan.causal)
-    kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
-    k_ring = Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring)
-    v_ring = Ring(lambda t: v_ref.at[kv_rows(t)], *v_ring)
-    # The producer streams every key tile the upper query tile needs (the most either needs).
-    num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
+    k_ring, v_ring = Ring(None, *k_ring), Ring(None, *v_ring)
+    if num_ctas:   # persistent: CTA c runs the work units c, c + num_ctas, ... of the launch order
+        first, stride = lax.axis_index("cta"), num_ctas
+        num_units = lax.div(math.prod(grid) - first + num_ctas - 1, num_ctas)
+    else:          # a CTA per work unit
+        first, stride, num_units = launch_index(grid), 0, 1
+    buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
+
+    def work(n, base):
+        """This CTA's n-th unit -> (b, h, pair, the key tiles it streams, its K and V rings,
+        whose tile 0 is the CTA's `base`-th)."""
+        b, h, pair = unit_coords(first + n * stride, grid, q_ref.shape[2])
+        pair = triton.tile_order(pair, grid[1], plan.causal)
+        # Every key tile the upper query tile needs (the most either needs).
+        num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
+        rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
+        rings = [dataclasses.replace(ring, source=lambda t, x=x: x.at[rows(t)], offset=base)
+                 for ring, x in ((k_ring, k_ref), (v_ring, v_ref))]
+        return b, h, pair, num_kv, rings
 
     def pass_schedule():
         """Both consumers meet here (no-op without ping-pong)."""
@@ -132,13 +160,37 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
+    def producer():
+        def unit(n, base):
+            *_, num_kv, rings = work(n, base)
+            produce(rings, num_kv, drain=False)
+            return base + num_kv
+        produce(work(0, lax.fori_loop(0, num_units, unit, 0))[-1], 0)
+
     def consume(wg):
+        def load_q(n):   # the n-th unit's query tile into buffer n % buffers
+            b, h, pair, *_ = work(n, 0)
+            rows = pl.ds((CONSUMERS * pair + wg) * block_q, block_q)
+            buffer = wg * buffers + lax.rem(n, buffers)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[buffer], q_loaded.at[buffer])
+
+        load_q(0)
+
+        def unit(n, base):
+            b, h, pair, num_kv, (k_ring, v_ring) = work(n, base)
+            if buffers > 1:   # the buffer's last unit stored its o (waited below)
+                pl.when(n + 1 < num_units)(lambda: load_q(n + 1))
+            consume_unit(wg, b, h, pair, num_kv, k_ring, v_ring,
+                         q_smem.at[wg * buffers + lax.rem(n, buffers)],
+                         q_loaded.at[wg * buffers + lax.rem(n, buffers)])
+            return base + num_kv
+        lax.fori_loop(0, num_units, unit, 0)
+
+    def consume_unit(wg, b, h, pair, num_kv, k_ring, v_ring, q_tile, q_ready):
         i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
-        q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_tile, q_loaded.at[wg])
         masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
-        plgpu.barrier_wait(q_loaded.at[wg])
+        plgpu.barrier_wait(q_ready)
         k_ring.wait(0)                         # each later K_t is waited for during p V_t-1
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
 
@@ -205,7 +257,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             plgpu.copy_smem_to_gmem(q_tile, o_lo_ref.at[q_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, (k_ring, v_ring), num_kv)
+    specialize(consume, producer)
 
 
 def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: bool = False):
@@ -231,21 +283,24 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     padded = -(-s // max(CONSUMERS * bq, bk)) * max(CONSUMERS * bq, bk)
     num_pairs = padded // (CONSUMERS * bq)
     stages = config["num_stages"]
+    grid = launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize, config["group_mib"])
+    num_ctas = min(num_sms(), math.prod(grid)) if config["persistent"] else None
+    buffers = 2 if num_ctas else 1   # a persistent CTA loads its next query tiles early
     scratch = dict(
-        q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
+        q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
-        q_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
+        q_loaded=plgpu.Barrier(num_barriers=CONSUMERS * buffers),
         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         schedule=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
-    grid = launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize, config["group_mib"])
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(
-        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, num_pairs=num_pairs,
-                          members=grid[2]),
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, grid=grid,
+                          num_ctas=num_ctas),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
-        grid=grid, grid_names=GRID_NAMES, name="flash_attention_fwd_mgpu",
+        grid=(num_ctas,) if num_ctas else grid, grid_names=("cta",) if num_ctas else GRID_NAMES,
+        name="flash_attention_fwd_mgpu",
     )(*(pad_rows(x, padded) for x in (q, k, v)))
     o = outs[0][:, :s]
     if not residuals:

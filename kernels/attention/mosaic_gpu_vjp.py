@@ -49,20 +49,20 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton, triton_vjp
-from kernels.attention.mosaic_gpu import (GRID_NAMES, batch_and_head, check_runs_here, launch_grid,
-                                          tile_visible)
+from kernels.attention.mosaic_gpu import (GRID_NAMES, check_runs_here, launch_grid, launch_index,
+                                          tile_visible, unit_coords)
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
-                                      launch, matmuls_t, pad_rows, ring_scratch, skip, specialize,
-                                      tiled_smem)
+                                      launch, matmuls_t, pad_rows, produce, ring_scratch, skip,
+                                      specialize, tiled_smem)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
                  kv_loaded, q_ring, do_ring, lse_ring, delta_ring, dq_scratch, plan, block_q,
-                 block_k, members):
+                 block_k, grid):
     # grad_refs: (dq_acc, dk, dv) with bwd_fused_dq (dq_scratch given), else (dk, dv).
     *dq_acc, dk_ref, dv_ref = grad_refs
-    b, h = batch_and_head(q_ref.shape[2], members)
-    pair = lax.axis_index("pair")   # key tiles: the first ones are seen by the most query tiles
+    # key tiles: the first ones are seen by the most query tiles
+    b, h, pair = unit_coords(launch_index(grid), grid, q_ref.shape[2])
     q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
     q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
     # The stream runs from the first query tile the lower key tile sees (the earliest either sees)
@@ -205,14 +205,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[k_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, rings, count)
+    specialize(consume, lambda: produce(rings, count))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
-               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, members,
-               num_pairs):
-    b, h = batch_and_head(q_ref.shape[2], members)
-    pair = triton.tile_order(lax.axis_index("pair"), num_pairs, plan.causal)  # longest first
+               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, grid):
+    b, h, pair = unit_coords(launch_index(grid), grid, q_ref.shape[2])
+    pair = triton.tile_order(pair, grid[1], plan.causal)  # longest first
     kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
     rings = (Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring),
              Ring(lambda t: v_ref.at[kv_rows(t)], *v_ring))
@@ -264,7 +263,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
         plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[q_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, rings, num_kv)
+    specialize(consume, lambda: produce(rings, num_kv))
 
 
 def backward(plan: common.Plan, residuals, do):
@@ -303,7 +302,7 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                                          config["group_mib"])
     dkdv_grid, dq_grid = grid(padded // (CONSUMERS * bk)), grid(padded // (CONSUMERS * bq))
     dk, dv = launch(
-        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, members=dkdv_grid[2]),
+        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, grid=dkdv_grid),
         out_type=[grad(), grad()],
         scratch=dict(k_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
                      v_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
@@ -323,8 +322,7 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
         dq = (jax.freeze(dq_acc[0]) * plan.sm_scale).astype(q.dtype)
     else:
         dq = launch(
-            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk,
-                              members=dq_grid[2], num_pairs=dq_grid[1]),
+            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk, grid=dq_grid),
             out_type=grad(),
             scratch=dict(q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
                          do_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),

@@ -38,7 +38,7 @@ from kernels.layernorm_ffn import mosaic_gpu, triton_vjp
 from kernels.layernorm_ffn.common import check_tile
 from kernels.mosaic_gpu_gemm import BLOCK_K
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, Ring, accumulate, launch, pad_rows,
-                                      ring_scratch, specialize, tiled_smem)
+                                      produce, ring_scratch, specialize, tiled_smem)
 
 GEMMS = ("dz", "dxn", "dw")
 TOKEN_TILES = ("lnb_block_t",)
@@ -152,7 +152,7 @@ def _weight_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, on
         lax.fori_loop(0, my_units, run_unit, None)
         plgpu.wait_smem_to_gmem(0)
 
-    specialize(consume, (a_ring, b_ring), my_units * chunk_steps)
+    specialize(consume, lambda: produce((a_ring, b_ring), my_units * chunk_steps))
 
 
 def weight_gradient(a: jax.Array, b: jax.Array, *, config: dict, column_sums: bool = False):
