@@ -71,9 +71,10 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
-# (group_mib, launch_grid; forward and backward) and persistent CTAs (forward); the backward: Triton's (mosaic_backward = 0, with Triton's
-# parameters) unless the tuning table, measured where the equivalence suite passed, picks the Mosaic
-# GPU one (mosaic_gpu_vjp.py), with its tiles and ring depth.
+# (group_mib, launch_grid; forward and backward) and persistent CTAs (forward); the backward:
+# Triton's (mosaic_backward = 0, with Triton's parameters) unless the tuning table, measured where
+# the equivalence suite passed, picks the Mosaic GPU one (mosaic_gpu_vjp.py), with its tiles and
+# ring depth.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12, persistent=0,
             mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,

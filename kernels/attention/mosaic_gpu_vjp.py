@@ -61,7 +61,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
                  block_k, grid):
     # grad_refs: (dq_acc, dk, dv) with bwd_fused_dq (dq_scratch given), else (dk, dv).
     *dq_acc, dk_ref, dv_ref = grad_refs
-    # key tiles: the first ones are seen by the most query tiles
+    # Pairs of key tiles in order: the first ones are seen by the most query tiles (longest first).
     b, h, pair = unit_coords(launch_index(grid), grid, q_ref.shape[2])
     q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
     q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
