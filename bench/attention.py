@@ -32,8 +32,8 @@ TOKENS, WIDTH = 16384, 2048  # batch x seq and heads x head_dim of the default s
 BLOCK_OPTIONS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq",
                  "num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd",
                  # mosaic_gpu's own (mosaic_gpu.DEFAULTS)
-                 "schedule_barrier", "group_mib", "persistent", "mosaic_backward", "bwd_block_q", "bwd_block_k",
-                 "bwd_num_stages", "bwd_fused_dq")
+                 "schedule_barrier", "group_mib", "persistent", "mosaic_backward", "bwd_block_q",
+                 "bwd_block_k", "bwd_num_stages", "bwd_fused_dq")
 
 
 def jax_triton_mha(q, k, v, *, causal):

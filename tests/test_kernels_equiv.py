@@ -240,9 +240,9 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
     """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
     (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
     and barriers in Python (a CTA per work unit, or persistent CTAs); its gradient adds the Mosaic
-    GPU dK/dV and dQ kernels (or the dK/dV
-    kernel alone with bwd_fused_dq), or Triton's with mosaic_backward=0, on the saved residuals.
-    (The kernels' PTX is only built on the GPU, at the first run.)"""
+    GPU dK/dV and dQ kernels (or the dK/dV kernel alone with bwd_fused_dq), or Triton's with
+    mosaic_backward=0, on the saved residuals. (The kernels' PTX is only built on the GPU, at the
+    first run.)"""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
