@@ -99,10 +99,12 @@ MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (1, 64, 128, 2, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
 # tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
-# the last group start (forward and backward share it); and whether the forward runs persistent
-# CTAs, one per multiprocessor. Timed on forward+backward.
-MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib, "persistent": 0} for mib in (12, 32, 1024)] + [
-    {"group_mib": 12, "persistent": 1}]
+# the last group start. The forward's (timed on the forward) with or without persistent CTAs, one
+# per multiprocessor; then the backward's (timed on forward+backward).
+GROUP_MIBS = (12, 32, 1024)
+MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib, "persistent": persistent}
+                           for persistent in (0, 1) for mib in GROUP_MIBS]
+MOSAIC_BACKWARD_GROUP_CANDIDATES = [{"bwd_group_mib": mib} for mib in GROUP_MIBS]
 
 
 def _head_dim(key: str) -> int:
@@ -213,6 +215,8 @@ OPS = {
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
                       _time_attention(2, "mosaic_gpu")),
                 Stage("grid", lambda key: MOSAIC_GROUP_CANDIDATES,
+                      _time_attention(1, "mosaic_gpu")),
+                Stage("backward_grid", lambda key: MOSAIC_BACKWARD_GROUP_CANDIDATES,
                       _time_attention(2, "mosaic_gpu"))],
         total=_time_attention(2, "mosaic_gpu"),
         available=attention_mosaic_gpu.on_sm90),

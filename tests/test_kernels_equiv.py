@@ -352,7 +352,8 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     releases the tiles only its neighbour needs (in step with it through the ping-pong barrier);
     200 rows leave a ragged, masked last key tile. Two batches of two heads: a group per
     (batch, head) (group_mib 0) or one group of all four (launch_grid); a CTA per pair of query
-    tiles, or 3 persistent CTAs, each through 2 or 3 of the 8 pairs in turn."""
+    tiles, or 3 persistent CTAs through the 4 folds (each both pairs of a (batch, head)), the
+    first CTA two folds, so its rings and q buffers carry over from fold to fold."""
     _in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "block_q": 64, "block_k": 64, "num_stages": 2,

@@ -20,9 +20,11 @@ backward's format, so triton_vjp.backward differentiates this forward.
 Design (FlashAttention-3's warp specialization and ping-pong schedule):
 a work unit per pair of query tiles of one (batch, head), in launch_grid's order (groups of
 (batch, head)s whose K and V fit in L2, pair by pair within a group), three warpgroups a CTA.
-A CTA runs one unit, or (`persistent`=1) one CTA per multiprocessor runs the units c, c + #SMs,
-... in turn: its producer streams the next unit's K and V while the consumers finish the last,
-and each consumer loads its next q tile into a second buffer.
+A CTA runs one unit, or (`persistent`=1) one CTA per multiprocessor runs the folds c, c + #SMs,
+... in turn, a fold the pairs p and P - 1 - p of one (batch, head) (P pairs, even), which under
+causal masking make the same work for every p, so a static assignment balances; its producer
+streams the next unit's K and V while the consumers finish the last, and each consumer loads its
+next q tile into a second buffer.
   * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
     then for every key tile t it needs computes s = q K_t^T by wgmma into an f32 accumulator
     [bq, bk] (registers), releases K_t, runs the online softmax in registers (the mask only on the
@@ -71,13 +73,13 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
-# (group_mib, launch_grid; forward and backward) and persistent CTAs (forward); the backward:
-# Triton's (mosaic_backward = 0, with Triton's parameters) unless the tuning table, measured where
-# the equivalence suite passed, picks the Mosaic GPU one (mosaic_gpu_vjp.py), with its tiles and
-# ring depth.
+# (group_mib, launch_grid) and persistent CTAs; the backward: Triton's (mosaic_backward = 0, with
+# Triton's parameters) unless the tuning table, measured where the equivalence suite passed, picks
+# the Mosaic GPU one (mosaic_gpu_vjp.py), with its tiles, ring depth and group MiB.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12, persistent=0,
             mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
+            bwd_group_mib=12,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }
@@ -105,7 +107,7 @@ def launch_grid(batch: int, heads: int, num_pairs: int, head_bytes: int,
 
 
 def launch_index(grid: tuple[int, int, int]):
-    """This CTA's position in a launch_grid's order (a persistent CTA's work units use it too)."""
+    """This CTA's position in a launch_grid's order."""
     _, num_pairs, members = grid
     return ((lax.axis_index("group") * num_pairs + lax.axis_index("pair")) * members
             + lax.axis_index("member"))
@@ -136,18 +138,24 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             v_ring, schedule, plan, block_q, block_k, grid, num_ctas):
     lse_ref, o_lo_ref = residual_refs or (None, None)
     k_ring, v_ring = Ring(None, *k_ring), Ring(None, *v_ring)
-    if num_ctas:   # persistent: CTA c runs the work units c, c + num_ctas, ... of the launch order
-        first, stride = lax.axis_index("cta"), num_ctas
-        num_units = lax.div(math.prod(grid) - first + num_ctas - 1, num_ctas)
+    num_pairs, heads = q_ref.shape[1] // (CONSUMERS * block_q), q_ref.shape[2]
+    if num_ctas:   # persistent: CTA c runs the folds c, c + num_ctas, ... of the launch order
+        first = lax.axis_index("cta")
+        num_units = 2 * lax.div(math.prod(grid) - first + num_ctas - 1, num_ctas)
+
+        def unit_pair(n):   # a fold's two units: its pair p, then the pair num_pairs - 1 - p
+            b, h, fold = unit_coords(first + lax.div(n, 2) * num_ctas, grid, heads)
+            return b, h, fold + lax.rem(n, 2) * (num_pairs - 1 - 2 * fold)
     else:          # a CTA per work unit
-        first, stride, num_units = launch_index(grid), 0, 1
+        num_units = 1
+        unit_pair = lambda n: unit_coords(launch_index(grid), grid, heads)
     buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
 
     def work(n, base):
         """This CTA's n-th unit -> (b, h, pair, the key tiles it streams, its K and V rings,
         whose tile 0 is the CTA's `base`-th)."""
-        b, h, pair = unit_coords(first + n * stride, grid, q_ref.shape[2])
-        pair = triton.tile_order(pair, grid[1], plan.causal)
+        b, h, pair = unit_pair(n)
+        pair = triton.tile_order(pair, num_pairs, plan.causal)
         # Every key tile the upper query tile needs (the most either needs).
         num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
         rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
@@ -284,8 +292,11 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     padded = -(-s // max(CONSUMERS * bq, bk)) * max(CONSUMERS * bq, bk)
     num_pairs = padded // (CONSUMERS * bq)
     stages = config["num_stages"]
-    grid = launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize, config["group_mib"])
-    num_ctas = min(num_sms(), math.prod(grid)) if config["persistent"] else None
+    # Persistent CTAs take the pairs fold by fold, so they need an even number of them.
+    persistent = config["persistent"] and num_pairs % 2 == 0
+    grid = launch_grid(b, h, num_pairs // 2 if persistent else num_pairs,
+                       2 * padded * d * q.dtype.itemsize, config["group_mib"])
+    num_ctas = min(num_sms(), math.prod(grid)) if persistent else None
     buffers = 2 if num_ctas else 1   # a persistent CTA loads its next query tiles early
     scratch = dict(
         q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),

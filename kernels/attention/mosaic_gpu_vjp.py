@@ -299,7 +299,7 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
 
     # Both kernels stream a (batch, head)'s q and do, or k and v: 2 S D bf16 elements.
     grid = lambda num_pairs: launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize,
-                                         config["group_mib"])
+                                         config["bwd_group_mib"])
     dkdv_grid, dq_grid = grid(padded // (CONSUMERS * bk)), grid(padded // (CONSUMERS * bq))
     dk, dv = launch(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, grid=dkdv_grid),
