@@ -96,7 +96,7 @@ MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_sta
                    "bwd_fused_dq")
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (1, 64, 64, 2, 0), (0, 64, 64, 2, 0), (1, 64, 64, 3, 0), (1, 128, 64, 2, 0),
-    (1, 64, 128, 2, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
+    (1, 64, 128, 2, 0), (1, 128, 64, 3, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
 # tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
 # the last group start. The forward's (timed on the forward) with or without persistent CTAs, one
