@@ -21,10 +21,10 @@ Design (FlashAttention-3's warp specialization and ping-pong schedule):
 a work unit per pair of query tiles of one (batch, head), in launch_grid's order (groups of
 (batch, head)s whose K and V fit in L2, pair by pair within a group), three warpgroups a CTA.
 A CTA runs one unit, or (`persistent`=1) one CTA per multiprocessor runs the folds c, c + #SMs,
-... in turn, a fold the pairs p and P - 1 - p of one (batch, head) (P pairs, even), which under
-causal masking make the same work for every p, so a static assignment balances; its producer
-streams the next unit's K and V while the consumers finish the last, and each consumer loads its
-next q tile into a second buffer.
+... in turn, a fold the pairs p and P - 1 - p of one (batch, head) (for P pairs, P even; odd P
+runs a CTA per unit), which under causal masking make the same work for every p, so a static
+assignment balances; its producer streams the next unit's K and V while the consumers finish the
+last, and each consumer loads its next q tile into a second buffer.
   * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
     then for every key tile t it needs computes s = q K_t^T by wgmma into an f32 accumulator
     [bq, bk] (registers), releases K_t, runs the online softmax in registers (the mask only on the
