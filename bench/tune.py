@@ -100,11 +100,12 @@ MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
 # tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
 # the last group start. The forward's (timed on the forward) with or without persistent CTAs, one
-# per multiprocessor; then the backward's (timed on forward+backward).
+# per multiprocessor; then the backward's (timed on forward+backward), likewise.
 GROUP_MIBS = (12, 32, 1024)
 MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib, "persistent": persistent}
                            for persistent in (0, 1) for mib in GROUP_MIBS]
-MOSAIC_BACKWARD_GROUP_CANDIDATES = [{"bwd_group_mib": mib} for mib in GROUP_MIBS]
+MOSAIC_BACKWARD_GROUP_CANDIDATES = [{"bwd_group_mib": mib, "bwd_persistent": persistent}
+                                    for persistent in (0, 1) for mib in GROUP_MIBS]
 
 
 def _head_dim(key: str) -> int:

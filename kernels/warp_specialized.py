@@ -97,6 +97,18 @@ def produce(rings, count, drain: bool = True) -> None:
     lax.fori_loop(0, count + (stages if drain else 0), load, None)
 
 
+def produce_units(num_units, work: Callable) -> None:
+    """The producer of a CTA that runs num_units work units in turn (a persistent kernel): unit
+    n's tiles (work(n, base) -> (..., its tile count, its rings offset by the `base` tiles
+    streamed before it)) follow unit n-1's through the same slots, so the next unit's first
+    tiles load while the consumers finish the last; one drain at the end."""
+    def unit(n, base):
+        *_, count, rings = work(n, base)
+        produce(rings, count, drain=False)
+        return base + count
+    produce(work(0, lax.fori_loop(0, num_units, unit, 0))[-1], 0)
+
+
 def specialize(consume: Callable, producer: Callable) -> None:
     """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
     last one runs producer() (streaming the rings, `produce`) with few."""

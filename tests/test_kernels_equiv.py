@@ -116,10 +116,11 @@ def test_attention_mosaic_gpu_fused_dq_matches_reference(batch, seq, heads, head
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_mosaic_gpu_persistent_matches_reference(batch, seq, heads, head_dim, causal,
                                                            q_scale, small):
-    """The persistent forward (a CTA per multiprocessor, through the work units in turn), on the
-    inputs of the case above."""
+    """The persistent forward and backward (a CTA per multiprocessor, through the work units in
+    turn), on the inputs of the case above."""
     _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
-                     {**MOSAIC_BACKWARD, "persistent": 1}, seed_blocks=MOSAIC_BACKWARD)
+                     {**MOSAIC_BACKWARD, "persistent": 1, "bwd_persistent": 1},
+                     seed_blocks=MOSAIC_BACKWARD)
 
 
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
@@ -386,25 +387,30 @@ def test_attention_mosaic_gpu_groups_the_heads_whose_tiles_fit_in_l2():
     assert mosaic_gpu.launch_grid(2, 3, 5, 64 * mib, 12) == (6, 5, 1)     # none fits: one each
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, fused_dq", [
-    (256, 64, True, 0), (200, 128, False, 0), (256, 64, True, 1), (200, 128, False, 1)])
+@pytest.mark.parametrize("seq, head_dim, causal, fused_dq, persistent", [
+    (256, 64, True, 0, 0), (200, 128, False, 0, 0), (256, 64, True, 1, 0), (200, 128, False, 1, 0),
+    (256, 64, True, 0, 1), (200, 128, False, 0, 1)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, fused_dq,
-                                                              monkeypatch):
+                                                              persistent, monkeypatch):
     """The Mosaic GPU backward in jax's Mosaic GPU interpreter (wgmma emulated), on the
     reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels, or (fused_dq) the
     dK/dV kernel alone adding dq by TMA reduce-add. Tiles of 64 and 2 stages over 256 rows: the
     rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
     neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
-    masked last tile (and padded rows whose do is zero)."""
+    masked last tile (and padded rows whose do is zero). Persistent: two batches of two heads,
+    3 CTAs through the 4 folds of each kernel (both pairs of a (batch, head)), the first CTA two
+    folds, so its rings and second buffers carry over from fold to fold."""
     from kernels.attention import common, mosaic_gpu_vjp
     _in_the_gpu_interpreter(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
-              "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_fused_dq": fused_dq}
+              "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_fused_dq": fused_dq,
+              "bwd_persistent": persistent}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
-    q, k, v, do = (jax.random.normal(key, (1, seq, 2, head_dim), jnp.bfloat16)
+    q, k, v, do = (jax.random.normal(key, (1 + persistent, seq, 2, head_dim), jnp.bfloat16)
                    for key in jax.random.split(jax.random.PRNGKey(seq), 4))
     with f32_precision():
         o32 = model.attention(*upcast((q, k, v)), causal=causal)

@@ -64,7 +64,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common, triton
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, num_sms, on_sm90,
-                                      pad_rows, produce, ring_scratch, skip, specialize,
+                                      pad_rows, produce_units, ring_scratch, skip, specialize,
                                       tiled_smem)
 
 _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
@@ -75,11 +75,11 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
 # (group_mib, launch_grid) and persistent CTAs; the backward: Triton's (mosaic_backward = 0, with
 # Triton's parameters) unless the tuning table, measured where the equivalence suite passed, picks
-# the Mosaic GPU one (mosaic_gpu_vjp.py), with its tiles, ring depth and group MiB.
+# the Mosaic GPU one (mosaic_gpu_vjp.py), with its tiles, ring depth, group MiB and persistent CTAs.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12, persistent=0,
             mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
-            bwd_group_mib=12,
+            bwd_group_mib=12, bwd_persistent=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }
@@ -121,6 +121,68 @@ def unit_coords(unit, grid: tuple[int, int, int], heads: int):
     return lax.div(batch_head, heads), lax.rem(batch_head, heads), lax.rem(rest, num_pairs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which CTA runs which work unit (a pair of tiles of one (batch, head)): a CTA per unit in
+    launch_grid's order, or `num_ctas` persistent CTAs, one per multiprocessor, CTA c running the
+    folds c, c + num_ctas, ... of that order. A fold is the pairs p and num_pairs - 1 - p of one
+    (batch, head), the same work for every p under causal masking, so the static assignment
+    balances."""
+    grid: tuple[int, int, int]   # launch_grid's, over pairs (persistent: over folds)
+    heads: int
+    num_pairs: int
+    num_ctas: int | None         # None: a CTA per unit
+
+    def launch_args(self) -> dict:
+        """The grid and its axis names for warp_specialized.launch."""
+        if self.num_ctas:
+            return dict(grid=(self.num_ctas,), grid_names=("cta",))
+        return dict(grid=self.grid, grid_names=GRID_NAMES)
+
+    def units(self):
+        """In the kernel: (how many units this CTA runs, n -> (batch, head, pair) of its n-th)."""
+        if not self.num_ctas:
+            return 1, lambda n: unit_coords(launch_index(self.grid), self.grid, self.heads)
+        first = lax.axis_index("cta")
+        num_units = 2 * lax.div(math.prod(self.grid) - first + self.num_ctas - 1, self.num_ctas)
+
+        def unit_pair(n):   # a fold's two units: its pair p, then the pair num_pairs - 1 - p
+            b, h, fold = unit_coords(first + lax.div(n, 2) * self.num_ctas, self.grid, self.heads)
+            return b, h, fold + lax.rem(n, 2) * (self.num_pairs - 1 - 2 * fold)
+        return num_units, unit_pair
+
+
+def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_mib: int,
+             persistent: bool) -> Schedule:
+    """The Schedule of num_pairs units per (batch, head) (launch_grid's arguments); persistent
+    CTAs take the pairs fold by fold, so an odd number of pairs runs a CTA per unit."""
+    persistent = persistent and num_pairs % 2 == 0
+    grid = launch_grid(batch, heads, num_pairs // 2 if persistent else num_pairs, head_bytes,
+                       group_mib)
+    return Schedule(grid, heads, num_pairs,
+                    min(num_sms(), math.prod(grid)) if persistent else None)
+
+
+def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, rings):
+    """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
+    forward, the backward's dQ), in the kernel: (how many units this CTA runs, work), where
+    work(n, base) -> (batch, head, pair, the key tiles the n-th unit streams, its rings). rings:
+    (ring scratch, GMEM ref [B, S, H, D]) pairs, each made a Ring streaming that ref's key tiles
+    from the CTA's `base`-th tile. Pairs run longest first (triton.tile_order)."""
+    num_units, unit_pair = schedule.units()
+
+    def work(n, base):
+        b, h, pair = unit_pair(n)
+        pair = triton.tile_order(pair, schedule.num_pairs, plan.causal)
+        # Every key tile the upper query tile needs (the most either needs).
+        num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
+        rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
+        streamed = [Ring(lambda t, x=x: x.at[rows(t)], *scratch, offset=base)
+                    for scratch, x in rings]
+        return b, h, pair, num_kv, streamed
+    return num_units, work
+
+
 def check_runs_here(plan: common.Plan, dtype) -> None:
     """No interpret mode, no GPU but Hopper, bf16 only. (Off the GPU, uninterpreted, the kernels
     still trace: jax.export lowers them for CUDA, and the tests run them in the Mosaic GPU
@@ -135,46 +197,17 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 # ------------------------------------------------------------------ the forward
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_loaded, k_ring,
-            v_ring, schedule, plan, block_q, block_k, grid, num_ctas):
+            v_ring, ping_pong, plan, block_q, block_k, schedule):
     lse_ref, o_lo_ref = residual_refs or (None, None)
-    k_ring, v_ring = Ring(None, *k_ring), Ring(None, *v_ring)
-    num_pairs, heads = q_ref.shape[1] // (CONSUMERS * block_q), q_ref.shape[2]
-    if num_ctas:   # persistent: CTA c runs the folds c, c + num_ctas, ... of the launch order
-        first = lax.axis_index("cta")
-        num_units = 2 * lax.div(math.prod(grid) - first + num_ctas - 1, num_ctas)
-
-        def unit_pair(n):   # a fold's two units: its pair p, then the pair num_pairs - 1 - p
-            b, h, fold = unit_coords(first + lax.div(n, 2) * num_ctas, grid, heads)
-            return b, h, fold + lax.rem(n, 2) * (num_pairs - 1 - 2 * fold)
-    else:          # a CTA per work unit
-        num_units = 1
-        unit_pair = lambda n: unit_coords(launch_index(grid), grid, heads)
+    num_units, work = query_pair_units(schedule, plan, block_q, block_k,
+                                       ((k_ring, k_ref), (v_ring, v_ref)))
     buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
-
-    def work(n, base):
-        """This CTA's n-th unit -> (b, h, pair, the key tiles it streams, its K and V rings,
-        whose tile 0 is the CTA's `base`-th)."""
-        b, h, pair = unit_pair(n)
-        pair = triton.tile_order(pair, num_pairs, plan.causal)
-        # Every key tile the upper query tile needs (the most either needs).
-        num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
-        rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
-        rings = [dataclasses.replace(ring, source=lambda t, x=x: x.at[rows(t)], offset=base)
-                 for ring, x in ((k_ring, k_ref), (v_ring, v_ref))]
-        return b, h, pair, num_kv, rings
 
     def pass_schedule():
         """Both consumers meet here (no-op without ping-pong)."""
-        if schedule is not None:
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(schedule)
-
-    def producer():
-        def unit(n, base):
-            *_, num_kv, rings = work(n, base)
-            produce(rings, num_kv, drain=False)
-            return base + num_kv
-        produce(work(0, lax.fori_loop(0, num_units, unit, 0))[-1], 0)
+        if ping_pong is not None:
+            plgpu.barrier_arrive(ping_pong)
+            plgpu.barrier_wait(ping_pong)
 
     def consume(wg):
         def load_q(n):   # the n-th unit's query tile into buffer n % buffers
@@ -223,11 +256,11 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             p = p.astype(q_tile.dtype)
             # The softmax must be done before this warpgroup lets the other one compute.
             acc, m_new, l, p = lax.optimization_barrier((acc, m_new, l, p))
-            if schedule is not None:
-                plgpu.barrier_arrive(schedule)
+            if ping_pong is not None:
+                plgpu.barrier_arrive(ping_pong)
             v_ring.wait(t)
-            if schedule is not None:
-                plgpu.barrier_wait(schedule)   # the other warpgroup's matmuls are issued
+            if ping_pong is not None:
+                plgpu.barrier_wait(ping_pong)   # the other warpgroup's matmuls are issued
 
             def add_pv(acc_ref):
                 plgpu.wgmma(acc_ref, p, v_ring.tile(t))
@@ -268,7 +301,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
         # Only the buffers' reads: the stores complete while the next unit runs.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    specialize(consume, producer)
+    specialize(consume, lambda: produce_units(num_units, work))
 
 
 def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: bool = False):
@@ -292,29 +325,23 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     config = plan.config
     bq, bk = (max(config[name], WGMMA_M) for name in ("block_q", "block_k"))
     padded = -(-s // max(CONSUMERS * bq, bk)) * max(CONSUMERS * bq, bk)
-    num_pairs = padded // (CONSUMERS * bq)
     stages = config["num_stages"]
-    # Persistent CTAs take the pairs fold by fold, so they need an even number of them.
-    persistent = config["persistent"] and num_pairs % 2 == 0
-    grid = launch_grid(b, h, num_pairs // 2 if persistent else num_pairs,
-                       2 * padded * d * q.dtype.itemsize, config["group_mib"])
-    num_ctas = min(num_sms(), math.prod(grid)) if persistent else None
-    buffers = 2 if num_ctas else 1   # a persistent CTA loads its next query tiles early
+    units = schedule_for(b, h, padded // (CONSUMERS * bq), 2 * padded * d * q.dtype.itemsize,
+                         config["group_mib"], config["persistent"])
+    buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
     scratch = dict(
         q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
         q_loaded=plgpu.Barrier(num_barriers=CONSUMERS * buffers),
         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
-        schedule=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
+        ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(
-        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, grid=grid,
-                          num_ctas=num_ctas),
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, schedule=units),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
-        grid=(num_ctas,) if num_ctas else grid, grid_names=("cta",) if num_ctas else GRID_NAMES,
-        name="flash_attention_fwd_mgpu",
+        name="flash_attention_fwd_mgpu", **units.launch_args(),
     )(*(pad_rows(x, padded) for x in (q, k, v)))
     o = outs[0][:, :s]
     if not residuals:

@@ -49,38 +49,44 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton, triton_vjp
-from kernels.attention.mosaic_gpu import (GRID_NAMES, check_runs_here, launch_grid, launch_index,
-                                          tile_visible, unit_coords)
+from kernels.attention.mosaic_gpu import (check_runs_here, query_pair_units, schedule_for,
+                                          tile_visible)
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
-                                      launch, matmuls_t, pad_rows, produce, ring_scratch, skip,
-                                      specialize, tiled_smem)
+                                      launch, matmuls_t, pad_rows, produce_units, ring_scratch,
+                                      skip, specialize, tiled_smem)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
                  kv_loaded, q_ring, do_ring, lse_ring, delta_ring, dq_scratch, plan, block_q,
-                 block_k, grid):
+                 block_k, schedule):
     # grad_refs: (dq_acc, dk, dv) with bwd_fused_dq (dq_scratch given), else (dk, dv).
     *dq_acc, dk_ref, dv_ref = grad_refs
-    # Pairs of key tiles in order: the first ones are seen by the most query tiles (longest first).
-    b, h, pair = unit_coords(launch_index(grid), grid, q_ref.shape[2])
-    q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
-    q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
-    # The stream runs from the first query tile the lower key tile sees (the earliest either sees)
-    # to the end, which both see.
-    first, _, stream_end = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
-    count = stream_end - first
-    rings = (Ring(lambda n: q_ref.at[q_rows(first + n)], *q_ring),
-             Ring(lambda n: do_ref.at[q_rows(first + n)], *do_ring),
-             Ring(lambda n: lse_ref.at[q_cols(first + n)], *lse_ring),
-             Ring(lambda n: delta_ref.at[q_cols(first + n)], *delta_ring))
-    q_ring, do_ring, lse_ring, delta_ring = rings
+    num_units, unit_pair = schedule.units()
+    buffers = k_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's k, v early
     column = compat.mosaic_gpu_column_layout()
     if dq_acc:
         ds_smem, dq_smem, dq_ready, dq_free = dq_scratch
 
-    def add_dq(n, wg, k_tile=None):
-        """The n-th query tile's dq = ds k over this CTA's two key tiles, added into dq_acc in
-        one TMA reduce-add (half the L2 traffic of one per warpgroup). Warpgroup 0 puts its
+    def work(n, base):
+        """This CTA's n-th unit -> (b, h, pair, the first query tile it streams, how many, its
+        q, do, lse and delta rings from the CTA's `base`-th tile)."""
+        # Pairs of key tiles in order: the first ones are seen by the most query tiles.
+        b, h, pair = unit_pair(n)
+        q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
+        q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
+        # The stream runs from the first query tile the lower key tile sees (the earliest either
+        # sees) to the end, which both see.
+        first, _, stream_end = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
+        rings = [Ring(lambda n, x=x, at=at: x.at[at(first + n)], *scratch, offset=base)
+                 for scratch, x, at in ((q_ring, q_ref, q_rows), (do_ring, do_ref, q_rows),
+                                        (lse_ring, lse_ref, q_cols),
+                                        (delta_ring, delta_ref, q_cols))]
+        return b, h, pair, first, stream_end - first, rings
+
+    def add_dq(n, wg, rows, k_tile=None):
+        """The n-th streamed query tile's dq = ds k over this CTA's two key tiles, added into
+        its `rows` of dq_acc in one TMA reduce-add (half the L2 traffic of one per warpgroup).
+        Warpgroup 0 puts its
         (ds^T)^T k into slot n % 2 of dq_smem; warpgroup 1 adds its own onto it and sends the
         sum, or sends it as it is for the tiles it skips (k_tile None), then frees the slot once
         the TMA has read it. A slot is [D / IO_COLUMNS, bq, IO_COLUMNS]: each slice of columns
@@ -124,7 +130,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
             columns = range(slot.shape[0])
             for c in columns:
                 cols = pl.ds(c * IO_COLUMNS, IO_COLUMNS)
-                plgpu.copy_smem_to_gmem(slot.at[c], dq_acc[0].at[(*q_rows(first + n), cols)],
+                plgpu.copy_smem_to_gmem(slot.at[c], dq_acc[0].at[(*rows, cols)],
                                         commit_group=c == columns[-1], reduction_op="add")
 
             @pl.when(n >= 1)
@@ -132,21 +138,41 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                 plgpu.barrier_arrive(dq_free.at[lax.rem(n - 1, 2)])
 
+
     def consume(wg):
-        j = CONSUMERS * pair + wg
+        def load_kv(n):   # the n-th unit's key and value tiles into buffer n % buffers
+            b, h, pair, *_ = work(n, 0)
+            rows = (b, pl.ds((CONSUMERS * pair + wg) * block_k, block_k), h)
+            buffer = wg * buffers + lax.rem(n, buffers)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[buffer], kv_loaded.at[buffer])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[buffer],
+                                    kv_loaded.at[CONSUMERS * buffers + buffer])
+
+        load_kv(0)
+
+        def unit(n, base):
+            b, h, pair, first, count, rings = work(n, base)
+            if buffers > 1:   # the buffer's last unit stored its dk and dv (waited below)
+                pl.when(n + 1 < num_units)(lambda: load_kv(n + 1))
+            consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
+                         wg * buffers + lax.rem(n, buffers))
+            return base + count
+        lax.fori_loop(0, num_units, unit, 0)
+
+    def consume_unit(wg, b, h, j, first, count, rings, buffer):
+        q_ring, do_ring, lse_ring, delta_ring = rings
+        q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
         k_rows = (b, pl.ds(j * block_k, block_k), h)
-        k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
-        plgpu.copy_gmem_to_smem(k_ref.at[k_rows], k_tile, kv_loaded.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[k_rows], v_tile, kv_loaded.at[CONSUMERS + wg])
+        k_tile, v_tile = k_smem.at[buffer], v_smem.at[buffer]
         start, unmasked_from, end = common.q_tiles(j, plan, block_q, block_k)
 
         def skip_tile(n, _):   # only warpgroup 1 skips tiles: the ones before its first
             skip(rings, n)
             if dq_acc:
-                add_dq(n, wg)
+                add_dq(n, wg, q_rows(first + n))
         lax.fori_loop(0, start - first, skip_tile, None)
-        plgpu.barrier_wait(kv_loaded.at[wg])
-        plgpu.barrier_wait(kv_loaded.at[CONSUMERS + wg])
+        plgpu.barrier_wait(kv_loaded.at[buffer])
+        plgpu.barrier_wait(kv_loaded.at[CONSUMERS * buffers + buffer])
 
         def step(i, carry, masked):
             dk, dv = carry
@@ -181,7 +207,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
             for ring in rings:   # the products that read the slots are complete
                 ring.release(n)
             if dq_acc:   # p^T and dp^T are dead: dq's accumulator fits in the registers
-                add_dq(n, wg, k_tile)
+                add_dq(n, wg, q_rows(i), k_tile)
             return dk, dv
 
         zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
@@ -203,36 +229,52 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[k_rows])
         plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[k_rows])
-        plgpu.wait_smem_to_gmem(0)
+        # Only until the TMA has read the tiles (for the next load into them): the writes land
+        # before the kernel ends, and the multiprocessor goes on meanwhile (as CUTLASS's
+        # epilogues wait).
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    specialize(consume, lambda: produce(rings, count))
+    specialize(consume, lambda: produce_units(num_units, work))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
-               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, grid):
-    b, h, pair = unit_coords(launch_index(grid), grid, q_ref.shape[2])
-    pair = triton.tile_order(pair, grid[1], plan.causal)  # longest first
-    kv_rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
-    rings = (Ring(lambda t: k_ref.at[kv_rows(t)], *k_ring),
-             Ring(lambda t: v_ref.at[kv_rows(t)], *v_ring))
-    k_ring, v_ring = rings
-    # The stream ends at the last key tile the upper query tile sees (the most either sees).
-    num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
+               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, schedule):
+    num_units, work = query_pair_units(schedule, plan, block_q, block_k,
+                                       ((k_ring, k_ref), (v_ring, v_ref)))
+    buffers = q_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's tiles early
     row = compat.mosaic_gpu_row_layout()
 
+    def loaded(j, buffer):   # the barrier of the buffer's j-th tile (q, do, lse, delta)
+        return q_loaded.at[j * CONSUMERS * buffers + buffer]
+
     def consume(wg):
-        i = CONSUMERS * pair + wg
-        q_rows = (b, pl.ds(i * block_q, block_q), h)
-        q_cols = (b, h, pl.ds(i * block_q, block_q))
-        q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-        for n, (src, dst) in enumerate(((q_ref.at[q_rows], q_tile), (do_ref.at[q_rows], do_tile),
-                                        (lse_ref.at[q_cols], lse_smem.at[wg]),
-                                        (delta_ref.at[q_cols], delta_smem.at[wg]))):
-            plgpu.copy_gmem_to_smem(src, dst, q_loaded.at[n * CONSUMERS + wg])
-        for n in range(4):
-            plgpu.barrier_wait(q_loaded.at[n * CONSUMERS + wg])
-        lse = compat.mosaic_gpu_load(lse_smem.at[wg], row)
-        delta = compat.mosaic_gpu_load(delta_smem.at[wg], row)
+        def load(n):   # the n-th unit's q, do, lse and delta into buffer n % buffers
+            b, h, pair, *_ = work(n, 0)
+            i = CONSUMERS * pair + wg
+            rows, cols = (b, pl.ds(i * block_q, block_q), h), (b, h, pl.ds(i * block_q, block_q))
+            buffer = wg * buffers + lax.rem(n, buffers)
+            for j, (src, dst) in enumerate(((q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
+                                            (lse_ref.at[cols], lse_smem),
+                                            (delta_ref.at[cols], delta_smem))):
+                plgpu.copy_gmem_to_smem(src, dst.at[buffer], loaded(j, buffer))
+
+        load(0)
+
+        def unit(n, base):
+            b, h, pair, num_kv, (k_ring, v_ring) = work(n, base)
+            if buffers > 1:   # the buffer's last unit stored its dq (waited below)
+                pl.when(n + 1 < num_units)(lambda: load(n + 1))
+            consume_unit(wg, b, h, CONSUMERS * pair + wg, num_kv, k_ring, v_ring,
+                         wg * buffers + lax.rem(n, buffers))
+            return base + num_kv
+        lax.fori_loop(0, num_units, unit, 0)
+
+    def consume_unit(wg, b, h, i, num_kv, k_ring, v_ring, buffer):
+        q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
+        for j in range(4):
+            plgpu.barrier_wait(loaded(j, buffer))
+        lse = compat.mosaic_gpu_load(lse_smem.at[buffer], row)
+        delta = compat.mosaic_gpu_load(delta_smem.at[buffer], row)
 
         def step(t, dq, masked):
             k_ring.wait(t)
@@ -257,13 +299,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
                                plgpu.Layout.WGMMA)
         dq = lax.fori_loop(0, masked_from, functools.partial(step, masked=False), dq)
         dq = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), dq)
-        lax.fori_loop(end, num_kv, lambda t, _: skip(rings, t), None)
+        lax.fori_loop(end, num_kv, lambda t, _: skip((k_ring, v_ring), t), None)
         q_tile[...] = (dq * plan.sm_scale).astype(q_tile.dtype)  # q's products are complete
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[q_rows])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(i * block_q, block_q), h])
+        # Only until the TMA has read the buffer (the next load into it, or the kernel's end).
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    specialize(consume, lambda: produce(rings, num_kv))
+    specialize(consume, lambda: produce_units(num_units, work))
 
 
 def backward(plan: common.Plan, residuals, do):
@@ -297,16 +340,21 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     dq_acc = ([jax.new_ref(jnp.zeros(q_p.shape, jnp.float32), memory_space=plgpu.GMEM)]
               if fused else [])
 
-    # Both kernels stream a (batch, head)'s q and do, or k and v: 2 S D bf16 elements.
-    grid = lambda num_pairs: launch_grid(b, h, num_pairs, 2 * padded * d * q.dtype.itemsize,
-                                         config["bwd_group_mib"])
-    dkdv_grid, dq_grid = grid(padded // (CONSUMERS * bk)), grid(padded // (CONSUMERS * bq))
+    # Both kernels stream a (batch, head)'s q and do, or k and v: 2 S D bf16 elements. Persistent
+    # CTAs load the next unit's own tiles into a second buffer (not with the one-pass dq, whose
+    # handover barriers count a single unit's tiles).
+    units = lambda block: schedule_for(b, h, padded // (CONSUMERS * block),
+                                       2 * padded * d * q.dtype.itemsize,
+                                       config["bwd_group_mib"],
+                                       config["bwd_persistent"] and not fused)
+    dkdv_units, dq_units = units(bk), units(bq)
+    buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(
-        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, grid=dkdv_grid),
+        functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dkdv_units),
         out_type=[grad(), grad()],
-        scratch=dict(k_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
-                     v_smem=tiled_smem(q.dtype, CONSUMERS, bk, d),
-                     kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS),
+        scratch=dict(k_smem=tiled_smem(q.dtype, CONSUMERS * buffers(dkdv_units), bk, d),
+                     v_smem=tiled_smem(q.dtype, CONSUMERS * buffers(dkdv_units), bk, d),
+                     kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS * buffers(dkdv_units)),
                      q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      lse_ring=vector_ring(), delta_ring=vector_ring(),
@@ -315,23 +363,22 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                                  tiled_smem(jnp.float32, 2, d // IO_COLUMNS, bq, IO_COLUMNS),
                                  plgpu.Barrier(num_barriers=2),
                                  plgpu.Barrier(num_barriers=2)) if fused else None),
-        grid=dkdv_grid, grid_names=GRID_NAMES,
-        name="flash_attention_dkdv_mgpu",
+        name="flash_attention_dkdv_mgpu", **dkdv_units.launch_args(),
     )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dq_acc)
     if fused:
         dq = (jax.freeze(dq_acc[0]) * plan.sm_scale).astype(q.dtype)
     else:
+        dq_buffers = CONSUMERS * buffers(dq_units)
         dq = launch(
-            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk, grid=dq_grid),
+            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dq_units),
             out_type=grad(),
-            scratch=dict(q_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
-                         do_smem=tiled_smem(q.dtype, CONSUMERS, bq, d),
-                         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-                         delta_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-                         q_loaded=plgpu.Barrier(num_barriers=4 * CONSUMERS),
+            scratch=dict(q_smem=tiled_smem(q.dtype, dq_buffers, bq, d),
+                         do_smem=tiled_smem(q.dtype, dq_buffers, bq, d),
+                         lse_smem=plgpu.SMEM((dq_buffers, bq), jnp.float32),
+                         delta_smem=plgpu.SMEM((dq_buffers, bq), jnp.float32),
+                         q_loaded=plgpu.Barrier(num_barriers=4 * dq_buffers),
                          k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
                          v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
-            grid=dq_grid, grid_names=GRID_NAMES,
-            name="flash_attention_dq_mgpu",
+            name="flash_attention_dq_mgpu", **dq_units.launch_args(),
         )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     return dq[:, :s], dk[:, :s], dv[:, :s]
