@@ -23,6 +23,12 @@ registers, p and ds enter the tensor cores in bf16 from registers. Within a step
 overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right behind s, so the
 softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed while p^T do runs.
 
+Both kernels run a CTA per unit (a pair of tiles), or (`bwd_persistent` = 1) one CTA per
+multiprocessor through the folds of mosaic_gpu.Schedule, as the forward does: the producer
+streams the next unit's tiles through the same rings, and each consumer loads its next unit's own
+tiles (k and v; q, do, lse and delta) into a second buffer. Measured faster at head_dim 128 up to
+S1024 and slower from S2048 (bench/RESULTS.md, version 13): a tuning candidate.
+
 FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
 14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
 
