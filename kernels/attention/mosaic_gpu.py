@@ -153,7 +153,7 @@ class Schedule:
 
 
 def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_mib: int,
-             persistent: bool) -> Schedule:
+                 persistent: bool) -> Schedule:
     """The Schedule of num_pairs units per (batch, head) (launch_grid's arguments); persistent
     CTAs take the pairs fold by fold, so an odd number of pairs runs a CTA per unit."""
     persistent = persistent and num_pairs % 2 == 0
