@@ -109,6 +109,23 @@ def produce_units(num_units, work: Callable) -> None:
     produce(work(0, lax.fori_loop(0, num_units, unit, 0))[-1], 0)
 
 
+def consume_units(num_units, work: Callable, load: Callable, run: Callable,
+                  buffers: int) -> None:
+    """A consumer warpgroup of a CTA that runs num_units work units in turn: load(n) puts unit
+    n's own tiles into buffer n % buffers, run(n, *work(n, base)) consumes it (work as in
+    produce_units). With two buffers the next unit's tiles load while this one runs; run must
+    wait, at its end, until the TMA has read what it stores from the buffer."""
+    load(0)
+
+    def unit(n, base):
+        *args, count, rings = work(n, base)
+        if buffers > 1:
+            pl.when(n + 1 < num_units)(lambda: load(n + 1))
+        run(n, *args, count, rings)
+        return base + count
+    lax.fori_loop(0, num_units, unit, 0)
+
+
 def specialize(consume: Callable, producer: Callable) -> None:
     """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
     last one runs producer() (streaming the rings, `produce`) with few."""

@@ -63,9 +63,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, launch, num_sms, on_sm90,
-                                      pad_rows, produce_units, ring_scratch, skip, specialize,
-                                      tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, consume_units, launch, num_sms,
+                                      on_sm90, pad_rows, produce_units, ring_scratch, skip,
+                                      specialize, tiled_smem)
 
 _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
              "num_stages_bwd")
@@ -216,17 +216,10 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             buffer = wg * buffers + lax.rem(n, buffers)
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[buffer], q_loaded.at[buffer])
 
-        load_q(0)
-
-        def unit(n, base):
-            b, h, pair, num_kv, (k_ring, v_ring) = work(n, base)
-            if buffers > 1:   # the buffer's last unit stored its o (waited below)
-                pl.when(n + 1 < num_units)(lambda: load_q(n + 1))
-            consume_unit(wg, b, h, pair, num_kv, k_ring, v_ring,
-                         q_smem.at[wg * buffers + lax.rem(n, buffers)],
-                         q_loaded.at[wg * buffers + lax.rem(n, buffers)])
-            return base + num_kv
-        lax.fori_loop(0, num_units, unit, 0)
+        def run(n, b, h, pair, num_kv, rings):
+            buffer = wg * buffers + lax.rem(n, buffers)
+            consume_unit(wg, b, h, pair, num_kv, *rings, q_smem.at[buffer], q_loaded.at[buffer])
+        consume_units(num_units, work, load_q, run, buffers)
         plgpu.wait_smem_to_gmem(0)
 
     def consume_unit(wg, b, h, pair, num_kv, k_ring, v_ring, q_tile, q_ready):

@@ -58,8 +58,8 @@ from kernels.attention import common, triton, triton_vjp
 from kernels.attention.mosaic_gpu import (check_runs_here, query_pair_units, schedule_for,
                                           tile_visible)
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
-                                      launch, matmuls_t, pad_rows, produce_units, ring_scratch,
-                                      skip, specialize, tiled_smem)
+                                      consume_units, launch, matmuls_t, pad_rows, produce_units,
+                                      ring_scratch, skip, specialize, tiled_smem)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
@@ -154,16 +154,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[buffer],
                                     kv_loaded.at[CONSUMERS * buffers + buffer])
 
-        load_kv(0)
-
-        def unit(n, base):
-            b, h, pair, first, count, rings = work(n, base)
-            if buffers > 1:   # the buffer's last unit stored its dk and dv (waited below)
-                pl.when(n + 1 < num_units)(lambda: load_kv(n + 1))
+        def run(n, b, h, pair, first, count, rings):
             consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
                          wg * buffers + lax.rem(n, buffers))
-            return base + count
-        lax.fori_loop(0, num_units, unit, 0)
+        consume_units(num_units, work, load_kv, run, buffers)
 
     def consume_unit(wg, b, h, j, first, count, rings, buffer):
         q_ring, do_ring, lse_ring, delta_ring = rings
@@ -264,16 +258,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
                                             (delta_ref.at[cols], delta_smem))):
                 plgpu.copy_gmem_to_smem(src, dst.at[buffer], loaded(j, buffer))
 
-        load(0)
-
-        def unit(n, base):
-            b, h, pair, num_kv, (k_ring, v_ring) = work(n, base)
-            if buffers > 1:   # the buffer's last unit stored its dq (waited below)
-                pl.when(n + 1 < num_units)(lambda: load(n + 1))
-            consume_unit(wg, b, h, CONSUMERS * pair + wg, num_kv, k_ring, v_ring,
+        def run(n, b, h, pair, num_kv, rings):
+            consume_unit(wg, b, h, CONSUMERS * pair + wg, num_kv, *rings,
                          wg * buffers + lax.rem(n, buffers))
-            return base + num_kv
-        lax.fori_loop(0, num_units, unit, 0)
+        consume_units(num_units, work, load, run, buffers)
 
     def consume_unit(wg, b, h, i, num_kv, k_ring, v_ring, buffer):
         q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
