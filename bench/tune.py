@@ -97,6 +97,11 @@ MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_sta
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (1, 64, 64, 2, 0), (0, 64, 64, 2, 0), (1, 64, 64, 3, 0), (1, 128, 64, 2, 0),
     (1, 64, 128, 2, 0), (1, 128, 64, 3, 0), (1, 64, 64, 2, 1), (1, 128, 64, 2, 1)])
+# The dQ kernel's own tiles and ring depth (the ones above also set dK/dV's): 64 x 128 tiles keep
+# its accumulators in registers where 128 x 64 spill (ptxas), at 3 stages too large at head_dim 128.
+MOSAIC_DQ = ("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages")
+MOSAIC_DQ_CANDIDATES = _attention_configs(MOSAIC_DQ, [
+    (64, 64, 2), (64, 64, 3), (128, 64, 2), (128, 64, 3), (64, 128, 2), (64, 128, 3)])
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
 # tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
 # the last group start. The forward's (timed on the forward) with or without persistent CTAs, one
@@ -214,6 +219,8 @@ OPS = {
         defaults=_mosaic_defaults,
         stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
+                      _time_attention(2, "mosaic_gpu")),
+                Stage("backward_dq", lambda key: MOSAIC_DQ_CANDIDATES,
                       _time_attention(2, "mosaic_gpu")),
                 Stage("grid", lambda key: MOSAIC_GROUP_CANDIDATES,
                       _time_attention(1, "mosaic_gpu")),

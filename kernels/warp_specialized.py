@@ -142,20 +142,26 @@ def specialize(consume: Callable, producer: Callable) -> None:
         producer()
 
 
-def matmuls_t(first, second, between: Callable):
-    """(between(a b^T), c d^T) for first = (a, b), second = (c, d); a [m, k], b [n, k], c, d
-    likewise, in shared memory; the products in f32 registers (WGMMA layout). The two wgmmas are
-    issued back to back and `between` runs on a b^T while c d^T is still on the tensor cores
+def matmuls_t(first, second, between: Callable, second_start=None):
+    """(between(a b^T), y0 + c d^T) for first = (a, b), second = (c, d); a [m, k], b [n, k], c, d
+    likewise, in shared memory; the products in f32 registers (WGMMA layout), the second added
+    onto second_start (y0, zeros when None): the tensor cores then apply a broadcast term that
+    would take an instruction per element, and registers to hold it, afterwards. The two wgmmas
+    are issued back to back and `between` runs on a b^T while c d^T is still on the tensor cores
     (wgmma.wait_group 1), as FlashAttention-3 overlaps its softmax with the next product."""
     (a, b), (c, d) = first, second
+    x0, y0 = (plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+              for shape in ((a.shape[0], b.shape[0]), (c.shape[0], d.shape[0])))
 
-    def products(x_ref, y_ref):
+    def products(refs):
+        x_ref, y_ref, between_ref = refs
         plgpu.wgmma(x_ref, a, b.transpose((1, 0)))
         plgpu.wgmma(y_ref, c, d.transpose((1, 0)))
-        x = between(plgpu.wgmma_accumulator_load(x_ref, wait_n=1))
-        return x, y_ref[...]
-    return pl.run_scoped(products, plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32),
-                         plgpu.ACC((c.shape[0], d.shape[0]), jnp.float32))
+        between_ref[...] = between(plgpu.wgmma_accumulator_load(x_ref, wait_n=1))
+    # between's result leaves through a ref (x0 stands in for its initial value).
+    _, y, x = pl.run_state(products)(
+        (plgpu.ACC.init(x0), plgpu.ACC.init(y0 if second_start is None else second_start), x0))
+    return x, y
 
 
 def accumulate(acc, a, b):

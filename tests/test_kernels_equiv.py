@@ -261,8 +261,8 @@ def _in_the_gpu_interpreter(monkeypatch):
     with what jax 0.10's interpreter lacks emulated for the kernel's trace: wgmma
     (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref, which the
     interpreter cannot read: ref.transpose only marks it for the emulated wgmma), its
-    accumulators (zeros, or pl.run_state's initial value), layout casts and loads in a layout (it
-    has no layouts)."""
+    accumulators (zeros, or pl.run_state's initial value; run_state's other values become refs
+    too), layout casts and loads in a layout (it has no layouts)."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
@@ -276,6 +276,9 @@ def _in_the_gpu_interpreter(monkeypatch):
 
         def __getitem__(self, index):
             return self.value
+
+        def __setitem__(self, index, value):
+            self.value = value
 
     class AccType(NamedTuple):
         shape: tuple
@@ -316,10 +319,11 @@ def _in_the_gpu_interpreter(monkeypatch):
             return f(*(Acc(jnp.zeros(t.shape, t.dtype)) for t in types))
         return real_run_scoped(f, *types, **kwargs)
 
-    def run_state(f):   # one accumulator, or a tuple of them
+    def run_state(f):   # accumulators and arrays: each becomes a ref that f updates
         def run(acc_types):
-            accs = jax.tree_util.tree_map(lambda t: Acc(t.value), acc_types,
-                                          is_leaf=lambda t: isinstance(t, AccType))
+            accs = jax.tree_util.tree_map(
+                lambda t: Acc(t.value if isinstance(t, AccType) else t), acc_types,
+                is_leaf=lambda t: isinstance(t, AccType))
             f(accs)
             return jax.tree_util.tree_map(lambda acc: acc.value, accs,
                                           is_leaf=lambda a: isinstance(a, Acc))
@@ -387,27 +391,32 @@ def test_attention_mosaic_gpu_groups_the_heads_whose_tiles_fit_in_l2():
     assert mosaic_gpu.launch_grid(2, 3, 5, 64 * mib, 12) == (6, 5, 1)     # none fits: one each
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, fused_dq, persistent", [
-    (256, 64, True, 0, 0), (200, 128, False, 0, 0), (256, 64, True, 1, 0), (200, 128, False, 1, 0),
-    (256, 64, True, 0, 1), (200, 128, False, 0, 1)])
+@pytest.mark.parametrize("seq, head_dim, causal, fused_dq, persistent, dq_tiles", [
+    (256, 64, True, 0, 0, (64, 128, 2)), (200, 128, False, 0, 0, (128, 64, 3)),
+    (256, 64, True, 1, 0, None), (200, 128, False, 1, 0, None),
+    (256, 64, True, 0, 1, (64, 64, 2)), (200, 128, False, 0, 1, (64, 64, 2))])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, fused_dq,
-                                                              persistent, monkeypatch):
+                                                              persistent, dq_tiles, monkeypatch):
     """The Mosaic GPU backward in jax's Mosaic GPU interpreter (wgmma emulated), on the
     reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels, or (fused_dq) the
     dK/dV kernel alone adding dq by TMA reduce-add. Tiles of 64 and 2 stages over 256 rows: the
     rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
     neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
-    masked last tile (and padded rows whose do is zero). Persistent: two batches of two heads,
-    3 CTAs through the 4 folds of each kernel (both pairs of a (batch, head)), the first CTA two
-    folds, so its rings and second buffers carry over from fold to fold."""
+    masked last tile (and padded rows whose do is zero). The dQ kernel's own tiles (query rows,
+    key rows, stages) differ from dK/dV's 64 x 64 in the first two cases: the sequence is padded
+    for the larger. Persistent: two batches of two heads, 3 CTAs through the 4 folds of each
+    kernel (both pairs of a (batch, head)), the first CTA two folds, so its rings and second
+    buffers carry over from fold to fold."""
     from kernels.attention import common, mosaic_gpu_vjp
     _in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
               "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_fused_dq": fused_dq,
-              "bwd_persistent": persistent}
+              "bwd_persistent": persistent,
+              **dict(zip(("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages"),
+                         dq_tiles or ()))}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
     q, k, v, do = (jax.random.normal(key, (1 + persistent, seq, 2, head_dim), jnp.bfloat16)

@@ -75,11 +75,13 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
 # (group_mib, launch_grid) and persistent CTAs; the backward: Triton's (mosaic_backward = 0, with
 # Triton's parameters) unless the tuning table, measured where the equivalence suite passed, picks
-# the Mosaic GPU one (mosaic_gpu_vjp.py), with its tiles, ring depth, group MiB and persistent CTAs.
+# the Mosaic GPU one (mosaic_gpu_vjp.py), with the tiles and ring depth of its dK/dV kernel (bwd_)
+# and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs.
 DEFAULTS = {
     d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12, persistent=0,
             mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
-            bwd_group_mib=12, bwd_persistent=0,
+            bwd_dq_block_q=64, bwd_dq_block_k=64, bwd_dq_num_stages=2, bwd_group_mib=12,
+            bwd_persistent=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.SUPPORTED_HEAD_DIMS
 }

@@ -13,15 +13,20 @@ q, k and the forward's lse; delta = rowsum(do * (o + o_lo)) by XLA beforehand):
                s = q k^T       p = 2^(c s - lse)         dp = do v^T
                ds = p (dp - delta)                       dq += ds k          (dq *= sm_scale)
 
-As in the forward (mosaic_gpu.py), a producer warpgroup TMA-copies the streamed tiles into rings of
-`bwd_num_stages` slots (warp_specialized.Ring) and the two consumers share them: the dK/dV kernel streams
-q, do [bq, D] and lse, delta [bq] from the first query tile the lower key tile needs, and the
-upper key tile's warpgroup skips the ones before its own first; the dQ kernel streams k, v up to
-the last key tile the upper query tile needs, and the lower one skips the rest. Masks only on the
-tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq accumulate in f32
-registers, p and ds enter the tensor cores in bf16 from registers. Within a step the products
-overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right behind s, so the
-softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed while p^T do runs.
+As in the forward (mosaic_gpu.py), a producer warpgroup TMA-copies the streamed tiles into rings
+(warp_specialized.Ring) and the two consumers share them: the dK/dV kernel streams q, do [bq, D]
+and lse, delta [bq] from the first query tile the lower key tile needs, and the upper key tile's
+warpgroup skips the ones before its own first; the dQ kernel streams k, v up to the last key tile
+the upper query tile needs, and the lower one skips the rest. Each kernel has its own tiles and
+ring depth (`bwd_block_q`, `bwd_block_k`, `bwd_num_stages`; `bwd_dq_` the same for dQ): at S8192
+D64 dK/dV is fastest with 128-query x 64-key tiles, dQ with 64 x 128 (bench/RESULTS.md, version
+14). Masks only on the tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq
+accumulate in f32 registers, p and ds enter the tensor cores in bf16 from registers. Within a
+step the products overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right
+behind s, so the softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed
+while p^T do runs, and dp^T's product starts from -delta, so the tensor cores subtract it (no
+instruction per element, no registers for delta: 8% faster at S8192 D64, RESULTS.md version 14;
+the same in the dQ kernel, or for lse, measured no faster).
 
 Both kernels run a CTA per unit (a pair of tiles), or (`bwd_persistent` = 1) one CTA per
 multiprocessor through the folds of mosaic_gpu.Schedule, as the forward does: the producer
@@ -181,24 +186,25 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
                 ring.wait(n)
             q_tile, do_tile = q_ring.tile(n), do_ring.tile(n)
 
+            columns = lambda ring: lax.broadcast_in_dim(
+                compat.mosaic_gpu_load(ring.tile(n), column), (block_k, block_q), [1])
+
             def softmax(s_t):
                 if masked:
                     visible = tile_visible(plan, j * block_k, i * block_q, s_t.shape,
                                            transposed=True)
                     s_t = jnp.where(visible, s_t, -jnp.inf)
-                lse = compat.mosaic_gpu_load(lse_ring.tile(n), column)
-                return jnp.exp2(s_t * plan.scale_log2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                return jnp.exp2(s_t * plan.scale_log2 - columns(lse_ring))
 
-            # dp^T = v do^T runs on the tensor cores while the softmax of s^T = k q^T does not.
-            p_t, dp_t = matmuls_t((k_tile, q_tile), (v_tile, do_tile), softmax)
-            delta = compat.mosaic_gpu_load(delta_ring.tile(n), column)
+            # dp^T - delta = v do^T - delta runs on the tensor cores (from -delta) while the
+            # softmax of s^T = k q^T does not.
+            p_t, dp_t = matmuls_t((k_tile, q_tile), (v_tile, do_tile), softmax,
+                                  second_start=-columns(delta_ring))
 
             def update(accs):
                 dk_ref, dv_ref = accs
                 plgpu.wgmma(dv_ref, p_t.astype(k_tile.dtype), do_tile)
-                # ds^T while p^T do is on the tensor cores.
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                ds_t = ds_t.astype(k_tile.dtype)
+                ds_t = (p_t * dp_t).astype(k_tile.dtype)   # while p^T do is on the tensor cores
                 if dq_acc:   # for dq: wgmma transposes only operands in shared memory
                     ds_smem.at[wg][...] = ds_t
                     plgpu.commit_smem()
@@ -308,7 +314,8 @@ def backward(plan: common.Plan, residuals, do):
     do [B, S, H, D] -> (dq, dk, dv) [B, S, H, D] in q's dtype.
 
     Tiles are raised to 64 rows (wgmma's M) and the sequence padded to a multiple of a CTA's two
-    tiles in both kernels; padded rows have do = 0 and delta = 0, so they add nothing."""
+    tiles (the largest of either kernel); padded rows have do = 0 and delta = 0, so they add
+    nothing."""
     if not plan.config["mosaic_backward"]:
         return triton_vjp.backward(plan, residuals, do)
     return _mosaic_backward(plan, residuals, do)
@@ -321,9 +328,12 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     q, k, v, o, lse, o_lo = residuals
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
-    bq, bk = (max(config[name], WGMMA_M) for name in ("bwd_block_q", "bwd_block_k"))
-    stages = config["bwd_num_stages"]
-    padded = -(-s // (CONSUMERS * max(bq, bk))) * CONSUMERS * max(bq, bk)
+    # Each kernel's query and key tiles: dK/dV's (also the one-pass kernel's), then dQ's.
+    bq, bk, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
+                            ("block_q", "block_k", "dq_block_q", "dq_block_k"))
+    stages, dq_stages = config["bwd_num_stages"], config["bwd_dq_num_stages"]
+    padded = -(-s // (CONSUMERS * max(bq, bk, dq_bq, dq_bk))) * CONSUMERS * max(bq, bk, dq_bq,
+                                                                                dq_bk)
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
     q_p, k_p, v_p, do_p = (pad_rows(x, padded) for x in (q, k, v, do))
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
@@ -341,7 +351,7 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                                        2 * padded * d * q.dtype.itemsize,
                                        config["bwd_group_mib"],
                                        config["bwd_persistent"] and not fused)
-    dkdv_units, dq_units = units(bk), units(bq)
+    dkdv_units, dq_units = units(bk), units(dq_bq)
     buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dkdv_units),
@@ -364,15 +374,16 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     else:
         dq_buffers = CONSUMERS * buffers(dq_units)
         dq = launch(
-            functools.partial(_dq_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dq_units),
+            functools.partial(_dq_kernel, plan=plan, block_q=dq_bq, block_k=dq_bk,
+                              schedule=dq_units),
             out_type=grad(),
-            scratch=dict(q_smem=tiled_smem(q.dtype, dq_buffers, bq, d),
-                         do_smem=tiled_smem(q.dtype, dq_buffers, bq, d),
-                         lse_smem=plgpu.SMEM((dq_buffers, bq), jnp.float32),
-                         delta_smem=plgpu.SMEM((dq_buffers, bq), jnp.float32),
+            scratch=dict(q_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
+                         do_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
+                         lse_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
+                         delta_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
                          q_loaded=plgpu.Barrier(num_barriers=4 * dq_buffers),
-                         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
-                         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages)),
+                         k_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages),
+                         v_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages)),
             name="flash_attention_dq_mgpu", **dq_units.launch_args(),
         )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     return dq[:, :s], dk[:, :s], dv[:, :s]
