@@ -85,13 +85,14 @@ ATTENTION_CANDIDATES = {
 
 
 # The Mosaic GPU forward's query tile per consumer warpgroup, key tile, ring depth and ping-pong
-# (when its backward is Triton's, it takes over Triton's tuned parameters: _mosaic_defaults).
+# (when its backward is Triton's, it takes over Triton's tuned parameters: _mosaic_defaults);
+# 256-key tiles halve the steps, and with them each row's max and sum across its four threads.
 MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
-    (128, 128, 2, 1), (64, 64, 3, 1)])
-# Its backward: Triton's (mosaic_backward=0) or its own, with the query and key tiles both kernels
-# use, their ring depth and whether the dK/dV kernel also sums dq (one pass, no dQ kernel).
+    (128, 128, 2, 1), (64, 64, 3, 1), (64, 256, 2, 1)])
+# Its backward: Triton's (mosaic_backward=0) or its own, with the dK/dV kernel's query and key
+# tiles, ring depth and whether it also sums dq (one pass, no dQ kernel).
 MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_stages",
                    "bwd_fused_dq")
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
