@@ -150,8 +150,9 @@ def matmuls_t(first, second, between: Callable, second_start=None):
     are issued back to back and `between` runs on a b^T while c d^T is still on the tensor cores
     (wgmma.wait_group 1), as FlashAttention-3 overlaps its softmax with the next product."""
     (a, b), (c, d) = first, second
-    x0, y0 = (plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-              for shape in ((a.shape[0], b.shape[0]), (c.shape[0], d.shape[0])))
+    zeros = lambda m, n: plgpu.layout_cast(jnp.zeros((m, n), jnp.float32), plgpu.Layout.WGMMA)
+    x0 = zeros(a.shape[0], b.shape[0])
+    y0 = zeros(c.shape[0], d.shape[0]) if second_start is None else second_start
 
     def products(refs):
         x_ref, y_ref, between_ref = refs
@@ -159,8 +160,7 @@ def matmuls_t(first, second, between: Callable, second_start=None):
         plgpu.wgmma(y_ref, c, d.transpose((1, 0)))
         between_ref[...] = between(plgpu.wgmma_accumulator_load(x_ref, wait_n=1))
     # between's result leaves through a ref (x0 stands in for its initial value).
-    _, y, x = pl.run_state(products)(
-        (plgpu.ACC.init(x0), plgpu.ACC.init(y0 if second_start is None else second_start), x0))
+    _, y, x = pl.run_state(products)((plgpu.ACC.init(x0), plgpu.ACC.init(y0), x0))
     return x, y
 
 
