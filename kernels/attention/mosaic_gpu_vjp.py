@@ -332,8 +332,8 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     bq, bk, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
                             ("block_q", "block_k", "dq_block_q", "dq_block_k"))
     stages, dq_stages = config["bwd_num_stages"], config["bwd_dq_num_stages"]
-    padded = -(-s // (CONSUMERS * max(bq, bk, dq_bq, dq_bk))) * CONSUMERS * max(bq, bk, dq_bq,
-                                                                                dq_bk)
+    rows = CONSUMERS * max(bq, bk, dq_bq, dq_bk)   # a CTA's two tiles, the largest of either kernel
+    padded = -(-s // rows) * rows
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
     q_p, k_p, v_p, do_p = (pad_rows(x, padded) for x in (q, k, v, do))
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
