@@ -26,6 +26,7 @@ IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
 # kernels (forward 60 -> 8 bytes, dK/dV 80 -> 8) but moved their times only within +-2% and
 # slowed the training shape's forward by 2.5% (bench/RESULTS.md, version 7).
 CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40
+SMEM_BYTES = 227 * 1024   # the shared memory a Hopper CTA may have (sm90's opt-in maximum)
 
 
 def num_sms() -> int:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from kernels import compat
 from kernels.attention import api, attention, mosaic_gpu
-from kernels.attention.common import LOG2E, SUPPORTED_HEAD_DIMS, Plan
+from kernels.attention.common import KERNEL_HEAD_DIMS, LOG2E, Plan, kernel_head_dim
 from microgpt import model
 
 # The implementations this backend runs: both Pallas backends interpreted on CPU, compiled natively;
@@ -46,6 +46,10 @@ ATTENTION_CASES = [
     pytest.param(1, 56, 3, 128, True, 1.0, True, id="ragged56-causal-d128"),
     pytest.param(1, 64, 2, 128, False, 1.0, True, id="noncausal-d128"),
     pytest.param(1, 48, 2, 64, True, 30.0, True, id="large-logits-causal"),
+    # Head dims the kernels pad (32 -> 64, 96 -> 128) or run with their own tiles (256).
+    pytest.param(1, 40, 2, 32, True, 1.0, True, id="ragged40-causal-d32"),
+    pytest.param(1, 48, 2, 96, False, 1.0, True, id="noncausal-d96"),
+    pytest.param(1, 40, 1, 256, True, 1.0, True, id="ragged40-causal-d256"),
     pytest.param(2, 4096, 4, 64, True, 1.0, False, id="s4096-causal-d64", marks=LARGE),
     pytest.param(4, 1024, 8, 128, True, 1.0, False, id="s1024-causal-d128", marks=LARGE),
     pytest.param(1, 4096, 4, 128, True, 1.0, False, id="s4096-causal-d128", marks=LARGE),
@@ -53,6 +57,11 @@ ATTENTION_CASES = [
     pytest.param(3, 1000, 4, 128, True, 1.0, False, id="ragged1000-causal-d128", marks=LARGE),
     pytest.param(2, 384, 4, 64, False, 1.0, False, id="s384-noncausal-d64", marks=LARGE),
     pytest.param(2, 1024, 4, 64, True, 30.0, False, id="large-logits-s1024", marks=LARGE),
+    pytest.param(4, 1024, 8, 32, True, 1.0, False, id="s1024-causal-d32", marks=LARGE),
+    pytest.param(2, 2048, 4, 96, True, 1.0, False, id="s2048-causal-d96", marks=LARGE),
+    pytest.param(1, 1000, 4, 96, False, 1.0, False, id="ragged1000-noncausal-d96", marks=LARGE),
+    pytest.param(2, 2048, 4, 256, True, 1.0, False, id="s2048-causal-d256", marks=LARGE),
+    pytest.param(2, 1000, 2, 256, False, 1.0, False, id="ragged1000-noncausal-d256", marks=LARGE),
 ]
 
 
@@ -92,10 +101,20 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
     # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above;
-    # the table picks the two-kernel one, the one-pass one is tested below).
-    blocks = MOSAIC_BACKWARD if impl == "mosaic_gpu" else None
+    # the table picks the two-kernel one, the one-pass one is tested below), where it runs.
+    blocks = MOSAIC_BACKWARD if impl == "mosaic_gpu" and _mosaic_backward_runs(head_dim) else None
     _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
                      SMALL_BLOCKS if small and ON_CPU else blocks)
+
+
+def _mosaic_backward_runs(head_dim: int) -> bool:
+    return kernel_head_dim(head_dim) in mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS
+
+
+def _skip_unless_mosaic_backward_runs(head_dim: int) -> None:
+    if not _mosaic_backward_runs(head_dim):
+        pytest.skip(f"the Mosaic GPU backward runs head_dim {mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS}"
+                    f" (at {head_dim} the table's backward is Triton's, tested above)")
 
 
 @pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="mosaic_gpu runs on a Hopper GPU; on CPU "
@@ -106,6 +125,7 @@ def test_attention_mosaic_gpu_fused_dq_matches_reference(batch, seq, heads, head
     """The one-pass backward: dq summed by the dK/dV kernel's TMA reduce-adds (2 stages: its
     dq and ds buffers leave no shared memory for a third at head_dim 128), on the inputs of
     the case above, which the two-kernel backward passes."""
+    _skip_unless_mosaic_backward_runs(head_dim)
     _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
                      {**MOSAIC_BACKWARD, "bwd_fused_dq": 1, "bwd_num_stages": 2},
                      seed_blocks=MOSAIC_BACKWARD)
@@ -118,6 +138,7 @@ def test_attention_mosaic_gpu_persistent_matches_reference(batch, seq, heads, he
                                                            q_scale, small):
     """The persistent forward and backward (a CTA per multiprocessor, through the work units in
     turn), on the inputs of the case above."""
+    _skip_unless_mosaic_backward_runs(head_dim)
     _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
                      {**MOSAIC_BACKWARD, "persistent": 1, "bwd_persistent": 1},
                      seed_blocks=MOSAIC_BACKWARD)
@@ -125,7 +146,7 @@ def test_attention_mosaic_gpu_persistent_matches_reference(batch, seq, heads, he
 
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
 @given(batch=st.integers(1, 2), seq=st.integers(1, 80 if ON_CPU else 2500),
-       heads=st.integers(1, 3), head_dim=st.sampled_from(SUPPORTED_HEAD_DIMS),
+       heads=st.integers(1, 3), head_dim=st.sampled_from((32, 64, 96, 128, 256)),
        causal=st.booleans())
 def test_attention_matches_reference_at_any_shape(batch, seq, heads, head_dim, causal):
     """Shapes hypothesis picks (any length, including 1 and lengths just past a tile) on the
@@ -162,7 +183,7 @@ def test_attention_reference_is_the_model_math():
     (((1, 16, 2, 64), (1, 32, 2, 64), (1, 32, 2, 64)), {}, "one shape"),
     (((1, 16, 2, 64),) * 3, {"dtypes": ("bfloat16", "float32", "bfloat16")}, "one dtype"),
     (((1, 16, 2, 64),) * 3, {"dtypes": ("float16",) * 3}, "supports dtypes"),
-    (((1, 16, 2, 48),) * 3, {}, "head_dim in"),
+    (((1, 16, 2, 320),) * 3, {}, "head_dim up to 256"),
     (((1, 16, 2, 64),) * 3, {"implementation": "cuda"}, "known: .*reference.*triton.*tpu"),
     (((1, 16, 2, 64),) * 3, {"block_sizes": {"block_q": 48}}, "block_q=48 must be a power of two"),
     (((1, 16, 2, 64),) * 3, {"block_sizes": {"blok_q": 64}}, "no tuning parameter 'blok_q'"),
@@ -175,10 +196,12 @@ def test_attention_rejects_bad_inputs(args, kwargs, message):
         attention(q, k, v, **{"implementation": "triton", **kwargs})
 
 
-def test_attention_names_supported_head_dims():
-    q = jnp.zeros((1, 16, 2, 32), jnp.bfloat16)
-    with pytest.raises(ValueError, match=re.escape(str(SUPPORTED_HEAD_DIMS))):
-        attention(q, q, q, implementation="tpu")
+@pytest.mark.parametrize("impl", [None, "tpu"])
+def test_attention_names_the_largest_head_dim(impl):
+    q = jnp.zeros((1, 16, 2, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"head_dim up to {KERNEL_HEAD_DIMS[-1]}; got 512 "
+                                         r"\(implementation='reference' computes any\)"):
+        attention(q, q, q, implementation=impl)
 
 
 def _export_text(f, platform, *args) -> str:
@@ -212,7 +235,8 @@ def _skip_unless_pallas_lowers_for(impl: str, platform: str) -> None:
 
 @pytest.mark.parametrize("impl, platform, custom_call", [
     ("triton", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
-@pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
+@pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128), (8, 1024, 16, 96),
+                                   (4, 2048, 8, 256)], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, causal):
@@ -254,6 +278,38 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
     assert calls(f) == ["mosaic_gpu"]
     assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_lowers_at_every_head_dim(head_dim):
+    """The Mosaic GPU forward lowers for CUDA at the head dims it pads (32 -> 64, 96 -> 128) and
+    at 256 (64-row query tiles); their gradients take the Triton backward by default (at 256
+    the only one: the Mosaic GPU backward's dk and dv would not fit in registers)."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct((4, 2048, 8, head_dim), jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu", interpret=False)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
+        r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
+    assert calls(f) == ["mosaic_gpu"]
+    assert calls(grad) == sorted(["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"])
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the check runs before the kernel, on any backend")
+def test_attention_mosaic_gpu_names_what_does_not_fit_at_head_dim_256():
+    """At head_dim 256 the persistent forward's shared memory and the Mosaic GPU backward's
+    registers do not suffice: each says so in one line, naming the knob."""
+    spec = jax.ShapeDtypeStruct((1, 1024, 2, 256), jnp.bfloat16)
+    export = lambda f: _export_text(f, "cuda", spec, spec, spec)
+    forward = lambda blocks: lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu",
+                                                       block_sizes=blocks, interpret=False)
+    with pytest.raises(ValueError, match=r"persistent=1 need \d+ KiB of shared memory at "
+                                         r"head_dim 256; a CTA has 227"):
+        export(forward({"persistent": 1}))
+    grad = jax.grad(lambda q, k, v: jnp.sum(forward({"mosaic_backward": 1})(q, k, v)))
+    with pytest.raises(ValueError, match="mosaic_backward=1 runs head_dim .*use mosaic_backward=0"):
+        export(grad)
 
 
 def _in_the_gpu_interpreter(monkeypatch):
@@ -345,7 +401,8 @@ def _in_the_gpu_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent",
                          [(256, 64, True, 1, 0, 0), (200, 128, False, 0, 12, 0),
-                          (256, 64, True, 1, 0, 1), (200, 128, False, 0, 12, 1)])
+                          (256, 64, True, 1, 0, 1), (200, 128, False, 0, 12, 1),
+                          (128, 256, True, 1, 12, 0)])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
@@ -508,7 +565,16 @@ LNFFN_CASES = [
     pytest.param((16384, 768), 50.0, 20.0, True, False, id="t16384-d768-mean50", marks=LARGE),
     pytest.param((3, 1000, 1024), 0.0, 1.0, False, False, id="ragged3000-d1024", marks=LARGE),
     pytest.param((2, 4000, 640), 0.0, 1.0, True, False, id="ragged8000-d640", marks=LARGE),
+    # Widths that are odd multiples of 128 (no power of two) up to 2048, the widest documented.
+    pytest.param((40, 384), 0.0, 1.0, True, False, id="t40-d384-residual"),
+    pytest.param((4096, 384), 0.0, 1.0, True, False, id="t4096-d384", marks=LARGE),
+    pytest.param((3000, 896), 0.0, 1.0, False, False, id="ragged3000-d896", marks=LARGE),
+    pytest.param((4096, 1152), 0.0, 1.0, True, False, id="t4096-d1152", marks=LARGE),
+    pytest.param((2000, 1536), 0.0, 1.0, True, False, id="ragged2000-d1536", marks=LARGE),
+    pytest.param((4096, 2048), 0.0, 1.0, True, False, id="t4096-d2048", marks=LARGE),
 ]
+# The widths the README documents: any multiple of 128 up to 2048.
+LNFFN_WIDTHS = tuple(range(128, 2049, 128))
 
 
 def _lnffn_params(key, d, dtype=jnp.float32):
@@ -660,10 +726,19 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
                                    rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("impl", ["triton", "tpu", "mosaic_gpu"])
+def test_layernorm_ffn_configures_every_documented_width(impl):
+    """Every backend's default (and tuned) tiles are valid at every d the README documents."""
+    for d in LNFFN_WIDTHS:
+        for tokens in (16, 65536):
+            layernorm_ffn_api.kernel_config(impl, d, tokens)
+
+
 @pytest.mark.parametrize("impl, platform, custom_call, calls", [
     ("triton", "cuda", "__gpu$xla.gpu.triton", (3, 7)), ("tpu", "tpu", "tpu_custom_call", (1, 4)),
     ("mosaic_gpu", "cuda", "mosaic_gpu", (2, 6))])
-@pytest.mark.parametrize("tokens, d", [(131072, 512), (65536, 768)], ids=str)
+@pytest.mark.parametrize("tokens, d", [(131072, 512), (65536, 768), (8192, 384), (8192, 640),
+                                       (8192, 1152), (8192, 2048)], ids=str)
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls, tokens, d):
     """Forward and forward+backward lower to the platform's Pallas custom calls at the benchmark

@@ -40,7 +40,8 @@ def default_implementation(q: jax.Array | None = None) -> str:
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
-            and tuning.preferred_implementation("attention", shape_key(q.shape[-1], q.shape[1]))
+            and tuning.preferred_implementation(
+                "attention", shape_key(common.kernel_head_dim(q.shape[-1]), q.shape[1]))
             == "mosaic_gpu"):
         return "mosaic_gpu"
     return "triton"
@@ -52,7 +53,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     """softmax(sm_scale q k^T [causal mask]) v per head, differentiable in q, k, v.
 
     q, k, v [B, S, H, D] (the layout of jax.nn.dot_product_attention), bf16 or f32, one shape;
-    D in common.SUPPORTED_HEAD_DIMS for the kernels. sm_scale defaults to 1/sqrt(D).
+    D up to 256 for the kernels, which run D = 64, 128 or 256 and zero-pad any other D up to the
+    next of those (common.kernel_head_dim). sm_scale defaults to 1/sqrt(D).
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
     (Hopper only, bf16); None picks by backend (`default_implementation`). block_sizes overrides
     the tuning table's entries (names: the keys of the backend's DEFAULTS). interpret: run the
@@ -60,20 +62,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     exactly when the default backend is not the kernel's platform (so the kernels run on CPU).
     -> [B, S, H, D] in the input dtype.
     """
+    _validate(q, k, v)
     implementation = implementation or default_implementation(q)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
                          f"known: {IMPLEMENTATIONS}")
-    _validate(q, k, v, kernel=implementation != "reference")
     head_dim = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if implementation == "reference":
         return model.attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
     backend = BACKENDS[implementation]
-    seq_len = q.shape[1]
-    config = tuning.block_config("attention", implementation, shape_key(head_dim, seq_len),
-                                 backend.defaults[head_dim], block_sizes)
+    seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
+    config = tuning.block_config("attention", implementation, shape_key(kernel_dim, seq_len),
+                                 backend.defaults[kernel_dim], block_sizes)
     config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
     if interpret is None:
         interpret = jax.default_backend() != backend.platform
@@ -81,9 +83,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                        tuple(sorted(config.items())), bool(interpret))
     # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded
     # query rows are sliced off, so their cotangent is zero and they add nothing to dk and dv.
-    pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, 0))
+    # Padded head columns are zeros: nothing in q k^T, zero output columns, sliced off.
+    pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, kernel_dim - head_dim))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    return _attention(q, k, v, plan)[:, :seq_len]
+    return _attention(q, k, v, plan)[:, :seq_len, :, :head_dim]
 
 
 def shape_key(head_dim: int, seq_len: int) -> str:
@@ -92,7 +95,7 @@ def shape_key(head_dim: int, seq_len: int) -> str:
     return f"d{head_dim}_s{1 << max(seq_len - 1, 1).bit_length()}"
 
 
-def _validate(q, k, v, kernel: bool) -> None:
+def _validate(q, k, v) -> None:
     if q.ndim != 4:
         raise ValueError(f"attention expects q, k, v of rank 4 [batch, seq, heads, head_dim]; "
                          f"got q.shape={q.shape}")
@@ -106,9 +109,6 @@ def _validate(q, k, v, kernel: bool) -> None:
     if q.dtype not in common.SUPPORTED_DTYPES:
         raise ValueError(f"attention supports dtypes {[str(d) for d in common.SUPPORTED_DTYPES]}; "
                          f"got {q.dtype}")
-    if kernel and q.shape[-1] not in common.SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention kernels support head_dim in {common.SUPPORTED_HEAD_DIMS}; "
-                         f"got {q.shape[-1]}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -28,7 +28,10 @@ from jax.experimental import pallas as pl
 
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-SUPPORTED_HEAD_DIMS = (64, 128)
+# The head dims the kernels tile; any other head_dim up to the largest is zero-padded up to the next
+# of these by the api (zero columns of q and k add nothing to q k^T, those of v give output columns
+# that are sliced off): 32 runs the 64 kernels, 96 the 128 ones (bench/RESULTS.md has the cost).
+KERNEL_HEAD_DIMS = (64, 128, 256)
 MIN_BLOCK = 16  # Triton dots need every dimension >= 16; TPU bf16 tiles are 16 rows.
 # The tuning parameters every backend has: forward tiles of q (block_q) against tiles of k/v
 # (block_k); the backward's dK/dV kernel holds a key tile (block_k_dkv) and streams query tiles
@@ -58,6 +61,14 @@ class Plan:
     def scale_log2(self) -> float:
         """c = sm_scale * log2(e): raw scores times c are base-2 logits."""
         return self.sm_scale * LOG2E
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The head dim the kernels run for `head_dim`: the next of KERNEL_HEAD_DIMS at or above it."""
+    if not 0 < head_dim <= KERNEL_HEAD_DIMS[-1]:
+        raise ValueError(f"attention kernels support head_dim up to {KERNEL_HEAD_DIMS[-1]}; got "
+                         f"{head_dim} (implementation='reference' computes any)")
+    return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
 def fit_blocks(config: dict, block_names: tuple[str, ...], seq_len: int) -> tuple[dict, int]:

@@ -63,8 +63,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton
-from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, consume_units, launch, num_sms,
-                                      on_sm90, pad_rows, produce_units, ring_scratch, skip,
+from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, consume_units, launch,
+                                      num_sms, on_sm90, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
 
 _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
@@ -76,15 +76,18 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # (group_mib, launch_grid) and persistent CTAs; the backward: Triton's (mosaic_backward = 0, with
 # Triton's parameters) unless the tuning table, measured where the equivalence suite passed, picks
 # the Mosaic GPU one (mosaic_gpu_vjp.py), with the tiles and ring depth of its dK/dV kernel (bwd_)
-# and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs.
+# and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs. At head_dim 256 a warpgroup's
+# accumulator [64, 256] f32 already takes 128 registers a thread: 64-row query tiles, and the
+# Triton backward (the Mosaic GPU one would hold two such accumulators, dk and dv).
 DEFAULTS = {
-    d: dict(block_q=128, block_k=64, num_stages=2, schedule_barrier=1, group_mib=12, persistent=0,
-            mosaic_backward=0, bwd_block_q=64, bwd_block_k=64, bwd_num_stages=2, bwd_fused_dq=0,
-            bwd_dq_block_q=64, bwd_dq_block_k=64, bwd_dq_num_stages=2, bwd_group_mib=12,
-            bwd_persistent=0,
+    d: dict(block_q=128 if d < 256 else 64, block_k=64, num_stages=2, schedule_barrier=1,
+            group_mib=12, persistent=0, mosaic_backward=0, bwd_block_q=64, bwd_block_k=64,
+            bwd_num_stages=2, bwd_fused_dq=0, bwd_dq_block_q=64, bwd_dq_block_k=64,
+            bwd_dq_num_stages=2, bwd_group_mib=12, bwd_persistent=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
-    for d in common.SUPPORTED_HEAD_DIMS
+    for d in common.KERNEL_HEAD_DIMS
 }
+MOSAIC_BACKWARD_HEAD_DIMS = (64, 128)
 NOT_HERE = "mosaic_gpu runs only on an sm90 GPU; use implementation='triton' to interpret on CPU"
 
 
@@ -324,6 +327,11 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     units = schedule_for(b, h, padded // (CONSUMERS * bq), 2 * padded * d * q.dtype.itemsize,
                          config["group_mib"], config["persistent"])
     buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
+    smem = q.dtype.itemsize * d * (CONSUMERS * buffers * bq + 2 * stages * bk) + 4 * CONSUMERS * bq
+    if smem > SMEM_BYTES:
+        raise ValueError(f"mosaic_gpu attention: block_q={bq}, block_k={bk}, num_stages={stages}"
+                         f"{', persistent=1' if units.num_ctas else ''} need {smem // 1024} KiB of "
+                         f"shared memory at head_dim {d}; a CTA has {SMEM_BYTES // 1024}")
     scratch = dict(
         q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,

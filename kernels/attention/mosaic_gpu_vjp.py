@@ -60,8 +60,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton, triton_vjp
-from kernels.attention.mosaic_gpu import (check_runs_here, query_pair_units, schedule_for,
-                                          tile_visible)
+from kernels.attention.mosaic_gpu import (MOSAIC_BACKWARD_HEAD_DIMS, check_runs_here,
+                                          query_pair_units, schedule_for, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
                                       consume_units, launch, matmuls_t, pad_rows, produce_units,
                                       ring_scratch, skip, specialize, tiled_smem)
@@ -318,6 +318,11 @@ def backward(plan: common.Plan, residuals, do):
     nothing."""
     if not plan.config["mosaic_backward"]:
         return triton_vjp.backward(plan, residuals, do)
+    if residuals[0].shape[-1] not in MOSAIC_BACKWARD_HEAD_DIMS:
+        raise ValueError(f"mosaic_gpu attention: mosaic_backward=1 runs head_dim "
+                         f"{MOSAIC_BACKWARD_HEAD_DIMS} (its dk and dv accumulators would not fit "
+                         f"a warpgroup's registers at {residuals[0].shape[-1]}); use "
+                         f"mosaic_backward=0, the Triton backward")
     return _mosaic_backward(plan, residuals, do)
 
 

@@ -23,7 +23,7 @@ from kernels.attention import common
 # Per head_dim: common.BLOCKS (the MXU is 128 or 256 wide; blocks under 128 waste it).
 # Measured entries in kernels/tuning.json override these.
 DEFAULTS = {d: dict(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
-                    block_q_dq=128, block_k_dq=128) for d in common.SUPPORTED_HEAD_DIMS}
+                    block_q_dq=128, block_k_dq=128) for d in common.KERNEL_HEAD_DIMS}
 
 
 def heads_major(x):

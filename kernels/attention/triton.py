@@ -31,6 +31,11 @@ DEFAULTS = {
     128: dict(block_q=128, block_k=64, num_warps=8, num_stages=3,
               block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
               num_warps_bwd=4, num_stages_bwd=3),
+    # Half the rows of 128's, so an accumulator [rows, 256] f32 takes as many registers a thread;
+    # 8 warps in the backward for the two [32, 256] accumulators dk and dv.
+    256: dict(block_q=64, block_k=32, num_warps=8, num_stages=2,
+              block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32,
+              num_warps_bwd=8, num_stages_bwd=2),
 }
 
 

@@ -41,8 +41,8 @@ TOKEN_TILES = ("ln_block_t", "up_block_m", "down_block_m")
 def default_config(d: int) -> dict:
     """Forward parameters: 128 x 128 x 64 tiles, 8 warps, 3 stages (32 KiB of shared memory per
     stage, 64 accumulator registers per thread), checked spill-free with ptxas for sm_90a; LN
-    programs of 4096 / d rows (memory-bound: small tiles, many programs)."""
-    config = {"ln_block_t": max(8, 4096 // d)}
+    programs of about 4096 / d rows, a power of two (memory-bound: small tiles, many programs)."""
+    config = {"ln_block_t": 1 << max(3, (4096 // d).bit_length() - 1)}
     for gemm in GEMMS:
         config |= {f"{gemm}_block_m": 128, f"{gemm}_block_n": 128, f"{gemm}_block_k": 64,
                    f"{gemm}_num_warps": 8, f"{gemm}_num_stages": 3}
