@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from tokenizers import Tokenizer
 
 from microgpt import checkpoint, data
+from microgpt.cli import DefaultsHelpFormatter
 from microgpt.model import (COMPUTE_DTYPE, MicroGPT, Params, attention_projections, kernel_ops,
                             block_output, embed, masked_attention, tied_logits)
 
@@ -128,33 +129,36 @@ def load_run(run_dir: str | Path | None = None, step: int | None = None):
         params = model.get_params(jax.random.PRNGKey(0))
         return {"params": params, "opt_state": optimizer.init(params)}
 
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path(run_dir, meta)))
     state = checkpoint.restore_state(run_dir, step, jax.eval_shape(init_state))
-    tokenizer_path = Path(meta["tokenizer"])
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"the run's tokenizer {tokenizer_path} is missing")
-    return model, state["params"], Tokenizer.from_file(str(tokenizer_path)), cfg
+    return model, state["params"], tokenizer, cfg
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m microgpt.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m microgpt.generate", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ckpt", help="run folder (default: the newest under runs/)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the sampling's random seed")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.max_new_tokens < 0 or args.top_k < 0:
         p.error("--temperature, --max-new-tokens and --top-k must not be negative")
     try:
         model, params, tokenizer, cfg = load_run(args.ckpt, args.step)
-    except FileNotFoundError as err:
+    except checkpoint.CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(generate_from_params(model, params, tokenizer, args.prompt, args.max_new_tokens,
-                               cfg.seq_len, jax.random.PRNGKey(args.seed), args.temperature,
-                               args.top_k or None))
+    try:
+        print(generate_from_params(model, params, tokenizer, args.prompt, args.max_new_tokens,
+                                   cfg.seq_len, jax.random.PRNGKey(args.seed), args.temperature,
+                                   args.top_k or None))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import sys
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from microgpt import checkpoint, data
+from microgpt.cli import DefaultsHelpFormatter
 from microgpt.model import KERNELS, PRESETS, MicroGPT
 
 
@@ -35,6 +37,7 @@ class TrainConfig:
     batch_size: int = 16
     seq_len: int = 128
     max_steps: int = 500
+    decay_steps: int | None = None    # the cosine's length; None: max_steps
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
@@ -68,10 +71,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class RunError(ValueError):
+    """A run that cannot start as asked, with a message saying why and what to do."""
+
+
+# Flags a resumed run takes from the command line; every other one must match the checkpoint.
+RESUME_OVERRIDES = ("max_steps", "decay_steps", "eval_every", "eval_batches", "log_every")
+
+
 def make_optimizer(cfg: TrainConfig):
+    """clip + AdamW on warm-up + cosine decay over decay_steps (default max_steps), then end_lr."""
+    decay = cfg.decay_steps or cfg.max_steps
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=min(cfg.warmup_steps, cfg.max_steps),
-        decay_steps=max(cfg.max_steps, cfg.warmup_steps + 1), end_value=cfg.end_lr)
+        init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=min(cfg.warmup_steps, decay),
+        decay_steps=max(decay, cfg.warmup_steps + 1), end_value=cfg.end_lr)
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                             optax.adamw(schedule, weight_decay=cfg.weight_decay))
     return optimizer, schedule
@@ -131,29 +144,105 @@ class _StopOnSignal:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def _checkpoint_meta(cfg: TrainConfig, step: int, prepared: data.PreparedData, run_dir: Path) -> dict:
+def _checkpoint_meta(cfg: TrainConfig, step: int, prepared: data.PreparedData) -> dict:
     return {"config": dataclasses.asdict(cfg), "step": step,
             "data_position": {"seed": cfg.seed, "next_step": step},
-            "tokenizer": str(run_dir / "tokenizer.json"), "vocab": prepared.vocab_size,
+            "tokenizer": checkpoint.TOKENIZER, "vocab": prepared.vocab_size,
             "kernels": cfg.kernels}
 
 
-def _resolve_run(cfg: TrainConfig, out: str | None, resume: bool) -> tuple[TrainConfig, Path, int | None]:
+def _absolute_data(cfg: TrainConfig) -> TrainConfig:
+    """--data as an absolute path, so the run resumes from any directory."""
+    return dataclasses.replace(cfg, data=cfg.data and os.path.abspath(cfg.data))
+
+
+def _resolve_run(cfg: TrainConfig, out: str | None, resume: bool, step: int | None
+                 ) -> tuple[TrainConfig, Path, int | None]:
     """(config, run folder, step to resume from or None). On resume the checkpoint's config wins."""
     if not resume:
+        if step is not None:
+            raise RunError("--step chooses the checkpoint to resume from: it needs --resume")
         run_dir = Path(out) if out else checkpoint.new_run_dir()
         if checkpoint.latest_step(run_dir) is not None:
-            raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, "
-                             "or choose another --out")
-        return cfg, run_dir, None
+            raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                           "or choose another --out")
+        return _absolute_data(cfg), run_dir, None
     run_dir = Path(out) if out else checkpoint.newest_run()
-    step, meta = checkpoint.restore_meta(run_dir)
+    step, meta = checkpoint.restore_meta(run_dir, step)
     return TrainConfig(**meta["config"]), run_dir, step
 
 
-def _overrides_conflict(stored: TrainConfig, explicit: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v!r} (checkpoint has {getattr(stored, k)!r})"
-            for k, v in explicit.items() if getattr(stored, k) != v]
+def _apply_resume_flags(stored: TrainConfig, explicit: dict, step: int) -> TrainConfig:
+    """The stored config with the flags a resumed run may change (RESUME_OVERRIDES) applied;
+    any other flag given that differs from the checkpoint is an error naming it. Extending
+    --max-steps keeps the stored schedule (the cosine ends where it did; the new steps run at
+    end_lr) unless --decay-steps is given too."""
+    explicit = {**explicit, **({"data": _absolute_data(TrainConfig(data=explicit["data"])).data}
+                               if explicit.get("data") else {})}
+    conflicts = [f"--{k.replace('_', '-')}={v!r} (the checkpoint has {getattr(stored, k)!r})"
+                 for k, v in explicit.items()
+                 if k not in RESUME_OVERRIDES and getattr(stored, k) != v]
+    if conflicts:
+        raise RunError("--resume continues the stored run; these flags differ from it: "
+                       + ", ".join(conflicts))
+    changes = {k: v for k, v in explicit.items() if k in RESUME_OVERRIDES}
+    if changes.get("max_steps", stored.max_steps) < step:
+        raise RunError(f"the run is at step {step}; --max-steps={changes['max_steps']} would end "
+                       "before it")
+    if "max_steps" in changes and "decay_steps" not in changes and stored.decay_steps is None:
+        changes["decay_steps"] = stored.max_steps
+    return dataclasses.replace(stored, **changes)
+
+
+def memory_lower_bound(cfg: TrainConfig, vocab: int, num_devices: int) -> tuple[int, str]:
+    """(bytes, what) that one device holds at least during a training step: parameters with their
+    gradients and AdamW moments (16 bytes each), the bfloat16 logits [b, S, V] of the device's b
+    rows, and where attention is not a flash kernel (reference; xla off the GPU, where there is no
+    cuDNN) the float32 probabilities [b, H, S, S] that every block keeps for its backward."""
+    model = cfg.model(vocab)
+    rows = max(1, cfg.batch_size // num_devices)
+    parts = {"parameters and optimizer state": 16 * model.count_params(),
+             f"logits [{rows}, {cfg.seq_len}, {vocab}]": 2 * rows * cfg.seq_len * vocab}
+    if cfg.kernels == "reference" or (cfg.kernels == "xla" and jax.default_backend() != "gpu"):
+        parts[f"attention probabilities [{rows}, {cfg.heads}, {cfg.seq_len}, {cfg.seq_len}] "
+              f"float32 in each of {model.num_layers} blocks"] = (
+            4 * model.num_layers * rows * cfg.heads * cfg.seq_len ** 2)
+    what = ", ".join(f"{name}: {_gigabytes(size)}" for name, size in parts.items())
+    return sum(parts.values()), what
+
+
+def device_memory() -> int | None:
+    """Bytes one device may allocate: an accelerator's limit, or on CPU the host's memory shared
+    by its devices; None where unknown."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return host // jax.local_device_count() if device.platform == "cpu" else None
+
+
+def _gigabytes(size: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e6:.1f} MB"
+
+
+def check_memory(cfg: TrainConfig, vocab: int, num_devices: int) -> None:
+    """Refuse, before anything is allocated, a run whose lower bound exceeds a device's memory."""
+    need, what = memory_lower_bound(cfg, vocab, num_devices)
+    have = device_memory()
+    if have is not None and need > have:
+        hint = "" if cfg.kernels == "pallas" else ("; --kernels pallas keeps no [S, S] array"
+                                                    if "attention" in what else "")
+        raise RunError(f"--seq-len {cfg.seq_len} with --batch-size {cfg.batch_size} needs at "
+                       f"least {_gigabytes(need)} on each of {num_devices} "
+                       f"{jax.default_backend()} device(s) ({what}), which have "
+                       f"{_gigabytes(have)}: lower --seq-len or --batch-size{hint}")
 
 
 def parse_steps(spec: str) -> tuple[int, int]:
@@ -203,29 +292,52 @@ class _StepProfiler:
 
 def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
           explicit: dict | None = None, sample: bool = True, profile_dir: str | None = None,
-          profile_steps: tuple[int, int] = (20, 25)) -> TrainResult:
-    """Train (or resume) a run; returns per-step losses. `explicit`: flags the user typed, which a
-    resumed run refuses to silently ignore. With `profile_dir`, the steps in `profile_steps` are
-    traced with jax.profiler for TensorBoard's profile plugin."""
-    cfg, run_dir, start = _resolve_run(cfg, out, resume)
-    if start is not None and explicit:
-        conflicts = _overrides_conflict(cfg, explicit)
-        if conflicts:
-            raise SystemExit("--resume continues the stored run; these flags differ from it: "
-                             + ", ".join(conflicts))
+          profile_steps: tuple[int, int] = (20, 25), resume_step: int | None = None
+          ) -> TrainResult:
+    """Train (or resume) a run; returns per-step losses. `explicit`: the flags the user gave
+    (TrainConfig fields), which a resumed run applies where it may (RESUME_OVERRIDES) and refuses
+    otherwise when they differ from the checkpoint. `resume_step`: the checkpoint to resume from
+    (default: the latest; later ones are set aside). With `profile_dir`, the steps in
+    `profile_steps` are traced with jax.profiler for TensorBoard's profile plugin. A new run that
+    fails before its first step leaves no run folder behind."""
+    cfg, run_dir, start = _resolve_run(cfg, out, resume, resume_step)
+    if start is not None:
+        stored = cfg
+        cfg = _apply_resume_flags(stored, explicit or {}, start)
+        for name in RESUME_OVERRIDES:
+            if getattr(cfg, name) != getattr(stored, name):
+                print(f"--{name.replace('_', '-')}: {getattr(stored, name)} -> "
+                      f"{getattr(cfg, name)}" + (" (the learning rate's cosine keeps its length; "
+                                                 "--decay-steps changes it)"
+                                                 if name == "decay_steps" else ""))
     if cfg.kernels not in KERNELS:
-        raise SystemExit(f"--kernels={cfg.kernels!r} is not available; choose from {KERNELS}")
+        raise RunError(f"--kernels={cfg.kernels!r} is not available; choose from {KERNELS}")
+    mesh = data_mesh()
+    if cfg.batch_size % mesh.size:
+        raise RunError(f"--batch-size={cfg.batch_size} must be divisible by the {mesh.size} devices")
+    check_memory(cfg, cfg.vocab, mesh.size)
 
     prepared = data.prepare_corpus(cfg.data, cfg.dataset, vocab_size=cfg.vocab,
                                    text_field=cfg.text_field)
-    train_tokens, val_tokens = prepared.train_tokens(), prepared.val_tokens()
     data.check_context(prepared, cfg.seq_len)
+    created = start is None and not run_dir.exists()
+    result = TrainResult(run_dir, start or 0, {}, {})
+    try:
+        return _train(cfg, result, start, prepared, mesh, sample, profile_dir, profile_steps)
+    except BaseException:
+        if created and result.step == 0:   # nothing was trained: nothing to keep
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
+
+def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
+           prepared: data.PreparedData, mesh: Mesh, sample: bool, profile_dir: str | None,
+           profile_steps: tuple[int, int]) -> TrainResult:
+    """The run itself (see `train`); result.step follows the steps as they complete."""
+    run_dir = result.run_dir
+    train_tokens, val_tokens = prepared.train_tokens(), prepared.val_tokens()
     model = cfg.model(prepared.vocab_size)
     optimizer, schedule = make_optimizer(cfg)
-    mesh = data_mesh()
-    if cfg.batch_size % mesh.size:
-        raise SystemExit(f"--batch-size={cfg.batch_size} must be divisible by the {mesh.size} devices")
     replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     def init_state():
@@ -239,11 +351,14 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
         state = jax.jit(init_state, out_shardings=replicated)()
         step = 0
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
+        shutil.copyfile(prepared.tokenizer_path, run_dir / checkpoint.TOKENIZER)
     else:
         state = checkpoint.restore_state(run_dir, start, abstract)
         step = start
-        print(f"resuming {run_dir} at step {step}")
+        moved = checkpoint.set_aside_after(run_dir, step)
+        print(f"resuming {run_dir} at step {step}" + (
+            f" (the later checkpoints {', '.join(map(str, moved))} moved to "
+            f"{run_dir / 'set-aside'})" if moved else ""))
 
     params, opt_state = state["params"], state["opt_state"]
     train_step = make_train_step(model, optimizer, mesh)
@@ -266,11 +381,10 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
 
     def save(at_step: int) -> None:
         checkpoint.save(manager, at_step, {"params": params, "opt_state": opt_state},
-                        _checkpoint_meta(cfg, at_step, prepared, run_dir))
+                        _checkpoint_meta(cfg, at_step, prepared))
 
     from tensorboardX import SummaryWriter  # imported here: heavy, and only the trainer needs it
     writer = SummaryWriter(str(run_dir))
-    result = TrainResult(run_dir, step, {}, {})
     pending: list[tuple[int, dict]] = []   # device-side metrics not yet read (reading syncs)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     print(f"{cfg.preset}: {model.count_params():,} parameters, d={cfg.model_d}, heads={cfg.heads}, "
@@ -320,6 +434,7 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
                 profiler.after_step(step, metrics)
                 pending.append((step, metrics))
                 step += 1
+                result.step = step
                 steps_since += 1
                 bar.update(1)
                 at_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
@@ -330,7 +445,8 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
                     run_eval(step)
                     save(step)
                 if stop.requested:
-                    save(step)
+                    if not at_eval:   # an eval step has just saved this step
+                        save(step)
                     result.stopped = "interrupted"
                     tqdm.write(f"interrupted: checkpoint saved at step {step} in {run_dir}; "
                                f"continue with --resume --out {run_dir}")
@@ -344,37 +460,66 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
     result.step = step
     if sample and result.stopped == "finished":
         from microgpt.generate import generate_from_params
-        text = generate_from_params(model, params, prepared.tokenizer, prompt="",
-                                    max_new_tokens=80, context=cfg.seq_len,
-                                    rng=jax.random.PRNGKey(cfg.seed))
+        try:
+            text = generate_from_params(model, params, prepared.tokenizer, prompt="",
+                                        max_new_tokens=80, context=cfg.seq_len,
+                                        rng=jax.random.PRNGKey(cfg.seed))
+        except KeyboardInterrupt:
+            result.stopped = "interrupted"
+            print(f"interrupted during the sample; the run is complete, saved at step {step} "
+                  f"in {run_dir}")
+            return result
         print("sample:\n" + text)
     return result
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
+def _parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m microgpt.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=defaults.preset)
-    p.add_argument("--model-d", type=int, default=defaults.model_d)
-    p.add_argument("--heads", type=int, default=defaults.heads)
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=defaults.preset,
+                   help="the number of blocks: micro_gpt_1, 2 or 4")
+    p.add_argument("--model-d", type=int, default=defaults.model_d, help="model width d")
+    p.add_argument("--heads", type=int, default=defaults.heads,
+                   help="attention heads (head_dim = d / heads)")
     p.add_argument("--vocab", type=int, default=defaults.vocab, help="BPE vocabulary size")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    p.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
-    p.add_argument("--log-every", type=int, default=defaults.log_every)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--kernels", choices=KERNELS, default=defaults.kernels)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="sequences per step, over all devices")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                   help="train until this step (with --resume: extend the run to it)")
+    p.add_argument("--decay-steps", type=int,
+                   help="the learning rate's cosine length (default: --max-steps; a resumed run "
+                        "keeps its own)")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                   help="steps between validation and checkpoints")
+    p.add_argument("--eval-batches", type=int, default=defaults.eval_batches,
+                   help="validation batches per evaluation")
+    p.add_argument("--log-every", type=int, default=defaults.log_every,
+                   help="steps between logged losses")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="initialisation and batch order")
+    p.add_argument("--kernels", choices=KERNELS, default=defaults.kernels,
+                   help="the ops' implementation (README: Kernels)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl/.parquet file")
+    src.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl/.parquet file "
+                                    "(default: the embedded Shakespeare)")
     src.add_argument("--dataset", help="a Hugging Face dataset name (needs the `data` extra)")
-    p.add_argument("--text-field", default=defaults.text_field)
-    p.add_argument("--out", help="run folder (default: runs/run-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (default: newest)")
+    p.add_argument("--text-field", default=defaults.text_field,
+                   help="the text field of .jsonl/.parquet records and datasets")
+    p.add_argument("--out", help="run folder (default: runs/run-<time>; with --resume: the newest "
+                                 "run under runs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--step", type=int, help="with --resume: the checkpoint to continue from "
+                                            "(default: the latest; later ones are set aside)")
     p.add_argument("--profile-dir", help="write a jax.profiler trace here (e.g. profiles/NAME)")
     p.add_argument("--profile-steps", default="20:25", help="START:STOP, the steps to trace")
+    return p
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
+    """-> (config, all arguments, the config fields given on the command line)."""
+    p = _parser()
     args = p.parse_args(argv)
     try:
         args.profile_steps = parse_steps(args.profile_steps)
@@ -382,10 +527,16 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
         p.error(str(err))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    explicit = {k: v for k, v in values.items() if v != p.get_default(k)}
+    # The flags typed, default values too: a parse in which nothing has a default.
+    given = _parser()
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    explicit = {k: v for k, v in vars(given.parse_args(argv)).items() if k in fields}
+    explicit = {k: values[k] for k in explicit}
     for name, positive in [("batch_size", 1), ("seq_len", 2), ("max_steps", 1), ("eval_every", 1),
-                           ("eval_batches", 1), ("log_every", 1), ("model_d", 2), ("heads", 1)]:
-        if values[name] < positive:
+                           ("eval_batches", 1), ("log_every", 1), ("model_d", 2), ("heads", 1),
+                           ("decay_steps", 1)]:
+        if values[name] is not None and values[name] < positive:
             p.error(f"--{name.replace('_', '-')} must be at least {positive}")
     if values["model_d"] % values["heads"]:
         p.error(f"--model-d={values['model_d']} is not divisible by --heads={values['heads']}")
@@ -396,10 +547,14 @@ def main(argv=None) -> int:
     cfg, args, explicit = parse_args(argv)
     try:
         result = train(cfg, out=args.out, resume=args.resume, explicit=explicit,
-                       profile_dir=args.profile_dir, profile_steps=args.profile_steps)
-    except data.DataError as err:
+                       profile_dir=args.profile_dir, profile_steps=args.profile_steps,
+                       resume_step=args.step)
+    except (data.DataError, checkpoint.CheckpointError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # the second Ctrl-C: stop at once, the checkpoints stay as they are
+        print("aborted", file=sys.stderr)
+        return 130
     return {"finished": 0, "interrupted": 130, "nan": 1}[result.stopped]
 
 

@@ -58,14 +58,14 @@ def test_resume_after_ctrl_c_gives_the_same_losses(corpus, tmp_path, monkeypatch
 
 def test_resume_refuses_conflicting_flags(corpus, tmp_path):
     run(corpus, tmp_path / "run", max_steps=2, eval_every=2)
-    with pytest.raises(SystemExit, match="max-steps"):
+    with pytest.raises(train.RunError, match="seq-len"):
         train.train(train.TrainConfig(), out=str(tmp_path / "run"), resume=True,
-                    explicit={"max_steps": 5}, sample=False)
+                    explicit={"seq_len": 32}, sample=False)
 
 
 def test_new_run_refuses_to_overwrite(corpus, tmp_path):
     run(corpus, tmp_path / "run", max_steps=2, eval_every=2)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(train.RunError, match="--resume"):
         run(corpus, tmp_path / "run", max_steps=2, eval_every=2)
 
 
@@ -121,9 +121,9 @@ def test_cli_errors(corpus, tmp_path, capsys):
         train.parse_args(["--data", "x", "--dataset", "y"])
     code = train.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r")])
     assert code == 2 and "missing.txt" in capsys.readouterr().err
-    code = train.main(["--data", corpus, "--vocab", "300", "--seq-len", "100000",
+    code = train.main(["--data", corpus, "--vocab", "300", "--seq-len", "5000", "--batch-size", "4",
                        "--out", str(tmp_path / "r2")])
-    assert code == 2 and "seq_len" in capsys.readouterr().err
+    assert code == 2 and "seq_len" in capsys.readouterr().err   # the corpus is shorter than that
 
 
 def test_pallas_training_curve_matches_reference(corpus, tmp_path):
@@ -141,3 +141,168 @@ def test_pallas_training_curve_matches_reference(corpus, tmp_path):
     assert abs(pallas["final_val_ratio"] - 1) <= 0.01
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert checkpoint.restore_meta(tmp_path / "pallas")[1]["kernels"] == "pallas"
+
+
+# ------------------------------------------------------------------ run folders and the command line
+
+def test_run_folder_works_wherever_it_is_moved(corpus, tmp_path, monkeypatch):
+    """A run trained from one directory with a relative --data, moved elsewhere, generates and
+    resumes from a third directory (its tokenizer and data are found from the folder itself)."""
+    from microgpt import generate
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--data", "corpus.txt", "--out", "first/run", *_tiny_flags()]) == 0
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "first" / "run").rename(moved)
+    (tmp_path / "third").mkdir()
+    monkeypatch.chdir(tmp_path / "third")
+    assert generate.main(["--ckpt", str(moved), "--prompt", "the", "--max-new-tokens", "3"]) == 0
+    assert train.main(["--resume", "--out", str(moved), "--max-steps", "8"]) == 0
+    assert checkpoint.latest_step(moved) == 8
+    assert checkpoint.restore_meta(moved)[1]["tokenizer"] == "tokenizer.json"
+
+
+def _tiny_flags(**changes) -> list[str]:
+    """TINY as command-line flags (the trainer's own defaults for the rest)."""
+    flags = {"preset": "micro_gpt_1", "model-d": 32, "heads": 2, "vocab": 300, "batch-size": 8,
+             "seq-len": 16, "max-steps": 4, "eval-every": 4, "eval-batches": 1, **changes}
+    return [f for k, v in flags.items() for f in (f"--{k}", str(v))]
+
+
+def test_ctrl_c_on_an_eval_step_saves_once(corpus, tmp_path, monkeypatch):
+    get_batch = data.get_batch
+
+    def interrupt_at_5(tokens, batch_size, seq_len, seed, step):
+        if step == 5:   # after this step, step 6 is an eval step: it saves, and so does Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_batch(tokens, batch_size, seq_len, seed, step)
+
+    monkeypatch.setattr(data, "get_batch", interrupt_at_5)
+    result = run(corpus, tmp_path / "run")
+    assert result.stopped == "interrupted" and result.step == 6
+    assert checkpoint.steps(tmp_path / "run") == [6]
+
+
+def test_ctrl_c_during_the_sample_and_a_second_ctrl_c_end_in_one_line(corpus, tmp_path,
+                                                                       monkeypatch, capsys):
+    from microgpt import generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, "generate_from_params", interrupted)
+    assert train.main(["--data", corpus, "--out", str(tmp_path / "run"), *_tiny_flags()]) == 130
+    out = capsys.readouterr().out
+    assert "interrupted during the sample; the run is complete, saved at step 4" in out
+    assert checkpoint.latest_step(tmp_path / "run") == 4
+    monkeypatch.setattr(train, "_train", interrupted)   # the second Ctrl-C, mid-run
+    assert train.main(["--data", corpus, "--out", str(tmp_path / "run2"), *_tiny_flags()]) == 130
+    assert capsys.readouterr().err.strip() == "aborted"
+
+
+def _one_line_error(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_readers_never_create_folders(tmp_path, monkeypatch, capsys):
+    from microgpt import generate
+    missing = tmp_path / "no-such-run"
+    assert train.main(["--resume", "--out", str(missing)]) == 2
+    _one_line_error(capsys, "holds no run")
+    assert generate.main(["--ckpt", str(missing)]) == 2
+    _one_line_error(capsys, "holds no run")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--resume"]) == 2
+    _one_line_error(capsys, "no trained run under")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate the data files", "delete a metadata file"])
+def test_damaged_checkpoint_names_the_newest_intact_one(corpus, tmp_path, capsys, damage):
+    from microgpt import generate
+    run_dir = tmp_path / "run"
+    run(corpus, run_dir)                                   # checkpoints at steps 6 and 12
+    capsys.readouterr()
+    step_dir = run_dir / "checkpoints" / "12"
+    if damage == "truncate the data files":   # orbax's arrays (ocdbt's d/ folders)
+        for victim in (p for p in (step_dir / "state").rglob("d/*") if p.is_file()):
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        next(p for p in (step_dir / "state").rglob("*") if p.name == "_METADATA").unlink()
+    assert generate.main(["--ckpt", str(run_dir), "--max-new-tokens", "2"]) == 2
+    _one_line_error(capsys, "checkpoint step 12", "is damaged", "step 6 is intact: pass --step 6")
+    assert train.main(["--resume", "--out", str(run_dir)]) == 2
+    _one_line_error(capsys, "checkpoint step 12", "step 6 is intact")
+    assert generate.main(["--ckpt", str(run_dir), "--step", "6", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    # Resuming from step 6 sets step 12 aside (kept, not deleted) and trains to 12 again.
+    assert train.main(["--resume", "--out", str(run_dir), "--step", "6"]) == 0
+    assert checkpoint.steps(run_dir) == [6, 12] and (run_dir / "set-aside" / "12").is_dir()
+
+
+def test_memory_estimate_refuses_a_run_that_cannot_fit(corpus, tmp_path, capsys):
+    assert train.main(["--data", corpus, "--vocab", "300", "--seq-len", "100000",
+                       "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "--seq-len 100000 with --batch-size 16 needs at least", "TB",
+                    "attention probabilities [4, 4, 100000, 100000]", "--kernels pallas")   # 4 devices
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(corpus, tmp_path, monkeypatch):
+    def broken(model, optimizer, mesh):
+        def step(*args):
+            raise RuntimeError("compilation failed")
+        return step
+    monkeypatch.setattr(train, "make_train_step", broken)
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        run(corpus, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_extends_max_steps_keeping_the_schedule(corpus, tmp_path, capsys):
+    """--resume --max-steps N past the stored end trains on; the cosine keeps the stored run's
+    length (the new steps run at end_lr) unless --decay-steps is given."""
+    run(corpus, tmp_path / "run", max_steps=6, eval_every=6)
+    cfg, args, explicit = train.parse_args(["--resume", "--out", str(tmp_path / "run"),
+                                            "--max-steps", "10"])
+    result = train.train(cfg, out=args.out, resume=True, explicit=explicit, sample=False)
+    assert result.stopped == "finished" and result.step == 10
+    stored = train.TrainConfig(**checkpoint.restore_meta(tmp_path / "run")[1]["config"])
+    assert (stored.max_steps, stored.decay_steps) == (10, 6)
+    _, schedule = train.make_optimizer(stored)
+    assert float(schedule(8)) == pytest.approx(stored.end_lr)
+    assert "--max-steps: 6 -> 10" in capsys.readouterr().out
+    with pytest.raises(train.RunError, match="the run is at step 10; --max-steps=8"):
+        train.train(cfg, out=args.out, resume=True, explicit={"max_steps": 8}, sample=False)
+
+
+def test_resume_reports_every_explicit_flag_that_differs_defaults_too(corpus, tmp_path):
+    run(corpus, tmp_path / "run", max_steps=2, eval_every=2)   # model_d 32
+    cfg, args, explicit = train.parse_args(["--resume", "--out", str(tmp_path / "run"),
+                                            "--model-d", "128", "--seed", "0"])
+    assert explicit == {"model_d": 128, "seed": 0}                 # 128 and 0 are the defaults
+    with pytest.raises(train.RunError, match=r"--model-d=128 \(the checkpoint has 32\)"):
+        train.train(cfg, out=args.out, resume=True, explicit=explicit, sample=False)
+
+
+def test_help_shows_every_default_once(capsys):
+    """Each option's help names its default exactly once (none for a switch or an option whose
+    absence means something its help says)."""
+    from microgpt.cli import DefaultsHelpFormatter
+    parser = train._parser()
+    formatter = DefaultsHelpFormatter("prog")
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = formatter._get_help_string(action) % {"default": action.default}
+        assert text.count("default") <= 1, text
+        if action.default is not None and action.default is not False:
+            assert f"(default: {action.default})" in text, action.dest
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: 128)" in out and "(default: 0)" in out
