@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
-                          int_list, maybe_profile, time_ms, timed_row, write_json)
+                          int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
 from kernels.attention import attention
 from microgpt import model
 
@@ -148,6 +148,8 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"unknown --impl {unknown}; known: {sorted(implementations(True, {}))}")
     shapes = [(args.batch or max(1, TOKENS // seq), seq, args.heads or max(1, WIDTH // d), d)
               for d in args.head_dim for seq in args.seq]
+    if smoke_size(args.full):   # one sequence of at most 128 tokens and 2 heads per shape
+        shapes = list(dict.fromkeys((1, min(s, 128), min(h, 2), d) for _, s, h, d in shapes))
     block_sizes = {name: getattr(args, name) for name in BLOCK_OPTIONS
                    if getattr(args, name) is not None}
     print(f"attention, {'causal' if args.causal else 'not causal'}, {args.dtype} on "

@@ -53,11 +53,29 @@ def int_list(text: str) -> list[int]:
 
 
 def add_timing_args(parser) -> None:
-    """--warmup, --repeats, --calls; on CPU the kernels are interpreted: one call smoke-tests."""
+    """--warmup, --repeats, --calls and --full; on CPU the kernels are interpreted: one call
+    smoke-tests."""
     on_cpu = jax.default_backend() == "cpu"
     parser.add_argument("--warmup", type=int, default=1 if on_cpu else 2)
     parser.add_argument("--repeats", type=int, default=1 if on_cpu else 5)
     parser.add_argument("--calls", type=int, default=1 if on_cpu else 20)
+    add_full_arg(parser)
+
+
+def add_full_arg(parser) -> None:
+    parser.add_argument("--full", action="store_true",
+                        help="on a CPU too, the sizes asked for (see `smoke_size`)")
+
+
+def smoke_size(full: bool) -> bool:
+    """Whether a benchmark shrinks its sizes to a smoke test (each says which): on a CPU, where
+    the Pallas kernels run in interpret mode and a GPU's shapes take hours, unless --full. Says
+    so when it does."""
+    if jax.default_backend() != "cpu" or full:
+        return False
+    print("cpu: the Pallas kernels run in interpret mode here, so this is a smoke test at small "
+          "sizes (--full: the sizes asked for)", flush=True)
+    return True
 
 
 def timed_row(row: dict, measure, fwd_flops: float, fwd_bwd_flops: float) -> dict:

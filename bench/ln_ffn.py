@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
-                          int_list, maybe_profile, time_ms, timed_row, write_json)
+                          int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
 from kernels import warp_specialized
 from kernels.layernorm_ffn import layernorm_ffn
 from microgpt import model
@@ -148,6 +148,8 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"unknown --impl {unknown}; known: {sorted(IMPLS + tuple(ALIASES))}")
     impls = list(dict.fromkeys(ALIASES.get(name, name) for name in requested))
     shapes = shapes_of(args.tokens, args.d)
+    if smoke_size(args.full):   # at most 256 tokens of width 256
+        shapes = list(dict.fromkeys((min(t, 256), min(d, 256)) for t, d in shapes))
     print(f"layernorm_ffn{' + residual' if args.residual else ''}, {args.dtype} on "
           f"{device_description()}")
     with maybe_profile(args.profile):

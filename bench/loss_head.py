@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
-                          int_list, maybe_profile, time_ms, timed_row, write_json)
+                          int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
 from kernels.logits_loss import logits_loss
 from microgpt import model
 
@@ -69,6 +69,9 @@ def main(argv=None) -> list[dict]:
     if set(impls) - set(IMPLS):
         raise SystemExit(f"unknown --impl {sorted(set(impls) - set(IMPLS))}; known: {IMPLS}")
     timing = dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls)
+    if smoke_size(args.full):   # 256 tokens, a vocabulary of at most 1000, width at most 128
+        args.tokens = sorted({min(t, 256) for t in args.tokens})
+        args.vocab, args.d = min(args.vocab, 1000), min(args.d, 128)
     print(f"loss head, V {args.vocab}, d {args.d}, on {device_description()}")
     records = []
     with maybe_profile(args.profile):

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                    help="only the accelerators' events, each with its share of their total")
     args = p.parse_args(argv)
     totals = event_totals(args.capture_dir, device_only=args.device)
+    if args.device and not totals:
+        print(f"no device kernels in {args.capture_dir}: the capture has no accelerator timeline "
+              "(a CPU run's work is on the host; drop --device to list its ops)")
     top = sorted(totals.items(), key=lambda item: -item[1][0])[: args.top]
     everything = sum(us for us, _ in totals.values()) or 1.0
     for name, (us, count) in top:

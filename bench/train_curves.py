@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_description, format_table
+from bench.common import add_full_arg, device_description, format_table, smoke_size
 from microgpt.model import KERNELS
 from microgpt.train import TrainConfig, train
 
@@ -80,7 +80,12 @@ def main(argv=None) -> dict:
     p.add_argument("--data", help="corpus (default: the embedded Shakespeare)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for the runs, curves.json and curves.png")
+    add_full_arg(p)
     args = p.parse_args(argv)
+    if smoke_size(args.full):   # micro_gpt_1 at width 128, 64 tokens, batch 8, 20 steps
+        args.preset, args.model_d, args.heads = "micro_gpt_1", min(args.model_d, 128), 2
+        args.seq_len, args.batch_size = min(args.seq_len, 64), min(args.batch_size, 8)
+        args.max_steps, args.eval_every = min(args.max_steps, 20), min(args.eval_every, 10)
     kernels = args.kernels.split(",")
     if unknown := sorted(set(kernels) - set(KERNELS)):
         p.error(f"unknown --kernels {unknown}; choose from {KERNELS}")

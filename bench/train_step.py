@@ -26,8 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import numpy as np
 
-from bench.common import (device_description, format_table, int_list, maybe_profile, peak_tflops,
-                          write_json)
+from bench.common import (add_full_arg, device_description, format_table, int_list, maybe_profile,
+                          peak_tflops, smoke_size, write_json)
 from microgpt.model import KERNELS, PRESETS, flops_per_token
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
 
@@ -82,7 +82,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json")
     p.add_argument("--profile", help="capture a jax.profiler trace of each path's timed steps into "
                                      "a subfolder of this folder (PATH-NdEV)")
+    add_full_arg(p)
     args = p.parse_args(argv)
+    if smoke_size(args.full):   # width 128, 64 tokens a sequence, batch 8, 2 steps once
+        args.model_d, args.seq = min(args.model_d, 128), min(args.seq, 64)
+        args.batch = min(args.batch or 8, 8)
+        args.warmup, args.repeats, args.steps = (min(n, 1) for n in (args.warmup, args.repeats,
+                                                                     args.steps))
+        if args.model_d % args.heads:
+            args.heads = 2
     paths = args.kernels.split(",")
     unknown = sorted(set(paths) - set(KERNELS))
     if unknown:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 
 from bench import attention as attention_bench
 from bench import ln_ffn as ln_ffn_bench
-from bench.common import device_description, time_ms
+from bench.common import add_full_arg, device_description, smoke_size, time_ms
 from kernels import attention, tuning, warp_specialized
 from kernels.attention import mosaic_gpu as attention_mosaic_gpu
 from kernels.attention import triton as attention_triton
@@ -283,12 +285,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--calls", type=int, default=20)
+    add_full_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     """-> {(op/implementation, shape key): the configuration recorded}."""
     args = parse_args(argv)
+    smoke = smoke_size(args.full)
+    if smoke:   # the first shape key of each op, small, one candidate a stage, a scratch table
+        args.seq, args.batch = min(args.seq or 32, 32), min(args.batch or 1, 1)
+        args.max_candidates, args.warmup, args.repeats, args.calls = 1, 0, 1, 1
+        scratch = Path(tempfile.mkdtemp()) / "tuning.json"
+        if args.table.exists():
+            shutil.copyfile(args.table, scratch)
+        print(f"cpu: interpreted times say nothing of a GPU's: recording into {scratch}, "
+              f"not {args.table}")
+        args.table = scratch
     timing = dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls)
     device = tuning.device_kind()
     print(f"tuning on {device_description()}")
@@ -311,7 +324,7 @@ def main(argv=None) -> dict:
             print(f"{name}: does not run on this device, not tuned")
             continue
         keys = [k for k in args.shape_keys.split(",") if k in op.shapes] if args.shape_keys \
-            else list(op.shapes)
+            else list(op.shapes)[:1 if smoke else None]
         for key in keys:
             best = sweep(name, op, key, _shape(op, key, args), timing, args.max_candidates,
                          args.stages.split(",") if args.stages else None)

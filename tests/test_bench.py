@@ -48,7 +48,7 @@ def test_tune_records_the_best_candidate(tmp_path):
     table = tmp_path / "tuning.json"
     recorded = tune.main(["--op", "attention", "--shape-keys", "d64", "--seq", "32", "--batch", "1",
                           "--max-candidates", "1", "--table", str(table),
-                          "--warmup", "0", "--repeats", "1", "--calls", "1"])
+                          "--warmup", "0", "--repeats", "1", "--calls", "1", "--full"])
     entry = json.loads(table.read_text())[tuning.device_kind()]["attention/triton"]["d64"]
     assert entry == recorded["attention/triton", "d64"]
     first = {**tune.ATTENTION_CANDIDATES["d64"]["forward"][0],
@@ -124,9 +124,18 @@ def test_tune_compares_implementations_at_narrower_keys(tmp_path, monkeypatch):
     tuning.record(device, "toy", "wide", "d64", {"tile": 16}, table)
     tuning.record(device, "toy", "narrow", "d64", {"tile": 8}, table)
     tuning.record(device, "toy", "narrow", "d64_s1024", {"tile": 32}, table)
-    tune.main(["--op", "toy", "--compare-only", "--shape-keys", "d64_s1024", "--table", str(table)])
+    tune.main(["--op", "toy", "--compare-only", "--shape-keys", "d64_s1024", "--table", str(table),
+               "--full"])
     assert json.loads(table.read_text())[device]["toy"] == {"d64_s1024": "wide"}
     assert timed == {16: (4, 1024, 64), 32: (4, 1024, 64)}
     monkeypatch.setattr(tuning, "_table", lambda: json.loads(table.read_text()))
     assert tuning.preferred_implementation("toy", "d64_s1024") == "wide"
     assert tuning.preferred_implementation("toy", "d64_s2048") is None
+
+
+def test_attention_bench_on_cpu_runs_a_smoke_size_unless_asked(capsys):
+    """`python bench/attention.py --seq 1024` as the README has it: on CPU the kernels are
+    interpreted, so it says so and times a smoke size (--full would take the shapes as given)."""
+    records = attention_bench.main(["--seq", "1024", "--head-dim", "64", "--impl", "triton"])
+    assert [(r["batch"], r["seq"], r["heads"]) for r in records] == [(1, 128, 2)]
+    assert "interpret mode" in capsys.readouterr().out

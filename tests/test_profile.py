@@ -10,7 +10,7 @@ from microgpt import train
 from tests.test_train import TINY
 
 
-def test_training_trace_reads_in_the_profile_plugin(corpus, tmp_path):
+def test_training_trace_reads_in_the_profile_plugin(corpus, tmp_path, capsys):
     cfg = train.TrainConfig(**{**TINY, "data": corpus, "max_steps": 4, "eval_every": 4})
     result = train.train(cfg, out=str(tmp_path / "run"), sample=False,
                          profile_dir=str(tmp_path / "prof"), profile_steps=(1, 3))
@@ -27,6 +27,15 @@ def test_training_trace_reads_in_the_profile_plugin(corpus, tmp_path):
     assert trace_kernels.event_totals(tmp_path / "prof")["PjitFunction(step)"][1] >= 2
     assert trace_kernels.main([str(tmp_path / "prof"), "--expect", "PjitFunction(step)"]) == 0
     assert trace_kernels.main([str(tmp_path / "prof"), "--expect", "no_such_kernel"]) == 1
+    capsys.readouterr()
+    assert trace_kernels.main([str(tmp_path / "prof"), "--device"]) == 0   # a CPU capture
+    assert "no device kernels in" in capsys.readouterr().out
+
+
+def test_the_profile_extra_and_dev_install_tensorboard():
+    """profiles/README's `tensorboard --logdir profiles/` works after `pip install -e .[dev]`."""
+    import shutil
+    assert shutil.which("tensorboard"), "the tensorboard command is not on PATH"
 
 
 @pytest.mark.parametrize("spec", ["20", "a:b", "5:5", "-1:3"])
