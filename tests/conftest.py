@@ -1,9 +1,13 @@
 """Tests see 4 CPU devices so data-parallel code is exercised here (set before jax is imported)."""
 import os
+import tempfile
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=4").strip()
+# The kernels read the shipped tuning table only, never a tuning cache of the machine's user.
+os.environ["MICROGPT_TUNING"] = os.path.join(tempfile.mkdtemp(prefix="microgpt-tuning"),
+                                             "tuning.json")
 
 
 import numpy as np  # noqa: E402 - after XLA_FLAGS, like every import that may load jax

@@ -96,7 +96,7 @@ def test_block_config_layers_narrower_shape_keys(monkeypatch):
     """"d128_s8192" layers over "d128", which layers over "*" and the defaults; overrides win."""
     table = {tuning.device_kind(): {"toy/impl": {
         "*": {"a": 1}, "d128": {"b": 2, "c": 2}, "d128_s8192": {"c": 3}}}}
-    monkeypatch.setattr(tuning, "_table", lambda: table)
+    monkeypatch.setattr(tuning, "_tables", lambda: (("shipped", table),))
     defaults = {"a": 0, "b": 0, "c": 0, "d": 0}
     assert tuning.block_config("toy", "impl", "d128_s8192", defaults) == {"a": 1, "b": 2, "c": 3,
                                                                          "d": 0}
@@ -128,7 +128,7 @@ def test_tune_compares_implementations_at_narrower_keys(tmp_path, monkeypatch):
                "--full"])
     assert json.loads(table.read_text())[device]["toy"] == {"d64_s1024": "wide"}
     assert timed == {16: (4, 1024, 64), 32: (4, 1024, 64)}
-    monkeypatch.setattr(tuning, "_table", lambda: json.loads(table.read_text()))
+    monkeypatch.setattr(tuning, "_tables", lambda: (("test", json.loads(table.read_text())),))
     assert tuning.preferred_implementation("toy", "d64_s1024") == "wide"
     assert tuning.preferred_implementation("toy", "d64_s2048") is None
 

@@ -1,0 +1,123 @@
+"""The tuning tables: lookup by device kind, then architecture, then defaults; the user's cache
+over the shipped table; a damaged cache ignored with one warning (devices faked)."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from bench import tune
+from kernels import tuning
+from kernels.attention import api as attention_api
+
+H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+
+
+def on(monkeypatch, kind: str, arch: str | None, *tables):
+    """Pretend the device is `kind` of architecture `arch`, with these (source, table) layers."""
+    monkeypatch.setattr(tuning, "device_kind", lambda: kind)
+    monkeypatch.setattr(tuning, "architecture", lambda: arch)
+    monkeypatch.setattr(tuning, "_tables", lambda: tables)
+
+
+def entries(**by_key):
+    return {"toy/impl": by_key}
+
+
+SHIPPED = {H100: {"toy/impl": {"d64": {"a": 1}}, "toy": {"d64": "impl"}},
+           H200: {"toy/impl": {"d64_s1024": {"a": 2}}},
+           "architectures": {"sm90": H100}}
+
+
+def test_the_device_kind_first_then_the_architecture_then_the_defaults(monkeypatch):
+    on(monkeypatch, H200, "sm90", ("shipped", SHIPPED))
+    entry = tuning.lookup("toy", "impl", "d64_s1024")
+    assert (entry.section, entry.matched, entry.values) == (H200, "d64_s1024", {"a": 2})
+    # The H200's section has nothing at d64_s512: the architecture's device (the H100's) serves.
+    entry = tuning.lookup("toy", "impl", "d64_s512")
+    assert (entry.section, entry.matched, entry.values) == (f"sm90 ({H100})", "d64", {"a": 1})
+    assert tuning.block_config("toy", "impl", "d64_s512", {"a": 0, "b": 0}) == {"a": 1, "b": 0}
+    assert tuning.preferred_implementation("toy", "d64_s512") == "impl"
+    # Another Hopper (an H100 PCIe) has no section: the architecture's.
+    on(monkeypatch, "NVIDIA H100 PCIe", "sm90", ("shipped", SHIPPED))
+    assert tuning.lookup("toy", "impl", "d64").values == {"a": 1}
+    # Another architecture, or none: the defaults.
+    on(monkeypatch, "NVIDIA A100-SXM4-80GB", "sm80", ("shipped", SHIPPED))
+    entry = tuning.lookup("toy", "impl", "d64")
+    assert (entry.source, entry.section, entry.values) == ("defaults", None, {})
+    assert "the defaults" in entry.describe()
+    assert tuning.preferred_implementation("toy", "d64") is None
+
+
+def test_the_users_cache_over_the_shipped_table(monkeypatch):
+    user = {H200: {"toy/impl": {"d64": {"a": 9}}}}
+    on(monkeypatch, H200, "sm90", ("user cache", user), ("shipped", SHIPPED))
+    entry = tuning.lookup("toy", "impl", "d64_s512")
+    assert (entry.source, entry.section, entry.values) == ("user cache", H200, {"a": 9})
+    # The shipped device entry is narrower, but an entry wins whole in the order of the sections:
+    # the user's H200 entry ("d64") comes before the shipped H200 one ("d64_s1024").
+    assert tuning.lookup("toy", "impl", "d64_s1024").values == {"a": 9}
+
+
+def test_a_damaged_cache_warns_once_and_is_ignored(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "tuning.json"
+    monkeypatch.setenv("MICROGPT_TUNING", str(cache))
+    cache.write_text('{"NVIDIA H200": {"toy/impl": ')            # cut off mid-write
+    tuning.clear_cache()
+    try:
+        assert tuning.user_table_path() == cache
+        tuning.lookup("attention", "triton", "d64")
+        tuning.lookup("attention", "triton", "d128")
+        err = capsys.readouterr().err
+        assert err.count("warning: ignoring the tuning cache") == 1 and str(cache) in err
+        cache.unlink()
+        cache.mkdir()                                           # unreadable: a folder
+        tuning.clear_cache()
+        tuning.lookup("attention", "triton", "d64")
+        assert "warning: ignoring the tuning cache" in capsys.readouterr().err
+    finally:
+        tuning.clear_cache()
+
+
+def test_the_cache_path_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MICROGPT_TUNING")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tuning.user_table_path() == tmp_path / "microgpt" / "tuning.json"
+
+
+def test_tune_writes_the_users_cache_by_default_atomically(tmp_path, monkeypatch):
+    cache = tmp_path / "new" / "tuning.json"
+    monkeypatch.setenv("MICROGPT_TUNING", str(cache))
+    assert tune.parse_args([]).table == cache
+    tuning.record(H200, "toy", "impl", "d64", {"a": 3}, cache)
+    tuning.record_preferred(H200, "toy", "d64", "impl", cache)
+    assert json.loads(cache.read_text()) == {H200: {"toy/impl": {"d64": {"a": 3}},
+                                                    "toy": {"d64": "impl"}}}
+    assert [p.name for p in cache.parent.iterdir()] == ["tuning.json"]   # no temporary left
+
+
+def test_an_h200_gets_the_hoppers_fast_path_from_the_shipped_table(monkeypatch):
+    """The shipped table on a device it has no section for, of architecture sm90: attention with
+    implementation=None picks mosaic_gpu with the architecture's tiles, and says which entry."""
+    shipped = tuning.read_table(tuning.TABLE_PATH)
+    serving = shipped["architectures"]["sm90"]
+    on(monkeypatch, "NVIDIA H800", "sm90", ("shipped", shipped))
+    monkeypatch.setattr(attention_api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_api.mosaic_gpu, "on_sm90", lambda: True)
+    q = jnp.zeros((1, 1024, 2, 64), jnp.bfloat16)
+    assert attention_api.default_implementation(q) == shipped[serving]["attention"]["d64_s1024"]
+    tuning.used_entries(clear=True)
+    entry = tuning.lookup("attention", "mosaic_gpu", "d64_s1024")
+    assert entry.section == f"sm90 ({serving})" and entry.source == "shipped"
+    assert entry.values == tuning.layered_entry(shipped[serving]["attention/mosaic_gpu"],
+                                                "d64_s1024")
+    assert tuning.used_entries() == [entry]
+
+
+@pytest.mark.parametrize("key", ["d128", "d128_s8192", "d64_s512"])
+def test_lookup_layers_narrower_keys_within_the_entry(monkeypatch, key):
+    table = {H100: entries(**{"*": {"a": 1}, "d128": {"b": 2}, "d128_s8192": {"b": 3}})}
+    on(monkeypatch, H100, "sm90", ("shipped", table))
+    want = {"d128": {"a": 1, "b": 2}, "d128_s8192": {"a": 1, "b": 3}, "d64_s512": {"a": 1}}[key]
+    assert tuning.lookup("toy", "impl", key).values == want
