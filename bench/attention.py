@@ -1,7 +1,14 @@
-"""Attention benchmark: our Pallas kernels against the naive math, XLA, cuDNN and JAX's Pallas op.
+"""Attention benchmark: our Pallas kernels against cuDNN (JAX's and PyTorch's), FlashAttention-2,
+JAX's Pallas op, XLA and the naive math.
 
     python bench/attention.py --seq 1024                      # head_dim 64 and 128 at 16k tokens
     python bench/attention.py --seq 512,8192 --head-dim 128 --impl cudnn,triton --json out.json
+
+"ours" is kernels.attention as a user gets it (implementation=None: the row's "chosen" column
+says which implementation and the JSON which tuning entry it took); "triton", "mosaic_gpu" and
+"tpu" force one. "cudnn" is jax.nn.dot_product_attention's cuDNN; "torch_cudnn" and "torch_flash"
+are PyTorch's SDPA with its cuDNN and FlashAttention-2 backends (bench/torch_peers.py, where
+PyTorch is installed). "x cuDNN" is the fastest cuDNN of the run (JAX's or PyTorch's) over the row.
 
 Shapes keep the work per sequence length comparable: batch x seq = 16384 tokens and
 heads x head_dim = 2048 unless --batch / --heads are given. Forward FLOPs are 4 B H S^2 D (halved
@@ -25,6 +32,7 @@ import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
                           int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
+from bench import torch_peers
 from kernels.attention import attention
 from microgpt import model
 
@@ -57,12 +65,14 @@ def implementations(causal: bool, block_sizes: dict) -> dict:
         "triton": ours("triton"),
         "mosaic_gpu": ours("mosaic_gpu"),
         "tpu": ours("tpu"),
+        "ours": ours(None),
+        **{name: None for name in torch_peers.ATTENTION},   # timed in PyTorch (bench/torch_peers.py)
     }
 
 
 def default_impls() -> str:
-    return {"gpu": "reference,xla,cudnn,jax_triton,triton",
-            "tpu": "reference,xla,tpu"}.get(jax.default_backend(), "reference,xla,triton")
+    return {"gpu": "cudnn,torch_cudnn,torch_flash,jax_triton,ours",
+            "tpu": "reference,xla,ours"}.get(jax.default_backend(), "reference,xla,ours")
 
 
 def flops(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> tuple[float, float]:
@@ -99,18 +109,24 @@ def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool,
         for impl in impls:
             row = dict(impl=impl, batch=batch, seq=seq, heads=heads, head_dim=head_dim,
                        causal=causal, dtype=jnp.dtype(dtype).name)
-            timed_row(row, lambda: measure(fns[impl], (batch, seq, heads, head_dim), dtype, timing),
-                      fwd_flops, fwd_bwd_flops)
+            shape = (batch, seq, heads, head_dim)
+            if impl in torch_peers.ATTENTION:
+                timed = lambda: torch_peers.attention(impl, shape, causal, row["dtype"], timing)
+            else:
+                timed = lambda: measure(fns[impl], shape, dtype, timing)
+            timed_row(row, timed, fwd_flops, fwd_bwd_flops)
+            if impl == "ours" and "tuning" in row:
+                row["chosen"] = row["tuning"][0]["implementation"]
             rows.append(row)
             print(f"  {impl:<10} B{batch} S{seq} H{heads} D{head_dim}: "
                   + (row.get("error") or f"{row['fwd_ms']:.3f} ms fwd, {row['fwd_bwd_ms']:.3f} ms fwd+bwd"),
                   flush=True)
-        add_ratios(rows, "cudnn")
+        add_ratios(rows, ("cudnn", "torch_cudnn"), "cudnn")
         records += rows
     return records
 
 
-COLUMNS = [("impl", "impl", ""), ("batch", "B", "d"), ("seq", "S", "d"), ("heads", "H", "d"),
+COLUMNS = [("impl", "impl", ""), ("chosen", "chosen", ""), ("batch", "B", "d"), ("seq", "S", "d"), ("heads", "H", "d"),
            ("head_dim", "D", "d"),
            ("fwd_ms", "fwd ms", ".3f"), ("fwd_tflops", "fwd TF/s", ".1f"),
            ("fwd_vs_cudnn", "x cuDNN", ".2f"), ("fwd_peak_pct", "% peak", ".1f"),
@@ -129,7 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--impl", default=None,
-                   help="comma list of reference, xla, cudnn, jax_triton, triton, mosaic_gpu, tpu "
+                   help="comma list of reference, xla, cudnn, torch_cudnn, torch_flash, "
+                        "jax_triton, triton, mosaic_gpu, tpu, ours "
                         f"(default here: {default_impls()})")
     p.add_argument("--json", help="write one record per (impl, shape) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")

@@ -7,17 +7,28 @@ repeat.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import os
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
+# PyTorch's peers (bench/torch_peers.py) allocate beside JAX in one process: JAX takes the GPU's
+# memory as it needs it rather than 75% of it at start (read when JAX starts its backend).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 - after the allocator setting
+
+from kernels import tuning  # noqa: E402
 
 # bf16 dense matmul ceilings measured on the device (8192^3 product), TFLOP/s.
 MEASURED_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 778.0}
+# The datasheets' dense bf16 peaks (no sparsity), the convention of the MFU figures the field
+# publishes (H100 and H200 SXM: the same tensor cores and clocks).
+DATASHEET_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}
 
 
 def device_description() -> str:
@@ -25,8 +36,10 @@ def device_description() -> str:
     return f"{d.device_kind} ({jax.default_backend()}), JAX {jax.__version__}"
 
 
-def peak_tflops() -> float | None:
-    return MEASURED_BF16_PEAK_TFLOPS.get(jax.devices()[0].device_kind)
+def peak_tflops(datasheet: bool = False) -> float | None:
+    """The device's bf16 dense peak, measured here (default) or its datasheet's; None if unknown."""
+    table = DATASHEET_BF16_PEAK_TFLOPS if datasheet else MEASURED_BF16_PEAK_TFLOPS
+    return table.get(jax.devices()[0].device_kind)
 
 
 def time_ms(fn, *args, warmup: int = 2, repeats: int = 5, calls: int = 20) -> float:
@@ -79,11 +92,17 @@ def smoke_size(full: bool) -> bool:
 
 
 def timed_row(row: dict, measure, fwd_flops: float, fwd_bwd_flops: float) -> dict:
-    """`row` with fwd_ms and fwd_bwd_ms from measure() -> (fwd ms, fwd+bwd ms), their TF/s and
-    percent of the device peak; or with an error (out of memory, unsupported here) — the sweep goes on."""
+    """`row` with fwd_ms and fwd_bwd_ms from measure() -> (fwd ms, fwd+bwd ms[, peak bytes]), their TF/s,
+    percent of the device peak and the tuning entries our kernels used (kernels.tuning.lookup);
+    or with an error (out of memory, unsupported here) — the sweep goes on."""
     peak = peak_tflops()
+    tuning.used_entries(clear=True)
     try:
-        row["fwd_ms"], row["fwd_bwd_ms"] = measure()
+        row["fwd_ms"], row["fwd_bwd_ms"], *memory = measure()
+        if memory:
+            row["peak_gib"] = memory[0] / 2**30
+        if used := tuning.used_entries(clear=True):   # which table entries our kernels took
+            row["tuning"] = [dataclasses.asdict(entry) for entry in used]
         for key, flops in (("fwd", fwd_flops), ("fwd_bwd", fwd_bwd_flops)):
             row[f"{key}_tflops"] = tflops(flops, row[f"{key}_ms"])
             if peak:
@@ -93,13 +112,18 @@ def timed_row(row: dict, measure, fwd_flops: float, fwd_bwd_flops: float) -> dic
     return row
 
 
-def add_ratios(rows: list[dict], baseline_impl: str) -> None:
-    """row["fwd_vs_<baseline>"] = the baseline's time / the row's (above 1: faster), same for fwd_bwd."""
-    base = next((r for r in rows if r["impl"] == baseline_impl and "error" not in r), None)
-    for row in rows:
-        if base and "error" not in row:
-            row[f"fwd_vs_{baseline_impl}"] = base["fwd_ms"] / row["fwd_ms"]
-            row[f"fwd_bwd_vs_{baseline_impl}"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+def add_ratios(rows: list[dict], baselines: tuple[str, ...], label: str) -> None:
+    """row["fwd_vs_<label>"] = the fastest baseline's time / the row's (above 1: faster), the
+    fastest of `baselines` measured in these rows, and the same for fwd_bwd (its own fastest)."""
+    measured = [r for r in rows if r["impl"] in baselines and "error" not in r]
+    for key in ("fwd", "fwd_bwd"):
+        if not measured:
+            return
+        best = min(measured, key=lambda r: r[f"{key}_ms"])
+        for row in rows:
+            if "error" not in row:
+                row[f"{key}_vs_{label}"] = best[f"{key}_ms"] / row[f"{key}_ms"]
+                row[f"{key}_{label}_impl"] = best["impl"]
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

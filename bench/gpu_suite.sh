@@ -3,21 +3,25 @@
 # compiled on the GPU, and the benchmark sweeps. Tables go to stdout, logs and JSON under $OUT.
 #
 #   bash bench/gpu_suite.sh                 # all stages
-#   bash bench/gpu_suite.sh equiv attention # some stages: env equiv attention ln_ffn loss_head tune
-#                                           #   train_step mosaic curves profile scaling
+#   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
+#                                           #   ln_ffn loss_head tune train_step mosaic curves profile
+#                                           #   scaling
+#   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
 # bench/fetch_wheels.sh downloads into .whl/ (pass .whl in the device call's carry).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# JAX takes the GPU's memory as it needs it: the equivalence suite's workers (pytest-xdist) and
+# the PyTorch peers share the one GPU.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
 stages=("$@")
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-[ ${#stages[@]} -eq 0 ] && stages=(env equiv attention ln_ffn)
+[ ${#stages[@]} -eq 0 ] && stages=(env peak equiv attention ln_ffn)
 echo "results in $OUT"
 
 for stage in "${stages[@]}"; do
@@ -27,12 +31,25 @@ for stage in "${stages[@]}"; do
       nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
         --format=csv 2>&1 | tee "$OUT/env.txt"
       $PY -c "import jax, optax; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__)" \
-        2>&1 | tee -a "$OUT/env.txt" ;;
+        2>&1 | tee -a "$OUT/env.txt"
+      $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 \
+        | tail -n 1 | tee -a "$OUT/env.txt" ;;
+    peak)     # the ceilings: bf16 matmul and copy
+      $PY bench/peak.py --json "$OUT/peak.json" 2>&1 | tee "$OUT/peak.txt" ;;
     equiv)
       $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 --timeout=300 -p no:cacheprovider ${EQUIV_K:+-k "$EQUIV_K"} 2>&1 \
         | tee "$OUT/equiv.log" | tail -n 15 ;;
+    speed)    # pytest-benchmark's speed cases; bench/speed/<device>/ keeps the runs to compare with
+      dir="bench/speed/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_')"
+      $PY -m pytest tests/test_speed.py -q -p no:xdist -p no:cacheprovider --benchmark-storage "file://$dir" \
+        --benchmark-autosave --benchmark-columns=median,min,max --benchmark-sort=name \
+        ${SPEED_COMPARE:+--benchmark-compare} 2>&1 | tee "$OUT/speed.txt" | tail -n 30
+      cp "$(ls -t "$dir"/*/*.json | head -n 1)" "$OUT/speed.json" ;;
     attention)
       $PY bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
+    head_dims)   # every head_dim the kernels serve (32 and 96 padded), beside JAX's and PyTorch's cuDNN
+      $PY bench/attention.py --impl cudnn,torch_cudnn,ours,mosaic_gpu,triton --head-dim 32,64,96,128,256 \
+        --seq ${HEAD_DIM_SEQ:-2048} --heads 16 --json "$OUT/head_dims.json" 2>&1 | tee "$OUT/head_dims.txt" ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
         | tee "$OUT/attention_mosaic.txt" ;;

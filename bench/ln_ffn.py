@@ -97,7 +97,7 @@ def run(impls: list[str], shapes: list[tuple[int, int]], residual: bool, dtype,
             print(f"  {impl:<7} T{tokens} d{d}: " + (
                 row.get("error") or f"{row['fwd_ms']:.3f} ms fwd, {row['fwd_bwd_ms']:.3f} ms fwd+bwd"),
                 flush=True)
-        add_ratios(rows, "xla")
+        add_ratios(rows, ("xla",), "xla")
         records += rows
     return records
 

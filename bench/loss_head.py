@@ -6,7 +6,10 @@
 loss = mean cross_entropy(h E^T, targets) on h [T, d] bf16, E [V, d] f32 (as in the model).
 Forward FLOPs 2 T V d (the logits' matmul); forward+backward times jit(value_and_grad) with
 respect to h and E and counts 6 T V d. "xla" is microgpt.model.tied_logits_loss (the reference
-and xla paths of the training step); "mosaic_gpu" is kernels.logits_loss (the pallas path).
+and xla paths of the training step); "mosaic_gpu" is kernels.logits_loss (the pallas path);
+"torch_compile", "liger" (Liger's fused linear cross-entropy) and "cce" (Cut Cross-Entropy) are
+PyTorch peers (bench/torch_peers.py, where installed: bench/fetch_wheels.sh carries the two
+libraries to a GPU machine). Every row has its peak memory.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
                           int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
+from bench import torch_peers
 from kernels.logits_loss import logits_loss
 from microgpt import model
 
-IMPLS = ("xla", "mosaic_gpu")
+IMPLS = ("xla", "mosaic_gpu", *torch_peers.LOSS_HEAD)
 
 
 def implementation(name: str):
@@ -36,22 +40,29 @@ def implementation(name: str):
     return functools.partial(logits_loss, implementation=name)
 
 
-def measure(fn, tokens: int, vocab: int, d: int, timing: dict) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) on random h, E at the model's scale, random targets."""
+def measure(fn, tokens: int, vocab: int, d: int, timing: dict) -> tuple[float, float, int]:
+    """(forward ms, forward+backward ms, peak bytes) on random h, E at the model's scale, random
+    targets; the peak is XLA's memory analysis of the compiled forward+backward (its arguments,
+    outputs and temporaries: what it holds at once, inputs included, as PyTorch's
+    max_memory_allocated counts them)."""
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     h = jax.random.normal(keys[0], (tokens, d), jnp.bfloat16)
     embed = 0.02 * jax.random.normal(keys[1], (vocab, d), jnp.float32)
     targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
     forward = jax.jit(fn)
     forward_backward = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    memory = forward_backward.lower(h, embed, targets).compile().memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     return (time_ms(forward, h, embed, targets, **timing),
-            time_ms(forward_backward, h, embed, targets, **timing))
+            time_ms(forward_backward, h, embed, targets, **timing), peak)
 
 
 COLUMNS = [("impl", "impl", ""), ("tokens", "T", "d"), ("vocab", "V", "d"), ("d", "d", "d"),
            ("fwd_ms", "fwd ms", ".3f"), ("fwd_tflops", "fwd TF/s", ".1f"),
            ("fwd_vs_xla", "x XLA", ".2f"), ("fwd_bwd_ms", "fwd+bwd ms", ".3f"),
            ("fwd_bwd_tflops", "fwd+bwd TF/s", ".1f"), ("fwd_bwd_vs_xla", "x XLA", ".2f"),
+           ("fwd_bwd_vs_torch_compile", "x torch.compile", ".2f"), ("peak_gib", "peak GiB", ".2f"),
            ("error", "error", "")]
 
 
@@ -60,7 +71,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tokens", type=int_list, default=[65536, 131072], help="token counts T")
     p.add_argument("--vocab", type=int, default=9000)
     p.add_argument("--d", type=int, default=512)
-    p.add_argument("--impl", default="xla,mosaic_gpu", help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--impl", default="xla,mosaic_gpu,torch_compile,liger,cce",
+                   help=f"comma list of {', '.join(IMPLS)}")
     p.add_argument("--json", help="write one record per (impl, T) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
     add_timing_args(p)
@@ -78,10 +90,13 @@ def main(argv=None) -> list[dict]:
         for tokens in args.tokens:
             matmul_flops = 2 * tokens * args.vocab * args.d
             rows = [timed_row(dict(impl=impl, tokens=tokens, vocab=args.vocab, d=args.d),
-                              lambda: measure(implementation(impl), tokens, args.vocab, args.d,
-                                              timing), matmul_flops, 3 * matmul_flops)
+                              lambda: (torch_peers.loss_head(impl, tokens, args.vocab, args.d, timing)
+                                       if impl in torch_peers.LOSS_HEAD else
+                                       measure(implementation(impl), tokens, args.vocab, args.d,
+                                               timing)), matmul_flops, 3 * matmul_flops)
                     for impl in impls]
-            add_ratios(rows, "xla")
+            add_ratios(rows, ("xla",), "xla")
+            add_ratios(rows, ("torch_compile",), "torch_compile")
             records += rows
     print(format_table(records, COLUMNS))
     if args.json:

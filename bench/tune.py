@@ -1,6 +1,7 @@
-"""Sweep candidate block configurations on this device; record the fastest in kernels/tuning.json.
+"""Sweep candidate block configurations on this device; record the fastest in a tuning table.
 
-    python bench/tune.py                              # every op, every shape key (~5 min on an H100)
+    python bench/tune.py                              # every op, every shape key, into your cache
+    python bench/tune.py --table kernels/tuning.json  # into the table shipped with the kernels
     python bench/tune.py --op attention --shape-keys d128
     python bench/tune.py --op attention/mosaic_gpu
     python bench/tune.py --op attention --compare-only   # only re-pick the implementation per key
@@ -9,7 +10,8 @@ For each op implementation that runs here, shape key and stage, every candidate 
 configuration over the best so far) is timed with bench/common.py; candidates that fail to compile
 are skipped. The stages run in order, each starting from the previous stage's winner (attention: the
 forward's blocks, timed on the forward, then the backward's, timed on forward+backward), and the
-final configuration is written with kernels.tuning.record, where block_config finds it on this
+final configuration is written with kernels.tuning.record into --table (by default the user's
+tuning cache, which the kernels read over the shipped table), where block_config finds it on this
 device kind. Where several implementations of one op were tuned at a shape key (or at a wider one:
 "d64" applies to "d64_s1024"), their configurations for it are timed on forward+backward and the
 fastest is recorded as the op's preferred implementation there (kernels.tuning.record_preferred;
@@ -22,7 +24,6 @@ forward+backward timing and whether it runs on this device.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -281,7 +282,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-only", action="store_true",
                    help="tune nothing: time each implementation's tuned configuration at the "
                         "shape keys and record the fastest as the preferred one")
-    p.add_argument("--table", type=Path, default=tuning.TABLE_PATH, help="where to record")
+    p.add_argument("--table", type=Path, default=tuning.user_table_path(),
+                   help="where to record: by default the user's tuning cache, which the kernels "
+                        "read over the shipped kernels/tuning.json (kernels.tuning)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--calls", type=int, default=20)
@@ -344,7 +347,7 @@ def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
     """Time forward+backward of every implementation of op_name that runs here and has a tuned
     entry for `key` or a wider key in the table (each with its configuration for `key`,
     tuning.layered_entry); record the fastest as the op's preferred implementation there."""
-    table = json.loads(args.table.read_text()).get(tuning.device_kind(), {})
+    table = tuning.read_table(args.table).get(tuning.device_kind(), {})
     rivals = {name: {**OPS[name].defaults(key), **tuning.layered_entry(table[name], key)}
               for name in OPS if name.startswith(op_name + "/") and OPS[name].available()
               and any(k in table.get(name, {}) for k in tuning.shape_key_prefixes(key))}
