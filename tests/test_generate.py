@@ -8,10 +8,14 @@ from microgpt.model import micro_gpt_2
 
 
 def greedy_uncached(model, params, prompt, n):
+    """Greedy decoding by a whole-sequence forward per token. The sequence is zero-padded to its
+    final length, so one program serves every step: the model is causal, so the padding after
+    the last real token changes none of the logits before it."""
     ids = list(prompt)
     run = jax.jit(model.run_fn)
     for _ in range(n):
-        ids.append(int(jnp.argmax(run(jnp.asarray([ids]), params)[0, -1])))
+        padded = jnp.asarray([ids + [0] * (len(prompt) + n - len(ids))])
+        ids.append(int(jnp.argmax(run(padded, params)[0, len(ids) - 1])))
     return ids
 
 

@@ -412,10 +412,11 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
     Tiles of 64 and 2 stages, so the ring wraps and (causal) the lower query tile of a pair
     releases the tiles only its neighbour needs (in step with it through the ping-pong barrier);
-    200 rows leave a ragged, masked last key tile. Two batches of two heads: a group per
-    (batch, head) (group_mib 0) or one group of all four (launch_grid); a CTA per pair of query
-    tiles, or 3 persistent CTAs through the 4 folds (each both pairs of a (batch, head)), the
-    first CTA two folds, so its rings and q buffers carry over from fold to fold."""
+    200 rows leave a ragged, masked last key tile; 128 rows at head_dim 256 one pair whose q and
+    K/V tiles span four swizzled column tiles. Two heads: a group per (batch, head) (group_mib 0)
+    or one group of both (launch_grid), a CTA per pair of query tiles; or, with two batches of two
+    heads, 3 persistent CTAs through the 4 folds (each both pairs of a (batch, head)), the first
+    CTA two folds, so its rings and q buffers carry over from fold to fold."""
     _in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "block_q": 64, "block_k": 64, "num_stages": 2,
@@ -423,7 +424,7 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
               "persistent": persistent}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
-    q, k, v = (jax.random.normal(key, (2, seq, 2, head_dim), jnp.bfloat16)
+    q, k, v = (jax.random.normal(key, (1 + persistent, seq, 2, head_dim), jnp.bfloat16)
                for key in jax.random.split(jax.random.PRNGKey(seq), 3))
     o, (*_, lse, o_lo) = mosaic_gpu.forward(q, k, v, plan, residuals=True)
 
@@ -463,9 +464,9 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
     masked last tile (and padded rows whose do is zero). The dQ kernel's own tiles (query rows,
     key rows, stages) differ from dK/dV's 64 x 64 in the first two cases: the sequence is padded
-    for the larger. Persistent: two batches of two heads, 3 CTAs through the 4 folds of each
-    kernel (both pairs of a (batch, head)), the first CTA two folds, so its rings and second
-    buffers carry over from fold to fold."""
+    for the larger. One (batch, head); persistent: two batches of two heads, 3 CTAs through the
+    4 folds of each kernel (both pairs of a (batch, head)), the first CTA two folds, so its rings
+    and second buffers carry over from fold to fold."""
     from kernels.attention import common, mosaic_gpu_vjp
     _in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
@@ -476,7 +477,8 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
                          dq_tiles or ()))}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
-    q, k, v, do = (jax.random.normal(key, (1 + persistent, seq, 2, head_dim), jnp.bfloat16)
+    q, k, v, do = (jax.random.normal(key, (1 + persistent, seq, 1 + persistent, head_dim),
+                                     jnp.bfloat16)
                    for key in jax.random.split(jax.random.PRNGKey(seq), 4))
     with f32_precision():
         o32 = model.attention(*upcast((q, k, v)), causal=causal)
