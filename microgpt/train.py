@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from kernels import tuning
 from microgpt import checkpoint, data
 from microgpt.cli import DefaultsHelpFormatter
 from microgpt.model import KERNELS, PRESETS, MicroGPT
@@ -424,6 +425,7 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
         run_eval(0)
     t_last, steps_since = time.perf_counter(), 0
     profiler = _StepProfiler(profile_dir, profile_steps)
+    tuning.used_entries(clear=True)   # the first step's trace says which tiles it took
     with _StopOnSignal() as stop, tqdm(total=cfg.max_steps, initial=step, desc="train",
                                        dynamic_ncols=True) as bar:
         try:
@@ -431,6 +433,9 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
                 x, y = put(data.get_batch(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, step))
                 profiler.before_step(step)
                 params, opt_state, metrics = train_step(params, opt_state, x, y)
+                if cfg.kernels == "pallas" and step == (start or 0):   # traced: tiles chosen
+                    for entry in tuning.used_entries():
+                        tqdm.write(f"tuning: {entry.describe()}")
                 profiler.after_step(step, metrics)
                 pending.append((step, metrics))
                 step += 1
