@@ -24,8 +24,8 @@ import jax  # noqa: E402 - after the allocator setting
 
 from kernels import tuning  # noqa: E402
 
-# bf16 dense matmul ceilings measured on the device (8192^3 product), TFLOP/s.
-MEASURED_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 778.0}
+# bf16 dense matmul ceilings measured on the device (8192^3 product, bench/peak.py), TFLOP/s.
+MEASURED_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 778.0, "NVIDIA H200": 717.0}
 # The datasheets' dense bf16 peaks (no sparsity), the convention of the MFU figures the field
 # publishes (H100 and H200 SXM: the same tensor cores and clocks).
 DATASHEET_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}

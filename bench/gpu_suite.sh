@@ -41,12 +41,14 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/equiv.log" | tail -n 15 ;;
     speed)    # pytest-benchmark's speed cases; bench/speed/<device>/ keeps the runs to compare with
       dir="bench/speed/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_')"
-      $PY -m pytest tests/test_speed.py -q -p no:xdist -p no:cacheprovider --benchmark-storage "file://$dir" \
+      $PY -m pytest tests/test_speed.py -q -n 0 --dist no -p no:cacheprovider --benchmark-storage "file://$dir" \
         --benchmark-autosave --benchmark-columns=median,min,max --benchmark-sort=name \
         ${SPEED_COMPARE:+--benchmark-compare} 2>&1 | tee "$OUT/speed.txt" | tail -n 30
       cp "$(ls -t "$dir"/*/*.json | head -n 1)" "$OUT/speed.json" ;;
-    attention)
-      $PY bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
+    attention)   # the default sweep and micro_gpt_4's training shape (ATTENTION_ARGS: e.g. --impl)
+      $PY bench/attention.py ${ATTENTION_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt"
+      $PY bench/attention.py ${ATTENTION_ARGS:-} --batch 128 --seq 1024 --heads 8 --head-dim 64 \
+        --json "$OUT/attention_train_shape.json" 2>&1 | tail -n 8 | tee "$OUT/attention_train_shape.txt" ;;
     head_dims)   # every head_dim the kernels serve (32 and 96 padded), beside JAX's and PyTorch's cuDNN
       $PY bench/attention.py --impl cudnn,torch_cudnn,ours,mosaic_gpu,triton --head-dim 32,64,96,128,256 \
         --seq ${HEAD_DIM_SEQ:-2048} --heads 16 --json "$OUT/head_dims.json" 2>&1 | tee "$OUT/head_dims.txt" ;;
@@ -60,8 +62,8 @@ for stage in "${stages[@]}"; do
     tune)     # records into $OUT/tuning.json key by key, so a run cut short keeps what it measured
       cp kernels/tuning.json "$OUT/tuning.json"
       $PY bench/tune.py --table "$OUT/tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt" ;;
-    train_step)
-      $PY bench/train_step.py --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt" ;;
+    train_step)   # TRAIN_STEP_ARGS: e.g. --kernels xla,pallas --batch 64
+      $PY bench/train_step.py ${TRAIN_STEP_ARGS:-} --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt" ;;
     curves)   # micro_gpt_4 at seq 1024, reference vs pallas: curves.png and curves.json come back
       $PY bench/train_curves.py --data .whl/shakespeare --out /tmp/curves 2>&1 | tail -n 30 | tee "$OUT/curves.txt"
       cp /tmp/curves/curves.png /tmp/curves/curves.json "$OUT/" ;;
