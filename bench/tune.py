@@ -276,6 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "the ones it has)")
     p.add_argument("--seq", type=int, help="time at this sequence length instead")
     p.add_argument("--batch", type=int, help="time at this batch instead")
+    p.add_argument("--tokens", type=int, help="time the LayerNorm+FFN at this many tokens instead")
     p.add_argument("--max-candidates", type=int, help="try at most this many per stage")
     p.add_argument("--stages", help="comma list of stage names to run (default: all), each "
                                     "starting from the table's entry")
@@ -298,6 +299,7 @@ def main(argv=None) -> dict:
     smoke = smoke_size(args.full)
     if smoke:   # the first shape key of each op, small, one candidate a stage, a scratch table
         args.seq, args.batch = min(args.seq or 32, 32), min(args.batch or 1, 1)
+        args.tokens = min(args.tokens or 256, 256)
         args.max_candidates, args.warmup, args.repeats, args.calls = 1, 0, 1, 1
         scratch = Path(tempfile.mkdtemp()) / "tuning.json"
         if args.table.exists():
@@ -363,6 +365,11 @@ def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
 
 
 def _shape(op: Op, key: str, args) -> tuple:
+    """The shape a key is timed at, with --batch/--seq (attention's [B, S, H, D]) or --tokens
+    (LayerNorm+FFN's [T, d]) applied."""
+    if len(op.shapes[key]) == 2:
+        tokens, d = op.shapes[key]
+        return (args.tokens or tokens, d)
     batch, seq, *rest = op.shapes[key]
     return (args.batch or batch, args.seq or seq, *rest)
 

@@ -139,3 +139,12 @@ def test_attention_bench_on_cpu_runs_a_smoke_size_unless_asked(capsys):
     records = attention_bench.main(["--seq", "1024", "--head-dim", "64", "--impl", "triton"])
     assert [(r["batch"], r["seq"], r["heads"]) for r in records] == [(1, 128, 2)]
     assert "interpret mode" in capsys.readouterr().out
+
+
+def test_tune_on_cpu_runs_a_smoke_test_into_a_scratch_table(tmp_path, capsys):
+    """`python bench/tune.py` as the README has it, on CPU: one small key per op, recorded into a
+    scratch copy of the table, never into the table it was given."""
+    table = tmp_path / "tuning.json"
+    recorded = tune.main(["--table", str(table)])
+    assert {name for name, _ in recorded} == {"attention/triton", "layernorm_ffn/triton"}
+    assert not table.exists() and "recording into" in capsys.readouterr().out
