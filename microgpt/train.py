@@ -178,8 +178,8 @@ def _apply_resume_flags(stored: TrainConfig, explicit: dict, step: int) -> Train
     any other flag given that differs from the checkpoint is an error naming it. Extending
     --max-steps keeps the stored schedule (the cosine ends where it did; the new steps run at
     end_lr) unless --decay-steps is given too."""
-    explicit = {**explicit, **({"data": _absolute_data(TrainConfig(data=explicit["data"])).data}
-                               if explicit.get("data") else {})}
+    if explicit.get("data"):   # stored absolute (_absolute_data)
+        explicit = {**explicit, "data": os.path.abspath(explicit["data"])}
     conflicts = [f"--{k.replace('_', '-')}={v!r} (the checkpoint has {getattr(stored, k)!r})"
                  for k, v in explicit.items()
                  if k not in RESUME_OVERRIDES and getattr(stored, k) != v]
@@ -536,8 +536,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
     given = _parser()
     for action in given._actions:
         action.default = argparse.SUPPRESS
-    explicit = {k: v for k, v in vars(given.parse_args(argv)).items() if k in fields}
-    explicit = {k: values[k] for k in explicit}
+    explicit = {k: values[k] for k in vars(given.parse_args(argv)) if k in fields}
     for name, positive in [("batch_size", 1), ("seq_len", 2), ("max_steps", 1), ("eval_every", 1),
                            ("eval_batches", 1), ("log_every", 1), ("model_d", 2), ("heads", 1),
                            ("decay_steps", 1)]:
