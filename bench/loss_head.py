@@ -40,22 +40,25 @@ def implementation(name: str):
     return functools.partial(logits_loss, implementation=name)
 
 
-def measure(fn, tokens: int, vocab: int, d: int, timing: dict) -> tuple[float, float, int]:
-    """(forward ms, forward+backward ms, peak bytes) on random h, E at the model's scale, random
-    targets; the peak is XLA's memory analysis of the compiled forward+backward (its arguments,
-    outputs and temporaries: what it holds at once, inputs included, as PyTorch's
-    max_memory_allocated counts them)."""
+def timed_calls(fn, tokens: int, vocab: int, d: int):
+    """-> ((h, embed, targets), forward, forward_backward): random h, E at the model's scale,
+    random targets, and the two jitted calls (the second: value_and_grad in h and E)."""
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     h = jax.random.normal(keys[0], (tokens, d), jnp.bfloat16)
     embed = 0.02 * jax.random.normal(keys[1], (vocab, d), jnp.float32)
     targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
-    forward = jax.jit(fn)
-    forward_backward = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
-    memory = forward_backward.lower(h, embed, targets).compile().memory_analysis()
+    return (h, embed, targets), jax.jit(fn), jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+
+
+def measure(fn, tokens: int, vocab: int, d: int, timing: dict) -> tuple[float, float, int]:
+    """(forward ms, forward+backward ms, peak bytes); the peak is XLA's memory analysis of the
+    compiled forward+backward (its arguments, outputs and temporaries: what it holds at once,
+    inputs included, as PyTorch's max_memory_allocated counts them)."""
+    args, forward, forward_backward = timed_calls(fn, tokens, vocab, d)
+    memory = forward_backward.lower(*args).compile().memory_analysis()
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return (time_ms(forward, h, embed, targets, **timing),
-            time_ms(forward_backward, h, embed, targets, **timing), peak)
+    return (time_ms(forward, *args, **timing), time_ms(forward_backward, *args, **timing), peak)
 
 
 COLUMNS = [("impl", "impl", ""), ("tokens", "T", "d"), ("vocab", "V", "d"), ("d", "d", "d"),

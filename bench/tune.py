@@ -37,11 +37,14 @@ import jax.numpy as jnp
 
 from bench import attention as attention_bench
 from bench import ln_ffn as ln_ffn_bench
+from bench import loss_head as loss_head_bench
 from bench.common import add_full_arg, device_description, smoke_size, time_ms
 from kernels import attention, tuning, warp_specialized
 from kernels.attention import mosaic_gpu as attention_mosaic_gpu
 from kernels.attention import triton as attention_triton
 from kernels.layernorm_ffn import api as layernorm_ffn_api
+from kernels.logits_loss import api as logits_loss_api
+from kernels.logits_loss import mosaic_gpu as logits_loss_mosaic_gpu
 
 
 class Stage(NamedTuple):
@@ -93,7 +96,7 @@ ATTENTION_CANDIDATES = {
 MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
-    (128, 128, 2, 1), (64, 64, 3, 1), (64, 256, 2, 1)])
+    (128, 128, 2, 1), (64, 64, 3, 1), (64, 256, 2, 1), (64, 128, 2, 0)])
 # Its backward: Triton's (mosaic_backward=0) or its own, with the dK/dV kernel's query and key
 # tiles, ring depth and whether it also sums dq (one pass, no dQ kernel).
 MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_stages",
@@ -198,6 +201,29 @@ def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) ->
         total=_time_ln_ffn(2, implementation), available=available)
 
 
+# ------------------------------------------------------------------ logits_loss (Mosaic GPU)
+
+# The logits tile per consumer warpgroup and ring depth (kernels/mosaic_gpu_gemm.py): the
+# vocabulary pads to block_n (9000: 9216 at 256, 9088 at 128, 9024 at 192); 64 x 256 and
+# 128 x 128 hold 128 accumulator registers a thread, 64 x 128 leaves shared memory for 5 stages.
+LOSS_HEAD_CANDIDATES = [
+    {}, {"block_n": 128, "num_stages": 4}, {"block_n": 128, "num_stages": 5},
+    {"block_m": 128, "block_n": 128, "num_stages": 3}, {"block_n": 192, "num_stages": 4},
+    {"num_stages": 2}]
+# (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row)
+LOSS_HEAD_SHAPES = {"d512": (65536, 9000, 512)}
+
+
+def _time_loss_head(which: int):
+    """Timing of the forward (which=1) or forward+backward (which=2) of our loss head."""
+    def time(shape, config, timing):
+        fn = lambda *a: logits_loss_api.logits_loss(*a, implementation="mosaic_gpu",
+                                                    block_sizes=config)
+        args, *calls = loss_head_bench.timed_calls(fn, *shape)
+        return time_ms(calls[which - 1], *args, **timing)
+    return time
+
+
 # (tokens, d): the LN+FFN anchor shapes; --batch sets the tokens (do not pass --seq with these ops)
 LN_FFN_SHAPES = {"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)}
 # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
@@ -235,6 +261,13 @@ OPS = {
     "layernorm_ffn/triton": _ln_ffn_op("triton", LN_FFN_CANDIDATES),
     "layernorm_ffn/mosaic_gpu": _ln_ffn_op("mosaic_gpu", LN_FFN_MOSAIC_CANDIDATES,
                                            available=warp_specialized.on_sm90),
+    # One stage, timed on forward+backward: the backward's GEMMs are cuBLAS's, but it reads the
+    # [T, V] probabilities the forward's tiles wrote.
+    "logits_loss/mosaic_gpu": Op(
+        shapes=LOSS_HEAD_SHAPES,
+        defaults=lambda key: logits_loss_mosaic_gpu.default_config(),
+        stages=[Stage("tiles", lambda key: LOSS_HEAD_CANDIDATES, _time_loss_head(2))],
+        total=_time_loss_head(2), available=warp_specialized.on_sm90),
 }
 
 
@@ -276,7 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "the ones it has)")
     p.add_argument("--seq", type=int, help="time at this sequence length instead")
     p.add_argument("--batch", type=int, help="time at this batch instead")
-    p.add_argument("--tokens", type=int, help="time the LayerNorm+FFN at this many tokens instead")
+    p.add_argument("--tokens", type=int, help="time the LayerNorm+FFN and the loss head at this "
+                                              "many tokens instead")
     p.add_argument("--max-candidates", type=int, help="try at most this many per stage")
     p.add_argument("--stages", help="comma list of stage names to run (default: all), each "
                                     "starting from the table's entry")
@@ -365,14 +399,13 @@ def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
 
 
 def _shape(op: Op, key: str, args) -> tuple:
-    """The shape a key is timed at, with --batch/--seq (attention's [B, S, H, D]) or --tokens
-    (LayerNorm+FFN's [T, d]) applied."""
-    if len(op.shapes[key]) == 2:
-        tokens, d = op.shapes[key]
-        return (args.tokens or tokens, d)
-    batch, seq, *rest = op.shapes[key]
-    return (args.batch or batch, args.seq or seq, *rest)
-
+    """The shape a key is timed at: attention's [B, S, H, D] with --batch/--seq applied, the
+    others' (tokens, ...) with --tokens."""
+    shape = op.shapes[key]
+    if len(shape) == 4:
+        batch, seq, heads, head_dim = shape
+        return (args.batch or batch, args.seq or seq, heads, head_dim)
+    return (args.tokens or shape[0], *shape[1:])
 
 if __name__ == "__main__":
     main()
