@@ -4,8 +4,8 @@
 #
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
-#                                           #   ln_ffn loss_head tune train_step mosaic curves profile
-#                                           #   scaling
+#                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
+#                                           #   profile scaling
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
@@ -52,6 +52,11 @@ for stage in "${stages[@]}"; do
     head_dims)   # every head_dim the kernels serve (32 and 96 padded), beside JAX's and PyTorch's cuDNN
       $PY bench/attention.py --impl cudnn,torch_cudnn,ours,mosaic_gpu,triton --head-dim 32,64,96,128,256 \
         --seq ${HEAD_DIM_SEQ:-2048} --heads 16 --json "$OUT/head_dims.json" 2>&1 | tee "$OUT/head_dims.txt" ;;
+    bounds)   # what the Mosaic GPU forward spends on exponentials and on matmuls
+      $PY bench/attention_bounds.py --seq 1024,4096 --head-dim 64,128 --json "$OUT/bounds.json" 2>&1 \
+        | tee "$OUT/bounds.txt"
+      $PY bench/attention_bounds.py --batch 128 --seq 1024 --heads 8 --head-dim 64 \
+        --json "$OUT/bounds_train_shape.json" 2>&1 | tail -n 6 | tee "$OUT/bounds_train_shape.txt" ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
         | tee "$OUT/attention_mosaic.txt" ;;

@@ -86,7 +86,7 @@ def test_tune_prefers_the_implementation_measured_fastest(tmp_path, monkeypatch)
     device = tuning.device_kind()
     tuning.record(device, "toy", "slow", "d64", {"tile": 16}, table)
     tuning.record(device, "toy", "fast", "d64", {"tile": 32}, table)
-    args = tune.parse_args(["--table", str(table), "--batch", "4"])
+    args = tune.parse_args(["--table", str(table), "--tokens", "4"])
     assert tune.prefer("toy", "d64", args, timing={}) == "toy/fast"
     assert json.loads(table.read_text())[device]["toy"] == {"d64": "fast"}
     assert timed == {16: (4, 8, 64), 32: (4, 8, 64)}   # the tuned configs, at the tuning shape
