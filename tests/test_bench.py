@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
+import pytest
+
 from bench import attention as attention_bench
+from bench import attention_bounds
 from bench import train_step as train_step_bench
 from bench import tune
 from kernels import tuning
@@ -148,3 +152,18 @@ def test_tune_on_cpu_runs_a_smoke_test_into_a_scratch_table(tmp_path, capsys):
     recorded = tune.main(["--table", str(table)])
     assert {name for name, _ in recorded} == {"attention/triton", "layernorm_ffn/triton"}
     assert not table.exists() and "recording into" in capsys.readouterr().out
+
+
+def test_exp2_on_fma_matches_exp2_below_bf16_rounding():
+    """attention_bounds' software exponential: within 1e-4 relative of exp2 over the softmax's
+    range (bf16 rounds p to 2^-9), and masked scores (-inf) weigh about 2^-125, not NaN."""
+    x = jnp.concatenate([jnp.linspace(-125.0, 0.0, 100_001, dtype=jnp.float32),
+                         jnp.array([-0.0, -jnp.inf], jnp.float32)])
+    got, want = attention_bounds.exp2_on_fma(x), jnp.exp2(x)
+    assert float(jnp.max(jnp.abs(got[:-1] / want[:-1] - 1))) < 1e-4
+    assert 0 < float(got[-1]) < 2.0**-124
+
+
+def test_attention_bounds_needs_a_gpu():
+    with pytest.raises(SystemExit, match="needs a Hopper GPU"):
+        attention_bounds.main(["--seq", "128"])
