@@ -23,6 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402 - after the allocator setting
 
 from kernels import tuning  # noqa: E402
+from microgpt.profiling import profiler_options  # noqa: E402
 
 # bf16 dense matmul ceilings measured on the device (8192^3 product, bench/peak.py), TFLOP/s.
 MEASURED_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 778.0, "NVIDIA H200": 717.0}
@@ -154,8 +155,6 @@ def maybe_profile(directory: str | None):
     if directory is None:
         yield
         return
-    from microgpt.train import profiler_options
-
     with jax.profiler.trace(directory, profiler_options=profiler_options()):
         yield
     print(f"profile written to {directory} (open with: tensorboard --logdir {directory})")

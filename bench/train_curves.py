@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_full_arg, device_description, format_table, smoke_size
-from microgpt.model import KERNELS
+from microgpt.gpt import KERNELS
 from microgpt.train import TrainConfig, train
 
 

@@ -29,7 +29,8 @@ import numpy as np
 
 from bench.common import (add_full_arg, device_description, format_table, int_list, maybe_profile,
                           peak_tflops, smoke_size, write_json)
-from microgpt.model import KERNELS, PRESETS, flops_per_token
+from microgpt.gpt import KERNELS, PRESETS
+from microgpt.model import flops_per_token
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from tokenizers import Tokenizer
 
 from microgpt import checkpoint, data
+from microgpt.run import load_run
 from microgpt.cli import DefaultsHelpFormatter
-from microgpt.model import (COMPUTE_DTYPE, MicroGPT, Params, attention_projections, kernel_ops,
-                            block_output, embed, masked_attention, tied_logits)
+from microgpt.gpt import MicroGPT, kernel_ops
+from microgpt.model import (COMPUTE_DTYPE, Params, attention_projections, block_output, embed,
+                            masked_attention, tied_logits)
 
 Cache = list  # per block: (keys, values), each [B, T, H, Dh] bfloat16
 
@@ -113,25 +114,6 @@ def generate_from_params(model: MicroGPT, params: Params, tokenizer: Tokenizer, 
     prompt_ids = tokenizer.encode(prompt).ids if prompt else [eot]
     ids = generate_ids(model, params, prompt_ids, max_new_tokens, context, rng, temperature, top_k)
     return tokenizer.decode(ids if prompt else ids[1:])
-
-
-def load_run(run_dir: str | Path | None = None, step: int | None = None):
-    """(model, params, tokenizer, train config) of a checkpoint; default: the newest run's latest."""
-    from microgpt.train import TrainConfig, make_optimizer  # the trainer defines the state layout
-
-    run_dir = Path(run_dir) if run_dir else checkpoint.newest_run()
-    step, meta = checkpoint.restore_meta(run_dir, step)
-    cfg = TrainConfig(**meta["config"])
-    model = cfg.model(meta["vocab"])
-    optimizer, _ = make_optimizer(cfg)
-
-    def init_state():
-        params = model.get_params(jax.random.PRNGKey(0))
-        return {"params": params, "opt_state": optimizer.init(params)}
-
-    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path(run_dir, meta)))
-    state = checkpoint.restore_state(run_dir, step, jax.eval_shape(init_state))
-    return model, state["params"], tokenizer, cfg
 
 
 def main(argv=None) -> int:

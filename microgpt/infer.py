@@ -9,7 +9,8 @@ from pathlib import Path
 
 import jax
 
-from microgpt.generate import generate_from_params, load_run
+from microgpt.generate import generate_from_params
+from microgpt.run import load_run
 
 
 def generate_text(rng: jax.Array, text: str = "", ckpt: str | Path | None = None,

@@ -13,13 +13,13 @@ Notation (used in every docstring below):
 Mixed precision: parameters are kept in float32; matmuls take bfloat16 inputs and accumulate in
 float32; LayerNorm statistics, softmax statistics and the loss are float32.
 
-Each block calls attention and LayerNorm+FFN, and the loss calls its head, through one switch,
-`kernel_ops(kernels)`, so that the hand-written kernels in `kernels/` replace the math here
-without touching anything else.
+Each block calls attention and LayerNorm+FFN, and the loss calls its head, through `ops`
+(`KernelOps`, by default this file's math), so that the hand-written kernels in `kernels/`
+replace the math here without touching anything else: microgpt/gpt.py holds the switch
+(`kernel_ops("reference" | "pallas" | "xla")`) and the presets.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, NamedTuple
 
@@ -213,7 +213,7 @@ tied_logits_loss.defvjp(_tied_logits_loss_forward, _tied_logits_loss_backward)
 
 
 # ----------------------------------------------------------------------------------------------
-# The implementation switch: which code computes attention and LayerNorm+FFN inside a block.
+# The fused ops a block and the loss call (microgpt/gpt.py's kernel_ops swaps them).
 # ----------------------------------------------------------------------------------------------
 
 class KernelOps(NamedTuple):
@@ -224,35 +224,7 @@ class KernelOps(NamedTuple):
     logits_loss: Callable[..., jax.Array]
 
 
-KERNELS = ("reference", "pallas", "xla")
-
-
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                  sm_scale: float | None = None) -> jax.Array:
-    """The stock path: jax.nn.dot_product_attention, cuDNN on GPUs (asked for by name, so that it
-    fails loudly rather than silently falling back to XLA's attention).  Shapes as `attention`."""
-    implementation = "cudnn" if jax.default_backend() == "gpu" else None
-    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
-                                        implementation=implementation)
-
-
-def kernel_ops(kernels: str) -> KernelOps:
-    """The ops the model runs for `kernels`:
-
-    "reference"  the math in this file;
-    "pallas"     the hand-written kernels of kernels/ (implementation chosen by backend);
-    "xla"        the strongest stock path: jax.nn.dot_product_attention (cuDNN on GPU), and this
-                 file's LayerNorm+FFN and loss head fused by XLA.
-    """
-    if kernels == "reference":
-        return KernelOps(attention, layernorm_ffn, tied_logits_loss)
-    if kernels == "pallas":
-        from kernels import attention as pallas_attention, layernorm_ffn as pallas_layernorm_ffn
-        from kernels import logits_loss
-        return KernelOps(pallas_attention, pallas_layernorm_ffn, logits_loss)
-    if kernels == "xla":
-        return KernelOps(xla_attention, layernorm_ffn, tied_logits_loss)
-    raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
+REFERENCE_OPS = KernelOps(attention, layernorm_ffn, tied_logits_loss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,9 +295,9 @@ def tied_logits(params: Params, x: jax.Array) -> jax.Array:
     return matmul(layernorm(x, None, None), params["embed"].T)
 
 
-def hidden(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
+def hidden(params: Params, ids: jax.Array, num_heads: int,
+           ops: KernelOps = REFERENCE_OPS) -> jax.Array:
     """The embedding and the blocks.  ids [B, S] int -> x_L [B, S, d] float32."""
-    ops = kernel_ops(kernels)
     with jax.named_scope("embedding"):
         x = embed(ids, params["embed"])
     for block in params["blocks"]:
@@ -333,21 +305,22 @@ def hidden(params: Params, ids: jax.Array, num_heads: int, kernels: str = "refer
     return x
 
 
-def forward(params: Params, ids: jax.Array, num_heads: int, kernels: str = "reference") -> jax.Array:
+def forward(params: Params, ids: jax.Array, num_heads: int,
+            ops: KernelOps = REFERENCE_OPS) -> jax.Array:
     """The whole GPT.  ids [B, S] int -> logits [B, S, V] float32."""
-    x = hidden(params, ids, num_heads, kernels)
+    x = hidden(params, ids, num_heads, ops)
     with jax.named_scope("logits"):
         return tied_logits(params, x)
 
 
 def loss_fn(params: Params, ids: jax.Array, targets: jax.Array, num_heads: int,
-            kernels: str = "reference") -> jax.Array:
+            ops: KernelOps = REFERENCE_OPS) -> jax.Array:
     """Mean next-token cross-entropy of forward's logits.  ids, targets [B, S] -> scalar float32."""
-    x = hidden(params, ids, num_heads, kernels)
+    x = hidden(params, ids, num_heads, ops)
     with jax.named_scope("logits"):
         h = layernorm(x, None, None)
     with jax.named_scope("loss"):   # the logits' matmul, fused with the loss's gradient
-        return kernel_ops(kernels).logits_loss(h, params["embed"], targets)
+        return ops.logits_loss(h, params["embed"], targets)
 
 
 def count_params(params: Params) -> int:
@@ -362,60 +335,3 @@ def flops_per_token(num_layers: int, model_d: int, seq_len: int, vocab: int) -> 
     """
     n_matmul = num_layers * 12 * model_d ** 2 + vocab * model_d
     return 6 * n_matmul + 12 * num_layers * seq_len * model_d
-
-
-# ----------------------------------------------------------------------------------------------
-# The original microGPT's public API: presets with count_params / get_params / run_fn.
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class MicroGPT:
-    """A GPT's static configuration (hashable) with the original microGPT's methods.
-
-        gpt = micro_gpt_4(vocab=9000, model_d=512)
-        params = gpt.get_params()
-        logits = jax.jit(gpt.run_fn, static_argnames=['num_heads'])(ids, params, num_heads=8)
-    """
-    vocab: int = 9000
-    model_d: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    kernels: str = "reference"
-
-    def __post_init__(self):
-        if self.model_d % self.num_heads:
-            raise ValueError(f"model_d={self.model_d} is not divisible by num_heads={self.num_heads}")
-        if self.model_d % 2:
-            raise ValueError(f"model_d={self.model_d} must be even for sinusoidal positions")
-        kernel_ops(self.kernels)  # fail early on an unknown name
-
-    def get_params(self, rng: jax.Array | int = 0) -> Params:
-        """Freshly initialised float32 parameters (see `init_params`)."""
-        key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-        return init_params(key, self.vocab, self.model_d, self.num_layers)
-
-    def count_params(self) -> int:
-        """Number of parameters, computed from shapes alone (no arrays are allocated)."""
-        return count_params(jax.eval_shape(self.get_params))
-
-    def run_fn(self, input_ids: jax.Array, params: Params, num_heads: int | None = None) -> jax.Array:
-        """Logits [B, S, V] float32 for input_ids [B, S]."""
-        return forward(params, input_ids, num_heads or self.num_heads, self.kernels)
-
-    def loss(self, params: Params, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
-        return loss_fn(params, input_ids, targets, self.num_heads, self.kernels)
-
-
-def _preset(num_layers: int):
-    def make(vocab: int = 9000, model_d: int = 512, num_heads: int = 8,
-             kernels: str = "reference") -> MicroGPT:
-        return MicroGPT(vocab, model_d, num_layers, num_heads, kernels)
-    make.__name__ = f"micro_gpt_{num_layers}"
-    make.__doc__ = f"A {num_layers}-block MicroGPT (defaults: vocab 9000, model_d 512, 8 heads)."
-    return make
-
-
-micro_gpt_1 = _preset(1)
-micro_gpt_2 = _preset(2)
-micro_gpt_4 = _preset(4)
-PRESETS = {"micro_gpt_1": micro_gpt_1, "micro_gpt_2": micro_gpt_2, "micro_gpt_4": micro_gpt_4}

@@ -26,37 +26,9 @@ from tqdm import tqdm
 from kernels import tuning
 from microgpt import checkpoint, data
 from microgpt.cli import DefaultsHelpFormatter
-from microgpt.model import KERNELS, PRESETS, MicroGPT
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    preset: str = "micro_gpt_2"
-    model_d: int = 128
-    heads: int = 4
-    vocab: int = 9000
-    batch_size: int = 16
-    seq_len: int = 128
-    max_steps: int = 500
-    decay_steps: int | None = None    # the cosine's length; None: max_steps
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    seed: int = 0
-    kernels: str = "reference"
-    data: str | None = None
-    dataset: str | None = None
-    text_field: str = "text"
-    # The original microGPT's optimizer: AdamW on a warmup + cosine schedule, clipped gradients.
-    peak_lr: float = 5e-4
-    warmup_steps: int = 100
-    end_lr: float = 1e-5
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
-
-    def model(self, vocab: int) -> MicroGPT:
-        return PRESETS[self.preset](vocab=vocab, model_d=self.model_d, num_heads=self.heads,
-                                    kernels=self.kernels)
+from microgpt.gpt import KERNELS, PRESETS, MicroGPT
+from microgpt.profiling import StepProfiler
+from microgpt.run import TrainConfig, make_optimizer
 
 
 @dataclasses.dataclass
@@ -78,17 +50,6 @@ class RunError(ValueError):
 
 # Flags a resumed run takes from the command line; every other one must match the checkpoint.
 RESUME_OVERRIDES = ("max_steps", "decay_steps", "eval_every", "eval_batches", "log_every")
-
-
-def make_optimizer(cfg: TrainConfig):
-    """clip + AdamW on warm-up + cosine decay over decay_steps (default max_steps), then end_lr."""
-    decay = cfg.decay_steps or cfg.max_steps
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=min(cfg.warmup_steps, decay),
-        decay_steps=max(decay, cfg.warmup_steps + 1), end_value=cfg.end_lr)
-    optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                            optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    return optimizer, schedule
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -257,40 +218,6 @@ def parse_steps(spec: str) -> tuple[int, int]:
     return first, last
 
 
-def profiler_options() -> jax.profiler.ProfileOptions:
-    """What a capture records: device activity and the runtime's host events, without the Python
-    tracer, whose every-function-call events made a 3-step GPU capture of micro_gpt_4 103 MB
-    gzipped, too large for the trace viewer's converter (it died converting it)."""
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
-    return options
-
-
-class _StepProfiler:
-    """A jax.profiler trace of the steps first <= step < last, written to `directory`."""
-
-    def __init__(self, directory: str | None, steps: tuple[int, int]):
-        self.directory, (self.first, self.last) = directory, steps
-        self.active = False
-
-    def before_step(self, step: int) -> None:
-        if self.directory and step == self.first:
-            jax.profiler.start_trace(self.directory, profiler_options=profiler_options())
-            self.active = True
-
-    def after_step(self, step: int, outputs) -> None:
-        if self.active and step + 1 >= self.last:
-            self.stop(outputs)
-
-    def stop(self, outputs=None) -> None:
-        if self.active:
-            jax.block_until_ready(outputs)   # the traced steps' device work belongs in the trace
-            jax.profiler.stop_trace()
-            self.active = False
-            tqdm.write(f"profile of steps {self.first}:{self.last} written to {self.directory} "
-                       f"(tensorboard --logdir {self.directory})")
-
-
 def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
           explicit: dict | None = None, sample: bool = True, profile_dir: str | None = None,
           profile_steps: tuple[int, int] = (20, 25), resume_step: int | None = None
@@ -424,7 +351,7 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
     if step == 0:
         run_eval(0)
     t_last, steps_since = time.perf_counter(), 0
-    profiler = _StepProfiler(profile_dir, profile_steps)
+    profiler = StepProfiler(profile_dir, profile_steps)
     tuning.used_entries(clear=True)   # the first step's trace says which tiles it took
     with _StopOnSignal() as stop, tqdm(total=cfg.max_steps, initial=step, desc="train",
                                        dynamic_ncols=True) as bar:

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from microgpt import generate, train
-from microgpt.model import micro_gpt_2
+from microgpt.gpt import micro_gpt_2
 
 
 def greedy_uncached(model, params, prompt, n):

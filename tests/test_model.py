@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from microgpt import micro_gpt_1, micro_gpt_2, micro_gpt_4, model
-from microgpt.model import MicroGPT, attention, layernorm, sinusoidal_positions
+from microgpt.gpt import MicroGPT
+from microgpt.model import attention, layernorm, sinusoidal_positions
 
 
 def random_ids(key, shape, vocab):

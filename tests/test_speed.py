@@ -13,7 +13,7 @@ import pytest
 from bench import attention as attention_bench
 from bench import ln_ffn as ln_ffn_bench
 from kernels import attention, layernorm_ffn, logits_loss
-from microgpt.model import micro_gpt_4
+from microgpt.gpt import micro_gpt_4
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",

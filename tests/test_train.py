@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from microgpt import checkpoint, data, train
-from microgpt.model import micro_gpt_1
+from microgpt.gpt import micro_gpt_1
 
 TINY = dict(preset="micro_gpt_1", model_d=32, heads=2, vocab=300, batch_size=8, seq_len=16,
             max_steps=12, eval_every=6, eval_batches=2, log_every=2, warmup_steps=3,

@@ -59,7 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
-from kernels.attention import common, triton, triton_vjp
+from kernels.attention import common, triton_vjp
 from kernels.attention.mosaic_gpu import (MOSAIC_BACKWARD_HEAD_DIMS, check_runs_here,
                                           query_pair_units, schedule_for, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,

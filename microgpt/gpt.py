@@ -1,0 +1,100 @@
+"""The GPT as users build it: the kernels switch and the original microGPT's API (presets
+micro_gpt_1/2/4 with count_params / get_params / run_fn), over the equations in model.py.
+
+    gpt = micro_gpt_4(vocab=9000, model_d=512, kernels="pallas")
+    logits = jax.jit(gpt.run_fn)(ids, gpt.get_params())
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+import kernels as pallas
+from microgpt import model
+from microgpt.model import KernelOps, Params
+
+KERNELS = ("reference", "pallas", "xla")
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                  sm_scale: float | None = None) -> jax.Array:
+    """The stock path: jax.nn.dot_product_attention, cuDNN on GPUs (asked for by name, so that it
+    fails loudly rather than silently falling back to XLA's attention).  Shapes as model.attention."""
+    implementation = "cudnn" if jax.default_backend() == "gpu" else None
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                        implementation=implementation)
+
+
+def kernel_ops(kernels: str) -> KernelOps:
+    """The ops the model runs for `kernels`:
+
+    "reference"  the math of model.py;
+    "pallas"     the hand-written kernels of kernels/ (implementation chosen by backend);
+    "xla"        the strongest stock path: jax.nn.dot_product_attention (cuDNN on GPU), and
+                 model.py's LayerNorm+FFN and loss head fused by XLA.
+    """
+    if kernels == "reference":
+        return model.REFERENCE_OPS
+    if kernels == "pallas":
+        return KernelOps(pallas.attention, pallas.layernorm_ffn, pallas.logits_loss)
+    if kernels == "xla":
+        return model.REFERENCE_OPS._replace(attention=xla_attention)
+    raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroGPT:
+    """A GPT's static configuration (hashable) with the original microGPT's methods.
+
+        gpt = micro_gpt_4(vocab=9000, model_d=512)
+        params = gpt.get_params()
+        logits = jax.jit(gpt.run_fn, static_argnames=['num_heads'])(ids, params, num_heads=8)
+    """
+    vocab: int = 9000
+    model_d: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    kernels: str = "reference"
+
+    def __post_init__(self):
+        if self.model_d % self.num_heads:
+            raise ValueError(f"model_d={self.model_d} is not divisible by num_heads={self.num_heads}")
+        if self.model_d % 2:
+            raise ValueError(f"model_d={self.model_d} must be even for sinusoidal positions")
+        kernel_ops(self.kernels)  # fail early on an unknown name
+
+    @property
+    def ops(self) -> KernelOps:
+        return kernel_ops(self.kernels)
+
+    def get_params(self, rng: jax.Array | int = 0) -> Params:
+        """Freshly initialised float32 parameters (see model.init_params)."""
+        key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+        return model.init_params(key, self.vocab, self.model_d, self.num_layers)
+
+    def count_params(self) -> int:
+        """Number of parameters, computed from shapes alone (no arrays are allocated)."""
+        return model.count_params(jax.eval_shape(self.get_params))
+
+    def run_fn(self, input_ids: jax.Array, params: Params, num_heads: int | None = None) -> jax.Array:
+        """Logits [B, S, V] float32 for input_ids [B, S]."""
+        return model.forward(params, input_ids, num_heads or self.num_heads, self.ops)
+
+    def loss(self, params: Params, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
+        return model.loss_fn(params, input_ids, targets, self.num_heads, self.ops)
+
+
+def _preset(num_layers: int):
+    def make(vocab: int = 9000, model_d: int = 512, num_heads: int = 8,
+             kernels: str = "reference") -> MicroGPT:
+        return MicroGPT(vocab, model_d, num_layers, num_heads, kernels)
+    make.__name__ = f"micro_gpt_{num_layers}"
+    make.__doc__ = f"A {num_layers}-block MicroGPT (defaults: vocab 9000, model_d 512, 8 heads)."
+    return make
+
+
+micro_gpt_1 = _preset(1)
+micro_gpt_2 = _preset(2)
+micro_gpt_4 = _preset(4)
+PRESETS = {"micro_gpt_1": micro_gpt_1, "micro_gpt_2": micro_gpt_2, "micro_gpt_4": micro_gpt_4}
