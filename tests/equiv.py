@@ -46,6 +46,15 @@ def bf16_resolution(ref_f32_out) -> float:
     return 2 * max_err(r + 0.3 - 0.3, r)
 
 
+def lnffn_params(key, d, dtype=jnp.float32):
+    """The six parameters at the scales of a trained block (GPT-2 init plus some spread)."""
+    k = jax.random.split(key, 6)
+    normal = lambda i, shape, scale: scale * jax.random.normal(k[i], shape, jnp.float32)
+    return tuple(p.astype(dtype) for p in (
+        1.0 + normal(0, (d,), 0.1), normal(1, (d,), 0.1), normal(2, (d, 4 * d), 0.02),
+        normal(3, (4 * d,), 0.02), normal(4, (4 * d, d), 0.02), normal(5, (d,), 0.02)))
+
+
 def upcast(tree):
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)
 

@@ -1,5 +1,6 @@
 """The tuning tables: lookup by device kind, then architecture, then defaults; the user's cache
-over the shipped table; a damaged cache ignored with one warning (devices faked)."""
+over the shipped table; a damaged cache ignored with one warning (devices faked); and the
+default implementation following the table's preference."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import pytest
 from bench import tune
 from kernels import tuning
 from kernels.attention import api as attention_api
+from kernels.attention import mosaic_gpu
+from kernels.layernorm_ffn import api as layernorm_ffn_api
 
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
 
@@ -121,3 +124,45 @@ def test_lookup_layers_narrower_keys_within_the_entry(monkeypatch, key):
     on(monkeypatch, H100, "sm90", ("shipped", table))
     want = {"d128": {"a": 1, "b": 2}, "d128_s8192": {"a": 1, "b": 3}, "d64_s512": {"a": 1}}[key]
     assert tuning.lookup("toy", "impl", key).values == want
+
+
+# (backend, Hopper, the tuning table's preference, dtype) -> the default implementation.
+DEFAULT_CASES = [
+    ("cpu", False, None, jnp.bfloat16, "triton"),
+    ("tpu", False, "mosaic_gpu", jnp.bfloat16, "tpu"),
+    ("gpu", False, "mosaic_gpu", jnp.bfloat16, "triton"),       # not a Hopper GPU
+    ("gpu", True, None, jnp.bfloat16, "triton"),                # not measured here
+    ("gpu", True, "triton", jnp.bfloat16, "triton"),            # measured slower
+    ("gpu", True, "mosaic_gpu", jnp.float32, "triton"),         # wgmma would round f32 to tf32
+    ("gpu", True, "mosaic_gpu", jnp.bfloat16, "mosaic_gpu"),
+]
+
+
+@pytest.mark.parametrize("backend, sm90, preferred, dtype, expected", DEFAULT_CASES)
+def test_attention_default_follows_the_tuning_table(backend, sm90, preferred, dtype, expected,
+                                                    monkeypatch):
+    """implementation=None picks mosaic_gpu only on Hopper, for bf16, where bench/tune.py measured
+    it faster at that head_dim and length."""
+    monkeypatch.setattr(attention_api.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(mosaic_gpu, "on_sm90", lambda: sm90)
+    asked = []
+    monkeypatch.setattr(attention_api.tuning, "preferred_implementation",
+                        lambda op, key: asked.append((op, key)) or preferred)
+    q = jnp.zeros((1, 16, 2, 128), dtype)
+    assert attention_api.default_implementation(q) == expected
+    assert asked in ([], [("attention", "d128_s16")])   # head_dim 128, length 16
+
+
+@pytest.mark.parametrize("backend, sm90, preferred, dtype, expected", DEFAULT_CASES)
+def test_layernorm_ffn_default_follows_the_tuning_table(backend, sm90, preferred, dtype, expected,
+                                                        monkeypatch):
+    """implementation=None picks mosaic_gpu only on Hopper, for bf16 x, where bench/tune.py
+    measured it faster at that width."""
+    monkeypatch.setattr(layernorm_ffn_api.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(layernorm_ffn_api.warp_specialized, "on_sm90", lambda: sm90)
+    asked = []
+    monkeypatch.setattr(layernorm_ffn_api.tuning, "preferred_implementation",
+                        lambda op, key: asked.append((op, key)) or preferred)
+    x = jnp.zeros((16, 512), dtype)
+    assert layernorm_ffn_api.default_implementation(x) == expected
+    assert asked in ([], [("layernorm_ffn", "d512")])

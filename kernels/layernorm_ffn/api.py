@@ -36,7 +36,7 @@ def default_implementation(x: jax.Array | None = None) -> str:
 def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: jax.Array,
                   b_fc: jax.Array, w_proj: jax.Array, b_proj: jax.Array, *, eps: float = model.LN_EPS,
                   residual: bool = False, implementation: str | None = None,
-                  block_sizes: dict | None = None) -> jax.Array:
+                  block_sizes: dict | None = None, interpret: bool | None = None) -> jax.Array:
     """[x +] gelu(LN(x) W_fc + b_fc) W_proj + b_proj, the math of microgpt.model.layernorm_ffn.
 
     x [..., d] (d a multiple of 128); ln_scale, ln_bias, b_proj [d]; w_fc [d, 4d]; b_fc [4d];
@@ -49,6 +49,9 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     backend (`default_implementation`).  Off their own hardware the Triton and TPU kernels run in
     Pallas's interpret mode.  block_sizes overrides the tuning table (kernels.tuning), e.g.
     {"up_block_n": 256}; see <backend>.default_config and <backend>_vjp.default_config for names.
+    interpret: run the Pallas kernels in interpret mode; None interprets exactly when the default
+    backend is not the kernel's platform (False on a CPU host lowers them for their chip, for
+    jax.export; mosaic_gpu has no interpret mode).
     """
     params = (ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj)
     _check_arguments(x, params)
@@ -58,11 +61,12 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     if implementation not in _BACKENDS:
         raise ValueError(f"unknown implementation {implementation!r}; choose one of "
                          f"{IMPLEMENTATIONS} or None")
-    native_backend = _BACKENDS[implementation][2]
+    if interpret is None:
+        interpret = jax.default_backend() != _BACKENDS[implementation][2]
     return fused(x, *params, eps=eps, residual=residual, implementation=implementation,
                  config=kernel_config(implementation, x.shape[-1], tokens=x.size // x.shape[-1],
                                       overrides=block_sizes),
-                 interpret=jax.default_backend() != native_backend)
+                 interpret=interpret)
 
 
 def default_config(implementation: str, d: int) -> dict:

@@ -24,7 +24,8 @@ def default_implementation(h: jax.Array | None = None) -> str:
 
 
 def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
-                implementation: str | None = None, block_sizes: dict | None = None) -> jax.Array:
+                implementation: str | None = None, block_sizes: dict | None = None,
+                interpret: bool | None = None) -> jax.Array:
     """cross_entropy(h E^T, targets), the math of microgpt.model.tied_logits_loss.
 
     h [..., d] (d a multiple of 64), embed E [V, d], both floating; targets [...] int in [0, V)
@@ -32,7 +33,9 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
     implementation: "reference" (model.tied_logits_loss) or "mosaic_gpu" (Hopper only; h and E
     are rounded to bf16 for the product, as by the reference's matmul); None picks by backend
     (`default_implementation`). block_sizes overrides the tuning table, e.g. {"block_n": 128}
-    (names: mosaic_gpu.default_config).
+    (names: mosaic_gpu.default_config). interpret: the kernel has no interpret mode, so True
+    raises; False lowers it for its GPU from any host (for jax.export); None runs it on a GPU and
+    raises elsewhere.
     """
     _check_arguments(h, embed, targets)
     implementation = implementation or default_implementation(h)
@@ -42,7 +45,7 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
         raise ValueError(f"unknown implementation {implementation!r}; choose one of "
                          f"{IMPLEMENTATIONS} or None")
     config = kernel_config(implementation, h.shape[-1], block_sizes)
-    if jax.default_backend() != "gpu":
+    if interpret or (interpret is None and jax.default_backend() != "gpu"):
         raise NotImplementedError(f"the {implementation} loss head runs only on a GPU (it has no "
                                   f"interpret mode); use implementation='reference'")
     return fused(h, embed, targets, implementation=implementation, config=config)

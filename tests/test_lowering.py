@@ -1,0 +1,188 @@
+"""The kernels lower for chips this host lacks (jax.export for CUDA and TPU, from a CPU): the proof,
+in CI, that the device paths build, since interpret mode checks none of Triton's, Mosaic GPU's or
+Mosaic TPU's constraints. On an accelerator the equivalence suite compiles and runs them instead."""
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.attention import attention
+from kernels.layernorm_ffn import layernorm_ffn
+from kernels.logits_loss import logits_loss
+from microgpt import model
+from microgpt.gpt import micro_gpt_1
+from tests.equiv import ON_CPU, lnffn_params
+
+
+def _export_text(f, platform, *args) -> str:
+    exported = jax.export.export(
+        jax.jit(f), platforms=[platform],
+        # Pallas Triton's custom call has no export compatibility guarantee; we only lower here.
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    return exported(*args).mlir_module()
+
+
+def _skip_unless_pallas_lowers_for(impl: str, platform: str) -> None:
+    """Skip (with the reason) when this jax cannot lower any Pallas kernel for the platform."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plmgpu
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import triton as plgpu
+
+    def copy(x_ref, o_ref):
+        o_ref[...] = x_ref[...]
+
+    if impl == "mosaic_gpu":  # its own entry point (pallas_call for Mosaic GPU is deprecated)
+        probe = lambda x: plmgpu.kernel(copy, out_type=x)(x)
+    else:
+        params = {"triton": plgpu, "tpu": pltpu}[impl].CompilerParams()
+        probe = lambda x: pl.pallas_call(copy, out_shape=x, compiler_params=params)(x)
+    try:
+        _export_text(probe, platform, jax.ShapeDtypeStruct((16, 128), jnp.float32))
+    except Exception as e:  # noqa: BLE001 - any failure here means the platform is unavailable
+        pytest.skip(f"this jax cannot lower Pallas {impl} kernels for {platform}: {e}")
+
+
+@pytest.mark.parametrize("impl, platform, custom_call", [
+    ("triton", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128), (8, 1024, 16, 96),
+                                   (4, 2048, 8, 256)], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, causal):
+    """The kernels compile to the platform's Pallas custom call at the benchmark shapes: one for
+    the forward, three (forward, dK/dV, dQ) for the gradient. Interpret mode checks none of the
+    Triton/Mosaic constraints; this lowering is the proof the device path builds."""
+    _skip_unless_pallas_lowers_for(impl, platform)
+    spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl, interpret=False)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    assert _export_text(f, platform, spec, spec, spec).count(f"custom_call @{custom_call}") == 1
+    assert _export_text(grad, platform, spec, spec, spec).count(f"custom_call @{custom_call}") == 3
+
+
+@pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("backward, backward_calls", [
+    ({"mosaic_backward": 1, "bwd_fused_dq": 0}, ["mosaic_gpu"] * 2),
+    ({"mosaic_backward": 1, "bwd_fused_dq": 1}, ["mosaic_gpu"]),
+    ({"mosaic_backward": 0}, ["__gpu$xla.gpu.triton"] * 2)],
+    ids=["mosaic_bwd", "mosaic_bwd_fused_dq", "triton_bwd"])
+@pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, backward_calls,
+                                                    persistent):
+    """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
+    (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
+    and barriers in Python (a CTA per work unit, or persistent CTAs); its gradient adds the Mosaic
+    GPU dK/dV and dQ kernels (or the dK/dV kernel alone with bwd_fused_dq), or Triton's with
+    mosaic_backward=0, on the saved residuals. (The kernels' PTX is only built on the GPU, at the
+    first run.)"""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
+                                  block_sizes={**backward, "persistent": persistent},
+                                  interpret=False)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
+        r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
+    assert calls(f) == ["mosaic_gpu"]
+    assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_lowers_at_every_head_dim(head_dim):
+    """The Mosaic GPU forward lowers for CUDA at the head dims it pads (32 -> 64, 96 -> 128) and
+    at 256 (64-row query tiles); their gradients take the Triton backward by default (at 256
+    the only one: the Mosaic GPU backward's dk and dv would not fit in registers)."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct((4, 2048, 8, head_dim), jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu", interpret=False)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
+        r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
+    assert calls(f) == ["mosaic_gpu"]
+    assert calls(grad) == sorted(["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"])
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the check runs before the kernel, on any backend")
+def test_attention_mosaic_gpu_names_what_does_not_fit_at_head_dim_256():
+    """At head_dim 256 the persistent forward's shared memory and the Mosaic GPU backward's
+    registers do not suffice: each says so in one line, naming the knob."""
+    spec = jax.ShapeDtypeStruct((1, 1024, 2, 256), jnp.bfloat16)
+    export = lambda f: _export_text(f, "cuda", spec, spec, spec)
+    forward = lambda blocks: lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu",
+                                                       block_sizes=blocks, interpret=False)
+    with pytest.raises(ValueError, match=r"persistent=1 need \d+ KiB of shared memory at "
+                                         r"head_dim 256; a CTA has 227"):
+        export(forward({"persistent": 1}))
+    grad = jax.grad(lambda q, k, v: jnp.sum(forward({"mosaic_backward": 1})(q, k, v)))
+    with pytest.raises(ValueError, match="mosaic_backward=1 runs head_dim .*use mosaic_backward=0"):
+        export(grad)
+
+
+@pytest.mark.parametrize("impl, platform, custom_call, calls", [
+    ("triton", "cuda", "__gpu$xla.gpu.triton", (3, 7)), ("tpu", "tpu", "tpu_custom_call", (1, 4)),
+    ("mosaic_gpu", "cuda", "mosaic_gpu", (2, 6))])
+@pytest.mark.parametrize("tokens, d", [(131072, 512), (65536, 768), (8192, 384), (8192, 640),
+                                       (8192, 1152), (8192, 2048)], ids=str)
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls, tokens, d):
+    """Forward and forward+backward lower to the platform's Pallas custom calls at the benchmark
+    shapes: Triton 3 kernels (LN, up, down) and 4 more for the gradient (dz, dxn, LN', weights);
+    TPU 1 fused kernel and 3 more (dx, dW_proj, dW_fc); Mosaic GPU the 2 GEMMs and 4 more (dz,
+    dxn, the two weight gradients; its LN passes are Triton's).  Interpret mode checks none of the
+    Triton/Mosaic block constraints; this lowering is the proof the device path builds."""
+    _skip_unless_pallas_lowers_for(impl, platform)
+    f = lambda *a: layernorm_ffn(*a, residual=True, implementation=impl, interpret=False)
+    grad = jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)),
+                              argnums=tuple(range(7)))
+    specs = [jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16)] + [
+        jax.ShapeDtypeStruct(p.shape, jnp.float32)
+        for p in jax.eval_shape(lambda: lnffn_params(jax.random.PRNGKey(0), d))]
+    count = lambda g: len(re.findall(rf"custom_call @{re.escape(custom_call)}\w*\(",
+                                     _export_text(g, platform, *specs)))
+    assert (count(f), count(grad)) == calls
+
+
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernel compiles")
+def test_logits_loss_lowers_for_the_device():
+    """At micro_gpt_4's head (64 x 1024 tokens, V = 9000, d = 512) the loss and its gradient lower
+    for CUDA with one Mosaic GPU kernel each (the backward is XLA's)."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    f = lambda h, e, t: logits_loss(h, e, t, implementation="mosaic_gpu", interpret=False)
+    grad = jax.value_and_grad(f, argnums=(0, 1))
+    specs = (jax.ShapeDtypeStruct((64, 1024, 512), jnp.bfloat16),
+             jax.ShapeDtypeStruct((9000, 512), jnp.float32),
+             jax.ShapeDtypeStruct((64, 1024), jnp.int32))
+    count = lambda g: len(re.findall(r"custom_call @mosaic_gpu\w*\(", _export_text(g, "cuda", *specs)))
+    assert (count(f), count(grad)) == (1, 1)
+
+
+@pytest.mark.parametrize("platform, implementations, custom_calls", [
+    ("cuda", ("triton", "triton", "mosaic_gpu"), {"__gpu$xla.gpu.triton": 10, "mosaic_gpu": 1}),
+    ("tpu", ("tpu", "tpu", "reference"), {"tpu_custom_call": 7})], ids=["cuda", "tpu"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_the_model_exports_for_a_chip_the_host_lacks(platform, implementations, custom_calls):
+    """A one-block model's training loss and gradients, its ops the kernels' public functions
+    with an implementation each and interpret=False, lower for CUDA or TPU from this CPU host:
+    attention 3 kernels (forward, dK/dV, dQ), LN+FFN Triton 7 or TPU 4, the loss head 1."""
+    _skip_unless_pallas_lowers_for(implementations[0], platform)
+    attention_impl, ln_impl, loss_impl = implementations
+    ops = model.KernelOps(
+        functools.partial(attention, implementation=attention_impl, interpret=False),
+        functools.partial(layernorm_ffn, implementation=ln_impl, interpret=False),
+        functools.partial(logits_loss, implementation=loss_impl, interpret=False))
+    gpt = micro_gpt_1(vocab=512, model_d=128, num_heads=2)
+    loss = lambda params, ids: model.loss_fn(params, ids, ids, gpt.num_heads, ops)
+    params = jax.eval_shape(gpt.get_params)
+    ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+    text = _export_text(jax.value_and_grad(loss), platform, params, ids)
+    found = {name: len(re.findall(rf"custom_call @{re.escape(name)}\w*\(", text))
+             for name in custom_calls}
+    assert found == custom_calls
