@@ -41,7 +41,7 @@ BLOCK_OPTIONS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq
                  "num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd",
                  # mosaic_gpu's own (mosaic_gpu.DEFAULTS)
                  "schedule_barrier", "group_mib", "persistent", "mosaic_backward", "bwd_block_q",
-                 "bwd_block_k", "bwd_num_stages", "bwd_fused_dq", "bwd_dq_block_q",
+                 "bwd_block_k", "bwd_num_stages", "bwd_dq_block_q",
                  "bwd_dq_block_k", "bwd_dq_num_stages", "bwd_group_mib", "bwd_persistent")
 
 

@@ -105,8 +105,8 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
-    # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above;
-    # the table picks the two-kernel one, the one-pass one is tested below), where it runs.
+    # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above),
+    # where it runs.
     blocks = MOSAIC_BACKWARD if impl == "mosaic_gpu" and _mosaic_backward_runs(head_dim) else None
     _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
                      SMALL_BLOCKS if small and ON_CPU else blocks)
@@ -120,20 +120,6 @@ def _skip_unless_mosaic_backward_runs(head_dim: int) -> None:
     if not _mosaic_backward_runs(head_dim):
         pytest.skip(f"the Mosaic GPU backward runs head_dim {mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS}"
                     f" (at {head_dim} the table's backward is Triton's, tested above)")
-
-
-@pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="mosaic_gpu runs on a Hopper GPU; on CPU "
-                    "test_attention_mosaic_gpu_backward_in_the_gpu_interpreter runs it")
-@pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
-def test_attention_mosaic_gpu_fused_dq_matches_reference(batch, seq, heads, head_dim, causal,
-                                                         q_scale, small):
-    """The one-pass backward: dq summed by the dK/dV kernel's TMA reduce-adds (2 stages: its
-    dq and ds buffers leave no shared memory for a third at head_dim 128), on the inputs of
-    the case above, which the two-kernel backward passes."""
-    _skip_unless_mosaic_backward_runs(head_dim)
-    _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
-                     {**MOSAIC_BACKWARD, "bwd_fused_dq": 1, "bwd_num_stages": 2},
-                     seed_blocks=MOSAIC_BACKWARD)
 
 
 @pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="mosaic_gpu runs on a Hopper GPU; on CPU "
@@ -224,17 +210,15 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, fused_dq, persistent, dq_tiles", [
-    (256, 64, True, 0, 0, (64, 128, 2)), (200, 128, False, 0, 0, (128, 64, 3)),
-    (256, 64, True, 1, 0, None), (200, 128, False, 1, 0, None),
-    (256, 64, True, 0, 1, (64, 64, 2)), (200, 128, False, 0, 1, (64, 64, 2))])
+@pytest.mark.parametrize("seq, head_dim, causal, persistent, dq_tiles", [
+    (256, 64, True, 0, (64, 128, 2)), (200, 128, False, 0, (128, 64, 3)),
+    (256, 64, True, 1, (64, 64, 2)), (200, 128, False, 1, (64, 64, 2))])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, fused_dq,
-                                                              persistent, dq_tiles, monkeypatch):
+def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, persistent,
+                                                              dq_tiles, monkeypatch):
     """The Mosaic GPU backward in jax's Mosaic GPU interpreter (wgmma emulated), on the
-    reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels, or (fused_dq) the
-    dK/dV kernel alone adding dq by TMA reduce-add. Tiles of 64 and 2 stages over 256 rows: the
+    reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels. Tiles of 64 and 2 stages over 256 rows: the
     rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
     neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
     masked last tile (and padded rows whose do is zero). The dQ kernel's own tiles (query rows,
@@ -246,10 +230,8 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
-              "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_fused_dq": fused_dq,
-              "bwd_persistent": persistent,
-              **dict(zip(("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages"),
-                         dq_tiles or ()))}
+              "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_persistent": persistent,
+              **dict(zip(("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages"), dq_tiles))}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)
     q, k, v, do = (jax.random.normal(key, (1 + persistent, seq, 1 + persistent, head_dim),

@@ -68,10 +68,9 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
 @pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("backward, backward_calls", [
-    ({"mosaic_backward": 1, "bwd_fused_dq": 0}, ["mosaic_gpu"] * 2),
-    ({"mosaic_backward": 1, "bwd_fused_dq": 1}, ["mosaic_gpu"]),
+    ({"mosaic_backward": 1}, ["mosaic_gpu"] * 2),
     ({"mosaic_backward": 0}, ["__gpu$xla.gpu.triton"] * 2)],
-    ids=["mosaic_bwd", "mosaic_bwd_fused_dq", "triton_bwd"])
+    ids=["mosaic_bwd", "triton_bwd"])
 @pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, backward_calls,
@@ -79,7 +78,7 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
     """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
     (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
     and barriers in Python (a CTA per work unit, or persistent CTAs); its gradient adds the Mosaic
-    GPU dK/dV and dQ kernels (or the dK/dV kernel alone with bwd_fused_dq), or Triton's with
+    GPU dK/dV and dQ kernels, or Triton's with
     mosaic_backward=0, on the saved residuals. (The kernels' PTX is only built on the GPU, at the
     first run.)"""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")

@@ -82,7 +82,7 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 DEFAULTS = {
     d: dict(block_q=128 if d < 256 else 64, block_k=64, num_stages=2, schedule_barrier=1,
             group_mib=12, persistent=0, mosaic_backward=0, bwd_block_q=64, bwd_block_k=64,
-            bwd_num_stages=2, bwd_fused_dq=0, bwd_dq_block_q=64, bwd_dq_block_k=64,
+            bwd_num_stages=2, bwd_dq_block_q=64, bwd_dq_block_k=64,
             bwd_dq_num_stages=2, bwd_group_mib=12, bwd_persistent=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
     for d in common.KERNEL_HEAD_DIMS

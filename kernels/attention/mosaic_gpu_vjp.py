@@ -37,13 +37,9 @@ S1024 and slower from S2048 (bench/RESULTS.md, version 13): a tuning candidate.
 FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
 14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
 
-One pass (`bwd_fused_dq` = 1): the dK/dV kernel also computes ds = (ds^T)^T and dq += ds k, 5
-products instead of 7, with no dQ kernel. dq's f32 sum goes into a zeroed buffer by TMA
-reduce-add: the CTA's two warpgroups first add their partials for the query tile in shared memory
-(`add_dq`), which halves the L2 reduce traffic (causal, 64-row key tiles: S^2 D / 64 bytes per
-(batch, head), 4.3 GB at the sweep's S 8192, head_dim 128). Run to run, the order of the adds
-varies and with it dq's last bits. Measured slower than the two kernels so far (bench/RESULTS.md,
-version 6: ptxas spills at head_dim 128), so the tuning table does not pick it.
+A one-pass variant (the dK/dV kernel also summing dq by TMA reduce-add, 5 products instead of 7)
+measured slower than the two kernels (ptxas spills at head_dim 128) and was removed;
+bench/RESULTS.md (version 6) keeps its record.
 
 `mosaic_backward` = 0 in the tuning configuration differentiates the Mosaic GPU forward with
 triton_vjp instead (same residuals), where bench/tune.py measures that faster.
@@ -62,21 +58,17 @@ from kernels import compat
 from kernels.attention import common, triton_vjp
 from kernels.attention.mosaic_gpu import (MOSAIC_BACKWARD_HEAD_DIMS, check_runs_here,
                                           query_pair_units, schedule_for, tile_visible)
-from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, SWIZZLE, WGMMA_M, Ring, accumulate,
-                                      consume_units, launch, matmuls_t, pad_rows, produce_units,
-                                      ring_scratch, skip, specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
+                                      matmuls_t, pad_rows, produce_units, ring_scratch, skip,
+                                      specialize, tiled_smem)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_smem, v_smem,
-                 kv_loaded, q_ring, do_ring, lse_ring, delta_ring, dq_scratch, plan, block_q,
-                 block_k, schedule):
-    # grad_refs: (dq_acc, dk, dv) with bwd_fused_dq (dq_scratch given), else (dk, dv).
-    *dq_acc, dk_ref, dv_ref = grad_refs
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, k_smem,
+                 v_smem, kv_loaded, q_ring, do_ring, lse_ring, delta_ring, plan, block_q, block_k,
+                 schedule):
     num_units, unit_pair = schedule.units()
     buffers = k_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's k, v early
     column = compat.mosaic_gpu_column_layout()
-    if dq_acc:
-        ds_smem, dq_smem, dq_ready, dq_free = dq_scratch
 
     def work(n, base):
         """This CTA's n-th unit -> (b, h, pair, the first query tile it streams, how many, its
@@ -94,62 +86,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
                                         (delta_ring, delta_ref, q_cols))]
         return b, h, pair, first, stream_end - first, rings
 
-    def add_dq(n, wg, rows, k_tile=None):
-        """The n-th streamed query tile's dq = ds k over this CTA's two key tiles, added into
-        its `rows` of dq_acc in one TMA reduce-add (half the L2 traffic of one per warpgroup).
-        Warpgroup 0 puts its
-        (ds^T)^T k into slot n % 2 of dq_smem; warpgroup 1 adds its own onto it and sends the
-        sum, or sends it as it is for the tiles it skips (k_tile None), then frees the slot once
-        the TMA has read it. A slot is [D / IO_COLUMNS, bq, IO_COLUMNS]: each slice of columns
-        one contiguous TMA source. The product runs 64 columns at a time to keep its
-        accumulator small beside dk and dv (head_dim 128 still spills: RESULTS.md, version 6)."""
-        slot = dq_smem.at[lax.rem(n, 2)]
-        width = SWIZZLE // k_smem.dtype.itemsize          # k_tile's columns per swizzled row
-        per_block = width // IO_COLUMNS
-
-        def product(block):   # -> the block-th 64 columns of this warpgroup's ds k
-            def run(acc):
-                plgpu.wgmma(acc, ds_smem.at[wg].transpose((1, 0)),
-                            k_tile.at[:, pl.ds(block * width, width)])
-                return acc[...]
-            return pl.run_scoped(run, plgpu.ACC((block_q, width), jnp.float32))
-
-        def chunks(block):   # the slot's IO_COLUMNS-wide slices of that block, with their columns
-            return [(slot.at[block * per_block + c], slice(c * IO_COLUMNS, (c + 1) * IO_COLUMNS))
-                    for c in range(per_block)]
-
-        def partial():
-            pl.when(n >= 2)(lambda: plgpu.barrier_wait(dq_free.at[lax.rem(n, 2)]))
-            for block in range(k_smem.shape[-1] // width):
-                dq = product(block)
-                for dst, cols in chunks(block):
-                    dst[...] = dq[:, cols]
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(dq_ready.at[lax.rem(n, 2)])
-        if k_tile is not None:   # warpgroup 0 never skips
-            pl.when(wg == 0)(partial)
-
-        @pl.when(wg == 1)
-        def _send():
-            plgpu.barrier_wait(dq_ready.at[lax.rem(n, 2)])
-            if k_tile is not None:
-                for block in range(k_smem.shape[-1] // width):
-                    dq = product(block)
-                    for dst, cols in chunks(block):
-                        dst[...] = compat.mosaic_gpu_load(dst, plgpu.Layout.WGMMA) + dq[:, cols]
-                plgpu.commit_smem()
-            columns = range(slot.shape[0])
-            for c in columns:
-                cols = pl.ds(c * IO_COLUMNS, IO_COLUMNS)
-                plgpu.copy_smem_to_gmem(slot.at[c], dq_acc[0].at[(*rows, cols)],
-                                        commit_group=c == columns[-1], reduction_op="add")
-
-            @pl.when(n >= 1)
-            def _free_previous():
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                plgpu.barrier_arrive(dq_free.at[lax.rem(n - 1, 2)])
-
-
     def consume(wg):
         def load_kv(n):   # the n-th unit's key and value tiles into buffer n % buffers
             b, h, pair, *_ = work(n, 0)
@@ -166,16 +102,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
 
     def consume_unit(wg, b, h, j, first, count, rings, buffer):
         q_ring, do_ring, lse_ring, delta_ring = rings
-        q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
         k_rows = (b, pl.ds(j * block_k, block_k), h)
         k_tile, v_tile = k_smem.at[buffer], v_smem.at[buffer]
         start, unmasked_from, end = common.q_tiles(j, plan, block_q, block_k)
 
-        def skip_tile(n, _):   # only warpgroup 1 skips tiles: the ones before its first
-            skip(rings, n)
-            if dq_acc:
-                add_dq(n, wg, q_rows(first + n))
-        lax.fori_loop(0, start - first, skip_tile, None)
+        # Only warpgroup 1 skips tiles: the ones before its first.
+        lax.fori_loop(0, start - first, lambda n, _: skip(rings, n), None)
         plgpu.barrier_wait(kv_loaded.at[buffer])
         plgpu.barrier_wait(kv_loaded.at[CONSUMERS * buffers + buffer])
 
@@ -205,15 +137,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
                 dk_ref, dv_ref = accs
                 plgpu.wgmma(dv_ref, p_t.astype(k_tile.dtype), do_tile)
                 ds_t = (p_t * dp_t).astype(k_tile.dtype)   # while p^T do is on the tensor cores
-                if dq_acc:   # for dq: wgmma transposes only operands in shared memory
-                    ds_smem.at[wg][...] = ds_t
-                    plgpu.commit_smem()
                 plgpu.wgmma(dk_ref, ds_t, q_tile)
             dk, dv = pl.run_state(update)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
             for ring in rings:   # the products that read the slots are complete
                 ring.release(n)
-            if dq_acc:   # p^T and dp^T are dead: dq's accumulator fits in the registers
-                add_dq(n, wg, q_rows(i), k_tile)
             return dk, dv
 
         zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
@@ -222,13 +149,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *grad_refs, k_
         carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True),
                               (zeros, zeros))
         dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
-        if dq_acc:   # every phase of dq_free observed: the last two tiles' sends are read
-            pl.when(wg == 1)(lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True))
-            pl.when((wg == 1) & (count >= 1))(
-                lambda: plgpu.barrier_arrive(dq_free.at[lax.rem(count - 1, 2)]))
-            pl.when(wg == 0)(lambda: lax.fori_loop(
-                jnp.maximum(count - 2, 0), count,
-                lambda m, _: plgpu.barrier_wait(dq_free.at[lax.rem(m, 2)]), None))
         # Both products that read k_tile and v_tile are complete: they stage dk and dv.
         k_tile[...] = (dk * plan.sm_scale).astype(k_tile.dtype)
         v_tile[...] = dv.astype(v_tile.dtype)
@@ -326,14 +246,12 @@ def backward(plan: common.Plan, residuals, do):
     return _mosaic_backward(plan, residuals, do)
 
 
-# Jitted: the dq accumulator, a GMEM ref, can only be made inside a jit (also when called eagerly).
-@functools.partial(jax.jit, static_argnums=0)
 def _mosaic_backward(plan: common.Plan, residuals, do):
     config = plan.config
     q, k, v, o, lse, o_lo = residuals
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
-    # Each kernel's query and key tiles: dK/dV's (also the one-pass kernel's), then dQ's.
+    # Each kernel's query and key tiles: dK/dV's, then dQ's.
     bq, bk, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
                             ("block_q", "block_k", "dq_block_q", "dq_block_k"))
     stages, dq_stages = config["bwd_num_stages"], config["bwd_dq_num_stages"]
@@ -344,18 +262,12 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
     grad = lambda: jax.ShapeDtypeStruct(q_p.shape, q.dtype)
     vector_ring = lambda: ring_scratch(plgpu.SMEM((stages, bq), jnp.float32), stages)
-    fused = bool(config["bwd_fused_dq"])
-    # One pass: dq's f32 sum is added into a zeroed buffer by the dK/dV kernel's CTAs.
-    dq_acc = ([jax.new_ref(jnp.zeros(q_p.shape, jnp.float32), memory_space=plgpu.GMEM)]
-              if fused else [])
 
     # Both kernels stream a (batch, head)'s q and do, or k and v: 2 S D bf16 elements. Persistent
-    # CTAs load the next unit's own tiles into a second buffer (not with the one-pass dq, whose
-    # handover barriers count a single unit's tiles).
+    # CTAs load the next unit's own tiles into a second buffer.
     units = lambda block: schedule_for(b, h, padded // (CONSUMERS * block),
                                        2 * padded * d * q.dtype.itemsize,
-                                       config["bwd_group_mib"],
-                                       config["bwd_persistent"] and not fused)
+                                       config["bwd_group_mib"], config["bwd_persistent"])
     dkdv_units, dq_units = units(bk), units(dq_bq)
     buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(
@@ -366,29 +278,20 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
                      kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS * buffers(dkdv_units)),
                      q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
-                     lse_ring=vector_ring(), delta_ring=vector_ring(),
-                     # ds^T per warpgroup, two slots of dq and their handover barriers
-                     dq_scratch=(tiled_smem(q.dtype, CONSUMERS, bk, bq),
-                                 tiled_smem(jnp.float32, 2, d // IO_COLUMNS, bq, IO_COLUMNS),
-                                 plgpu.Barrier(num_barriers=2),
-                                 plgpu.Barrier(num_barriers=2)) if fused else None),
+                     lse_ring=vector_ring(), delta_ring=vector_ring()),
         name="flash_attention_dkdv_mgpu", **dkdv_units.launch_args(),
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dq_acc)
-    if fused:
-        dq = (jax.freeze(dq_acc[0]) * plan.sm_scale).astype(q.dtype)
-    else:
-        dq_buffers = CONSUMERS * buffers(dq_units)
-        dq = launch(
-            functools.partial(_dq_kernel, plan=plan, block_q=dq_bq, block_k=dq_bk,
-                              schedule=dq_units),
-            out_type=grad(),
-            scratch=dict(q_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
-                         do_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
-                         lse_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
-                         delta_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
-                         q_loaded=plgpu.Barrier(num_barriers=4 * dq_buffers),
-                         k_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages),
-                         v_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages)),
-            name="flash_attention_dq_mgpu", **dq_units.launch_args(),
-        )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    dq_buffers = CONSUMERS * buffers(dq_units)
+    dq = launch(
+        functools.partial(_dq_kernel, plan=plan, block_q=dq_bq, block_k=dq_bk, schedule=dq_units),
+        out_type=grad(),
+        scratch=dict(q_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
+                     do_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
+                     lse_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
+                     delta_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
+                     q_loaded=plgpu.Barrier(num_barriers=4 * dq_buffers),
+                     k_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages),
+                     v_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages)),
+        name="flash_attention_dq_mgpu", **dq_units.launch_args(),
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
     return dq[:, :s], dk[:, :s], dv[:, :s]
