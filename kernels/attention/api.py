@@ -1,35 +1,34 @@
-"""attention(q, k, v): validation, the choice of implementation, and the custom_vjp every kernel
-implementation shares: forward(q, k, v, plan, residuals) -> (o, residuals or None) and
+"""attention(q, k, v): validation, the choice of implementation, padding, and the op (kernels/op.py)
+whose backends pair each forward(q, k, v, plan, residuals) -> (o, residuals or None) with its
 backward(plan, residuals, do) -> (dq, dk, dv)."""
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kernels import tuning
+from kernels import op, tuning
 from kernels.attention import (common, mosaic_gpu, mosaic_gpu_vjp, tpu, tpu_vjp, triton,
                                triton_vjp)
 from microgpt import model
 
-class Backend(NamedTuple):
-    defaults: dict[int, dict]   # head_dim -> tuning configuration
-    forward: Callable           # (q, k, v, plan, residuals) -> (o, residuals or None)
-    backward: Callable          # (plan, residuals, do) -> (dq, dk, dv)
-    platform: str               # the jax backend it compiles for; interpreted elsewhere
+def _backend(forward, backward, platform: str) -> op.Backend:
+    """A backend of kernels taking (q, k, v, plan, residuals) and (plan, residuals, do)."""
+    return op.Backend(lambda plan, q, k, v, residuals: forward(q, k, v, plan, residuals),
+                      backward, platform)
 
 
-BACKENDS = {
-    "triton": Backend(triton.DEFAULTS, triton.forward, triton_vjp.backward, "gpu"),
-    "tpu": Backend(tpu.DEFAULTS, tpu.forward, tpu_vjp.backward, "tpu"),
+OP = op.Op("attention", model.attention, {
+    "triton": _backend(triton.forward, triton_vjp.backward, "gpu"),
+    "tpu": _backend(tpu.forward, tpu_vjp.backward, "tpu"),
     # Hopper only, bf16, no interpret mode (off the GPU it raises); its forward saves Triton's
     # residuals, so either backward can differentiate it (mosaic_gpu_vjp picks by the tuning).
-    "mosaic_gpu": Backend(mosaic_gpu.DEFAULTS, mosaic_gpu.forward, mosaic_gpu_vjp.backward, "gpu"),
-}
-IMPLEMENTATIONS = ("reference", *BACKENDS)
+    "mosaic_gpu": _backend(mosaic_gpu.forward, mosaic_gpu_vjp.backward, "gpu"),
+})
+IMPLEMENTATIONS = OP.implementations
+# Each backend's default configuration, per kernel head_dim.
+DEFAULTS = {"triton": triton.DEFAULTS, "tpu": tpu.DEFAULTS, "mosaic_gpu": mosaic_gpu.DEFAULTS}
 
 
 def default_implementation(q: jax.Array | None = None) -> str:
@@ -64,29 +63,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     """
     _validate(q, k, v)
     implementation = implementation or default_implementation(q)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"known: {IMPLEMENTATIONS}")
     head_dim = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if implementation == "reference":
         return model.attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
-    backend = BACKENDS[implementation]
+    backend = OP.backend(implementation)
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
-    config = tuning.block_config("attention", implementation, shape_key(kernel_dim, seq_len),
-                                 backend.defaults[kernel_dim], block_sizes)
+    config = OP.config(implementation, shape_key(kernel_dim, seq_len),
+                       DEFAULTS[implementation][kernel_dim], block_sizes)
     config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
-    if interpret is None:
-        interpret = jax.default_backend() != backend.platform
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len,
-                       tuple(sorted(config.items())), bool(interpret))
+                       tuple(sorted(config.items())), backend.interpret(interpret))
     # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded
     # query rows are sliced off, so their cotangent is zero and they add nothing to dk and dv.
     # Padded head columns are zeros: nothing in q k^T, zero output columns, sliced off.
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, kernel_dim - head_dim))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    return _attention(q, k, v, plan)[:, :seq_len, :, :head_dim]
+    return op.differentiable(backend, plan, q, k, v)[:, :seq_len, :, :head_dim]
 
 
 def shape_key(head_dim: int, seq_len: int) -> str:
@@ -109,19 +103,3 @@ def _validate(q, k, v) -> None:
     if q.dtype not in common.SUPPORTED_DTYPES:
         raise ValueError(f"attention supports dtypes {[str(d) for d in common.SUPPORTED_DTYPES]}; "
                          f"got {q.dtype}")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, plan: common.Plan):
-    return BACKENDS[plan.implementation].forward(q, k, v, plan, residuals=False)[0]
-
-
-def _forward(q, k, v, plan):
-    return BACKENDS[plan.implementation].forward(q, k, v, plan, residuals=True)
-
-
-def _backward(plan, residuals, do):
-    return BACKENDS[plan.implementation].backward(plan, residuals, do)
-
-
-_attention.defvjp(_forward, _backward)

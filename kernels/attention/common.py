@@ -20,6 +20,7 @@ p and ds are cast back to the input dtype before their dots, as FlashAttention d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -127,6 +128,20 @@ def q_tiles(j, plan: Plan, block_q: int, block_k: int):
         return 0, ragged.astype(jnp.int32) * end, end
     start = jnp.minimum(div(j * block_k, block_q), end)
     return start, jnp.minimum(cdiv((j + 1) * block_k, block_q), end), end
+
+
+def tile_order(i, num_tiles: int, causal: bool):
+    """Grid index -> query tile: last-first under causal masking (longest rows first)."""
+    return num_tiles - 1 - i if causal else i
+
+
+def visit(step, carry, unmasked, masked):
+    """carry after step(t, carry, masked=...) over the tiles t in the ranges `unmasked`, `masked`.
+
+    Two loops rather than one with a per-tile test, so the mask costs nothing off the diagonal.
+    """
+    carry = lax.fori_loop(*unmasked, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(*masked, functools.partial(step, masked=True), carry)
 
 
 def visible(q_index, k_index, plan: Plan):

@@ -42,7 +42,7 @@ Causal: key tiles above the diagonal are never loaded. The lower query tile of a
 key tiles than the upper one, so once done it keeps waiting for and releasing the tiles its
 neighbour still needs (it must wait for the load before releasing: an early arrival would count
 towards the slot's previous tile and let the producer overwrite it while the neighbour reads it).
-Query tiles run last-first under causal masking (triton.tile_order): the longest rows go first.
+Query tiles run last-first under causal masking (common.tile_order): the longest rows go first.
 
 Shared memory: q 2 bq D (persistent: 4 bq D), K and V 2 num_stages bk D elements (bf16) plus
 2 bq f32 for lse; the q buffers are reused to stage o and its low half on the way out.
@@ -173,12 +173,12 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     forward, the backward's dQ), in the kernel: (how many units this CTA runs, work), where
     work(n, base) -> (batch, head, pair, the key tiles the n-th unit streams, its rings). rings:
     (ring scratch, GMEM ref [B, S, H, D]) pairs, each made a Ring streaming that ref's key tiles
-    from the CTA's `base`-th tile. Pairs run longest first (triton.tile_order)."""
+    from the CTA's `base`-th tile. Pairs run longest first (common.tile_order)."""
     num_units, unit_pair = schedule.units()
 
     def work(n, base):
         b, h, pair = unit_pair(n)
-        pair = triton.tile_order(pair, schedule.num_pairs, plan.causal)
+        pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
         # Every key tile the upper query tile needs (the most either needs).
         num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
         rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
@@ -278,7 +278,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
                                    plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
-        carry = triton.visit(step, carry, unmasked=(0, masked_from), masked=(masked_from, end))
+        carry = common.visit(step, carry, unmasked=(0, masked_from), masked=(masked_from, end))
         lax.fori_loop(end, num_kv, release, None)
         pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 

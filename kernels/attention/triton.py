@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -39,20 +38,6 @@ DEFAULTS = {
 }
 
 
-def tile_order(i, num_tiles: int, causal: bool):
-    """Grid index -> query tile: last-first under causal masking (longest rows first)."""
-    return num_tiles - 1 - i if causal else i
-
-
-def visit(step, carry, unmasked, masked):
-    """carry after step(t, carry, masked=...) over the tiles t in the ranges `unmasked`, `masked`.
-
-    Two loops rather than one with a per-tile test, so the mask costs nothing off the diagonal.
-    """
-    carry = lax.fori_loop(*unmasked, functools.partial(step, masked=False), carry)
-    return lax.fori_loop(*masked, functools.partial(step, masked=True), carry)
-
-
 def tile_rows(t, size: int):
     """The slice of rows of tile t, aligned (the hint lets Triton vectorize the loads)."""
     return pl.ds(pl.multiple_of(t * size, size), size)
@@ -67,7 +52,7 @@ def call(kernel, *, grid, in_specs, out_specs, out_shape, num_warps, num_stages,
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, block_k, num_q):
-    i = tile_order(pl.program_id(0), num_q, plan.causal)
+    i = common.tile_order(pl.program_id(0), num_q, plan.causal)
     q = q_ref[...]
 
     def step(j, carry, masked):
@@ -76,7 +61,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, b
         return common.softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], plan.scale_log2, mask)
 
     masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
-    carry = visit(step, common.softmax_init(block_q, q.shape[-1]),
+    carry = common.visit(step, common.softmax_init(block_q, q.shape[-1]),
                   unmasked=(0, masked_from), masked=(masked_from, end))
     o, lse = common.softmax_finish(carry)
     o_ref[...] = o.astype(o_ref.dtype)
@@ -96,7 +81,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     config = plan.config
     bq, bk = config["block_q"], config["block_k"]
     num_q = s // bq
-    tile = lambda i: tile_order(i, num_q, plan.causal)
+    tile = lambda i: common.tile_order(i, num_q, plan.causal)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, tile(i), h_, 0))
     seq_spec = pl.BlockSpec((None, s, None, d), lambda i, b_, h_: (b_, 0, h_, 0))
     lse_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, tile(i)))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.attention import common
-from kernels.attention.triton import call, tile_order, tile_rows, visit
+from kernels.attention.triton import call, tile_rows
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan,
@@ -35,7 +35,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
     start, unmasked_from, end = common.q_tiles(j, plan, block_q, block_k)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = visit(step, (zeros, zeros), unmasked=(unmasked_from, end),
+    dk, dv = common.visit(step, (zeros, zeros), unmasked=(unmasked_from, end),
                    masked=(start, unmasked_from))
     dk_ref[...] = (dk * plan.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -43,7 +43,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan, block_q,
                block_k, num_q):
-    i = tile_order(pl.program_id(0), num_q, plan.causal)
+    i = common.tile_order(pl.program_id(0), num_q, plan.causal)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
 
@@ -54,7 +54,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan,
                               plan.scale_log2, mask)
 
     masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
-    dq = visit(step, jnp.zeros(q.shape, jnp.float32), unmasked=(0, masked_from),
+    dq = common.visit(step, jnp.zeros(q.shape, jnp.float32), unmasked=(0, masked_from),
                masked=(masked_from, end))
     dq_ref[...] = (dq * plan.sm_scale).astype(dq_ref.dtype)
 
@@ -86,7 +86,7 @@ def backward(plan: common.Plan, residuals, do):
 
     bq, bk = config["block_q_dq"], config["block_k_dq"]
     num_q = s // bq
-    tile = lambda i: tile_order(i, num_q, plan.causal)
+    tile = lambda i: common.tile_order(i, num_q, plan.causal)
     query_tile = rows_spec(bq, lambda i, b_, h_: (b_, tile(i), h_, 0))
     query_stats = stats_spec(bq, lambda i, b_, h_: (b_, h_, tile(i)))
     dq = call(

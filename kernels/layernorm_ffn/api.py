@@ -1,22 +1,57 @@
 """The public entry point: argument checks, the choice of implementation, token padding, and the
-custom VJP that joins each backend's forward (<backend>.py) to its backward (<backend>_vjp.py)."""
+op (kernels/op.py) whose backends join a forward module (<backend>.py) to a backward module
+(<backend>_vjp.py)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 
-from kernels import tuning, warp_specialized
+from kernels import op, tuning, warp_specialized
 from kernels.layernorm_ffn import mosaic_gpu, mosaic_gpu_vjp, tpu, tpu_vjp, triton, triton_vjp
 from microgpt import model
 
-IMPLEMENTATIONS = ("reference", "triton", "mosaic_gpu", "tpu")
-# implementation -> (forward module, backward module, the jax backend it compiles for; anywhere
-# else it runs in its interpret mode, which mosaic_gpu has not)
-_BACKENDS = {"triton": (triton, triton_vjp, "gpu"), "mosaic_gpu": (mosaic_gpu, mosaic_gpu_vjp, "gpu"),
-             "tpu": (tpu, tpu_vjp, "tpu")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    eps: float
+    residual: bool
+    implementation: str
+    config: tuple
+    interpret: bool
+
+    def kwargs(self) -> dict:
+        return dict(residual=self.residual, config=dict(self.config), interpret=self.interpret)
+
+
+def _backend(forward_module: ModuleType, backward_module: ModuleType, platform: str) -> op.Backend:
+    """forward_module.forward (x and the six parameters) joined to backward_module.backward."""
+    def forward(static: _Static, x, *params, residuals: bool):
+        out, saved = forward_module.forward(x, *params, eps=static.eps, save_residuals=residuals,
+                                            **static.kwargs())
+        return out, (x, params, saved) if residuals else None
+
+    def backward(static: _Static, saved, dy):
+        x, params, residuals = saved
+        ln_scale, _, w_fc, _, w_proj, _ = params
+        dx, *grads = backward_module.backward(dy, x, ln_scale, w_fc, w_proj, residuals,
+                                              **static.kwargs())
+        return (dx, *(g.astype(p.dtype) for g, p in zip(grads, params)))
+    return op.Backend(forward, backward, platform)
+
+
+OP = op.Op("layernorm_ffn", model.layernorm_ffn, {
+    "triton": _backend(triton, triton_vjp, "gpu"),
+    "mosaic_gpu": _backend(mosaic_gpu, mosaic_gpu_vjp, "gpu"),   # Hopper; no interpret mode
+    "tpu": _backend(tpu, tpu_vjp, "tpu"),
+})
+IMPLEMENTATIONS = OP.implementations
+# implementation -> (its forward module, its backward module): their configurations' owners.
+_MODULES = {"triton": (triton, triton_vjp), "mosaic_gpu": (mosaic_gpu, mosaic_gpu_vjp),
+            "tpu": (tpu, tpu_vjp)}
 
 
 def default_implementation(x: jax.Array | None = None) -> str:
@@ -58,11 +93,7 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     implementation = implementation or default_implementation(x)
     if implementation == "reference":
         return model.layernorm_ffn(x, *params, eps=eps, residual=residual)
-    if implementation not in _BACKENDS:
-        raise ValueError(f"unknown implementation {implementation!r}; choose one of "
-                         f"{IMPLEMENTATIONS} or None")
-    if interpret is None:
-        interpret = jax.default_backend() != _BACKENDS[implementation][2]
+    interpret = OP.backend(implementation).interpret(interpret)
     return fused(x, *params, eps=eps, residual=residual, implementation=implementation,
                  config=kernel_config(implementation, x.shape[-1], tokens=x.size // x.shape[-1],
                                       overrides=block_sizes),
@@ -71,16 +102,15 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
 
 def default_config(implementation: str, d: int) -> dict:
     """Every kernel parameter of `implementation` (forward and backward) and its default at width d."""
-    forward_module, backward_module, _ = _BACKENDS[implementation]
+    forward_module, backward_module = _MODULES[implementation]
     return {**forward_module.default_config(d), **backward_module.default_config(d)}
 
 
 def kernel_config(implementation: str, d: int, tokens: int, overrides: dict | None = None) -> dict:
     """The block sizes of every kernel of `implementation` at width d, from kernels.tuning's table,
     token tiles shrunk (to powers of two >= 16) when there are fewer tokens than a tile."""
-    forward_module, backward_module, _ = _BACKENDS[implementation]
-    config = tuning.block_config("layernorm_ffn", implementation, f"d{d}",
-                                 default_config(implementation, d), overrides)
+    forward_module, backward_module = _MODULES[implementation]
+    config = OP.config(implementation, f"d{d}", default_config(implementation, d), overrides)
     cap = max(16, 1 << (tokens - 1).bit_length())
     for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES:
         config[name] = min(config[name], cap)
@@ -93,57 +123,19 @@ def fused(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, resid
           implementation: str, config: dict, interpret: bool) -> jax.Array:
     """layernorm_ffn by one backend with explicit config and interpret flag (no dispatch): the
     lowering tests call this with interpret=False to lower GPU and TPU kernels on a CPU host."""
-    forward_module, backward_module, _ = _BACKENDS[implementation]
+    forward_module, backward_module = _MODULES[implementation]
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     tokens = x2.shape[0]
     tile = max(config[name] for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES)
     padded = -(-tokens // tile) * tile  # every token tile is a power of two, so divides `tile`
     static = _Static(eps, residual, implementation, tuple(sorted(config.items())), interpret)
-    out = _layernorm_ffn(jnp.pad(x2, ((0, padded - tokens), (0, 0))), ln_scale, ln_bias, w_fc,
-                         b_fc, w_proj, b_proj, static)
+    # Padded rows are zeros: their LayerNorm is finite (rstd = 1/sqrt(eps)) and their cotangent,
+    # the transpose of the slice below, is zero, so they add nothing to any parameter gradient.
+    out = op.differentiable(OP.backend(implementation), static,
+                            jnp.pad(x2, ((0, padded - tokens), (0, 0))), ln_scale, ln_bias, w_fc,
+                            b_fc, w_proj, b_proj)
     return out[:tokens].reshape(x.shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    eps: float
-    residual: bool
-    implementation: str
-    config: tuple
-    interpret: bool
-
-    def kwargs(self) -> dict:
-        return dict(residual=self.residual, config=dict(self.config), interpret=self.interpret)
-
-
-# Padded rows are zeros: their LayerNorm is finite (rstd = 1/sqrt(eps)) and their cotangent, the
-# transpose of the slice in `fused`, is zero, so they add nothing to any parameter gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _layernorm_ffn(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, static: _Static):
-    forward_module = _BACKENDS[static.implementation][0]
-    out, _ = forward_module.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj,
-                                    eps=static.eps, save_residuals=False, **static.kwargs())
-    return out
-
-
-def _layernorm_ffn_fwd(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, static: _Static):
-    forward_module = _BACKENDS[static.implementation][0]
-    out, residuals = forward_module.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj,
-                                            eps=static.eps, save_residuals=True, **static.kwargs())
-    return out, (x, (ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj), residuals)
-
-
-def _layernorm_ffn_bwd(static: _Static, saved, dy):
-    x, params, residuals = saved
-    ln_scale, _, w_fc, _, w_proj, _ = params
-    backward_module = _BACKENDS[static.implementation][1]
-    dx, *grads = backward_module.backward(dy, x, ln_scale, w_fc, w_proj, residuals,
-                                          **static.kwargs())
-    return (dx, *(g.astype(p.dtype) for g, p in zip(grads, params)))
-
-
-_layernorm_ffn.defvjp(_layernorm_ffn_fwd, _layernorm_ffn_bwd)
 
 
 def _check_arguments(x: jax.Array, params: tuple) -> None:

@@ -1,21 +1,37 @@
-"""logits_loss(h, embed, targets): validation, the choice of implementation, and the custom_vjp
-that joins a backend's forward(h, embed, targets, config) -> (loss, residuals) to its
-backward(residuals, g) -> (dh, dembed)."""
+"""logits_loss(h, embed, targets): validation, the choice of implementation, and the op
+(kernels/op.py) whose backend joins a forward(h, embed, targets, config) -> (loss, residuals) to
+its backward(residuals, g) -> (dh, dembed)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 
-from kernels import tuning
+from kernels import op
 from kernels.logits_loss import mosaic_gpu
 from kernels.warp_specialized import on_sm90
 from microgpt import model
 
-_BACKENDS = {"mosaic_gpu": mosaic_gpu}
-IMPLEMENTATIONS = ("reference", *_BACKENDS)
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    config: tuple
+
+
+def _backend(module: ModuleType) -> op.Backend:
+    """module.forward(h, embed, targets, config) joined to module.backward (no gradient for the
+    integer targets)."""
+    def forward(static: _Static, h, embed, targets, residuals: bool):
+        loss, saved = module.forward(h, embed, targets, config=dict(static.config))
+        return loss, saved if residuals else None
+    return op.Backend(forward, lambda static, saved, g: (*module.backward(saved, g), None), "gpu")
+
+
+OP = op.Op("logits_loss", model.tied_logits_loss, {"mosaic_gpu": _backend(mosaic_gpu)})
+IMPLEMENTATIONS = OP.implementations
+_MODULES = {"mosaic_gpu": mosaic_gpu}
 
 
 def default_implementation(h: jax.Array | None = None) -> str:
@@ -41,9 +57,7 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
     implementation = implementation or default_implementation(h)
     if implementation == "reference":
         return model.tied_logits_loss(h, embed, targets)
-    if implementation not in _BACKENDS:
-        raise ValueError(f"unknown implementation {implementation!r}; choose one of "
-                         f"{IMPLEMENTATIONS} or None")
+    OP.backend(implementation)
     config = kernel_config(implementation, h.shape[-1], block_sizes)
     if interpret or (interpret is None and jax.default_backend() != "gpu"):
         raise NotImplementedError(f"the {implementation} loss head runs only on a GPU (it has no "
@@ -53,10 +67,9 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
 
 def kernel_config(implementation: str, d: int, overrides: dict | None = None) -> dict:
     """The block sizes at width d: the tuning table's (kernels.tuning) over the defaults."""
-    backend = _BACKENDS[implementation]
-    config = tuning.block_config("logits_loss", implementation, f"d{d}",
-                                 backend.default_config(), overrides)
-    backend.check_config(config)
+    module = _MODULES[implementation]
+    config = OP.config(implementation, f"d{d}", module.default_config(), overrides)
+    module.check_config(config)
     return config
 
 
@@ -64,31 +77,8 @@ def fused(h, embed, targets, *, implementation: str, config: dict) -> jax.Array:
     """logits_loss by one backend with an explicit config (no dispatch): the tests call this to
     lower the kernel for CUDA, and to run it in the Mosaic GPU interpreter, on a CPU host."""
     d = h.shape[-1]
-    static = _Static(implementation, tuple(sorted(config.items())))
-    return _logits_loss(h.reshape(-1, d), embed, targets.reshape(-1), static)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    implementation: str
-    config: tuple
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logits_loss(h, embed, targets, static: _Static):
-    return _logits_loss_fwd(h, embed, targets, static)[0]
-
-
-def _logits_loss_fwd(h, embed, targets, static: _Static):
-    backend = _BACKENDS[static.implementation]
-    return backend.forward(h, embed, targets, config=dict(static.config))
-
-
-def _logits_loss_bwd(static: _Static, residuals, g):
-    return (*_BACKENDS[static.implementation].backward(residuals, g), None)
-
-
-_logits_loss.defvjp(_logits_loss_fwd, _logits_loss_bwd)
+    return op.differentiable(OP.backend(implementation), _Static(tuple(sorted(config.items()))),
+                             h.reshape(-1, d), embed, targets.reshape(-1))
 
 
 def _check_arguments(h: jax.Array, embed: jax.Array, targets: jax.Array) -> None:
