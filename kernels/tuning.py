@@ -200,3 +200,23 @@ def record_preferred(device: str, op: str, shape_key: str, implementation: str,
                      path: Path) -> None:
     """Write which implementation of `op` was measured fastest at shape_key."""
     _update(path, device, op, shape_key, implementation)
+
+
+def preferences_markdown(table: dict | None = None) -> str:
+    """The implementation preferences of a table (default: the shipped one) as a markdown table,
+    one row per device, op and implementation with the shape keys it was measured fastest at.
+    README's kernel section holds the shipped table's (tests/test_readme.py checks they agree)."""
+    table = read_table(TABLE_PATH) if table is None else table
+    rows = ["| device | op | implementation | measured fastest at |", "|---|---|---|---|"]
+    for device, section in sorted(table.items()):
+        if device == "architectures":
+            continue
+        for op, preferences in sorted((k, v) for k, v in section.items() if "/" not in k):
+            for implementation in sorted(set(preferences.values())):
+                keys = sorted((k for k, v in preferences.items() if v == implementation),
+                              key=lambda k: [int(p[1:]) for p in k.split("_")])
+                rows.append(f"| {device} | {op} | {implementation} | {', '.join(keys)} |")
+    serving = "; ".join(f"{arch}: {device}" for arch, device in
+                        sorted(table.get("architectures", {}).items()))
+    return "\n".join(rows) + (f"\n\nWhere a device has no entry of its own, its architecture's "
+                              f"device's applies ({serving}).\n" if serving else "\n")

@@ -42,3 +42,11 @@ def test_the_generate_text_example(corpus, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     exec(_example("generate_text("), {})
     assert capsys.readouterr().out.startswith("Once upon a time")
+
+
+def test_the_readme_lists_the_shipped_tables_preferences():
+    """README's copy of the implementation preferences is the shipped table's."""
+    from kernels import tuning
+    block = re.search(r"<!-- preferences: kernels.tuning.preferences_markdown\(\) -->\n(.*?)"
+                      r"<!-- end of preferences -->", README, flags=re.S)
+    assert block and block.group(1) == tuning.preferences_markdown()
