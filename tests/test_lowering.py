@@ -185,3 +185,19 @@ def test_the_model_exports_for_a_chip_the_host_lacks(platform, implementations, 
     found = {name: len(re.findall(rf"custom_call @{re.escape(name)}\w*\(", text))
              for name in custom_calls}
     assert found == custom_calls
+
+
+@pytest.mark.parametrize("mosaic_backward", [1, 0], ids=["mosaic_bwd", "triton_bwd"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_pads_the_sequence_once(mosaic_backward):
+    """A ragged length (1100) is padded once, by the api, to what every kernel of the forward and
+    its backward tiles (1280: a CTA's two 128-row tiles): no kernel pads again (the pads left in
+    the module widen by zero, which XLA drops)."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct((1, 1100, 2, 64), jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu", interpret=False,
+                                  block_sizes={"mosaic_backward": mosaic_backward})
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    widths = re.findall(r"stablehlo.pad %\S+, %\S+, low = \[[^\]]*\], high = \[0, (-?\d+), 0, 0\]",
+                        _export_text(grad, "cuda", spec, spec, spec))
+    assert {int(w) for w in widths} - {0, -180} == {180}   # -180: the slice's transpose

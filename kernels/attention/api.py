@@ -73,6 +73,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     config = OP.config(implementation, shape_key(kernel_dim, seq_len),
                        DEFAULTS[implementation][kernel_dim], block_sizes)
     config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
+    if implementation == "mosaic_gpu":   # its tiles' multiple too, so its kernels pad nothing
+        padded = -(-padded // mosaic_gpu.sequence_rows(config)) * mosaic_gpu.sequence_rows(config)
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len,
                        tuple(sorted(config.items())), backend.interpret(interpret))
     # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded

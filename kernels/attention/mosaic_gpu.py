@@ -188,6 +188,25 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     return num_units, work
 
 
+def forward_rows(config: dict) -> int:
+    """The forward pads the sequence to a multiple of this: a CTA's two query tiles and a key tile
+    (tiles raised to wgmma's 64 rows; powers of two, so the larger is a multiple of the other)."""
+    return max(CONSUMERS * max(config["block_q"], WGMMA_M), max(config["block_k"], WGMMA_M))
+
+
+def backward_rows(config: dict) -> int:
+    """The Mosaic GPU backward pads the sequence to a multiple of this: a CTA's two tiles, the
+    largest of its dK/dV and dQ kernels' (raised to wgmma's 64 rows)."""
+    return CONSUMERS * max(max(config[f"bwd_{name}"], WGMMA_M)
+                           for name in ("block_q", "block_k", "dq_block_q", "dq_block_k"))
+
+
+def sequence_rows(config: dict) -> int:
+    """What the api pads the sequence to a multiple of, once, so that neither the forward nor its
+    backward pads again."""
+    return max(forward_rows(config), backward_rows(config) if config["mosaic_backward"] else 1)
+
+
 def check_runs_here(plan: common.Plan, dtype) -> None:
     """No interpret mode, no GPU but Hopper, bf16 only. (Off the GPU, uninterpreted, the kernels
     still trace: jax.export lowers them for CUDA, and the tests run them in the Mosaic GPU
@@ -315,14 +334,15 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
 
     The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32 and o's low half. Tiles
     below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
-    the sequence is padded further to a multiple of a CTA's 2 block_q rows and of block_k;
-    padded keys are masked like the api's (common.visible) and padded rows sliced off.
+    the sequence is padded to a multiple of a CTA's 2 block_q rows and of block_k (the api has
+    done so already: `sequence_rows`); padded keys are masked like the api's (common.visible) and
+    padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
     config = plan.config
     bq, bk = (max(config[name], WGMMA_M) for name in ("block_q", "block_k"))
-    padded = -(-s // max(CONSUMERS * bq, bk)) * max(CONSUMERS * bq, bk)
+    padded = -(-s // forward_rows(config)) * forward_rows(config)   # s itself, from the api
     stages = config["num_stages"]
     units = schedule_for(b, h, padded // (CONSUMERS * bq), 2 * padded * d * q.dtype.itemsize,
                          config["group_mib"], config["persistent"])

@@ -56,8 +56,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton_vjp
-from kernels.attention.mosaic_gpu import (MOSAIC_BACKWARD_HEAD_DIMS, check_runs_here,
-                                          query_pair_units, schedule_for, tile_visible)
+from kernels.attention.mosaic_gpu import (MOSAIC_BACKWARD_HEAD_DIMS, backward_rows,
+                                          check_runs_here, query_pair_units, schedule_for,
+                                          tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
                                       matmuls_t, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
@@ -255,8 +256,7 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     bq, bk, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
                             ("block_q", "block_k", "dq_block_q", "dq_block_k"))
     stages, dq_stages = config["bwd_num_stages"], config["bwd_dq_num_stages"]
-    rows = CONSUMERS * max(bq, bk, dq_bq, dq_bk)   # a CTA's two tiles, the largest of either kernel
-    padded = -(-s // rows) * rows
+    padded = -(-s // backward_rows(config)) * backward_rows(config)   # s itself, from the api
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
     q_p, k_p, v_p, do_p = (pad_rows(x, padded) for x in (q, k, v, do))
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
