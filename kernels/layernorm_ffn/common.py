@@ -5,6 +5,7 @@ needs power-of-two tensor shapes, and d = 768 is not one); the TPU kernels pass 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -134,3 +135,31 @@ def check_tile(name: str, value: int, extent: int, *, multiple_of: int = 1,
 def flops(tokens: int, d: int) -> int:
     """Forward FLOPs: two matmuls of 2 T d (4d) each = 16 T d^2 (the backward does twice that)."""
     return 16 * tokens * d * d
+
+
+def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
+            config: dict, save_residuals: bool, interpret: bool, layernorm: Callable,
+            matmul: Callable, tanh: Callable):
+    """The GPU backends' forward, its hidden through HBM (triton.py says why): an LN pass, then
+    two GEMMs with fused epilogues, each backend bringing its kernels:
+
+        layernorm(x, ln_scale, ln_bias, eps, config, interpret) -> xn bf16 [T, d], mean, rstd
+        matmul(a, b, epilogue, epilogue inputs, out shapes, b_transposed, config, gemm,
+               interpret) -> outputs
+
+    x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None)."""
+    tokens, d = x.shape
+    hidden = w_fc.shape[1]
+    xn, mean, rstd = layernorm(x, ln_scale, ln_bias, eps=eps, config=config, interpret=interpret)
+    hidden_bf16 = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
+    g, *gelu_grad = matmul(
+        xn, w_fc.astype(jnp.bfloat16),
+        functools.partial(up_epilogue, tanh=tanh, with_grad=save_residuals),
+        [b_fc.astype(jnp.float32)], [hidden_bf16] * (2 if save_residuals else 1),
+        b_transposed=False, config=config, gemm="up", interpret=interpret)
+    (out,) = matmul(
+        g, w_proj.astype(jnp.bfloat16), down_epilogue,
+        [b_proj.astype(jnp.float32)] + ([x] if residual else []),
+        [jax.ShapeDtypeStruct((tokens, d), x.dtype)],
+        b_transposed=False, config=config, gemm="down", interpret=interpret)
+    return out, (Residuals(xn, g, gelu_grad[0], mean, rstd) if save_residuals else None)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import mosaic_gpu_gemm
-from kernels.layernorm_ffn import triton
+from kernels.layernorm_ffn import common, triton
 from kernels.layernorm_ffn.common import check_tile
 from kernels.warp_specialized import WGMMA_M, on_sm90
 
@@ -95,8 +95,10 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
 
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
             config: dict, save_residuals: bool, interpret: bool):
-    """triton.forward with the Mosaic GPU GEMMs: x [T, d] bf16 -> (out [T, d], Residuals or None)."""
+    """Triton's LN pass and this file's GEMMs (common.forward): x [T, d] bf16 -> (out [T, d],
+    Residuals or None). jnp.tanh: Mosaic GPU lowers it to tanh.approx.f32 under approx_math."""
     check_runs_here(interpret, x)
-    return triton.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, eps=eps,
+    return common.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, eps=eps,
                           residual=residual, config=config, save_residuals=save_residuals,
-                          interpret=False, matmul_fn=matmul, tanh=jnp.tanh)
+                          interpret=False, layernorm=triton.layernorm, matmul=matmul,
+                          tanh=jnp.tanh)

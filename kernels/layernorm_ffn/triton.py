@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.layernorm_ffn.common import (Residuals, check_tile, dot, dot_t, down_epilogue,
-                                          layernorm_stats, up_epilogue)
+from kernels.layernorm_ffn import common
+from kernels.layernorm_ffn.common import check_tile, dot, dot_t, layernorm_stats
 
 GEMMS = ("up", "down")
 # The parameters that tile the tokens (the token count is padded to a multiple of each).
@@ -171,24 +171,10 @@ def layernorm(x, scale, bias, *, eps: float, config: dict, interpret: bool):
 
 
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-            config: dict, save_residuals: bool, interpret: bool, matmul_fn: Callable = matmul,
-            tanh: Callable | None = None):
-    """x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None).
-
-    matmul_fn runs the two GEMMs (mosaic_gpu.py passes its own, with jnp.tanh, which Mosaic GPU
-    lowers to tanh.approx.f32 under approx_math)."""
-    tokens, d = x.shape
-    hidden = w_fc.shape[1]
-    xn, mean, rstd = layernorm(x, ln_scale, ln_bias, eps=eps, config=config, interpret=interpret)
-    hidden_bf16 = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
-    g, *gelu_grad = matmul_fn(
-        xn, w_fc.astype(jnp.bfloat16),
-        functools.partial(up_epilogue, tanh=tanh or tanh_for(interpret), with_grad=save_residuals),
-        [b_fc.astype(jnp.float32)], [hidden_bf16] * (2 if save_residuals else 1),
-        b_transposed=False, config=config, gemm="up", interpret=interpret)
-    (out,) = matmul_fn(
-        g, w_proj.astype(jnp.bfloat16), down_epilogue,
-        [b_proj.astype(jnp.float32)] + ([x] if residual else []),
-        [jax.ShapeDtypeStruct((tokens, d), x.dtype)],
-        b_transposed=False, config=config, gemm="down", interpret=interpret)
-    return out, (Residuals(xn, g, gelu_grad[0], mean, rstd) if save_residuals else None)
+            config: dict, save_residuals: bool, interpret: bool):
+    """x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None):
+    the LN pass and this file's two GEMMs (common.forward)."""
+    return common.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, eps=eps,
+                          residual=residual, config=config, save_residuals=save_residuals,
+                          interpret=interpret, layernorm=layernorm, matmul=matmul,
+                          tanh=tanh_for(interpret))
