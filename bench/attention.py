@@ -33,16 +33,13 @@ import jax.numpy as jnp
 from bench.common import (add_ratios, add_timing_args, device_description, format_table,
                           int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
 from bench import torch_peers
-from kernels.attention import attention
+from kernels.attention import api as attention_api, attention
 from microgpt import model
 
 TOKENS, WIDTH = 16384, 2048  # batch x seq and heads x head_dim of the default shapes
-BLOCK_OPTIONS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq",
-                 "num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd",
-                 # mosaic_gpu's own (mosaic_gpu.DEFAULTS)
-                 "schedule_barrier", "group_mib", "persistent", "mosaic_backward", "bwd_block_q",
-                 "bwd_block_k", "bwd_num_stages", "bwd_dq_block_q",
-                 "bwd_dq_block_k", "bwd_dq_num_stages", "bwd_group_mib", "bwd_persistent")
+# A flag for every tuning parameter of our implementations: the names of their defaults.
+BLOCK_OPTIONS = tuple(dict.fromkeys(name for defaults in attention_api.DEFAULTS.values()
+                                    for name in defaults[64]))
 
 
 def jax_triton_mha(q, k, v, *, causal):

@@ -36,9 +36,10 @@ for stage in "${stages[@]}"; do
         | tail -n 1 | tee -a "$OUT/env.txt" ;;
     peak)     # the ceilings: bf16 matmul and copy
       $PY bench/peak.py --json "$OUT/peak.json" 2>&1 | tee "$OUT/peak.txt" ;;
-    equiv)
-      $PY -m pytest tests/test_kernels_equiv.py -q --maxfail=10 --durations=12 --timeout=300 -p no:cacheprovider ${EQUIV_K:+-k "$EQUIV_K"} 2>&1 \
-        | tee "$OUT/equiv.log" | tail -n 15 ;;
+    equiv)    # -v: each case's outcome lands in equiv.log as it finishes, so a run cut short still
+              # says which passed; --durations: where the time went
+      $PY -m pytest tests/test_kernels_equiv.py -v --maxfail=10 --durations=25 --timeout=300 -p no:cacheprovider ${EQUIV_K:+-k "$EQUIV_K"} 2>&1 \
+        | tee "$OUT/equiv.log" | grep -E "FAILED|ERROR|passed|failed" | tail -n 15 ;;
     speed)    # pytest-benchmark's speed cases; bench/speed/<device>/ keeps the runs to compare with
       dir="bench/speed/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_')"
       $PY -m pytest tests/test_speed.py -q -n 0 --dist no -p no:cacheprovider --benchmark-storage "file://$dir" \
