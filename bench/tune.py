@@ -97,12 +97,11 @@ MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
     (128, 128, 2, 1), (64, 64, 3, 1), (64, 256, 2, 1), (64, 128, 2, 0)])
-# Its backward: Triton's (mosaic_backward=0) or its own, with the dK/dV kernel's query and key
-# tiles and ring depth.
-MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_block_k", "bwd_num_stages")
+# Its backward: Triton's (mosaic_backward=0) or its own, with the dK/dV kernel's query tile and
+# ring depth (its key tile is mosaic_gpu.DKDV_BLOCK_K).
+MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_num_stages")
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
-    (1, 64, 64, 2), (0, 64, 64, 2), (1, 64, 64, 3), (1, 128, 64, 2), (1, 64, 128, 2),
-    (1, 128, 64, 3)])
+    (1, 64, 2), (0, 64, 2), (1, 64, 3), (1, 128, 2), (1, 128, 3)])
 # The dQ kernel's own tiles and ring depth (the stage above sets dK/dV's): 64 x 128 tiles keep
 # its accumulators in registers where 128 x 64 spill (ptxas), at 3 stages too large at head_dim 128.
 MOSAIC_DQ = ("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages")

@@ -230,7 +230,7 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
-              "bwd_block_k": 64, "bwd_num_stages": 2, "bwd_persistent": persistent,
+              "bwd_num_stages": 2, "bwd_persistent": persistent,
               **dict(zip(("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages"), dq_tiles))}
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, tuple(sorted(config.items())), False)

@@ -81,7 +81,7 @@ _BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warp
 # Triton backward (the Mosaic GPU one would hold two such accumulators, dk and dv).
 DEFAULTS = {
     d: dict(block_q=128 if d < 256 else 64, block_k=64, num_stages=2, schedule_barrier=1,
-            group_mib=12, persistent=0, mosaic_backward=0, bwd_block_q=64, bwd_block_k=64,
+            group_mib=12, persistent=0, mosaic_backward=0, bwd_block_q=64,
             bwd_num_stages=2, bwd_dq_block_q=64, bwd_dq_block_k=64,
             bwd_dq_num_stages=2, bwd_group_mib=12, bwd_persistent=0,
             **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
@@ -194,11 +194,16 @@ def forward_rows(config: dict) -> int:
     return max(CONSUMERS * max(config["block_q"], WGMMA_M), max(config["block_k"], WGMMA_M))
 
 
+# The Mosaic GPU dK/dV kernel's key tile per consumer warpgroup: 64 rows in every entry tuned on
+# the H100 and the H200 (bench/tune.py tried 128; it never won).
+DKDV_BLOCK_K = 64
+
+
 def backward_rows(config: dict) -> int:
     """The Mosaic GPU backward pads the sequence to a multiple of this: a CTA's two tiles, the
     largest of its dK/dV and dQ kernels' (raised to wgmma's 64 rows)."""
-    return CONSUMERS * max(max(config[f"bwd_{name}"], WGMMA_M)
-                           for name in ("block_q", "block_k", "dq_block_q", "dq_block_k"))
+    return CONSUMERS * max(DKDV_BLOCK_K, *(max(config[f"bwd_{name}"], WGMMA_M)
+                                           for name in ("block_q", "dq_block_q", "dq_block_k")))
 
 
 def sequence_rows(config: dict) -> int:

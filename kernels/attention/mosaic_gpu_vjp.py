@@ -18,7 +18,8 @@ As in the forward (mosaic_gpu.py), a producer warpgroup TMA-copies the streamed 
 and lse, delta [bq] from the first query tile the lower key tile needs, and the upper key tile's
 warpgroup skips the ones before its own first; the dQ kernel streams k, v up to the last key tile
 the upper query tile needs, and the lower one skips the rest. Each kernel has its own tiles and
-ring depth (`bwd_block_q`, `bwd_block_k`, `bwd_num_stages`; `bwd_dq_` the same for dQ): at S8192
+ring depth (`bwd_block_q` and `bwd_num_stages`, its key tile `DKDV_BLOCK_K`; `bwd_dq_` the same for
+dQ): at S8192
 D64 dK/dV is fastest with 128-query x 64-key tiles, dQ with 64 x 128 (bench/RESULTS.md, version
 14). Masks only on the tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq
 accumulate in f32 registers, p and ds enter the tensor cores in bf16 from registers. Within a
@@ -56,7 +57,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
 from kernels.attention import common, triton_vjp
-from kernels.attention.mosaic_gpu import (MOSAIC_BACKWARD_HEAD_DIMS, backward_rows,
+from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, MOSAIC_BACKWARD_HEAD_DIMS, backward_rows,
                                           check_runs_here, query_pair_units, schedule_for,
                                           tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
@@ -253,8 +254,9 @@ def _mosaic_backward(plan: common.Plan, residuals, do):
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
     # Each kernel's query and key tiles: dK/dV's, then dQ's.
-    bq, bk, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
-                            ("block_q", "block_k", "dq_block_q", "dq_block_k"))
+    bq, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
+                        ("block_q", "dq_block_q", "dq_block_k"))
+    bk = DKDV_BLOCK_K
     stages, dq_stages = config["bwd_num_stages"], config["bwd_dq_num_stages"]
     padded = -(-s // backward_rows(config)) * backward_rows(config)   # s itself, from the api
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
