@@ -59,6 +59,9 @@ class Op(NamedTuple):
     stages: list[Stage]
     total: Callable[[tuple, dict, dict], float]      # forward+backward ms, to compare implementations
     available: Callable[[], bool] = lambda: True     # whether it runs on this device
+    # The backward implementations that can differentiate this forward: where several, the
+    # fastest forward+backward is recorded as "<op>_backward"'s preference (`prefer_backward`).
+    backwards: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ attention (Triton, Mosaic GPU)
@@ -90,18 +93,18 @@ ATTENTION_CANDIDATES = {
 }
 
 
-# The Mosaic GPU forward's query tile per consumer warpgroup, key tile, ring depth and ping-pong
-# (when its backward is Triton's, it takes over Triton's tuned parameters: _mosaic_defaults);
+# The Mosaic GPU forward's query tile per consumer warpgroup, key tile, ring depth and ping-pong;
 # 256-key tiles halve the steps, and with them each row's max and sum across its four threads.
 MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
     (128, 128, 2, 1), (64, 64, 3, 1), (64, 256, 2, 1), (64, 128, 2, 0)])
-# Its backward: Triton's (mosaic_backward=0) or its own, with the dK/dV kernel's query tile and
-# ring depth (its key tile is mosaic_gpu.DKDV_BLOCK_K).
-MOSAIC_BACKWARD = ("mosaic_backward", "bwd_block_q", "bwd_num_stages")
+# Its own backward (timed with it, whichever the table prefers; `prefer_backward` then weighs it
+# against Triton's): the dK/dV kernel's query tile and ring depth (its key tile is
+# mosaic_gpu.DKDV_BLOCK_K).
+MOSAIC_BACKWARD = ("bwd_block_q", "bwd_num_stages")
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
-    (1, 64, 2), (0, 64, 2), (1, 64, 3), (1, 128, 2), (1, 128, 3)])
+    (64, 2), (64, 3), (128, 2), (128, 3)])
 # The dQ kernel's own tiles and ring depth (the stage above sets dK/dV's): 64 x 128 tiles keep
 # its accumulators in registers where 128 x 64 spill (ptxas), at 3 stages too large at head_dim 128.
 MOSAIC_DQ = ("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages")
@@ -123,19 +126,12 @@ def _head_dim(key: str) -> int:
     return int(key.split("_")[0][1:])
 
 
-def _mosaic_defaults(key: str) -> dict:
-    """mosaic_gpu's forward defaults with Triton's backward parameters as tuned (or defaulted)."""
-    d = _head_dim(key)
-    triton_config = tuning.block_config("attention", "triton", key, attention_triton.DEFAULTS[d])
-    return {**attention_mosaic_gpu.DEFAULTS[d],
-            **{name: triton_config[name] for name in BACKWARD}}
-
-
-def _time_attention(which: int, implementation: str):
-    """Timing of the forward (which=1) or forward+backward (which=2) of our attention."""
+def _time_attention(which: int, implementation: str, backward: str | None = None):
+    """Timing of the forward (which=1) or forward+backward (which=2) of our attention, with the
+    given backward (None: the one the table picks)."""
     def time(shape, config, timing):
         fn = lambda q, k, v: attention(q, k, v, causal=True, implementation=implementation,
-                                       block_sizes=config)
+                                       backward_implementation=backward, block_sizes=config)
         (q, k, v, cotangent), *calls = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
         args = (q, k, v) if which == 1 else (q, k, v, cotangent)
         return time_ms(calls[which - 1], *args, **timing)
@@ -244,18 +240,18 @@ OPS = {
         total=_time_attention(2, "triton")),
     "attention/mosaic_gpu": Op(
         shapes=MOSAIC_ATTENTION_SHAPES,
-        defaults=_mosaic_defaults,
+        defaults=lambda key: attention_mosaic_gpu.DEFAULTS[_head_dim(key)],
         stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
-                      _time_attention(2, "mosaic_gpu")),
+                      _time_attention(2, "mosaic_gpu", "mosaic_gpu")),
                 Stage("backward_dq", lambda key: MOSAIC_DQ_CANDIDATES,
-                      _time_attention(2, "mosaic_gpu")),
+                      _time_attention(2, "mosaic_gpu", "mosaic_gpu")),
                 Stage("grid", lambda key: MOSAIC_GROUP_CANDIDATES,
                       _time_attention(1, "mosaic_gpu")),
                 Stage("backward_grid", lambda key: MOSAIC_BACKWARD_GROUP_CANDIDATES,
-                      _time_attention(2, "mosaic_gpu"))],
+                      _time_attention(2, "mosaic_gpu", "mosaic_gpu"))],
         total=_time_attention(2, "mosaic_gpu"),
-        available=attention_mosaic_gpu.on_sm90),
+        available=attention_mosaic_gpu.on_sm90, backwards=("mosaic_gpu", "triton")),
     "layernorm_ffn/triton": _ln_ffn_op("triton", LN_FFN_CANDIDATES),
     "layernorm_ffn/mosaic_gpu": _ln_ffn_op("mosaic_gpu", LN_FFN_MOSAIC_CANDIDATES,
                                            available=warp_specialized.on_sm90),
@@ -371,6 +367,8 @@ def main(argv=None) -> dict:
             tuning.record(device, *name.split("/"), key, best, args.table)
             print(f"recorded {name} {key} for {device}: {best}")
             recorded[name, key] = best
+            if len(op.backwards) > 1:
+                prefer_backward(name, key, best, args, timing)
     for op_name in sorted({name.split("/")[0] for name, _ in recorded}):
         for key in sorted({key for name, key in recorded if name.startswith(op_name + "/")}):
             prefer(op_name, key, args, timing)
@@ -393,6 +391,21 @@ def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
     print(f"{op_name} {key} forward+backward: "
           + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()) + f" -> {fastest}")
     tuning.record_preferred(tuning.device_kind(), op_name, key, fastest.split("/")[1], args.table)
+    return fastest
+
+
+def prefer_backward(name: str, key: str, config: dict, args, timing: dict) -> str:
+    """Time forward+backward of `name`'s forward (its configuration for `key`) with each backward
+    that can differentiate it (the other backends' parameters from their tuning entries); record
+    the fastest as "<op>_backward"'s preference there (the api's default_backward follows it)."""
+    op_name, implementation = name.split("/")
+    shape = _shape(OPS[name], key, args)
+    times = {backward: _time_attention(2, implementation, backward)(shape, config, timing)
+             for backward in OPS[name].backwards}
+    fastest = min(times, key=times.get)
+    print(f"{name} {key} backward: " + ", ".join(f"{b} {ms:.3f} ms" for b, ms in times.items())
+          + f" -> {fastest}")
+    tuning.record_preferred(tuning.device_kind(), f"{op_name}_backward", key, fastest, args.table)
     return fastest
 
 

@@ -23,6 +23,8 @@ from tests.equiv import ON_CPU
     (((1, 16, 2, 64),) * 3, {"implementation": "cuda"}, "known: .*reference.*triton.*tpu"),
     (((1, 16, 2, 64),) * 3, {"block_sizes": {"block_q": 48}}, "block_q=48 must be a power of two"),
     (((1, 16, 2, 64),) * 3, {"block_sizes": {"blok_q": 64}}, "no tuning parameter 'blok_q'"),
+    (((1, 16, 2, 64),) * 3, {"backward_implementation": "tpu"},
+     r"backward_implementation='tpu' cannot differentiate the triton forward; it takes \('triton',\)"),
 ])
 def test_attention_rejects_bad_inputs(args, kwargs, message):
     kwargs = dict(kwargs)

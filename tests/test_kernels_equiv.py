@@ -40,7 +40,6 @@ ATTENTION_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 # (diagonal tiles split unevenly) and the backward's tiles different from the forward's.
 SMALL_BLOCKS = dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
                     block_k_dq=16)
-MOSAIC_BACKWARD = {"mosaic_backward": 1}
 LARGE = pytest.mark.skipif(ON_CPU, reason="large shapes need an accelerator (interpret mode is slow)")
 
 # (batch, seq, heads, head_dim, causal, q_scale, small blocks); q_scale ~30 makes logits of tens to
@@ -79,10 +78,11 @@ def _value_and_grads(f, args, cotangent):
 
 
 def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None,
-                     seed_blocks=None):
-    """o, dq, dk, dv of the kernel (bf16) vs the math in f32, within twice the bf16 math's error,
-    on fresh random inputs drawn from a seed of the case and the block configuration (or
-    seed_blocks, another configuration's, to face its inputs)."""
+                     seed_blocks=None, backward=None):
+    """o, dq, dk, dv of the kernel (bf16; its gradient by `backward`'s kernels, None: the table's
+    choice) vs the math in f32, within twice the bf16 math's error, on fresh random inputs drawn
+    from a seed of the case and the block configuration (or seed_blocks, another configuration's,
+    to face its inputs)."""
     seed_blocks = blocks if seed_blocks is None else seed_blocks
     seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}{seed_blocks}".encode())
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -90,7 +90,7 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
                    for key in keys)
     q = (q * q_scale).astype(jnp.bfloat16)
     kernel = lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl,
-                                       block_sizes=blocks)
+                                       backward_implementation=backward, block_sizes=blocks)
     reference = lambda q, k, v: model.attention(q, k, v, causal=causal)
 
     got = _value_and_grads(kernel, (q, k, v), do)
@@ -105,11 +105,11 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("batch, seq, heads, head_dim, causal, q_scale, small", ATTENTION_CASES)
 def test_attention_matches_reference(impl, batch, seq, heads, head_dim, causal, q_scale, small):
-    # mosaic_gpu: its own backward, whatever the tuning table picked (Triton's is tested above),
-    # where it runs.
-    blocks = MOSAIC_BACKWARD if impl == "mosaic_gpu" and _mosaic_backward_runs(head_dim) else None
+    # mosaic_gpu: with its own backward, whatever the tuning table picked (Triton's is tested
+    # above), where it runs.
+    backward = "mosaic_gpu" if impl == "mosaic_gpu" and _mosaic_backward_runs(head_dim) else None
     _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale,
-                     SMALL_BLOCKS if small and ON_CPU else blocks)
+                     SMALL_BLOCKS if small and ON_CPU else None, backward=backward)
 
 
 def _mosaic_backward_runs(head_dim: int) -> bool:
@@ -131,8 +131,7 @@ def test_attention_mosaic_gpu_persistent_matches_reference(batch, seq, heads, he
     turn), on the inputs of the case above."""
     _skip_unless_mosaic_backward_runs(head_dim)
     _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, q_scale,
-                     {**MOSAIC_BACKWARD, "persistent": 1, "bwd_persistent": 1},
-                     seed_blocks=MOSAIC_BACKWARD)
+                     {"persistent": 1, "bwd_persistent": 1}, seed_blocks=None, backward="mosaic_gpu")
 
 
 @settings(max_examples=6 if ON_CPU else 12, deadline=None, derandomize=True)
@@ -229,7 +228,7 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     from kernels.attention import common, mosaic_gpu_vjp
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
-    config = {**mosaic_gpu.DEFAULTS[head_dim], "mosaic_backward": 1, "bwd_block_q": 64,
+    config = {**mosaic_gpu.DEFAULTS[head_dim], "bwd_block_q": 64,
               "bwd_num_stages": 2, "bwd_persistent": persistent,
               **dict(zip(("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages"), dq_tiles))}
     sm_scale = head_dim ** -0.5

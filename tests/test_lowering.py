@@ -68,8 +68,7 @@ def test_attention_lowers_for_the_device(impl, platform, custom_call, shape, cau
 @pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("backward, backward_calls", [
-    ({"mosaic_backward": 1}, ["mosaic_gpu"] * 2),
-    ({"mosaic_backward": 0}, ["__gpu$xla.gpu.triton"] * 2)],
+    ("mosaic_gpu", ["mosaic_gpu"] * 2), ("triton", ["__gpu$xla.gpu.triton"] * 2)],
     ids=["mosaic_bwd", "triton_bwd"])
 @pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
@@ -78,14 +77,14 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
     """The Mosaic GPU forward lowers for CUDA at the benchmark shapes: one Mosaic GPU custom call
     (jax 0.10 names it mosaic_gpu_v2) whose lowering checks the wgmma and TMA layouts, tile shapes
     and barriers in Python (a CTA per work unit, or persistent CTAs); its gradient adds the Mosaic
-    GPU dK/dV and dQ kernels, or Triton's with
-    mosaic_backward=0, on the saved residuals. (The kernels' PTX is only built on the GPU, at the
+    GPU dK/dV and dQ kernels, or Triton's (backward_implementation="triton"), on the saved
+    residuals. (The kernels' PTX is only built on the GPU, at the
     first run.)"""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f = lambda q, k, v: attention(q, k, v, causal=causal, implementation="mosaic_gpu",
-                                  block_sizes={**backward, "persistent": persistent},
-                                  interpret=False)
+                                  backward_implementation=backward,
+                                  block_sizes={"persistent": persistent}, interpret=False)
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec)))
@@ -115,13 +114,15 @@ def test_attention_mosaic_gpu_names_what_does_not_fit_at_head_dim_256():
     registers do not suffice: each says so in one line, naming the knob."""
     spec = jax.ShapeDtypeStruct((1, 1024, 2, 256), jnp.bfloat16)
     export = lambda f: _export_text(f, "cuda", spec, spec, spec)
-    forward = lambda blocks: lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu",
-                                                       block_sizes=blocks, interpret=False)
+    forward = lambda blocks, backward=None: lambda q, k, v: attention(
+        q, k, v, implementation="mosaic_gpu", backward_implementation=backward,
+        block_sizes=blocks, interpret=False)
     with pytest.raises(ValueError, match=r"persistent=1 need \d+ KiB of shared memory at "
                                          r"head_dim 256; a CTA has 227"):
         export(forward({"persistent": 1}))
-    grad = jax.grad(lambda q, k, v: jnp.sum(forward({"mosaic_backward": 1})(q, k, v)))
-    with pytest.raises(ValueError, match="mosaic_backward=1 runs head_dim .*use mosaic_backward=0"):
+    grad = jax.grad(lambda q, k, v: jnp.sum(forward({}, "mosaic_gpu")(q, k, v)))
+    with pytest.raises(ValueError, match="the mosaic_gpu backward runs head_dim .*use "
+                                         "backward_implementation='triton'"):
         export(grad)
 
 
@@ -187,16 +188,16 @@ def test_the_model_exports_for_a_chip_the_host_lacks(platform, implementations, 
     assert found == custom_calls
 
 
-@pytest.mark.parametrize("mosaic_backward", [1, 0], ids=["mosaic_bwd", "triton_bwd"])
+@pytest.mark.parametrize("backward", ["mosaic_gpu", "triton"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_pads_the_sequence_once(mosaic_backward):
+def test_attention_mosaic_gpu_pads_the_sequence_once(backward):
     """A ragged length (1100) is padded once, by the api, to what every kernel of the forward and
     its backward tiles (1280: a CTA's two 128-row tiles): no kernel pads again (the pads left in
     the module widen by zero, which XLA drops)."""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct((1, 1100, 2, 64), jnp.bfloat16)
     f = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu", interpret=False,
-                                  block_sizes={"mosaic_backward": mosaic_backward})
+                                  backward_implementation=backward)
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     widths = re.findall(r"stablehlo.pad %\S+, %\S+, low = \[[^\]]*\], high = \[0, (-?\d+), 0, 0\]",
                         _export_text(grad, "cuda", spec, spec, spec))

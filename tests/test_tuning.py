@@ -166,3 +166,30 @@ def test_layernorm_ffn_default_follows_the_tuning_table(backend, sm90, preferred
     x = jnp.zeros((16, 512), dtype)
     assert layernorm_ffn_api.default_implementation(x) == expected
     assert asked in ([], [("layernorm_ffn", "d512")])
+
+
+@pytest.mark.parametrize("implementation, preferred, expected", [
+    ("mosaic_gpu", "mosaic_gpu", "mosaic_gpu"), ("mosaic_gpu", "triton", "triton"),
+    ("mosaic_gpu", None, "triton"),          # not measured: Triton's, which runs every head_dim
+    ("triton", "mosaic_gpu", "triton"), ("tpu", None, "tpu")])
+def test_attention_backward_follows_the_tuning_table(implementation, preferred, expected,
+                                                     monkeypatch):
+    """The Mosaic GPU forward's backward is the one bench/tune.py measured faster at that head_dim
+    and length ("attention_backward"); every other forward takes its own."""
+    asked = []
+    monkeypatch.setattr(attention_api.tuning, "preferred_implementation",
+                        lambda op, key: asked.append((op, key)) or preferred)
+    assert attention_api.default_backward(implementation, 64, 1000) == expected
+    assert asked in ([], [("attention_backward", "d64_s1024")])
+
+
+@pytest.mark.parametrize("kind, arch", [(H200, "sm90"), ("NVIDIA H100 PCIe", "sm90")])
+def test_the_shipped_table_picks_each_backward_where_it_measured_faster(kind, arch, monkeypatch):
+    """On the H200 (its own entries) and on a Hopper without any (the H100's): Triton's backward
+    after the Mosaic GPU forward at head_dim 64 up to S1024, the Mosaic GPU one beyond and at 128."""
+    on(monkeypatch, kind, arch, ("shipped", tuning.read_table(tuning.TABLE_PATH)))
+    picks = {(d, s): attention_api.default_backward("mosaic_gpu", d, s)
+             for d in (64, 128) for s in (512, 1024, 2048, 8192)}
+    assert picks == {(64, 512): "triton", (64, 1024): "triton", (64, 2048): "mosaic_gpu",
+                     (64, 8192): "mosaic_gpu", **{(128, s): "mosaic_gpu"
+                                                  for s in (512, 1024, 2048, 8192)}}

@@ -3,6 +3,7 @@ whose backends pair each forward(q, k, v, plan, residuals) -> (o, residuals or N
 backward(plan, residuals, do) -> (dq, dk, dv)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -29,6 +30,9 @@ OP = op.Op("attention", model.attention, {
 IMPLEMENTATIONS = OP.implementations
 # Each backend's default configuration, per kernel head_dim.
 DEFAULTS = {"triton": triton.DEFAULTS, "tpu": tpu.DEFAULTS, "mosaic_gpu": mosaic_gpu.DEFAULTS}
+# The backwards that can differentiate each forward: Mosaic GPU's forward saves Triton's
+# residuals, so either GPU backward takes them.
+BACKWARDS = {"triton": ("triton",), "tpu": ("tpu",), "mosaic_gpu": ("mosaic_gpu", "triton")}
 
 
 def default_implementation(q: jax.Array | None = None) -> str:
@@ -46,19 +50,34 @@ def default_implementation(q: jax.Array | None = None) -> str:
     return "triton"
 
 
+def default_backward(implementation: str, head_dim: int, seq_len: int) -> str:
+    """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
+    where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
+    records it under "attention_backward"), else Triton's; every other forward its own."""
+    if implementation != "mosaic_gpu":
+        return implementation
+    preferred = tuning.preferred_implementation("attention_backward",
+                                                shape_key(head_dim, seq_len))
+    return "mosaic_gpu" if preferred == "mosaic_gpu" else "triton"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
               sm_scale: float | None = None, implementation: str | None = None,
-              block_sizes: dict | None = None, interpret: bool | None = None) -> jax.Array:
+              backward_implementation: str | None = None, block_sizes: dict | None = None,
+              interpret: bool | None = None) -> jax.Array:
     """softmax(sm_scale q k^T [causal mask]) v per head, differentiable in q, k, v.
 
     q, k, v [B, S, H, D] (the layout of jax.nn.dot_product_attention), bf16 or f32, one shape;
     D up to 256 for the kernels, which run D = 64, 128 or 256 and zero-pad any other D up to the
     next of those (common.kernel_head_dim). sm_scale defaults to 1/sqrt(D).
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16); None picks by backend (`default_implementation`). block_sizes overrides
-    the tuning table's entries (names: the keys of the backend's DEFAULTS). interpret: run the
-    Pallas kernel in interpret mode; None interprets
-    exactly when the default backend is not the kernel's platform (so the kernels run on CPU).
+    (Hopper only, bf16); None picks by backend (`default_implementation`).
+    backward_implementation: the gradient's kernels, one that takes the forward's residuals
+    (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
+    the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
+    either (names: the keys of the backends' DEFAULTS). interpret: run the Pallas kernels in
+    interpret mode; None interprets exactly when the default backend is not the kernel's platform
+    (so the kernels run on CPU).
     -> [B, S, H, D] in the input dtype.
     """
     _validate(q, k, v)
@@ -70,11 +89,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
     backend = OP.backend(implementation)
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
-    config = OP.config(implementation, shape_key(kernel_dim, seq_len),
-                       DEFAULTS[implementation][kernel_dim], block_sizes)
-    config, padded = common.fit_blocks(config, common.BLOCKS, seq_len)
+    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len)
+    _check_backward(implementation, backward, kernel_dim)
+    if backward != implementation:
+        backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
+    config = _config(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
+                     block_sizes or {})
+    config, padded = common.fit_blocks(config, [n for n in common.BLOCKS if n in config], seq_len)
     if implementation == "mosaic_gpu":   # its tiles' multiple too, so its kernels pad nothing
-        padded = -(-padded // mosaic_gpu.sequence_rows(config)) * mosaic_gpu.sequence_rows(config)
+        rows = mosaic_gpu.sequence_rows(config, mosaic_backward=backward == "mosaic_gpu")
+        padded = -(-padded // rows) * rows
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len,
                        tuple(sorted(config.items())), backend.interpret(interpret))
     # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded
@@ -83,6 +107,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, kernel_dim - head_dim))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     return op.differentiable(backend, plan, q, k, v)[:, :seq_len, :, :head_dim]
+
+
+def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None:
+    if backward not in BACKWARDS[implementation]:
+        raise ValueError(f"backward_implementation={backward!r} cannot differentiate the "
+                         f"{implementation} forward; it takes {BACKWARDS[implementation]}")
+    if backward == "mosaic_gpu" and kernel_dim not in mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS:
+        raise ValueError(f"the mosaic_gpu backward runs head_dim {mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS}"
+                         f" (its dk and dv accumulators would not fit a warpgroup's registers at "
+                         f"{kernel_dim}); use backward_implementation='triton'")
+
+
+def _config(implementation: str, backward: str, key: str, kernel_dim: int,
+            overrides: dict) -> dict:
+    """The forward's configuration from its tuning entry, and (when another backend's kernels
+    differentiate it) the backward's parameters from that backend's entry; overrides go to the
+    one whose parameter they name."""
+    forward_defaults = DEFAULTS[implementation][kernel_dim]
+    backward_defaults = {} if backward == implementation else DEFAULTS[backward][kernel_dim]
+    unknown = sorted(set(overrides) - set(forward_defaults) - set(backward_defaults))
+    if unknown:
+        raise ValueError(f"attention/{implementation} has no tuning parameter {unknown[0]!r}; "
+                         f"known: {sorted({*forward_defaults, *backward_defaults})}")
+    forward = OP.config(implementation, key, forward_defaults,
+                        {n: v for n, v in overrides.items() if n in forward_defaults})
+    if not backward_defaults:
+        return forward
+    return {**OP.config(backward, key, backward_defaults,
+                        {n: v for n, v in overrides.items() if n in backward_defaults}), **forward}
 
 
 def shape_key(head_dim: int, seq_len: int) -> str:

@@ -62,29 +62,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
-from kernels.attention import common, triton
+from kernels.attention import common
 from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, consume_units, launch,
                                       num_sms, on_sm90, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
 
-_BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
-             "num_stages_bwd")
-
 # Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
 # depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
-# (group_mib, launch_grid) and persistent CTAs; the backward: Triton's (mosaic_backward = 0, with
-# Triton's parameters) unless the tuning table, measured where the equivalence suite passed, picks
-# the Mosaic GPU one (mosaic_gpu_vjp.py), with the tiles and ring depth of its dK/dV kernel (bwd_)
-# and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs. At head_dim 256 a warpgroup's
-# accumulator [64, 256] f32 already takes 128 registers a thread: 64-row query tiles, and the
-# Triton backward (the Mosaic GPU one would hold two such accumulators, dk and dv).
+# (group_mib, launch_grid) and persistent CTAs; for the Mosaic GPU backward (mosaic_gpu_vjp.py,
+# which the table picks where it measured faster; else the forward's backward is Triton's, with
+# Triton's parameters: api.backward_implementation) the tiles and ring depth of its dK/dV kernel
+# (bwd_) and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs. At head_dim 256 a
+# warpgroup's accumulator [64, 256] f32 already takes 128 registers a thread: 64-row query tiles,
+# and only the Triton backward (the Mosaic GPU one would hold two such accumulators, dk and dv).
 DEFAULTS = {
     d: dict(block_q=128 if d < 256 else 64, block_k=64, num_stages=2, schedule_barrier=1,
-            group_mib=12, persistent=0, mosaic_backward=0, bwd_block_q=64,
-            bwd_num_stages=2, bwd_dq_block_q=64, bwd_dq_block_k=64,
-            bwd_dq_num_stages=2, bwd_group_mib=12, bwd_persistent=0,
-            **{name: triton.DEFAULTS[d][name] for name in _BACKWARD})
+            group_mib=12, persistent=0, bwd_block_q=64, bwd_num_stages=2, bwd_dq_block_q=64,
+            bwd_dq_block_k=64, bwd_dq_num_stages=2, bwd_group_mib=12, bwd_persistent=0)
     for d in common.KERNEL_HEAD_DIMS
 }
 MOSAIC_BACKWARD_HEAD_DIMS = (64, 128)
@@ -206,10 +201,10 @@ def backward_rows(config: dict) -> int:
                                            for name in ("block_q", "dq_block_q", "dq_block_k")))
 
 
-def sequence_rows(config: dict) -> int:
+def sequence_rows(config: dict, mosaic_backward: bool) -> int:
     """What the api pads the sequence to a multiple of, once, so that neither the forward nor its
-    backward pads again."""
-    return max(forward_rows(config), backward_rows(config) if config["mosaic_backward"] else 1)
+    backward (the Mosaic GPU one, or Triton's) pads again."""
+    return max(forward_rows(config), backward_rows(config) if mosaic_backward else 1)
 
 
 def check_runs_here(plan: common.Plan, dtype) -> None:

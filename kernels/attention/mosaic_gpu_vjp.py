@@ -42,8 +42,8 @@ A one-pass variant (the dK/dV kernel also summing dq by TMA reduce-add, 5 produc
 measured slower than the two kernels (ptxas spills at head_dim 128) and was removed;
 bench/RESULTS.md (version 6) keeps its record.
 
-`mosaic_backward` = 0 in the tuning configuration differentiates the Mosaic GPU forward with
-triton_vjp instead (same residuals), where bench/tune.py measures that faster.
+The Mosaic GPU forward saves Triton's residuals, so triton_vjp differentiates it too: the api
+picks which backward runs (api.backward_implementation), by the tuning table's measurement.
 """
 from __future__ import annotations
 
@@ -56,10 +56,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
-from kernels.attention import common, triton_vjp
-from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, MOSAIC_BACKWARD_HEAD_DIMS, backward_rows,
-                                          check_runs_here, query_pair_units, schedule_for,
-                                          tile_visible)
+from kernels.attention import common
+from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, backward_rows, check_runs_here,
+                                          query_pair_units, schedule_for, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
                                       matmuls_t, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
@@ -238,17 +237,6 @@ def backward(plan: common.Plan, residuals, do):
     Tiles are raised to 64 rows (wgmma's M) and the sequence padded to a multiple of a CTA's two
     tiles (the largest of either kernel); padded rows have do = 0 and delta = 0, so they add
     nothing."""
-    if not plan.config["mosaic_backward"]:
-        return triton_vjp.backward(plan, residuals, do)
-    if residuals[0].shape[-1] not in MOSAIC_BACKWARD_HEAD_DIMS:
-        raise ValueError(f"mosaic_gpu attention: mosaic_backward=1 runs head_dim "
-                         f"{MOSAIC_BACKWARD_HEAD_DIMS} (its dk and dv accumulators would not fit "
-                         f"a warpgroup's registers at {residuals[0].shape[-1]}); use "
-                         f"mosaic_backward=0, the Triton backward")
-    return _mosaic_backward(plan, residuals, do)
-
-
-def _mosaic_backward(plan: common.Plan, residuals, do):
     config = plan.config
     q, k, v, o, lse, o_lo = residuals
     check_runs_here(plan, q.dtype)
