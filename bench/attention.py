@@ -3,6 +3,7 @@ JAX's Pallas op, XLA and the naive math.
 
     python bench/attention.py --seq 1024                      # head_dim 64 and 128 at 16k tokens
     python bench/attention.py --seq 512,8192 --head-dim 128 --impl cudnn,triton --json out.json
+    python bench/attention.py --impl mosaic_gpu --backward triton   # the Mosaic GPU forward, Triton's backward
 
 "ours" is kernels.attention as a user gets it (implementation=None: the row's "chosen" column
 says which implementation and the JSON which tuning entry it took); "triton", "mosaic_gpu" and
@@ -48,19 +49,21 @@ def jax_triton_mha(q, k, v, *, causal):
     return mha(q, k, v, None, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
 
 
-def implementations(causal: bool, block_sizes: dict) -> dict:
-    """name -> attention(q, k, v) for every implementation the benchmark knows."""
+def implementations(causal: bool, block_sizes: dict, backward: str | None = None) -> dict:
+    """name -> attention(q, k, v) for every implementation the benchmark knows (the mosaic_gpu
+    row's gradient by `backward`'s kernels; None: the table's choice)."""
     nn_attention = lambda impl: functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                                   implementation=impl)
-    ours = lambda impl: functools.partial(attention, causal=causal, implementation=impl,
-                                          block_sizes=block_sizes or None)
+    ours = lambda impl, backward=None: functools.partial(
+        attention, causal=causal, implementation=impl, backward_implementation=backward,
+        block_sizes=block_sizes or None)
     return {
         "reference": functools.partial(model.attention, causal=causal),
         "xla": nn_attention("xla"),
         "cudnn": nn_attention("cudnn"),
         "jax_triton": functools.partial(jax_triton_mha, causal=causal),
         "triton": ours("triton"),
-        "mosaic_gpu": ours("mosaic_gpu"),
+        "mosaic_gpu": ours("mosaic_gpu", backward),
         "tpu": ours("tpu"),
         "ours": ours(None),
         **{name: None for name in torch_peers.ATTENTION},   # timed in PyTorch (bench/torch_peers.py)
@@ -96,9 +99,9 @@ def measure(fn, shape, dtype, timing: dict) -> tuple[float, float]:
 
 
 def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool, dtype,
-        block_sizes: dict, timing: dict) -> list[dict]:
+        block_sizes: dict, timing: dict, backward: str | None = None) -> list[dict]:
     """One record per (impl, shape); cuDNN ratios filled in when cuDNN was measured."""
-    fns = implementations(causal, block_sizes)
+    fns = implementations(causal, block_sizes, backward)
     records = []
     for batch, seq, heads, head_dim in shapes:
         fwd_flops, fwd_bwd_flops = flops(batch, seq, heads, head_dim, causal)
@@ -147,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default here: {default_impls()})")
     p.add_argument("--json", help="write one record per (impl, shape) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
+    p.add_argument("--backward", choices=["mosaic_gpu", "triton"],
+                   help="the mosaic_gpu row's backward kernels (default: the tuning table's)")
     add_timing_args(p)
     for name in BLOCK_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
@@ -170,7 +175,8 @@ def main(argv=None) -> list[dict]:
           f"{device_description()}")
     with maybe_profile(args.profile):
         records = run(impls, shapes, args.causal, jnp.dtype(args.dtype), block_sizes,
-                      dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls))
+                      dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls),
+                      args.backward)
     print(format_table(records, COLUMNS))
     if args.json:
         write_json(args.json, records, command=" ".join(["python bench/attention.py", *(argv or sys.argv[1:])]))
