@@ -31,8 +31,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.numpy as jnp
 
-from bench.common import (add_ratios, add_timing_args, device_description, format_table,
-                          int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
+from bench.common import (add_ratios, add_timing_args, device_description, int_list,
+                          maybe_profile, report, smoke_size, time_ms, timed_row)
 from bench import torch_peers
 from kernels.attention import api as attention_api, attention
 from microgpt import model
@@ -177,9 +177,7 @@ def main(argv=None) -> list[dict]:
         records = run(impls, shapes, args.causal, jnp.dtype(args.dtype), block_sizes,
                       dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls),
                       args.backward)
-    print(format_table(records, COLUMNS))
-    if args.json:
-        write_json(args.json, records, command=" ".join(["python bench/attention.py", *(argv or sys.argv[1:])]))
+    report(records, COLUMNS, args.json, "attention.py", argv)
     return records
 
 

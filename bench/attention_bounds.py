@@ -34,8 +34,7 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from bench import attention as attention_bench
-from bench.common import (add_timing_args, device_description, format_table, int_list,
-                          time_ms, tflops, write_json)
+from bench.common import add_timing_args, device_description, int_list, report, time_ms, tflops
 from kernels.attention import attention
 
 ROUNDING = 12582912.0   # 1.5 x 2^23: x + ROUNDING rounds x to an integer in the low mantissa bits
@@ -125,10 +124,7 @@ def main(argv=None) -> list[dict]:
                 if base and row.get("fwd_ms"):
                     row["vs_kernel"] = base / row["fwd_ms"]
             records += rows
-    print(format_table(records, COLUMNS))
-    if args.json:
-        write_json(args.json, records,
-                   command=" ".join(["python bench/attention_bounds.py", *(argv or sys.argv[1:])]))
+    report(records, COLUMNS, args.json, "attention_bounds.py", argv)
     return records
 
 

@@ -142,6 +142,16 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join([line(headers), sep, *(line(b) for b in body)])
 
 
+def report(records: list[dict], columns, json_path: str | None, script: str,
+           argv: list[str] | None) -> None:
+    """Print the records as a table; with --json also write them, with the command that ran
+    (`python bench/<script> <its flags>`)."""
+    print(format_table(records, columns))
+    if json_path:
+        write_json(json_path, records,
+                   command=" ".join([f"python bench/{script}", *(argv or sys.argv[1:])]))
+
+
 def write_json(path: str | Path, records: list[dict], command: str | None = None) -> None:
     meta = {"command": command or " ".join(sys.argv), "device": device_description(),
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}

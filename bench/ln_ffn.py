@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.numpy as jnp
 
-from bench.common import (add_ratios, add_timing_args, device_description, format_table,
-                          int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
+from bench.common import (add_ratios, add_timing_args, device_description, int_list,
+                          maybe_profile, report, smoke_size, time_ms, timed_row)
 from kernels import warp_specialized
 from kernels.layernorm_ffn import layernorm_ffn
 from microgpt import model
@@ -155,10 +155,7 @@ def main(argv=None) -> list[dict]:
     with maybe_profile(args.profile):
         records = run(impls, shapes, args.residual, jnp.dtype(args.dtype), args.block_sizes,
                       dict(warmup=args.warmup, repeats=args.repeats, calls=args.calls))
-    print(format_table(records, COLUMNS))
-    if args.json:
-        write_json(args.json, records,
-                   command=" ".join(["python bench/ln_ffn.py", *(argv or sys.argv[1:])]))
+    report(records, COLUMNS, args.json, "ln_ffn.py", argv)
     return records
 
 

@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.numpy as jnp
 
-from bench.common import (add_ratios, add_timing_args, device_description, format_table,
-                          int_list, maybe_profile, smoke_size, time_ms, timed_row, write_json)
+from bench.common import (add_ratios, add_timing_args, device_description, int_list,
+                          maybe_profile, report, smoke_size, time_ms, timed_row)
 from bench import torch_peers
 from kernels.logits_loss import logits_loss
 from microgpt import model
@@ -101,10 +101,7 @@ def main(argv=None) -> list[dict]:
             add_ratios(rows, ("xla",), "xla")
             add_ratios(rows, ("torch_compile",), "torch_compile")
             records += rows
-    print(format_table(records, COLUMNS))
-    if args.json:
-        write_json(args.json, records,
-                   command=" ".join(["python bench/loss_head.py", *(argv or sys.argv[1:])]))
+    report(records, COLUMNS, args.json, "loss_head.py", argv)
     return records
 
 

@@ -59,8 +59,8 @@ class Op(NamedTuple):
     stages: list[Stage]
     total: Callable[[tuple, dict, dict], float]      # forward+backward ms, to compare implementations
     available: Callable[[], bool] = lambda: True     # whether it runs on this device
-    # The backward implementations that can differentiate this forward: where several, the
-    # fastest forward+backward is recorded as "<op>_backward"'s preference (`prefer_backward`).
+    # The backward implementations that can differentiate this (attention) forward: where
+    # several, the fastest forward+backward is recorded as the preference (`prefer_backward`).
     backwards: tuple[str, ...] = ()
 
 
@@ -395,9 +395,10 @@ def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
 
 
 def prefer_backward(name: str, key: str, config: dict, args, timing: dict) -> str:
-    """Time forward+backward of `name`'s forward (its configuration for `key`) with each backward
-    that can differentiate it (the other backends' parameters from their tuning entries); record
-    the fastest as "<op>_backward"'s preference there (the api's default_backward follows it)."""
+    """Time forward+backward of the attention forward `name` (its configuration for `key`) with
+    each backward that can differentiate it (the other backends' parameters from their tuning
+    entries); record the fastest as "attention_backward"'s preference there (the api's
+    default_backward follows it)."""
     op_name, implementation = name.split("/")
     shape = _shape(OPS[name], key, args)
     times = {backward: _time_attention(2, implementation, backward)(shape, config, timing)

@@ -24,7 +24,7 @@ OP = op.Op("attention", model.attention, {
     "triton": _backend(triton.forward, triton_vjp.backward, "gpu"),
     "tpu": _backend(tpu.forward, tpu_vjp.backward, "tpu"),
     # Hopper only, bf16, no interpret mode (off the GPU it raises); its forward saves Triton's
-    # residuals, so either backward can differentiate it (mosaic_gpu_vjp picks by the tuning).
+    # residuals, so either backward can differentiate it (BACKWARDS, default_backward).
     "mosaic_gpu": _backend(mosaic_gpu.forward, mosaic_gpu_vjp.backward, "gpu"),
 })
 IMPLEMENTATIONS = OP.implementations
@@ -114,9 +114,10 @@ def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None
         raise ValueError(f"backward_implementation={backward!r} cannot differentiate the "
                          f"{implementation} forward; it takes {BACKWARDS[implementation]}")
     if backward == "mosaic_gpu" and kernel_dim not in mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS:
-        raise ValueError(f"the mosaic_gpu backward runs head_dim {mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS}"
-                         f" (its dk and dv accumulators would not fit a warpgroup's registers at "
-                         f"{kernel_dim}); use backward_implementation='triton'")
+        raise ValueError(f"the mosaic_gpu backward runs head_dim "
+                         f"{mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS} (its dk and dv accumulators "
+                         f"would not fit a warpgroup's registers at {kernel_dim}); use "
+                         f"backward_implementation='triton'")
 
 
 def _config(implementation: str, backward: str, key: str, kernel_dim: int,

@@ -72,7 +72,7 @@ from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, cons
 # ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
 # (group_mib, launch_grid) and persistent CTAs; for the Mosaic GPU backward (mosaic_gpu_vjp.py,
 # which the table picks where it measured faster; else the forward's backward is Triton's, with
-# Triton's parameters: api.backward_implementation) the tiles and ring depth of its dK/dV kernel
+# Triton's parameters: api.default_backward) the tiles and ring depth of its dK/dV kernel
 # (bwd_) and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs. At head_dim 256 a
 # warpgroup's accumulator [64, 256] f32 already takes 128 registers a thread: 64-row query tiles,
 # and only the Triton backward (the Mosaic GPU one would hold two such accumulators, dk and dv).

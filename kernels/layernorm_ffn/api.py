@@ -43,15 +43,13 @@ def _backend(forward_module: ModuleType, backward_module: ModuleType, platform: 
     return op.Backend(forward, backward, platform)
 
 
-OP = op.Op("layernorm_ffn", model.layernorm_ffn, {
-    "triton": _backend(triton, triton_vjp, "gpu"),
-    "mosaic_gpu": _backend(mosaic_gpu, mosaic_gpu_vjp, "gpu"),   # Hopper; no interpret mode
-    "tpu": _backend(tpu, tpu_vjp, "tpu"),
-})
+# implementation -> its forward and backward modules (which own its configuration) and the
+# platform they compile for (mosaic_gpu: Hopper, no interpret mode).
+_MODULES = {"triton": (triton, triton_vjp, "gpu"), "mosaic_gpu": (mosaic_gpu, mosaic_gpu_vjp, "gpu"),
+            "tpu": (tpu, tpu_vjp, "tpu")}
+OP = op.Op("layernorm_ffn", model.layernorm_ffn,
+           {name: _backend(*modules) for name, modules in _MODULES.items()})
 IMPLEMENTATIONS = OP.implementations
-# implementation -> (its forward module, its backward module): their configurations' owners.
-_MODULES = {"triton": (triton, triton_vjp), "mosaic_gpu": (mosaic_gpu, mosaic_gpu_vjp),
-            "tpu": (tpu, tpu_vjp)}
 
 
 def default_implementation(x: jax.Array | None = None) -> str:
@@ -102,14 +100,14 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
 
 def default_config(implementation: str, d: int) -> dict:
     """Every kernel parameter of `implementation` (forward and backward) and its default at width d."""
-    forward_module, backward_module = _MODULES[implementation]
+    forward_module, backward_module, _ = _MODULES[implementation]
     return {**forward_module.default_config(d), **backward_module.default_config(d)}
 
 
 def kernel_config(implementation: str, d: int, tokens: int, overrides: dict | None = None) -> dict:
     """The block sizes of every kernel of `implementation` at width d, from kernels.tuning's table,
     token tiles shrunk (to powers of two >= 16) when there are fewer tokens than a tile."""
-    forward_module, backward_module = _MODULES[implementation]
+    forward_module, backward_module, _ = _MODULES[implementation]
     config = OP.config(implementation, f"d{d}", default_config(implementation, d), overrides)
     cap = max(16, 1 << (tokens - 1).bit_length())
     for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES:
@@ -123,7 +121,7 @@ def fused(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, resid
           implementation: str, config: dict, interpret: bool) -> jax.Array:
     """layernorm_ffn by one backend with explicit config and interpret flag (no dispatch): the
     lowering tests call this with interpret=False to lower GPU and TPU kernels on a CPU host."""
-    forward_module, backward_module = _MODULES[implementation]
+    forward_module, backward_module, _ = _MODULES[implementation]
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     tokens = x2.shape[0]

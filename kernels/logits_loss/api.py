@@ -29,9 +29,10 @@ def _backend(module: ModuleType) -> op.Backend:
     return op.Backend(forward, lambda static, saved, g: (*module.backward(saved, g), None), "gpu")
 
 
-OP = op.Op("logits_loss", model.tied_logits_loss, {"mosaic_gpu": _backend(mosaic_gpu)})
+_MODULES = {"mosaic_gpu": mosaic_gpu}   # implementation -> its module (kernels and configuration)
+OP = op.Op("logits_loss", model.tied_logits_loss,
+           {name: _backend(module) for name, module in _MODULES.items()})
 IMPLEMENTATIONS = OP.implementations
-_MODULES = {"mosaic_gpu": mosaic_gpu}
 
 
 def default_implementation(h: jax.Array | None = None) -> str:
