@@ -38,9 +38,10 @@ from kernels.attention import api as attention_api, attention
 from microgpt import model
 
 TOKENS, WIDTH = 16384, 2048  # batch x seq and heads x head_dim of the default shapes
-# A flag for every tuning parameter of our implementations: the names of their defaults.
+# A flag for every tuning parameter of our implementations: their kernel configurations' flat
+# names (kernels/config.py; switches as 0 or 1).
 BLOCK_OPTIONS = tuple(dict.fromkeys(name for defaults in attention_api.DEFAULTS.values()
-                                    for name in defaults[64]))
+                                    for name in defaults[64].names()))
 
 
 def jax_triton_mha(q, k, v, *, causal):

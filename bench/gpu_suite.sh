@@ -36,9 +36,17 @@ for stage in "${stages[@]}"; do
         | tail -n 1 | tee -a "$OUT/env.txt" ;;
     peak)     # the ceilings: bf16 matmul and copy
       $PY bench/peak.py --json "$OUT/peak.json" 2>&1 | tee "$OUT/peak.txt" ;;
-    equiv)    # -v: each case's outcome lands in equiv.log as it finishes, so a run cut short still
-              # says which passed; --durations: where the time went
-      $PY -m pytest tests/test_kernels_equiv.py -v --maxfail=10 --durations=25 --timeout=300 -p no:cacheprovider ${EQUIV_K:+-k "$EQUIV_K"} 2>&1 \
+    equiv)    # -v: each case's outcome lands in equiv.log as it finishes, stamped with the seconds
+              # since the start, so a run cut short still says which passed and what each worker
+              # (gwN) spent between its cases; --durations: where the time went. A worker per
+              # two cores.
+      # XLA's GEMM autotuning off: it compiled candidate kernels for every dot of the f32
+      # references, and the cases took 30-90 s each (bench/RESULTS.md); the Pallas kernels under
+      # test are custom calls, which it never touched.
+      workers=$(( $(nproc) / 2 ))
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" $PY -m pytest tests/test_kernels_equiv.py -v -n $workers --maxprocesses $workers --maxfail=10 \
+        --durations=40 --timeout=300 -p no:cacheprovider ${EQUIV_K:+-k "$EQUIV_K"} 2>&1 \
+        | $PY -u -c 'import sys, time; t = time.monotonic(); [print(f"{time.monotonic() - t:6.1f} {l}", end="") for l in sys.stdin]' \
         | tee "$OUT/equiv.log" | grep -E "FAILED|ERROR|passed|failed" | tail -n 15 ;;
     speed)    # pytest-benchmark's speed cases; bench/speed/<device>/ keeps the runs to compare with
       dir="bench/speed/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_')"

@@ -40,6 +40,7 @@ from bench import ln_ffn as ln_ffn_bench
 from bench import loss_head as loss_head_bench
 from bench.common import add_full_arg, device_description, smoke_size, time_ms
 from kernels import attention, tuning, warp_specialized
+from kernels.config import Kernels
 from kernels.attention import mosaic_gpu as attention_mosaic_gpu
 from kernels.attention import triton as attention_triton
 from kernels.layernorm_ffn import api as layernorm_ffn_api
@@ -55,7 +56,7 @@ class Stage(NamedTuple):
 
 class Op(NamedTuple):
     shapes: dict[str, tuple]                         # shape key -> the shape it is timed at
-    defaults: Callable[[str], dict]                  # shape key -> the op's default configuration
+    defaults: Callable[[str], Kernels]               # shape key -> the op's default configuration
     stages: list[Stage]
     total: Callable[[tuple, dict, dict], float]      # forward+backward ms, to compare implementations
     available: Callable[[], bool] = lambda: True     # whether it runs on this device
@@ -66,13 +67,16 @@ class Op(NamedTuple):
 
 # ------------------------------------------------------------------ attention (Triton, Mosaic GPU)
 
-def _attention_configs(names: tuple[str, ...], rows: list[tuple]) -> list[dict]:
-    return [dict(zip(names, row)) for row in rows]
+def _attention_configs(names: tuple, rows: list[tuple]) -> list[dict]:
+    """Each row's values under `names` (a tuple of names: one value for each of them)."""
+    return [{name: value for names_, value in zip(names, row)
+             for name in (names_ if isinstance(names_, tuple) else (names_,))} for row in rows]
 
 
 FORWARD = ("block_q", "block_k", "num_warps", "num_stages")
-BACKWARD = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd",
-            "num_stages_bwd")
+# The dK/dV and dQ kernels' tiles, with one warp count and stage count for both.
+BACKWARD = ("dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k",
+            ("dkdv_num_warps", "dq_num_warps"), ("dkdv_num_stages", "dq_num_stages"))
 ATTENTION_CANDIDATES = {
     "d64": {
         "forward": _attention_configs(FORWARD, [
@@ -97,17 +101,18 @@ ATTENTION_CANDIDATES = {
 # 256-key tiles halve the steps, and with them each row's max and sum across its four threads.
 MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
-    (128, 64, 2, 1), (128, 64, 2, 0), (64, 128, 2, 1), (64, 128, 3, 1), (128, 64, 3, 1),
-    (128, 128, 2, 1), (64, 64, 3, 1), (64, 256, 2, 1), (64, 128, 2, 0)])
+    (128, 64, 2, True), (128, 64, 2, False), (64, 128, 2, True), (64, 128, 3, True),
+    (128, 64, 3, True), (128, 128, 2, True), (64, 64, 3, True), (64, 256, 2, True),
+    (64, 128, 2, False)])
 # Its own backward (timed with it, whichever the table prefers; `prefer_backward` then weighs it
 # against Triton's): the dK/dV kernel's query tile and ring depth (its key tile is
 # mosaic_gpu.DKDV_BLOCK_K).
-MOSAIC_BACKWARD = ("bwd_block_q", "bwd_num_stages")
+MOSAIC_BACKWARD = ("dkdv_block_q", "dkdv_num_stages")
 MOSAIC_BACKWARD_CANDIDATES = _attention_configs(MOSAIC_BACKWARD, [
     (64, 2), (64, 3), (128, 2), (128, 3)])
 # The dQ kernel's own tiles and ring depth (the stage above sets dK/dV's): 64 x 128 tiles keep
 # its accumulators in registers where 128 x 64 spill (ptxas), at 3 stages too large at head_dim 128.
-MOSAIC_DQ = ("bwd_dq_block_q", "bwd_dq_block_k", "bwd_dq_num_stages")
+MOSAIC_DQ = ("dq_block_q", "dq_block_k", "dq_num_stages")
 MOSAIC_DQ_CANDIDATES = _attention_configs(MOSAIC_DQ, [
     (64, 64, 2), (64, 64, 3), (128, 64, 2), (128, 64, 3), (64, 128, 2), (64, 128, 3)])
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
@@ -116,9 +121,9 @@ MOSAIC_DQ_CANDIDATES = _attention_configs(MOSAIC_DQ, [
 # per multiprocessor; then the backward's (timed on forward+backward), likewise.
 GROUP_MIBS = (12, 32, 1024)
 MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib, "persistent": persistent}
-                           for persistent in (0, 1) for mib in GROUP_MIBS]
-MOSAIC_BACKWARD_GROUP_CANDIDATES = [{"bwd_group_mib": mib, "bwd_persistent": persistent}
-                                    for persistent in (0, 1) for mib in GROUP_MIBS]
+                           for persistent in (False, True) for mib in GROUP_MIBS]
+MOSAIC_BACKWARD_GROUP_CANDIDATES = [{"dkdv_group_mib": mib, "dkdv_persistent": persistent}
+                                    for persistent in (False, True) for mib in GROUP_MIBS]
 
 
 def _head_dim(key: str) -> int:
@@ -259,7 +264,7 @@ OPS = {
     # [T, V] probabilities the forward's tiles wrote.
     "logits_loss/mosaic_gpu": Op(
         shapes=LOSS_HEAD_SHAPES,
-        defaults=lambda key: logits_loss_mosaic_gpu.default_config(),
+        defaults=lambda key: logits_loss_mosaic_gpu.DEFAULTS,
         stages=[Stage("tiles", lambda key: LOSS_HEAD_CANDIDATES, _time_loss_head(2))],
         total=_time_loss_head(2), available=warp_specialized.on_sm90),
 }
@@ -272,7 +277,8 @@ def sweep(name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
     """The fastest configuration for one op implementation and shape key, stage by stage; None
     when no candidate of some stage ran (nothing measured, nothing to record)."""
     op_name, implementation = name.split("/")
-    best = tuning.block_config(op_name, implementation, shape_key, op.defaults(shape_key))
+    defaults = op.defaults(shape_key)
+    best = tuning.block_config(op_name, implementation, shape_key, defaults.flat())
     for stage in op.stages:
         if stages and stage.name not in stages:
             continue
@@ -293,7 +299,7 @@ def sweep(name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
         if winner is None:
             return None
         best = winner
-    return best
+    return type(defaults).from_flat(best, name).flat()   # checked, flags as bools
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -380,7 +386,7 @@ def prefer(op_name: str, key: str, args, timing: dict) -> str | None:
     entry for `key` or a wider key in the table (each with its configuration for `key`,
     tuning.layered_entry); record the fastest as the op's preferred implementation there."""
     table = tuning.read_table(args.table).get(tuning.device_kind(), {})
-    rivals = {name: {**OPS[name].defaults(key), **tuning.layered_entry(table[name], key)}
+    rivals = {name: {**OPS[name].defaults(key).flat(), **tuning.layered_entry(table[name], key)}
               for name in OPS if name.startswith(op_name + "/") and OPS[name].available()
               and any(k in table.get(name, {}) for k in tuning.shape_key_prefixes(key))}
     if len(rivals) < 2:
@@ -401,7 +407,9 @@ def prefer_backward(name: str, key: str, config: dict, args, timing: dict) -> st
     default_backward follows it)."""
     op_name, implementation = name.split("/")
     shape = _shape(OPS[name], key, args)
-    times = {backward: _time_attention(2, implementation, backward)(shape, config, timing)
+    forward = {n: v for n, v in config.items() if n in OPS[name].defaults(key).names(("forward",))}
+    times = {backward: _time_attention(2, implementation, backward)(
+                 shape, config if backward == implementation else forward, timing)
              for backward in OPS[name].backwards}
     fastest = min(times, key=times.get)
     print(f"{name} {key} backward: " + ", ".join(f"{b} {ms:.3f} ms" for b, ms in times.items())

@@ -24,6 +24,7 @@ block_n bf16 for the epilogue buffer and the vectors: 210 KB at 64 x 256 and 3 s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -33,11 +34,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import compat
-from kernels.warp_specialized import (CONSUMERS, Ring, accumulate, launch, num_sms, pad_rows,
-                                      produce, ring_scratch, specialize, tiled_smem)
+from kernels import compat, config
+from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, launch, num_sms,
+                                      pad_rows, produce, ring_scratch, specialize, tiled_smem)
 
 BLOCK_K = 64    # one 128-byte swizzled row of bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles(config.KernelConfig):
+    """The output tile per consumer warpgroup (block_m x block_n) and the rings' depth. Its f32
+    accumulator takes block_m block_n / 128 registers a thread: at most 128 fit beside the
+    epilogue."""
+    block_m: int = config.tile(multiple_of=WGMMA_M)
+    block_n: int = config.tile(multiple_of=64)
+    num_stages: int = config.stages(minimum=2)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_m * self.block_n // 128 > 128:
+            raise ValueError(f"block_m x block_n = {self.block_m} x {self.block_n} needs "
+                             f"{self.block_m * self.block_n // 128} f32 accumulator registers a "
+                             f"thread; at most 128 fit beside the epilogue")
 
 
 def _kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem, io_loaded,
@@ -127,9 +145,10 @@ def _kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem, 
 
 
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
-           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, block_m: int,
-           block_n: int, num_stages: int, name: str) -> list[jax.Array]:
-    """epilogue(A @ B) on the persistent GEMM above (the caller checks that it runs here).
+           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, tiles: Tiles,
+           name: str) -> list[jax.Array]:
+    """epilogue(A @ B) on the persistent GEMM above, in `tiles` (the caller checks that it runs
+    here).
 
     a [M, K] bf16 (M padded here to the CTA's rows); b [K, N], or [N, K] with b_transposed, bf16,
     K a multiple of 64 and N of block_n; epilogue inputs [N] (vectors: f32) then at most one
@@ -138,6 +157,7 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
     [M] f32, returned as [N / block_n, M], one row per column tile).
     """
     (m, k), n = a.shape, b.shape[0] if b_transposed else b.shape[1]
+    block_m, block_n, num_stages = tiles.block_m, tiles.block_n, tiles.num_stages
     vectors = [v.astype(jnp.float32) for v in epilogue_inputs if v.ndim == 1]
     tile_inputs = [x for x in epilogue_inputs if x.ndim == 2]
     ranks = [x.ndim for x in epilogue_inputs]

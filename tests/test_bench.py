@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts at tiny sizes (interpret mode on CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from bench import attention as attention_bench
 from bench import attention_bounds
 from bench import train_step as train_step_bench
 from bench import tune
-from kernels import tuning
+from kernels import config, tuning
 
 RECORD_KEYS = {"impl", "batch", "seq", "heads", "head_dim", "causal", "fwd_ms", "fwd_bwd_ms",
                "fwd_tflops", "fwd_bwd_tflops"}
@@ -72,6 +73,16 @@ def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
     assert records[0]["x_one_device"] == 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Toy(config.KernelConfig):
+    tile: int = config.count(minimum=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyKernels(config.Kernels):
+    forward: _Toy
+
+
 def test_tune_prefers_the_implementation_measured_fastest(tmp_path, monkeypatch):
     """Of the implementations with a tuned entry, the fastest forward+backward is recorded as the
     op's preferred one (the default attention follows it on Hopper)."""
@@ -81,8 +92,8 @@ def test_tune_prefers_the_implementation_measured_fastest(tmp_path, monkeypatch)
         def total(shape, config, timing):
             timed[config["tile"]] = shape
             return ms
-        return tune.Op(shapes={"d64": (2, 8, 64)}, defaults=lambda key: {"tile": 0}, stages=[],
-                       total=total)
+        return tune.Op(shapes={"d64": (2, 8, 64)}, defaults=lambda key: _ToyKernels(_Toy(0)),
+                       stages=[], total=total)
 
     monkeypatch.setattr(tune, "OPS", {"toy/slow": op(2.0), "toy/fast": op(1.0),
                                       "toy/untuned": op(0.5)})
@@ -118,7 +129,8 @@ def test_tune_compares_implementations_at_narrower_keys(tmp_path, monkeypatch):
         def total(shape, config, timing):
             timed[config["tile"]] = shape
             return ms
-        return tune.Op(shapes=shapes, defaults=lambda key: {"tile": 0}, stages=[], total=total)
+        return tune.Op(shapes=shapes, defaults=lambda key: _ToyKernels(_Toy(0)), stages=[],
+                       total=total)
 
     monkeypatch.setattr(tune, "OPS", {
         "toy/wide": op(1.0, {"d64": (2, 8, 64)}),

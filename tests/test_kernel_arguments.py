@@ -23,6 +23,8 @@ from tests.equiv import ON_CPU
     (((1, 16, 2, 64),) * 3, {"implementation": "cuda"}, "known: .*reference.*triton.*tpu"),
     (((1, 16, 2, 64),) * 3, {"block_sizes": {"block_q": 48}}, "block_q=48 must be a power of two"),
     (((1, 16, 2, 64),) * 3, {"block_sizes": {"blok_q": 64}}, "no tuning parameter 'blok_q'"),
+    (((1, 16, 2, 64),) * 3, {"block_sizes": {"dkdv_num_warps": 0}},
+     "attention/triton: dkdv_num_warps=0 must be >= 1"),
     (((1, 16, 2, 64),) * 3, {"backward_implementation": "tpu"},
      r"backward_implementation='tpu' cannot differentiate the triton forward; it takes \('triton',\)"),
 ])
@@ -77,6 +79,7 @@ LNFFN_WIDTHS = tuple(range(128, 2049, 128))
     ({"block_sizes": {"up_block_n": 96}}, "up_block_n=96 must .*be a power of two"),
     ({"block_sizes": {"up_block_n": 1024}}, "up_block_n=1024 must divide 512"),
     ({"block_sizes": {"upblock_n": 64}}, "no tuning parameter 'upblock_n'"),
+    ({"block_sizes": {"dw_num_stages": 0}}, "layernorm_ffn/triton: dw_num_stages=0 must be >= 1"),
 ])
 def test_layernorm_ffn_rejects_bad_inputs(change, message):
     d = change.get("d", 128)
@@ -105,7 +108,7 @@ def test_layernorm_ffn_configures_every_documented_width(impl):
     ({"targets_dtype": jnp.float32}, ValueError, "targets must be integers"),
     ({"implementation": "triton"}, ValueError, "unknown logits_loss implementation 'triton'"),
     ({"implementation": "mosaic_gpu", "block_sizes": {"block_n": 96}}, ValueError,
-     "block_n=96 must be a positive multiple of 64"),
+     "logits_loss/mosaic_gpu: block_n=96 must be a multiple of 64"),
     ({"implementation": "mosaic_gpu", "block_sizes": {"blockn": 64}}, ValueError,
      "no tuning parameter 'blockn'"),
 ])

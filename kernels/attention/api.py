@@ -28,7 +28,7 @@ OP = op.Op("attention", model.attention, {
     "mosaic_gpu": _backend(mosaic_gpu.forward, mosaic_gpu_vjp.backward, "gpu"),
 })
 IMPLEMENTATIONS = OP.implementations
-# Each backend's default configuration, per kernel head_dim.
+# Each backend's default kernel configurations (a common.Kernels), per kernel head_dim.
 DEFAULTS = {"triton": triton.DEFAULTS, "tpu": tpu.DEFAULTS, "mosaic_gpu": mosaic_gpu.DEFAULTS}
 # The backwards that can differentiate each forward: Mosaic GPU's forward saves Triton's
 # residuals, so either GPU backward takes them.
@@ -75,7 +75,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     backward_implementation: the gradient's kernels, one that takes the forward's residuals
     (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
     the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
-    either (names: the keys of the backends' DEFAULTS). interpret: run the Pallas kernels in
+    either (flat names of the backends' kernel configurations, e.g. "block_q", "dkdv_num_stages":
+    kernels/config.py). interpret: run the Pallas kernels in
     interpret mode; None interprets exactly when the default backend is not the kernel's platform
     (so the kernels run on CPU).
     -> [B, S, H, D] in the input dtype.
@@ -93,14 +94,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     _check_backward(implementation, backward, kernel_dim)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
-    config = _config(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
-                     block_sizes or {})
-    config, padded = common.fit_blocks(config, [n for n in common.BLOCKS if n in config], seq_len)
+    kernels = _kernels(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
+                       block_sizes or {})
+    (forward, dkdv, dq), padded = common.fit_blocks(kernels, seq_len)
+    plan = common.Plan(implementation, bool(causal), sm_scale, seq_len, forward, dkdv, dq,
+                       backend.interpret(interpret))
     if implementation == "mosaic_gpu":   # its tiles' multiple too, so its kernels pad nothing
-        rows = mosaic_gpu.sequence_rows(config, mosaic_backward=backward == "mosaic_gpu")
+        rows = mosaic_gpu.sequence_rows(plan)
         padded = -(-padded // rows) * rows
-    plan = common.Plan(implementation, bool(causal), sm_scale, seq_len,
-                       tuple(sorted(config.items())), backend.interpret(interpret))
     # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded
     # query rows are sliced off, so their cotangent is zero and they add nothing to dk and dv.
     # Padded head columns are zeros: nothing in q k^T, zero output columns, sliced off.
@@ -120,23 +121,30 @@ def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None
                          f"backward_implementation='triton'")
 
 
-def _config(implementation: str, backward: str, key: str, kernel_dim: int,
-            overrides: dict) -> dict:
-    """The forward's configuration from its tuning entry, and (when another backend's kernels
-    differentiate it) the backward's parameters from that backend's entry; overrides go to the
-    one whose parameter they name."""
-    forward_defaults = DEFAULTS[implementation][kernel_dim]
-    backward_defaults = {} if backward == implementation else DEFAULTS[backward][kernel_dim]
-    unknown = sorted(set(overrides) - set(forward_defaults) - set(backward_defaults))
+def _kernels(implementation: str, backward: str, key: str, kernel_dim: int,
+             overrides: dict) -> tuple:
+    """(forward, dkdv, dq): the forward kernel's configuration from its backend's tuning entry, the
+    backward kernels' from the backward backend's (the same one, or another: BACKWARDS); each
+    override goes to the kernel whose flat name it is (kernels.config)."""
+    forward_names = DEFAULTS[implementation][kernel_dim].names(("forward",))
+    backward_names = DEFAULTS[backward][kernel_dim].names(("dkdv", "dq"))
+    unknown = sorted(set(overrides) - {*forward_names, *backward_names})
     if unknown:
         raise ValueError(f"attention/{implementation} has no tuning parameter {unknown[0]!r}; "
-                         f"known: {sorted({*forward_defaults, *backward_defaults})}")
-    forward = OP.config(implementation, key, forward_defaults,
-                        {n: v for n, v in overrides.items() if n in forward_defaults})
-    if not backward_defaults:
-        return forward
-    return {**OP.config(backward, key, backward_defaults,
-                        {n: v for n, v in overrides.items() if n in backward_defaults}), **forward}
+                         f"known: {sorted({*forward_names, *backward_names})}")
+
+    def configured(backend: str, names: tuple[str, ...]) -> common.Kernels:
+        defaults = DEFAULTS[backend][kernel_dim]
+        flat = OP.config(backend, key, defaults.flat(),
+                         {n: v for n, v in overrides.items() if n in names})
+        return type(defaults).from_flat(flat, f"attention/{backend}")
+
+    if backward == implementation:
+        kernels = configured(implementation, (*forward_names, *backward_names))
+        return kernels.forward, kernels.dkdv, kernels.dq
+    backward_kernels = configured(backward, backward_names)
+    return (configured(implementation, forward_names).forward, backward_kernels.dkdv,
+            backward_kernels.dq)
 
 
 def shape_key(head_dim: int, seq_len: int) -> str:

@@ -22,10 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Sequence
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from kernels import config
 
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -34,10 +37,23 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 # that are sliced off): 32 runs the 64 kernels, 96 the 128 ones (bench/RESULTS.md has the cost).
 KERNEL_HEAD_DIMS = (64, 128, 256)
 MIN_BLOCK = 16  # Triton dots need every dimension >= 16; TPU bf16 tiles are 16 rows.
-# The tuning parameters every backend has: forward tiles of q (block_q) against tiles of k/v
-# (block_k); the backward's dK/dV kernel holds a key tile (block_k_dkv) and streams query tiles
-# (block_q_dkv), its dQ kernel the other way round.
-BLOCKS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
+
+def block(*, minimum: int = MIN_BLOCK):
+    """A tile of the sequence (query or key rows): a power of two (fit_blocks pads the sequence to
+    the largest, which every other divides)."""
+    return config.tile(power_of_two=True, minimum=minimum)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(config.Kernels):
+    """An attention backend's three kernels' configurations: the forward, the backward's dK/dV
+    kernel (a key tile block_k, streaming query tiles block_q) and its dQ kernel (the other way
+    round). Subclasses type the fields with their kernels' classes; every field named block_*
+    tiles the sequence."""
+    forward: config.KernelConfig
+    dkdv: config.KernelConfig
+    dq: config.KernelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +61,17 @@ class Plan:
     """Everything static about one attention call (hashable: the custom_vjp's non-array argument).
 
     seq_len is the true length; the arrays the kernels see are padded to a multiple of every block.
-    `tuning` is the configuration (block sizes, warps, stages) as sorted (name, value) pairs.
+    forward is the forward kernel's configuration, dkdv and dq the backward kernels' (of the
+    backend that differentiates it, which may be another: api.BACKWARDS).
     """
     implementation: str
     causal: bool
     sm_scale: float
     seq_len: int
-    tuning: tuple[tuple[str, int], ...]
+    forward: config.KernelConfig
+    dkdv: config.KernelConfig
+    dq: config.KernelConfig
     interpret: bool
-
-    @property
-    def config(self) -> dict[str, int]:
-        return dict(self.tuning)
 
     @property
     def scale_log2(self) -> float:
@@ -72,21 +87,19 @@ def kernel_head_dim(head_dim: int) -> int:
     return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
-def fit_blocks(config: dict, block_names: tuple[str, ...], seq_len: int) -> tuple[dict, int]:
-    """Clamp the blocks to the sequence and pad it: -> (config, padded length).
+def fit_blocks(kernels: Sequence[config.KernelConfig], seq_len: int) -> tuple[list, int]:
+    """Clamp the kernels' blocks to the sequence and pad it: -> (kernels, padded length).
 
-    Blocks must be powers of two >= MIN_BLOCK (Triton needs both; TPU needs multiples of 8/16);
-    a block larger than the sequence shrinks to the next power of two above it, and the sequence
-    is padded to a multiple of the largest block (all blocks divide it, being powers of two).
+    A block larger than the sequence shrinks to the next power of two above it (>= MIN_BLOCK), and
+    the sequence is padded to a multiple of the largest block (all divide it, being powers of two).
     """
     cap = max(MIN_BLOCK, 1 << (seq_len - 1).bit_length())
-    fitted = dict(config)
-    for name in block_names:
-        size = config[name]
-        if size < MIN_BLOCK or size & (size - 1):
-            raise ValueError(f"attention block {name}={size} must be a power of two >= {MIN_BLOCK}")
-        fitted[name] = min(size, cap)
-    largest = max(fitted[name] for name in block_names)
+    fitted = [dataclasses.replace(kernel, **{name: min(size, cap) for name, size in
+                                             dataclasses.asdict(kernel).items()
+                                             if name.startswith("block_")})
+              for kernel in kernels]
+    largest = max(size for kernel in fitted for name, size in dataclasses.asdict(kernel).items()
+                  if name.startswith("block_"))
     return fitted, -(-seq_len // largest) * largest
 
 

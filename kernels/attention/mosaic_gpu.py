@@ -61,25 +61,65 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import compat
+from kernels import compat, config
 from kernels.attention import common
 from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, consume_units, launch,
                                       num_sms, on_sm90, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
 
-# Per head_dim: the forward's query tile per consumer warpgroup (block_q), key tile (block_k), ring
-# depth (num_stages) and ping-pong (schedule_barrier), the best of a first sweep on the H100 (without
-# ping-pong; bench/RESULTS.md); the MiB of streamed tiles whose (batch, head)s run together
-# (group_mib, launch_grid) and persistent CTAs; for the Mosaic GPU backward (mosaic_gpu_vjp.py,
-# which the table picks where it measured faster; else the forward's backward is Triton's, with
-# Triton's parameters: api.default_backward) the tiles and ring depth of its dK/dV kernel
-# (bwd_) and of its dQ kernel (bwd_dq_), group MiB and persistent CTAs. At head_dim 256 a
-# warpgroup's accumulator [64, 256] f32 already takes 128 registers a thread: 64-row query tiles,
-# and only the Triton backward (the Mosaic GPU one would hold two such accumulators, dk and dv).
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(config.KernelConfig):
+    """The forward: the query tile per consumer warpgroup (block_q) and the key tile (block_k),
+    both raised to wgmma's 64 rows; the K/V ring's depth; the ping-pong barrier; the MiB of
+    streamed tiles whose (batch, head)s run together (launch_grid); persistent CTAs."""
+    block_q: int = common.block()
+    block_k: int = common.block()
+    num_stages: int = config.stages()
+    schedule_barrier: bool = config.flag()
+    group_mib: int = config.count(minimum=0)
+    persistent: bool = config.flag()
+
+
+@dataclasses.dataclass(frozen=True)
+class DkDv(config.KernelConfig):
+    """The backward's dK/dV kernel (mosaic_gpu_vjp.py): the streamed query tile and its ring's
+    depth (its key tile is DKDV_BLOCK_K); the group MiB and persistent CTAs of both backward
+    kernels (the dQ kernel launches as this one does: bench/tune.py's backward_grid stage times
+    them together)."""
+    block_q: int = common.block()
+    num_stages: int = config.stages()
+    group_mib: int = config.count(minimum=0)
+    persistent: bool = config.flag()
+
+
+@dataclasses.dataclass(frozen=True)
+class Dq(config.KernelConfig):
+    """The backward's dQ kernel: its query tile, the streamed key tile and their ring's depth."""
+    block_q: int = common.block()
+    block_k: int = common.block()
+    num_stages: int = config.stages()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(common.Kernels):
+    forward: Forward
+    dkdv: DkDv
+    dq: Dq
+
+
+# Per head_dim, the best of a first sweep on the H100 (bench/RESULTS.md); the tuning table's
+# entries override them. The Mosaic GPU backward runs where the table measured it faster (else
+# the forward's backward is Triton's, with Triton's parameters: api.default_backward). At
+# head_dim 256 a warpgroup's accumulator [64, 256] f32 already takes 128 registers a thread:
+# 64-row query tiles, and only the Triton backward (the Mosaic GPU one would hold two such
+# accumulators, dk and dv).
 DEFAULTS = {
-    d: dict(block_q=128 if d < 256 else 64, block_k=64, num_stages=2, schedule_barrier=1,
-            group_mib=12, persistent=0, bwd_block_q=64, bwd_num_stages=2, bwd_dq_block_q=64,
-            bwd_dq_block_k=64, bwd_dq_num_stages=2, bwd_group_mib=12, bwd_persistent=0)
+    d: Kernels(Forward(block_q=128 if d < 256 else 64, block_k=64, num_stages=2,
+                       schedule_barrier=True, group_mib=12, persistent=False),
+               DkDv(block_q=64, num_stages=2, group_mib=12, persistent=False),
+               Dq(block_q=64, block_k=64, num_stages=2))
     for d in common.KERNEL_HEAD_DIMS
 }
 MOSAIC_BACKWARD_HEAD_DIMS = (64, 128)
@@ -183,10 +223,10 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     return num_units, work
 
 
-def forward_rows(config: dict) -> int:
+def forward_rows(forward: Forward) -> int:
     """The forward pads the sequence to a multiple of this: a CTA's two query tiles and a key tile
     (tiles raised to wgmma's 64 rows; powers of two, so the larger is a multiple of the other)."""
-    return max(CONSUMERS * max(config["block_q"], WGMMA_M), max(config["block_k"], WGMMA_M))
+    return max(CONSUMERS * max(forward.block_q, WGMMA_M), max(forward.block_k, WGMMA_M))
 
 
 # The Mosaic GPU dK/dV kernel's key tile per consumer warpgroup: 64 rows in every entry tuned on
@@ -194,17 +234,19 @@ def forward_rows(config: dict) -> int:
 DKDV_BLOCK_K = 64
 
 
-def backward_rows(config: dict) -> int:
+def backward_rows(dkdv: DkDv, dq: Dq) -> int:
     """The Mosaic GPU backward pads the sequence to a multiple of this: a CTA's two tiles, the
     largest of its dK/dV and dQ kernels' (raised to wgmma's 64 rows)."""
-    return CONSUMERS * max(DKDV_BLOCK_K, *(max(config[f"bwd_{name}"], WGMMA_M)
-                                           for name in ("block_q", "dq_block_q", "dq_block_k")))
+    return CONSUMERS * max(DKDV_BLOCK_K, *(max(rows, WGMMA_M)
+                                           for rows in (dkdv.block_q, dq.block_q, dq.block_k)))
 
 
-def sequence_rows(config: dict, mosaic_backward: bool) -> int:
+def sequence_rows(plan: common.Plan) -> int:
     """What the api pads the sequence to a multiple of, once, so that neither the forward nor its
     backward (the Mosaic GPU one, or Triton's) pads again."""
-    return max(forward_rows(config), backward_rows(config) if mosaic_backward else 1)
+    mosaic_backward = isinstance(plan.dkdv, DkDv)
+    return max(forward_rows(plan.forward),
+               backward_rows(plan.dkdv, plan.dq) if mosaic_backward else 1)
 
 
 def check_runs_here(plan: common.Plan, dtype) -> None:
@@ -340,12 +382,12 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     """
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
-    config = plan.config
-    bq, bk = (max(config[name], WGMMA_M) for name in ("block_q", "block_k"))
+    config = plan.forward
+    bq, bk = (max(rows, WGMMA_M) for rows in (config.block_q, config.block_k))
     padded = -(-s // forward_rows(config)) * forward_rows(config)   # s itself, from the api
-    stages = config["num_stages"]
+    stages = config.num_stages
     units = schedule_for(b, h, padded // (CONSUMERS * bq), 2 * padded * d * q.dtype.itemsize,
-                         config["group_mib"], config["persistent"])
+                         config.group_mib, config.persistent)
     buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
     smem = q.dtype.itemsize * d * (CONSUMERS * buffers * bq + 2 * stages * bk) + 4 * CONSUMERS * bq
     if smem > SMEM_BYTES:
@@ -358,7 +400,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
         q_loaded=plgpu.Barrier(num_barriers=CONSUMERS * buffers),
         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
-        ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config["schedule_barrier"] else None)
+        ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config.schedule_barrier else None)
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(

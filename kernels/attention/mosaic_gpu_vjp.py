@@ -18,9 +18,8 @@ As in the forward (mosaic_gpu.py), a producer warpgroup TMA-copies the streamed 
 and lse, delta [bq] from the first query tile the lower key tile needs, and the upper key tile's
 warpgroup skips the ones before its own first; the dQ kernel streams k, v up to the last key tile
 the upper query tile needs, and the lower one skips the rest. Each kernel has its own tiles and
-ring depth (`bwd_block_q` and `bwd_num_stages`, its key tile `DKDV_BLOCK_K`; `bwd_dq_` the same for
-dQ): at S8192
-D64 dK/dV is fastest with 128-query x 64-key tiles, dQ with 64 x 128 (bench/RESULTS.md, version
+ring depth (mosaic_gpu.DkDv: `dkdv_block_q` and `dkdv_num_stages`, its key tile `DKDV_BLOCK_K`;
+mosaic_gpu.Dq: `dq_` the same for dQ): at S8192 D64 dK/dV is fastest with 128-query x 64-key tiles, dQ with 64 x 128 (bench/RESULTS.md, version
 14). Masks only on the tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq
 accumulate in f32 registers, p and ds enter the tensor cores in bf16 from registers. Within a
 step the products overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right
@@ -29,7 +28,7 @@ while p^T do runs, and dp^T's product starts from -delta, so the tensor cores su
 instruction per element, no registers for delta: 8% faster at S8192 D64, RESULTS.md version 14;
 the same in the dQ kernel, or for lse, measured no faster).
 
-Both kernels run a CTA per unit (a pair of tiles), or (`bwd_persistent` = 1) one CTA per
+Both kernels run a CTA per unit (a pair of tiles), or (`dkdv_persistent`) one CTA per
 multiprocessor through the folds of mosaic_gpu.Schedule, as the forward does: the producer
 streams the next unit's tiles through the same rings, and each consumer loads its next unit's own
 tiles (k and v; q, do, lse and delta) into a second buffer. Measured faster at head_dim 128 up to
@@ -237,16 +236,16 @@ def backward(plan: common.Plan, residuals, do):
     Tiles are raised to 64 rows (wgmma's M) and the sequence padded to a multiple of a CTA's two
     tiles (the largest of either kernel); padded rows have do = 0 and delta = 0, so they add
     nothing."""
-    config = plan.config
     q, k, v, o, lse, o_lo = residuals
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
     # Each kernel's query and key tiles: dK/dV's, then dQ's.
-    bq, dq_bq, dq_bk = (max(config[f"bwd_{name}"], WGMMA_M) for name in
-                        ("block_q", "dq_block_q", "dq_block_k"))
+    bq, dq_bq, dq_bk = (max(rows, WGMMA_M)
+                        for rows in (plan.dkdv.block_q, plan.dq.block_q, plan.dq.block_k))
     bk = DKDV_BLOCK_K
-    stages, dq_stages = config["bwd_num_stages"], config["bwd_dq_num_stages"]
-    padded = -(-s // backward_rows(config)) * backward_rows(config)   # s itself, from the api
+    stages, dq_stages = plan.dkdv.num_stages, plan.dq.num_stages
+    rows = backward_rows(plan.dkdv, plan.dq)
+    padded = -(-s // rows) * rows   # s itself, from the api
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
     q_p, k_p, v_p, do_p = (pad_rows(x, padded) for x in (q, k, v, do))
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
@@ -257,7 +256,7 @@ def backward(plan: common.Plan, residuals, do):
     # CTAs load the next unit's own tiles into a second buffer.
     units = lambda block: schedule_for(b, h, padded // (CONSUMERS * block),
                                        2 * padded * d * q.dtype.itemsize,
-                                       config["bwd_group_mib"], config["bwd_persistent"])
+                                       plan.dkdv.group_mib, plan.dkdv.persistent)
     dkdv_units, dq_units = units(bk), units(dq_bq)
     buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(

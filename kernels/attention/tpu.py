@@ -11,6 +11,7 @@ index is clamped to the last tile needed, so the pipeline does not fetch them ei
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,12 +19,29 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import config
 from kernels.attention import common
 
-# Per head_dim: common.BLOCKS (the MXU is 128 or 256 wide; blocks under 128 waste it).
+
+@dataclasses.dataclass(frozen=True)
+class Tiles(config.KernelConfig):
+    """A kernel's query tile (block_q) and key tile (block_k): the forward, dK/dV and dQ kernels
+    each have their own."""
+    block_q: int = common.block()
+    block_k: int = common.block()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(common.Kernels):
+    forward: Tiles
+    dkdv: Tiles
+    dq: Tiles
+
+
+# Per head_dim: 128-row tiles everywhere (the MXU is 128 or 256 wide; tiles under 128 waste it).
 # Measured entries in kernels/tuning.json override these.
-DEFAULTS = {d: dict(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
-                    block_q_dq=128, block_k_dq=128) for d in common.KERNEL_HEAD_DIMS}
+DEFAULTS = {d: Kernels(Tiles(128, 128), Tiles(128, 128), Tiles(128, 128))
+            for d in common.KERNEL_HEAD_DIMS}
 
 
 def heads_major(x):
@@ -86,7 +104,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     """
     q, k, v = (heads_major(x) for x in (q, k, v))
     b, h, s, d = q.shape
-    bq, bk = plan.config["block_q"], plan.config["block_k"]
+    bq, bk = plan.forward.block_q, plan.forward.block_k
 
     def kv_index(b_, h_, i, j):  # past the last tile needed: stay on it (no fetch)
         return b_, h_, jnp.minimum(j, common.kv_tiles(i, plan, bq, bk)[1] - 1), 0

@@ -82,7 +82,7 @@ def backward(plan: common.Plan, residuals, do):
     cost = functools.partial(common.cost_estimate, q, s, plan)
     rows_spec = lambda n, index: pl.BlockSpec((None, None, n, d), index)
 
-    bq, bk = plan.config["block_q_dkv"], plan.config["block_k_dkv"]
+    bq, bk = plan.dkdv.block_q, plan.dkdv.block_k
 
     def query_tile_index(j, i):  # outside the query tiles needed: stay on the nearest (no fetch)
         start, _, end = common.q_tiles(j, plan, bq, bk)
@@ -101,7 +101,7 @@ def backward(plan: common.Plan, residuals, do):
         scratch=[(bk, d), (bk, d)], cost=cost(matmuls=4, arrays=6), plan=plan,
         name="flash_attention_dkdv")(q, k, v, do, as_rows(lse), as_rows(delta))
 
-    bq, bk = plan.config["block_q_dq"], plan.config["block_k_dq"]
+    bq, bk = plan.dq.block_q, plan.dq.block_k
 
     def kv_index(b_, h_, i, j):  # past the last key tile needed: stay on it (no fetch)
         return b_, h_, jnp.minimum(j, common.kv_tiles(i, plan, bq, bk)[1] - 1), 0

@@ -12,6 +12,7 @@ and the query tiles run last-first: the longest rows start first, the short ones
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,22 +20,38 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import config
 from kernels.attention import common
 
-# Per head_dim: common.BLOCKS, and warps and pipeline stages for the forward and the backward.
-# Measured entries in kernels/tuning.json override these (bench/tune.py).
+
+@dataclasses.dataclass(frozen=True)
+class Launch(config.KernelConfig):
+    """A kernel's tiles (query rows block_q, key rows block_k), warps and software-pipeline
+    stages: the forward, dK/dV and dQ kernels each have their own."""
+    block_q: int = common.block()
+    block_k: int = common.block()
+    num_warps: int = config.count()
+    num_stages: int = config.stages()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(common.Kernels):
+    forward: Launch
+    dkdv: Launch
+    dq: Launch
+
+
+def _kernels(forward: tuple, dkdv: tuple, dq: tuple) -> Kernels:
+    return Kernels(Launch(*forward), Launch(*dkdv), Launch(*dq))
+
+
+# Per head_dim; measured entries in kernels/tuning.json override these (bench/tune.py).
 DEFAULTS = {
-    64: dict(block_q=128, block_k=64, num_warps=4, num_stages=3,
-             block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32,
-             num_warps_bwd=4, num_stages_bwd=3),
-    128: dict(block_q=128, block_k=64, num_warps=8, num_stages=3,
-              block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
-              num_warps_bwd=4, num_stages_bwd=3),
+    64: _kernels(forward=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+    128: _kernels(forward=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
     # Half the rows of 128's, so an accumulator [rows, 256] f32 takes as many registers a thread;
     # 8 warps in the backward for the two [32, 256] accumulators dk and dv.
-    256: dict(block_q=64, block_k=32, num_warps=8, num_stages=2,
-              block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32,
-              num_warps_bwd=8, num_stages_bwd=2),
+    256: _kernels(forward=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 32, 8, 2)),
 }
 
 
@@ -78,8 +95,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     (common.low_half).
     """
     b, s, h, d = q.shape
-    config = plan.config
-    bq, bk = config["block_q"], config["block_k"]
+    bq, bk = plan.forward.block_q, plan.forward.block_k
     num_q = s // bq
     tile = lambda i: common.tile_order(i, num_q, plan.causal)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, tile(i), h_, 0))
@@ -92,7 +108,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
         grid=(num_q, b, h), in_specs=[q_spec, seq_spec, seq_spec],
         out_specs=[q_spec, lse_spec, q_spec] if residuals else [q_spec],
         out_shape=[o_shape, lse_shape, o_shape] if residuals else [o_shape],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=plan.forward.num_warps, num_stages=plan.forward.num_stages,
         cost=common.cost_estimate(q, s, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
         name="flash_attention_fwd")(q, k, v)
     return o, ((q, k, v, o, *saved) if residuals else None)

@@ -63,16 +63,15 @@ def backward(plan: common.Plan, residuals, do):
     """-> (dq, dk, dv) [B, S, H, D] for the cotangent do [B, S, H, D] of o."""
     q, k, v, o, lse, o_lo = residuals
     b, s, h, d = q.shape
-    config = plan.config
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)              # [B, H, S]
     rows_spec = lambda n, index: pl.BlockSpec((None, n, None, d), index)
     stats_spec = lambda n, index: pl.BlockSpec((None, None, n), index)
     whole = lambda t, b_, h_: (b_, 0, h_, 0)
     whole_stats = lambda t, b_, h_: (b_, h_, 0)
     cost = functools.partial(common.cost_estimate, q, s, plan)
-    warps_stages = dict(num_warps=config["num_warps_bwd"], num_stages=config["num_stages_bwd"])
+    launch = lambda kernel: dict(num_warps=kernel.num_warps, num_stages=kernel.num_stages)
 
-    bq, bk = config["block_q_dkv"], config["block_k_dkv"]
+    bq, bk = plan.dkdv.block_q, plan.dkdv.block_k
     key_tile = rows_spec(bk, lambda j, b_, h_: (b_, j, h_, 0))
     dk, dv = call(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk),
@@ -82,9 +81,9 @@ def backward(plan: common.Plan, residuals, do):
         out_specs=[key_tile, key_tile],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         cost=cost(matmuls=4, arrays=6), plan=plan, name="flash_attention_dkdv",
-        **warps_stages)(q, k, v, do, lse, delta)
+        **launch(plan.dkdv))(q, k, v, do, lse, delta)
 
-    bq, bk = config["block_q_dq"], config["block_k_dq"]
+    bq, bk = plan.dq.block_q, plan.dq.block_k
     num_q = s // bq
     tile = lambda i: common.tile_order(i, num_q, plan.causal)
     query_tile = rows_spec(bq, lambda i, b_, h_: (b_, tile(i), h_, 0))
@@ -96,5 +95,5 @@ def backward(plan: common.Plan, residuals, do):
                   query_stats, query_stats],
         out_specs=query_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         cost=cost(matmuls=3, arrays=5), plan=plan, name="flash_attention_dq",
-        **warps_stages)(q, k, v, do, lse, delta)
+        **launch(plan.dq))(q, k, v, do, lse, delta)
     return dq, dk, dv

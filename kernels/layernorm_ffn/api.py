@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import op, tuning, warp_specialized
+from kernels.config import Kernels
 from kernels.layernorm_ffn import mosaic_gpu, mosaic_gpu_vjp, tpu, tpu_vjp, triton, triton_vjp
 from microgpt import model
 
@@ -20,11 +21,11 @@ class _Static:
     eps: float
     residual: bool
     implementation: str
-    config: tuple
+    config: Kernels   # the backend's kernels' configurations (<backend>_vjp.Kernels)
     interpret: bool
 
     def kwargs(self) -> dict:
-        return dict(residual=self.residual, config=dict(self.config), interpret=self.interpret)
+        return dict(residual=self.residual, config=self.config, interpret=self.interpret)
 
 
 def _backend(forward_module: ModuleType, backward_module: ModuleType, platform: str) -> op.Backend:
@@ -43,8 +44,8 @@ def _backend(forward_module: ModuleType, backward_module: ModuleType, platform: 
     return op.Backend(forward, backward, platform)
 
 
-# implementation -> its forward and backward modules (which own its configuration) and the
-# platform they compile for (mosaic_gpu: Hopper, no interpret mode).
+# implementation -> its forward and backward modules (which own its configuration, the backward
+# module its Kernels) and the platform they compile for (mosaic_gpu: Hopper, no interpret mode).
 _MODULES = {"triton": (triton, triton_vjp, "gpu"), "mosaic_gpu": (mosaic_gpu, mosaic_gpu_vjp, "gpu"),
             "tpu": (tpu, tpu_vjp, "tpu")}
 OP = op.Op("layernorm_ffn", model.layernorm_ffn,
@@ -81,7 +82,7 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
     (Pallas Mosaic GPU GEMMs, Hopper only, bf16 x), "tpu" (Pallas Mosaic TPU); None picks by
     backend (`default_implementation`).  Off their own hardware the Triton and TPU kernels run in
     Pallas's interpret mode.  block_sizes overrides the tuning table (kernels.tuning), e.g.
-    {"up_block_n": 256}; see <backend>.default_config and <backend>_vjp.default_config for names.
+    {"up_block_n": 256} (the flat names of <backend>_vjp.Kernels: kernels/config.py).
     interpret: run the Pallas kernels in interpret mode; None interprets exactly when the default
     backend is not the kernel's platform (False on a CPU host lowers them for their chip, for
     jax.export; mosaic_gpu has no interpret mode).
@@ -98,36 +99,42 @@ def layernorm_ffn(x: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, w_fc: j
                  interpret=interpret)
 
 
-def default_config(implementation: str, d: int) -> dict:
-    """Every kernel parameter of `implementation` (forward and backward) and its default at width d."""
+def default_config(implementation: str, d: int) -> Kernels:
+    """The default configuration of every kernel of `implementation` (forward and backward) at
+    width d."""
     forward_module, backward_module, _ = _MODULES[implementation]
-    return {**forward_module.default_config(d), **backward_module.default_config(d)}
+    return backward_module.Kernels(**forward_module.default_config(d),
+                                   **backward_module.default_config(d))
 
 
-def kernel_config(implementation: str, d: int, tokens: int, overrides: dict | None = None) -> dict:
-    """The block sizes of every kernel of `implementation` at width d, from kernels.tuning's table,
-    token tiles shrunk (to powers of two >= 16) when there are fewer tokens than a tile."""
+def kernel_config(implementation: str, d: int, tokens: int,
+                  overrides: dict | None = None) -> Kernels:
+    """The configuration of every kernel of `implementation` at width d, from kernels.tuning's
+    table, token tiles shrunk (to powers of two >= 16) when there are fewer tokens than a tile."""
     forward_module, backward_module, _ = _MODULES[implementation]
-    config = OP.config(implementation, f"d{d}", default_config(implementation, d), overrides)
+    defaults = default_config(implementation, d)
+    flat = OP.config(implementation, f"d{d}", defaults.flat(), overrides)
     cap = max(16, 1 << (tokens - 1).bit_length())
     for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES:
-        config[name] = min(config[name], cap)
-    forward_module.check_config(config, d)
-    backward_module.check_config(config, d)
-    return config
+        flat[name] = min(flat[name], cap)
+    kernels = type(defaults).from_flat(flat, f"layernorm_ffn/{implementation}")
+    forward_module.check_config(kernels, d)
+    backward_module.check_config(kernels, d)
+    return kernels
 
 
 def fused(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-          implementation: str, config: dict, interpret: bool) -> jax.Array:
+          implementation: str, config: Kernels, interpret: bool) -> jax.Array:
     """layernorm_ffn by one backend with explicit config and interpret flag (no dispatch): the
     lowering tests call this with interpret=False to lower GPU and TPU kernels on a CPU host."""
     forward_module, backward_module, _ = _MODULES[implementation]
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     tokens = x2.shape[0]
-    tile = max(config[name] for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES)
+    flat = config.flat()
+    tile = max(flat[name] for name in forward_module.TOKEN_TILES + backward_module.TOKEN_TILES)
     padded = -(-tokens // tile) * tile  # every token tile is a power of two, so divides `tile`
-    static = _Static(eps, residual, implementation, tuple(sorted(config.items())), interpret)
+    static = _Static(eps, residual, implementation, config, interpret)
     # Padded rows are zeros: their LayerNorm is finite (rstd = 1/sqrt(eps)) and their cotangent,
     # the transpose of the slice below, is zero, so they add nothing to any parameter gradient.
     out = op.differentiable(OP.backend(implementation), static,

@@ -5,12 +5,15 @@ needs power-of-two tensor shapes, and d = 768 is not one); the TPU kernels pass 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from kernels import config as kernel_config
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
@@ -118,18 +121,17 @@ def layernorm_backward(dxn: Sequence[jax.Array], xhat: Sequence[jax.Array], rstd
     return [rstd * (g - mean_dxhat - h * mean_dxhat_xhat) for g, h in zip(dxhat, xhat)]
 
 
-def check_tile(name: str, value: int, extent: int, *, multiple_of: int = 1,
-               power_of_two: bool = False) -> None:
-    """Raise a ValueError naming the tuning parameter unless `value` tiles `extent` as required."""
-    problems = []
+@dataclasses.dataclass(frozen=True)
+class Rows(kernel_config.KernelConfig):
+    """A row-wise pass's token tile (the LayerNorm, its backward): a power of two."""
+    block_t: int = kernel_config.tile(power_of_two=True)
+
+
+def check_divides(name: str, value: int, extent: int) -> None:
+    """Raise a ValueError naming the tuning parameter unless `value` divides `extent` (a
+    configuration's own checks run when it is built: kernels/config.py)."""
     if extent % value:
-        problems.append(f"divide {extent}")
-    if value % multiple_of and value != extent:
-        problems.append(f"be a multiple of {multiple_of}")
-    if power_of_two and (value < 16 or value & (value - 1)):
-        problems.append("be a power of two >= 16")
-    if problems:
-        raise ValueError(f"layernorm_ffn: {name}={value} must {' and '.join(problems)}")
+        raise ValueError(f"layernorm_ffn: {name}={value} must divide {extent}")
 
 
 def flops(tokens: int, d: int) -> int:
@@ -138,28 +140,30 @@ def flops(tokens: int, d: int) -> int:
 
 
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-            config: dict, save_residuals: bool, interpret: bool, layernorm: Callable,
+            config, save_residuals: bool, interpret: bool, layernorm: Callable,
             matmul: Callable, tanh: Callable):
     """The GPU backends' forward, its hidden through HBM (triton.py says why): an LN pass, then
     two GEMMs with fused epilogues, each backend bringing its kernels:
 
-        layernorm(x, ln_scale, ln_bias, eps, config, interpret) -> xn bf16 [T, d], mean, rstd
-        matmul(a, b, epilogue, epilogue inputs, out shapes, b_transposed, config, gemm,
-               interpret) -> outputs
+        layernorm(x, ln_scale, ln_bias, eps, config (config.ln), interpret) -> xn bf16 [T, d],
+            mean, rstd
+        matmul(a, b, epilogue, epilogue inputs, out shapes, b_transposed, config (config.up or
+               config.down), gemm (its name), interpret) -> outputs
 
     x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None)."""
     tokens, d = x.shape
     hidden = w_fc.shape[1]
-    xn, mean, rstd = layernorm(x, ln_scale, ln_bias, eps=eps, config=config, interpret=interpret)
+    xn, mean, rstd = layernorm(x, ln_scale, ln_bias, eps=eps, config=config.ln,
+                               interpret=interpret)
     hidden_bf16 = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
     g, *gelu_grad = matmul(
         xn, w_fc.astype(jnp.bfloat16),
         functools.partial(up_epilogue, tanh=tanh, with_grad=save_residuals),
         [b_fc.astype(jnp.float32)], [hidden_bf16] * (2 if save_residuals else 1),
-        b_transposed=False, config=config, gemm="up", interpret=interpret)
+        b_transposed=False, config=config.up, gemm="up", interpret=interpret)
     (out,) = matmul(
         g, w_proj.astype(jnp.bfloat16), down_epilogue,
         [b_proj.astype(jnp.float32)] + ([x] if residual else []),
         [jax.ShapeDtypeStruct((tokens, d), x.dtype)],
-        b_transposed=False, config=config, gemm="down", interpret=interpret)
+        b_transposed=False, config=config.down, gemm="down", interpret=interpret)
     return out, (Residuals(xn, g, gelu_grad[0], mean, rstd) if save_residuals else None)

@@ -24,45 +24,31 @@ import jax.numpy as jnp
 
 from kernels import mosaic_gpu_gemm
 from kernels.layernorm_ffn import common, triton
-from kernels.layernorm_ffn.common import check_tile
-from kernels.warp_specialized import WGMMA_M, on_sm90
+from kernels.layernorm_ffn.common import check_divides
+from kernels.mosaic_gpu_gemm import Tiles
+from kernels.warp_specialized import on_sm90
 
-GEMMS = ("up", "down")
 TOKEN_TILES = ("ln_block_t",)   # the GEMMs pad the tokens to their own tiles
 NOT_HERE = ("the mosaic_gpu LayerNorm+FFN runs only on an sm90 GPU; use implementation='triton' "
             "to interpret on CPU")
 
 
 def default_config(d: int) -> dict:
-    """64 x 256 output tiles per consumer warpgroup (128 accumulator registers per thread; fewer
-    columns where N needs), 3 ring stages (210 KB of shared memory with the epilogue buffer); the
-    LN pass is Triton's."""
-    return {"ln_block_t": triton.default_config(d)["ln_block_t"],
-            **gemm_defaults("up", 4 * d), **gemm_defaults("down", d)}
+    """The forward's kernels: 64 x 256 output tiles per consumer warpgroup (128 accumulator
+    registers per thread; fewer columns where N needs), 3 ring stages (210 KB of shared memory
+    with the epilogue buffer); the LN pass is Triton's."""
+    return {"ln": triton.default_config(d)["ln"], "up": gemm_defaults(4 * d),
+            "down": gemm_defaults(d)}
 
 
-def gemm_defaults(gemm: str, n: int) -> dict:
+def gemm_defaults(n: int) -> Tiles:
     """64 rows per consumer warpgroup, the widest of 256, 128, 64 columns that divides N."""
-    block_n = next(b for b in (256, 128, 64) if n % b == 0)
-    return {f"{gemm}_block_m": 64, f"{gemm}_block_n": block_n, f"{gemm}_num_stages": 3}
+    return Tiles(block_m=64, block_n=next(b for b in (256, 128, 64) if n % b == 0), num_stages=3)
 
 
-def check_gemm_config(config: dict, gemm: str, n: int) -> None:
-    check_tile(f"{gemm}_block_m", config[f"{gemm}_block_m"], config[f"{gemm}_block_m"],
-               multiple_of=WGMMA_M)
-    check_tile(f"{gemm}_block_n", config[f"{gemm}_block_n"], n, multiple_of=64)
-    registers = config[f"{gemm}_block_m"] * config[f"{gemm}_block_n"] // 128
-    if registers > 128:
-        raise ValueError(f"layernorm_ffn: {gemm}_block_m x {gemm}_block_n needs {registers} f32 "
-                         f"accumulator registers per thread; at most 128 fit beside the epilogue")
-    if config[f"{gemm}_num_stages"] < 2:
-        raise ValueError(f"layernorm_ffn: {gemm}_num_stages must be at least 2")
-
-
-def check_config(config: dict, d: int) -> None:
-    triton.check_config({**triton.default_config(d), "ln_block_t": config["ln_block_t"]}, d)
-    check_gemm_config(config, "up", 4 * d)
-    check_gemm_config(config, "down", d)
+def check_config(config, d: int) -> None:
+    check_divides("up_block_n", config.up.block_n, 4 * d)
+    check_divides("down_block_n", config.down.block_n, d)
 
 
 def check_runs_here(interpret: bool, *arrays) -> None:
@@ -78,23 +64,23 @@ def check_runs_here(interpret: bool, *arrays) -> None:
 # The GEMM.
 
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
-           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, config: dict,
+           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, config: Tiles,
            gemm: str, interpret: bool = False) -> list[jax.Array]:
-    """epilogue(A @ B), triton.matmul's contract on kernels/mosaic_gpu_gemm.py's GEMM with the
-    tiles of config's `gemm` entries: a [M, K] bf16; b [K, N], or [N, K] with b_transposed, bf16;
-    epilogue inputs [N] (vectors: f32) then at most one [M, N] bf16 tile; outputs [M, N] bf16."""
+    """epilogue(A @ B), triton.matmul's contract on kernels/mosaic_gpu_gemm.py's GEMM in the
+    tiles of config (gemm names the kernel): a [M, K] bf16; b [K, N], or [N, K] with b_transposed,
+    bf16; epilogue inputs [N] (vectors: f32) then at most one [M, N] bf16 tile; outputs [M, N]
+    bf16."""
     check_runs_here(interpret, a, *epilogue_inputs, *out_shape)
-    return mosaic_gpu_gemm.matmul(
-        a, b, epilogue, epilogue_inputs, out_shape, b_transposed=b_transposed,
-        block_m=config[f"{gemm}_block_m"], block_n=config[f"{gemm}_block_n"],
-        num_stages=config[f"{gemm}_num_stages"], name=f"layernorm_ffn_{gemm}_mgpu")
+    return mosaic_gpu_gemm.matmul(a, b, epilogue, epilogue_inputs, out_shape,
+                                  b_transposed=b_transposed, tiles=config,
+                                  name=f"layernorm_ffn_{gemm}_mgpu")
 
 
 # ------------------------------------------------------------------------------------------------
 # The forward.
 
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-            config: dict, save_residuals: bool, interpret: bool):
+            config, save_residuals: bool, interpret: bool):
     """Triton's LN pass and this file's GEMMs (common.forward): x [T, d] bf16 -> (out [T, d],
     Residuals or None). jnp.tanh: Mosaic GPU lowers it to tanh.approx.f32 under approx_math."""
     check_runs_here(interpret, x)

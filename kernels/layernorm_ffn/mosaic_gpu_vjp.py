@@ -24,6 +24,7 @@ f32 for the output quarters on their way to the TMA, and CONSUMERS 64 x 64 bf16 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -33,35 +34,48 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import config as kernel_config
 from kernels import mosaic_gpu_gemm
 from kernels.layernorm_ffn import mosaic_gpu, triton_vjp
-from kernels.layernorm_ffn.common import check_tile
-from kernels.mosaic_gpu_gemm import BLOCK_K
+from kernels.layernorm_ffn.common import Rows, check_divides
+from kernels.mosaic_gpu_gemm import BLOCK_K, Tiles
 from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, Ring, accumulate, launch, pad_rows,
                                       produce, ring_scratch, specialize, tiled_smem)
 
-GEMMS = ("dz", "dxn", "dw")
 TOKEN_TILES = ("lnb_block_t",)
 SUMS_COLUMNS = 64  # the ones block's width (wgmma's B tile: one 128-byte swizzled bf16 row)
 FLUSH_STEPS = 4   # a unit's TMA reduce-add costs about this many k-steps (for choosing chunks)
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernels(kernel_config.Kernels):
+    """The Mosaic GPU backend's kernels: the forward's (mosaic_gpu.py) and the backward's, every
+    GEMM (dw: the weight-gradient kernel below) in mosaic_gpu_gemm.Tiles; the LayerNorm passes
+    are Triton's."""
+    ln: Rows
+    up: Tiles
+    down: Tiles
+    lnb: Rows
+    dz: Tiles
+    dxn: Tiles
+    dw: Tiles
+
+
 def default_config(d: int) -> dict:
-    """mosaic_gpu.py's GEMM defaults for dz and dxn; 128 x 128 weight tiles per consumer
-    warpgroup, 3 stages; triton_vjp's LayerNorm-backward rows."""
-    return ({"lnb_block_t": triton_vjp.default_config(d)["lnb_block_t"]}
-            | mosaic_gpu.gemm_defaults("dz", 4 * d) | mosaic_gpu.gemm_defaults("dxn", d)
-            | {"dw_block_m": 128, "dw_block_n": 128, "dw_num_stages": 3})
+    """The backward's kernels: mosaic_gpu.py's GEMM defaults for dz and dxn; 128 x 128 weight
+    tiles per consumer warpgroup, 3 stages; triton_vjp's LayerNorm-backward rows."""
+    return {"lnb": triton_vjp.default_config(d)["lnb"], "dz": mosaic_gpu.gemm_defaults(4 * d),
+            "dxn": mosaic_gpu.gemm_defaults(d),
+            "dw": Tiles(block_m=128, block_n=128, num_stages=3)}
 
 
-def check_config(config: dict, d: int) -> None:
-    triton_defaults = triton_vjp.default_config(d)
-    triton_vjp.check_config({**triton_defaults, "lnb_block_t": config["lnb_block_t"],
-                             "ln_block_t": config["ln_block_t"]}, d)
-    mosaic_gpu.check_gemm_config(config, "dz", 4 * d)
-    mosaic_gpu.check_gemm_config(config, "dxn", d)
-    mosaic_gpu.check_gemm_config(config, "dw", d)
-    check_tile("dw_block_m", CONSUMERS * config["dw_block_m"], 4 * d)
+def check_config(config: Kernels, d: int) -> None:
+    triton_vjp.check_layernorm_rows(config)
+    check_divides("dz_block_n", config.dz.block_n, 4 * d)
+    check_divides("dxn_block_n", config.dxn.block_n, d)
+    check_divides("dw_block_n", config.dw.block_n, d)
+    check_divides(f"dw_block_m ({CONSUMERS} warpgroups' rows)", CONSUMERS * config.dw.block_m,
+                  4 * d)
 
 
 def choose_chunks(num_tiles: int, k_steps: int, num_ctas: int) -> int:
@@ -155,14 +169,13 @@ def _weight_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, on
     specialize(consume, lambda: produce((a_ring, b_ring), my_units * chunk_steps))
 
 
-def weight_gradient(a: jax.Array, b: jax.Array, *, config: dict, column_sums: bool = False):
+def weight_gradient(a: jax.Array, b: jax.Array, *, tiles: Tiles, column_sums: bool = False):
     """a^T b over the token rows, in f32: a [T, M] bf16, b [T, N] bf16 -> [M, N] f32, and with
-    column_sums also a^T 1 -> [M] f32 (else None). M a multiple of CONSUMERS * dw_block_m, N of
-    dw_block_n; T is padded here to a multiple of 64 (zero rows add nothing)."""
+    column_sums also a^T 1 -> [M] f32 (else None). M a multiple of CONSUMERS * tiles.block_m, N
+    of tiles.block_n; T is padded here to a multiple of 64 (zero rows add nothing)."""
     mosaic_gpu.check_runs_here(False, a, b)
     (tokens, m), n = a.shape, b.shape[1]
-    block_m, block_n, stages = (config[f"dw_{name}"] for name in ("block_m", "block_n",
-                                                                  "num_stages"))
+    block_m, block_n, stages = tiles.block_m, tiles.block_n, tiles.num_stages
     padded = -(-tokens // BLOCK_K) * BLOCK_K
     k_steps, tiles_n = padded // BLOCK_K, n // block_n
     num_tiles = m // (CONSUMERS * block_m) * tiles_n
@@ -189,12 +202,12 @@ def weight_gradient(a: jax.Array, b: jax.Array, *, config: dict, column_sums: bo
 def _weight_gradients(g, dy, dz, xn, *, config, interpret):
     """triton_vjp._weight_gradients' contract: dW_proj [F, d], dW_fc [d, F], db_fc [F], f32."""
     del interpret   # checked by backward
-    dw_proj, _ = weight_gradient(g, dy, config=config)
-    dw_fc_t, db_fc = weight_gradient(dz, xn, config=config, column_sums=True)
+    dw_proj, _ = weight_gradient(g, dy, tiles=config.dw)
+    dw_fc_t, db_fc = weight_gradient(dz, xn, tiles=config.dw, column_sums=True)
     return dw_proj, dw_fc_t.T, db_fc
 
 
-def backward(dy, x, ln_scale, w_fc, w_proj, residuals, *, residual: bool, config: dict,
+def backward(dy, x, ln_scale, w_fc, w_proj, residuals, *, residual: bool, config: Kernels,
              interpret: bool):
     """triton_vjp.backward with the Mosaic GPU GEMMs (same arguments and results)."""
     mosaic_gpu.check_runs_here(interpret, x)

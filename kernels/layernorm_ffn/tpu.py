@@ -16,6 +16,7 @@ With save_residuals the kernel also writes common.Residuals (xn, g, gelu'(z), me
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,20 +24,27 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.layernorm_ffn.common import (Residuals, check_tile, dot, flops, gelu, gelu_and_grad,
-                                          layernorm_stats)
-
+from kernels import config as kernel_config
+from kernels.layernorm_ffn.common import (Residuals, check_divides, dot, flops, gelu,
+                                          gelu_and_grad, layernorm_stats)
 
 TOKEN_TILES = ("block_t",)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiles(kernel_config.KernelConfig):
+    """A program's token rows (block_t, a power of two >= 16: bf16 tiles are 16 rows) and its
+    slice of the hidden width (block_f, lanes of 128): the forward's and the dx kernel's."""
+    block_t: int = kernel_config.tile(power_of_two=True, minimum=16)
+    block_f: int = kernel_config.tile(multiple_of=128)
+
+
 def default_config(d: int) -> dict:
-    return {"block_t": 256, "block_f": 512}
+    return {"forward": Tiles(block_t=256, block_f=512)}
 
 
-def check_config(config: dict, d: int) -> None:
-    check_tile("block_t", config["block_t"], config["block_t"], power_of_two=True)
-    check_tile("block_f", config["block_f"], 4 * d, multiple_of=128)
+def check_config(config, d: int) -> None:
+    check_divides("block_f", config.forward.block_f, 4 * d)
 
 
 def interpret_params(interpret: bool):
@@ -78,11 +86,11 @@ def _forward_kernel(x_ref, ln_scale_ref, ln_bias_ref, w_fc_ref, b_fc_ref, w_proj
 
 
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-            config: dict, save_residuals: bool, interpret: bool):
-    """x [T, d], T a multiple of config['block_t'] -> (out [T, d] in x's dtype, Residuals or None)."""
+            config, save_residuals: bool, interpret: bool):
+    """x [T, d], T a multiple of block_t -> (out [T, d] in x's dtype, Residuals or None)."""
     tokens, d = x.shape
     hidden = w_fc.shape[1]
-    bt, bf = config["block_t"], config["block_f"]
+    bt, bf = config.forward.block_t, config.forward.block_f
     rows = lambda width: pl.BlockSpec((bt, width), lambda t, f: (t, 0))
     hidden_tile = pl.BlockSpec((bt, bf), lambda t, f: (t, f))
     row_vector = pl.BlockSpec((1, d), lambda t, f: (0, 0))

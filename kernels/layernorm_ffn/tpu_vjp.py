@@ -15,6 +15,7 @@ reasons in triton_vjp.py; here dz is fused into the dx kernel, so only the weigh
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,27 +23,45 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.layernorm_ffn.common import (Residuals, check_tile, dot_t, layernorm_backward, t_dot)
+from kernels import config as kernel_config
+from kernels.layernorm_ffn import tpu
+from kernels.layernorm_ffn.common import (Residuals, check_divides, dot_t, layernorm_backward,
+                                          t_dot)
 from kernels.layernorm_ffn.tpu import interpret_params
-
 
 TOKEN_TILES = ("bwd_block_t", "dw_block_t")
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights(kernel_config.KernelConfig):
+    """The weight-gradient kernel: an output tile [block_f, block_d] f32 in VMEM, summed over
+    steps of block_t tokens (a power of two >= 16; the others lanes of 128)."""
+    block_t: int = kernel_config.tile(power_of_two=True, minimum=16)
+    block_f: int = kernel_config.tile(multiple_of=128)
+    block_d: int = kernel_config.tile(multiple_of=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(kernel_config.Kernels):
+    """The TPU backend's kernels: the fused forward (tpu.py), the dx kernel (bwd) and the weight
+    gradients' (dw)."""
+    forward: tpu.Tiles
+    bwd: tpu.Tiles
+    dw: Weights
+
+
 def default_config(d: int) -> dict:
-    """dx tiles as the forward's; weight tiles [512, d] f32 (2 MiB at d = 1024) summed over 512-token
-    steps, d whole where it is at most 1024 (a multiple of 128 dividing d otherwise)."""
+    """dx tiles as the forward's; weight tiles [512, d] f32 (2 MiB at d = 1024) summed over
+    512-token steps, d whole where it is at most 1024 (a multiple of 128 dividing d otherwise)."""
     block_d = d if d <= 1024 else max(b for b in range(128, 1025, 128) if d % b == 0)
-    return {"bwd_block_t": 256, "bwd_block_f": 512, "dw_block_t": 512, "dw_block_f": 512,
-            "dw_block_d": block_d}
+    return {"bwd": tpu.Tiles(block_t=256, block_f=512),
+            "dw": Weights(block_t=512, block_f=512, block_d=block_d)}
 
 
-def check_config(config: dict, d: int) -> None:
-    check_tile("bwd_block_t", config["bwd_block_t"], config["bwd_block_t"], power_of_two=True)
-    check_tile("bwd_block_f", config["bwd_block_f"], 4 * d, multiple_of=128)
-    check_tile("dw_block_t", config["dw_block_t"], config["dw_block_t"], power_of_two=True)
-    check_tile("dw_block_f", config["dw_block_f"], 4 * d, multiple_of=128)
-    check_tile("dw_block_d", config["dw_block_d"], d, multiple_of=128)
+def check_config(config: Kernels, d: int) -> None:
+    check_divides("bwd_block_f", config.bwd.block_f, 4 * d)
+    check_divides("dw_block_f", config.dw.block_f, 4 * d)
+    check_divides("dw_block_d", config.dw.block_d, d)
 
 
 def _dx_kernel(dy_ref, x_ref, mean_ref, rstd_ref, ln_scale_ref, w_fc_ref, w_proj_ref,
@@ -107,10 +126,10 @@ def _t_dot_kernel(a_ref, b_ref, out_ref, *refs):
             colsum_ref[...] = colsum_acc_ref[...]
 
 
-def _t_dot(a, b, *, with_colsum: bool, config: dict, interpret: bool):
+def _t_dot(a, b, *, with_colsum: bool, config: Weights, interpret: bool):
     """a [T, F], b [T, d] -> a^T b [F, d] f32 (and the column sums of a [F] f32)."""
     (tokens, hidden), d = a.shape, b.shape[1]
-    bt, bf, bd = config["dw_block_t"], config["dw_block_f"], config["dw_block_d"]
+    bt, bf, bd = config.block_t, config.block_f, config.block_d
     out_shape = [jax.ShapeDtypeStruct((hidden, d), jnp.float32)]
     out_specs = [pl.BlockSpec((bf, bd), lambda j, i, t: (j, i))]
     scratch = [pltpu.VMEM((bf, bd), jnp.float32)]
@@ -136,13 +155,13 @@ def _t_dot(a, b, *, with_colsum: bool, config: dict, interpret: bool):
     return outs[0], (outs[1][0] if with_colsum else None)
 
 
-def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: bool, config: dict,
-             interpret: bool):
+def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: bool,
+             config: Kernels, interpret: bool):
     """dy [T, d] -> (dx [T, d] in x's dtype, d_ln_scale, d_ln_bias, dW_fc, db_fc, dW_proj, db_proj),
     the parameter gradients in f32."""
     tokens, d = x.shape
     hidden = w_fc.shape[1]
-    bt, bf = config["bwd_block_t"], config["bwd_block_f"]
+    bt, bf = config.bwd.block_t, config.bwd.block_f
     n_t = tokens // bt
     rows = lambda width: pl.BlockSpec((bt, width), lambda t, f: (t, 0))
     hidden_tile = pl.BlockSpec((bt, bf), lambda t, f: (t, f))
@@ -168,6 +187,8 @@ def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: b
     )(dy, x, residuals.mean, residuals.rstd, ln_scale.astype(jnp.float32).reshape(1, d),
       w_fc.astype(jnp.bfloat16), w_proj.astype(jnp.bfloat16), residuals.gelu_grad)
     d_ln_scale, d_ln_bias, db_proj = (p.sum(axis=(0, 1)) for p in partials)
-    dw_proj, _ = _t_dot(residuals.g, dy.astype(jnp.bfloat16), with_colsum=False, config=config, interpret=interpret)
-    dw_fc_t, db_fc = _t_dot(dz, residuals.xn, with_colsum=True, config=config, interpret=interpret)
+    dw_proj, _ = _t_dot(residuals.g, dy.astype(jnp.bfloat16), with_colsum=False,
+                        config=config.dw, interpret=interpret)
+    dw_fc_t, db_fc = _t_dot(dz, residuals.xn, with_colsum=True, config=config.dw,
+                            interpret=interpret)
     return dx, d_ln_scale, d_ln_bias, dw_fc_t.T, db_fc, dw_proj, db_proj

@@ -22,6 +22,7 @@ GEMM would redo it for each of the F / bn column tiles.  FLOPs, bytes and floors
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -30,38 +31,43 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import config as kernel_config
 from kernels.layernorm_ffn import common
-from kernels.layernorm_ffn.common import check_tile, dot, dot_t, layernorm_stats
+from kernels.layernorm_ffn.common import Rows, check_divides, dot, dot_t, layernorm_stats
 
-GEMMS = ("up", "down")
 # The parameters that tile the tokens (the token count is padded to a multiple of each).
 TOKEN_TILES = ("ln_block_t", "up_block_m", "down_block_m")
 
 
+@dataclasses.dataclass(frozen=True)
+class Gemm(kernel_config.KernelConfig):
+    """One GEMM's output tile [block_m, block_n], its K step block_k (Triton block shapes:
+    powers of two >= 16), warps and software-pipeline stages."""
+    block_m: int = kernel_config.tile(power_of_two=True, minimum=16)
+    block_n: int = kernel_config.tile(power_of_two=True, minimum=16)
+    block_k: int = kernel_config.tile(power_of_two=True, minimum=16)
+    num_warps: int = kernel_config.count()
+    num_stages: int = kernel_config.stages()
+
+
 def default_config(d: int) -> dict:
-    """Forward parameters: 128 x 128 x 64 tiles, 8 warps, 3 stages (32 KiB of shared memory per
-    stage, 64 accumulator registers per thread), checked spill-free with ptxas for sm_90a; LN
-    programs of about 4096 / d rows, a power of two (memory-bound: small tiles, many programs)."""
-    config = {"ln_block_t": 1 << max(3, (4096 // d).bit_length() - 1)}
-    for gemm in GEMMS:
-        config |= {f"{gemm}_block_m": 128, f"{gemm}_block_n": 128, f"{gemm}_block_k": 64,
-                   f"{gemm}_num_warps": 8, f"{gemm}_num_stages": 3}
-    return config
+    """The forward's kernels: 128 x 128 x 64 GEMM tiles, 8 warps, 3 stages (32 KiB of shared
+    memory per stage, 64 accumulator registers per thread), checked spill-free with ptxas for
+    sm_90a; LN programs of about 4096 / d rows, a power of two (memory-bound: small tiles, many
+    programs)."""
+    gemm = Gemm(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return {"ln": Rows(1 << max(3, (4096 // d).bit_length() - 1)), "up": gemm, "down": gemm}
 
 
-def check_gemm_config(config: dict, gemm: str, n: int, k: int) -> None:
-    check_tile(f"{gemm}_block_m", config[f"{gemm}_block_m"], config[f"{gemm}_block_m"],
-               power_of_two=True)
-    check_tile(f"{gemm}_block_n", config[f"{gemm}_block_n"], n, power_of_two=True)
-    check_tile(f"{gemm}_block_k", config[f"{gemm}_block_k"], k, power_of_two=True)
+def check_gemm(gemm: Gemm, name: str, n: int, k: int) -> None:
+    """The GEMM's tiles against its N and K."""
+    check_divides(f"{name}_block_n", gemm.block_n, n)
+    check_divides(f"{name}_block_k", gemm.block_k, k)
 
 
-def check_config(config: dict, d: int) -> None:
-    ln = config["ln_block_t"]
-    if ln < 1 or ln & (ln - 1):
-        raise ValueError(f"layernorm_ffn: ln_block_t={ln} must be a power of two")
-    check_gemm_config(config, "up", 4 * d, d)
-    check_gemm_config(config, "down", d, 4 * d)
+def check_config(config, d: int) -> None:
+    check_gemm(config.up, "up", 4 * d, d)
+    check_gemm(config.down, "down", d, 4 * d)
 
 
 def column_chunks(d: int) -> list[pl.Slice]:
@@ -77,9 +83,9 @@ def tanh_for(interpret: bool):
     return jnp.tanh if interpret else plgpu.approx_tanh
 
 
-def compiler_params(config: dict, kernel: str) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=config[f"{kernel}_num_warps"],
-                                num_stages=config[f"{kernel}_num_stages"])
+def compiler_params(config) -> plgpu.CompilerParams:
+    """A kernel configuration's warps and stages (Gemm, triton_vjp.Weights)."""
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,16 +107,17 @@ def _matmul_kernel(a_ref, b_ref, *refs, block_k: int, b_transposed: bool, epilog
 
 
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
-           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, config: dict,
+           out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, config: Gemm,
            gemm: str, interpret: bool) -> list[jax.Array]:
-    """epilogue(A @ B) over output tiles [bm, bn]: grid (M / bm, N / bn), a loop over K / bk.
+    """epilogue(A @ B) over output tiles [bm, bn]: grid (M / bm, N / bn), a loop over K / bk
+    (the tiles of config; gemm names the kernel).
 
     a [M, K]; b [K, N], or [N, K] with b_transposed (read as B^T, no copy).  Epilogue inputs are
     [M, N] (tiled like the output) or [N] (column vectors such as a bias), outputs [M, N]; the kernel
     stores epilogue(acc [bm, bn] f32, *input tiles) (common.up_epilogue, ...) into the outputs.
     """
     (m, k), n = a.shape, b.shape[0] if b_transposed else b.shape[1]
-    bm, bn = config[f"{gemm}_block_m"], config[f"{gemm}_block_n"]
+    bm, bn = config.block_m, config.block_n
 
     def tile(shape):
         if len(shape) == 1:
@@ -120,7 +127,7 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
     b_spec = (pl.BlockSpec((bn, k), lambda i, j: (j, 0)) if b_transposed
               else pl.BlockSpec((k, bn), lambda i, j: (0, j)))
     return pl.pallas_call(
-        functools.partial(_matmul_kernel, block_k=config[f"{gemm}_block_k"],
+        functools.partial(_matmul_kernel, block_k=config.block_k,
                           b_transposed=b_transposed, epilogue=epilogue,
                           num_inputs=len(epilogue_inputs)),
         grid=(m // bm, n // bn),
@@ -128,7 +135,7 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
                   *(tile(x.shape) for x in epilogue_inputs)],
         out_specs=[tile(s.shape) for s in out_shape],
         out_shape=list(out_shape),
-        compiler_params=compiler_params(config, gemm),
+        compiler_params=compiler_params(config),
         cost_estimate=pl.CostEstimate(
             flops=2 * m * n * k, transcendentals=0,
             bytes_accessed=sum(x.size * x.dtype.itemsize for x in (a, b, *epilogue_inputs))
@@ -152,9 +159,9 @@ def _layernorm_kernel(x_ref, scale_ref, bias_ref, xn_ref, mean_ref, rstd_ref, *,
     rstd_ref[...] = rstd
 
 
-def layernorm(x, scale, bias, *, eps: float, config: dict, interpret: bool):
-    """x [T, d] -> LN(x) bf16 [T, d], mean [T, 1] f32, rstd [T, 1] f32."""
-    (tokens, d), bt = x.shape, config["ln_block_t"]
+def layernorm(x, scale, bias, *, eps: float, config: Rows, interpret: bool):
+    """x [T, d] -> LN(x) bf16 [T, d], mean [T, 1] f32, rstd [T, 1] f32, in tiles of config."""
+    (tokens, d), bt = x.shape, config.block_t
     rows = lambda width: pl.BlockSpec((bt, width), lambda i: (i, 0))
     vector = pl.BlockSpec((d,), lambda i: (0,))
     stat = jax.ShapeDtypeStruct((tokens, 1), jnp.float32)
@@ -171,9 +178,9 @@ def layernorm(x, scale, bias, *, eps: float, config: dict, interpret: bool):
 
 
 def forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, *, eps: float, residual: bool,
-            config: dict, save_residuals: bool, interpret: bool):
+            config, save_residuals: bool, interpret: bool):
     """x [T, d], T a multiple of every token tile -> (out [T, d] in x's dtype, Residuals or None):
-    the LN pass and this file's two GEMMs (common.forward)."""
+    the LN pass and this file's two GEMMs (common.forward), config a triton_vjp.Kernels."""
     return common.forward(x, ln_scale, ln_bias, w_fc, b_fc, w_proj, b_proj, eps=eps,
                           residual=residual, config=config, save_residuals=save_residuals,
                           interpret=interpret, layernorm=layernorm, matmul=matmul,

@@ -23,6 +23,7 @@ recomputed (another 8 T d^2 FLOPs).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -31,37 +32,60 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.layernorm_ffn.common import (Residuals, check_tile, dz_epilogue, layernorm_backward,
-                                          store_epilogue, t_dot)
-from kernels.layernorm_ffn.triton import (check_gemm_config, column_chunks, compiler_params,
-                                          matmul)
+from kernels import config as kernel_config
+from kernels.layernorm_ffn import triton
+from kernels.layernorm_ffn.common import (Residuals, Rows, check_divides, dz_epilogue,
+                                          layernorm_backward, store_epilogue, t_dot)
+from kernels.layernorm_ffn.triton import Gemm, check_gemm, column_chunks, compiler_params, matmul
 
-GEMMS = ("dz", "dxn")
 TOKEN_TILES = ("lnb_block_t", "dw_block_t", "dz_block_m", "dxn_block_m")
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights(kernel_config.KernelConfig):
+    """The weight-gradient kernel: an output tile [block_f, block_d] summed over steps of block_t
+    tokens (Triton block shapes: powers of two >= 16), its warps and stages."""
+    block_t: int = kernel_config.tile(power_of_two=True, minimum=16)
+    block_f: int = kernel_config.tile(power_of_two=True, minimum=16)
+    block_d: int = kernel_config.tile(power_of_two=True, minimum=16)
+    num_warps: int = kernel_config.count()
+    num_stages: int = kernel_config.stages()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(kernel_config.Kernels):
+    """The Triton backend's kernels: the forward's (triton.py) and the backward's."""
+    ln: Rows
+    up: Gemm
+    down: Gemm
+    lnb: Rows
+    dz: Gemm
+    dxn: Gemm
+    dw: Weights
+
+
 def default_config(d: int) -> dict:
-    """Backward parameters: the forward's GEMM tiles for dz and dxn; 128 x 128 weight tiles summed
-    over 64-token steps; 256 rows per LayerNorm-backward program (a [T / 256, d] f32 partial each for
-    d_ln_scale, d_ln_bias, db_proj: 3 MB at T = 131072, d = 512)."""
-    config = {"lnb_block_t": 256, "dw_block_t": 64, "dw_block_f": 128, "dw_block_d": 128,
-              "dw_num_warps": 8, "dw_num_stages": 3}
-    for gemm in GEMMS:
-        config |= {f"{gemm}_block_m": 128, f"{gemm}_block_n": 128, f"{gemm}_block_k": 64,
-                   f"{gemm}_num_warps": 8, f"{gemm}_num_stages": 3}
-    return config
+    """The backward's kernels: the forward's GEMM tiles for dz and dxn; 128 x 128 weight tiles
+    summed over 64-token steps; 256 rows per LayerNorm-backward program (a [T / 256, d] f32
+    partial each for d_ln_scale, d_ln_bias, db_proj: 3 MB at T = 131072, d = 512)."""
+    gemm = triton.default_config(d)["up"]
+    return {"lnb": Rows(256), "dz": gemm, "dxn": gemm,
+            "dw": Weights(block_t=64, block_f=128, block_d=128, num_warps=8, num_stages=3)}
 
 
-def check_config(config: dict, d: int) -> None:
-    check_gemm_config(config, "dz", 4 * d, d)
-    check_gemm_config(config, "dxn", d, 4 * d)
-    check_tile("lnb_block_t", config["lnb_block_t"], config["lnb_block_t"], power_of_two=True)
-    if config["lnb_block_t"] % config["ln_block_t"]:
-        raise ValueError(f"layernorm_ffn: lnb_block_t={config['lnb_block_t']} must be a multiple "
-                         f"of ln_block_t={config['ln_block_t']}")
-    check_tile("dw_block_t", config["dw_block_t"], config["dw_block_t"], power_of_two=True)
-    check_tile("dw_block_f", config["dw_block_f"], 4 * d, power_of_two=True)
-    check_tile("dw_block_d", config["dw_block_d"], d, power_of_two=True)
+def check_layernorm_rows(config) -> None:
+    """Each LayerNorm-backward program runs whole LN tiles of the forward's rows."""
+    if config.lnb.block_t % config.ln.block_t:
+        raise ValueError(f"layernorm_ffn: lnb_block_t={config.lnb.block_t} must be a multiple "
+                         f"of ln_block_t={config.ln.block_t}")
+
+
+def check_config(config: Kernels, d: int) -> None:
+    check_gemm(config.dz, "dz", 4 * d, d)
+    check_gemm(config.dxn, "dxn", d, 4 * d)
+    check_layernorm_rows(config)
+    check_divides("dw_block_f", config.dw.block_f, 4 * d)
+    check_divides("dw_block_d", config.dw.block_d, d)
 
 
 def _layernorm_backward_kernel(dxn_ref, x_ref, dy_ref, mean_ref, rstd_ref, scale_ref,
@@ -90,12 +114,12 @@ def _layernorm_backward_kernel(dxn_ref, x_ref, dy_ref, mean_ref, rstd_ref, scale
 
 def _layernorm_backward(dxn, x, dy, mean, rstd, scale, *, residual, config, interpret):
     """-> dx [T, d] in x's dtype and d_ln_scale, d_ln_bias, db_proj [d] f32."""
-    (tokens, d), rows = x.shape, config["lnb_block_t"]
+    (tokens, d), rows = x.shape, config.lnb.block_t
     tiles = lambda width: pl.BlockSpec((rows, width), lambda i: (i, 0))
     partial = pl.BlockSpec((pl.squeezed, d), lambda i: (i, 0))
     partial_shape = jax.ShapeDtypeStruct((tokens // rows, d), jnp.float32)
     dx, *partials = pl.pallas_call(
-        functools.partial(_layernorm_backward_kernel, block_t=config["ln_block_t"],
+        functools.partial(_layernorm_backward_kernel, block_t=config.ln.block_t,
                           residual=residual),
         grid=(tokens // rows,),
         in_specs=[tiles(d), tiles(d), tiles(d), tiles(1), tiles(1),
@@ -146,7 +170,7 @@ def _weight_kernel(g_ref, dy_ref, dz_ref, xn_ref, dw_ref, db_fc_ref, *, block_t)
 def _weight_gradients(g, dy, dz, xn, *, config, interpret):
     """-> dW_proj [F, d], dW_fc [d, F], db_fc [F], all f32, summed over the T rows."""
     (tokens, hidden), d = g.shape, dy.shape[1]
-    bt, bf, bd = config["dw_block_t"], config["dw_block_f"], config["dw_block_d"]
+    bt, bf, bd = config.dw.block_t, config.dw.block_f, config.dw.block_d
     f_cols = pl.BlockSpec((tokens, bf), lambda w, j, i: (0, j))
     d_cols = pl.BlockSpec((tokens, bd), lambda w, j, i: (0, i))
     dw, db_fc = pl.pallas_call(
@@ -157,7 +181,7 @@ def _weight_gradients(g, dy, dz, xn, *, config, interpret):
                    pl.BlockSpec((bf,), lambda w, j, i: (j,))],
         out_shape=[jax.ShapeDtypeStruct((2, hidden, d), jnp.float32),
                    jax.ShapeDtypeStruct((hidden,), jnp.float32)],
-        compiler_params=compiler_params(config, "dw"),
+        compiler_params=compiler_params(config.dw),
         cost_estimate=pl.CostEstimate(flops=4 * tokens * hidden * d, transcendentals=0,
                                       bytes_accessed=4 * tokens * (hidden + d) + 8 * hidden * d),
         interpret=interpret,
@@ -166,7 +190,7 @@ def _weight_gradients(g, dy, dz, xn, *, config, interpret):
     return dw[0], dw[1].T, db_fc
 
 
-def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: bool, config: dict,
+def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: bool, config,
              interpret: bool, matmul_fn: Callable = matmul,
              weight_gradients_fn: Callable | None = None):
     """dy [T, d] -> (dx [T, d] in x's dtype, d_ln_scale, d_ln_bias, dW_fc, db_fc, dW_proj, db_proj),
@@ -178,10 +202,10 @@ def backward(dy, x, ln_scale, w_fc, w_proj, residuals: Residuals, *, residual: b
     dy_bf16 = dy.astype(jnp.bfloat16)
     (dz,) = matmul_fn(dy_bf16, w_proj.astype(jnp.bfloat16), dz_epilogue, [residuals.gelu_grad],
                    [jax.ShapeDtypeStruct(residuals.g.shape, jnp.bfloat16)],
-                   b_transposed=True, config=config, gemm="dz", interpret=interpret)
+                   b_transposed=True, config=config.dz, gemm="dz", interpret=interpret)
     (dxn,) = matmul_fn(dz, w_fc.astype(jnp.bfloat16), store_epilogue, [],
                     [jax.ShapeDtypeStruct(x.shape, x.dtype)],
-                    b_transposed=True, config=config, gemm="dxn", interpret=interpret)
+                    b_transposed=True, config=config.dxn, gemm="dxn", interpret=interpret)
     dx, d_ln_scale, d_ln_bias, db_proj = _layernorm_backward(
         dxn, x, dy, residuals.mean, residuals.rstd, ln_scale, residual=residual, config=config,
         interpret=interpret)

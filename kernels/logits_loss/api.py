@@ -1,9 +1,9 @@
 """logits_loss(h, embed, targets): validation, the choice of implementation, and the op
 (kernels/op.py) whose backend joins a forward(h, embed, targets, config) -> (loss, residuals) to
-its backward(residuals, g) -> (dh, dembed)."""
+its backward(residuals, g) -> (dh, dembed); config, the static argument, is the backend's kernel
+configuration (<backend>.Kernels)."""
 from __future__ import annotations
 
-import dataclasses
 from types import ModuleType
 
 import jax
@@ -15,18 +15,13 @@ from kernels.warp_specialized import on_sm90
 from microgpt import model
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    config: tuple
-
-
 def _backend(module: ModuleType) -> op.Backend:
     """module.forward(h, embed, targets, config) joined to module.backward (no gradient for the
     integer targets)."""
-    def forward(static: _Static, h, embed, targets, residuals: bool):
-        loss, saved = module.forward(h, embed, targets, config=dict(static.config))
+    def forward(config, h, embed, targets, residuals: bool):
+        loss, saved = module.forward(h, embed, targets, config=config)
         return loss, saved if residuals else None
-    return op.Backend(forward, lambda static, saved, g: (*module.backward(saved, g), None), "gpu")
+    return op.Backend(forward, lambda config, saved, g: (*module.backward(saved, g), None), "gpu")
 
 
 _MODULES = {"mosaic_gpu": mosaic_gpu}   # implementation -> its module (kernels and configuration)
@@ -50,7 +45,7 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
     implementation: "reference" (model.tied_logits_loss) or "mosaic_gpu" (Hopper only; h and E
     are rounded to bf16 for the product, as by the reference's matmul); None picks by backend
     (`default_implementation`). block_sizes overrides the tuning table, e.g. {"block_n": 128}
-    (names: mosaic_gpu.default_config). interpret: the kernel has no interpret mode, so True
+    (flat names of mosaic_gpu.Kernels: kernels/config.py). interpret: the kernel has no interpret mode, so True
     raises; False lowers it for its GPU from any host (for jax.export); None runs it on a GPU and
     raises elsewhere.
     """
@@ -66,20 +61,20 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
     return fused(h, embed, targets, implementation=implementation, config=config)
 
 
-def kernel_config(implementation: str, d: int, overrides: dict | None = None) -> dict:
-    """The block sizes at width d: the tuning table's (kernels.tuning) over the defaults."""
-    module = _MODULES[implementation]
-    config = OP.config(implementation, f"d{d}", module.default_config(), overrides)
-    module.check_config(config)
-    return config
+def kernel_config(implementation: str, d: int, overrides: dict | None = None):
+    """The kernel configuration at width d: the tuning table's (kernels.tuning) over the
+    defaults, under the overrides."""
+    defaults = _MODULES[implementation].DEFAULTS
+    return type(defaults).from_flat(OP.config(implementation, f"d{d}", defaults.flat(), overrides),
+                                    f"logits_loss/{implementation}")
 
 
-def fused(h, embed, targets, *, implementation: str, config: dict) -> jax.Array:
+def fused(h, embed, targets, *, implementation: str, config) -> jax.Array:
     """logits_loss by one backend with an explicit config (no dispatch): the tests call this to
     lower the kernel for CUDA, and to run it in the Mosaic GPU interpreter, on a CPU host."""
     d = h.shape[-1]
-    return op.differentiable(OP.backend(implementation), _Static(tuple(sorted(config.items()))),
-                             h.reshape(-1, d), embed, targets.reshape(-1))
+    return op.differentiable(OP.backend(implementation), config, h.reshape(-1, d), embed,
+                             targets.reshape(-1))
 
 
 def _check_arguments(h: jax.Array, embed: jax.Array, targets: jax.Array) -> None:

@@ -25,35 +25,28 @@ whose columns the epilogue sets to -inf (every tile keeps a real column, so m st
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import mosaic_gpu_gemm
-from kernels.warp_specialized import WGMMA_M, on_sm90, pad_rows
+from kernels import config, mosaic_gpu_gemm
+from kernels.warp_specialized import on_sm90, pad_rows
 from microgpt import model
 
 LOG2E = math.log2(math.e)
 
 
-def default_config() -> dict:
-    """64 x 256 logits per consumer warpgroup (128 accumulator registers per thread), 3 stages."""
-    return {"block_m": 64, "block_n": 256, "num_stages": 3}
+@dataclasses.dataclass(frozen=True)
+class Kernels(config.Kernels):
+    """The one kernel: the logits GEMM's tiles (flat names block_m, block_n, num_stages)."""
+    forward: mosaic_gpu_gemm.Tiles
 
 
-def check_config(config: dict) -> None:
-    for name, multiple in (("block_m", WGMMA_M), ("block_n", 64)):
-        if config[name] <= 0 or config[name] % multiple:
-            raise ValueError(f"logits_loss: {name}={config[name]} must be a positive multiple of "
-                             f"{multiple}")
-    if config["block_m"] * config["block_n"] // 128 > 128:
-        raise ValueError(f"logits_loss: block_m x block_n = {config['block_m']} x "
-                         f"{config['block_n']} needs more than the 128 f32 accumulator registers "
-                         f"per thread that fit beside the epilogue")
-    if config["num_stages"] < 2:
-        raise ValueError("logits_loss: num_stages must be at least 2")
+# 64 x 256 logits per consumer warpgroup (128 accumulator registers per thread), 3 stages.
+DEFAULTS = Kernels(mosaic_gpu_gemm.Tiles(block_m=64, block_n=256, num_stages=3))
 
 
 def check_runs_here() -> None:
@@ -73,20 +66,20 @@ def softmax_statistics(s, column_bias):
     return p, m, p.sum(axis=1)
 
 
-def forward(h: jax.Array, embed: jax.Array, targets: jax.Array, *, config: dict):
+def forward(h: jax.Array, embed: jax.Array, targets: jax.Array, *, config: Kernels):
     """h [T, d], embed [V, d] (both rounded to bf16 for the product, as by model.matmul),
     targets [T] int -> (loss, residuals for `backward`)."""
     check_runs_here()
     (tokens, _), vocab = h.shape, embed.shape[0]
-    padded = -(-vocab // config["block_n"]) * config["block_n"]
+    tiles = config.forward
+    padded = -(-vocab // tiles.block_n) * tiles.block_n
     h_bf16, e = h.astype(jnp.bfloat16), pad_rows(embed, padded, axis=0).astype(jnp.bfloat16)
     column_bias = jnp.where(jnp.arange(padded) < vocab, 0.0, -jnp.inf)
     p, m, l = mosaic_gpu_gemm.matmul(
         h_bf16, e, softmax_statistics, [column_bias],
         [jax.ShapeDtypeStruct((tokens, padded), jnp.bfloat16),
          jax.ShapeDtypeStruct((tokens,), jnp.float32), jax.ShapeDtypeStruct((tokens,), jnp.float32)],
-        b_transposed=True, block_m=config["block_m"], block_n=config["block_n"],
-        num_stages=config["num_stages"], name="logits_loss_mgpu")
+        b_transposed=True, tiles=tiles, name="logits_loss_mgpu")
     top = m.max(axis=0)
     log_z = top + jnp.log(jnp.sum(l * jnp.exp(m - top), axis=0))
     target_logit = jnp.sum(h_bf16.astype(jnp.float32) * e[targets].astype(jnp.float32), axis=-1)
