@@ -183,13 +183,17 @@ def test_attention_backward_follows_the_tuning_table(implementation, preferred, 
     assert asked in ([], [("attention_backward", "d64_s1024")])
 
 
-@pytest.mark.parametrize("kind, arch", [(H200, "sm90"), ("NVIDIA H100 PCIe", "sm90")])
-def test_the_shipped_table_picks_each_backward_where_it_measured_faster(kind, arch, monkeypatch):
+@pytest.mark.parametrize("kind, arch, triton_up_to", [(H200, "sm90", 512),
+                                                     ("NVIDIA H100 PCIe", "sm90", 1024)])
+def test_the_shipped_table_picks_each_backward_where_it_measured_faster(kind, arch, triton_up_to,
+                                                                        monkeypatch):
     """On the H200 (its own entries) and on a Hopper without any (the H100's): Triton's backward
-    after the Mosaic GPU forward at head_dim 64 up to S1024, the Mosaic GPU one beyond and at 128."""
+    after the Mosaic GPU forward at head_dim 64 up to S512 (H200) or S1024 (H100), the Mosaic GPU
+    one beyond and at 128."""
     on(monkeypatch, kind, arch, ("shipped", tuning.read_table(tuning.TABLE_PATH)))
     picks = {(d, s): attention_api.default_backward("mosaic_gpu", d, s)
              for d in (64, 128) for s in (512, 1024, 2048, 8192)}
-    assert picks == {(64, 512): "triton", (64, 1024): "triton", (64, 2048): "mosaic_gpu",
+    s1024 = "triton" if triton_up_to >= 1024 else "mosaic_gpu"
+    assert picks == {(64, 512): "triton", (64, 1024): s1024, (64, 2048): "mosaic_gpu",
                      (64, 8192): "mosaic_gpu", **{(128, s): "mosaic_gpu"
                                                   for s in (512, 1024, 2048, 8192)}}
