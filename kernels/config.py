@@ -63,8 +63,11 @@ class KernelConfig:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
+            if "kind" not in field.metadata:
+                raise TypeError(f"{type(self).__name__}.{field.name}: declare it with tile(), "
+                                f"count(), stages() or flag()")
             value = getattr(self, field.name)
-            if field.metadata.get("kind") == "bool" and value in (0, 1):
+            if field.metadata["kind"] == "bool" and value in (0, 1):
                 object.__setattr__(self, field.name, value := bool(value))
             problem = _problem(value, field.metadata)
             if problem:

@@ -19,8 +19,8 @@ and lse, delta [bq] from the first query tile the lower key tile needs, and the 
 warpgroup skips the ones before its own first; the dQ kernel streams k, v up to the last key tile
 the upper query tile needs, and the lower one skips the rest. Each kernel has its own tiles and
 ring depth (mosaic_gpu.DkDv: `dkdv_block_q` and `dkdv_num_stages`, its key tile `DKDV_BLOCK_K`;
-mosaic_gpu.Dq: `dq_` the same for dQ): at S8192 D64 dK/dV is fastest with 128-query x 64-key tiles, dQ with 64 x 128 (bench/RESULTS.md, version
-14). Masks only on the tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq
+mosaic_gpu.Dq: `dq_` the same for dQ): at S8192 D64 dK/dV is fastest with 128-query x 64-key
+tiles, dQ with 64 x 128 (bench/RESULTS.md, version 14). Masks only on the tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq
 accumulate in f32 registers, p and ds enter the tensor cores in bf16 from registers. Within a
 step the products overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right
 behind s, so the softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed
