@@ -3,6 +3,7 @@ interpreter lacks emulated (`run_in_the_gpu_interpreter`), for the equivalence s
 from __future__ import annotations
 
 import functools
+import threading
 from typing import NamedTuple
 
 import jax
@@ -18,8 +19,9 @@ def run_in_the_gpu_interpreter(monkeypatch):
     (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref, which the
     interpreter cannot read: ref.transpose only marks it for the emulated wgmma), its
     accumulators (zeros, or pl.run_state's initial value; run_state's other values become refs
-    too), layout casts and loads in a layout (it has no layouts)."""
+    too), layout casts and loads in a layout (it has no layouts), the TMA's reduce-add."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
     from jax._src.state import types as state_types
     from jax.experimental import pallas as pl
@@ -52,6 +54,23 @@ def run_in_the_gpu_interpreter(monkeypatch):
     def wgmma(acc, a, b):
         acc.value = acc.value + jnp.dot(operand(a), operand(b), preferred_element_type=jnp.float32)
 
+    def copy_smem_to_gmem(*, reduction_op, **kwargs):
+        """The TMA's reduce-add (cp.reduce.async.bulk), which jax 0.10's interpreter refuses: its
+        plain copy with the store into the destination made dst += src, one copy at a time."""
+        if reduction_op is None:
+            return real_copy(reduction_op=None, **kwargs)
+        memory = type(gpu_callbacks._get_shared_memory())
+        dst = gpu_callbacks.HostAllocationKey.from_array(kwargs["dst_allocation_key_as_array"])
+        with reduction_lock, monkeypatch.context() as patch:  # one add at a time, as in L2
+            store = memory.store_buffer_content
+
+            def add(self, key, rnge, value, thread, *args, **kw):
+                if key == dst:
+                    value = value + self.get_buffer_content(key, rnge, thread)[0]
+                return store(self, key, rnge, value, thread, *args, **kw)
+            patch.setattr(memory, "store_buffer_content", add)
+            return real_copy(reduction_op=None, **kwargs)
+
     def run_scoped(f, *types, **kwargs):
         if types and all(isinstance(t, AccType) for t in types):
             return f(*(Acc(jnp.zeros(t.shape, t.dtype)) for t in types))
@@ -67,8 +86,10 @@ def run_in_the_gpu_interpreter(monkeypatch):
                                           is_leaf=lambda a: isinstance(a, Acc))
         return run
 
-    real_run_scoped = pl.run_scoped
+    real_run_scoped, real_copy = pl.run_scoped, gpu_callbacks.copy_smem_to_gmem
+    reduction_lock = threading.Lock()
     for module, name, value in [
+            (gpu_callbacks, "copy_smem_to_gmem", copy_smem_to_gmem),
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
             (pl, "run_state", run_state),
             (plgpu, "wgmma_accumulator_load", lambda acc, wait_n=0: acc.value),

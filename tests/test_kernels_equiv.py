@@ -398,6 +398,40 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
                                    rtol=1e-2, atol=1e-2)
 
 
+
+
+@pytest.mark.parametrize("a_transposed, b_transposed, row_sums", [
+    pytest.param(True, False, True, id="weight-gradient-with-row-sums"),
+    pytest.param(False, True, False, id="b-transposed")])
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
+@pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
+def test_mosaic_gpu_split_k_gemm_in_the_gpu_interpreter(a_transposed, b_transposed, row_sums,
+                                                        monkeypatch):
+    """The split-K GEMM (the LayerNorm+FFN weight gradients' form: A stored transposed, A's row
+    sums) in jax's Mosaic GPU interpreter, its TMA reduce-add emulated, vs the f32 product:
+    M = 200 rows (padded to 2 blocks of 2 x 64), 2 column tiles of 64, K = 740 (padded to 12
+    k-steps) in 3 chunks: 12 units over 5 persistent CTAs, so a CTA runs units of different
+    chunks and tiles through one 2-slot ring, and each output tile sums 3 reduce-adds."""
+    run_in_the_gpu_interpreter(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 5)
+    monkeypatch.setattr(mosaic_gpu_gemm, "choose_chunks", lambda *_: 3)
+    m, k, n = 200, 740, 128
+    keys = jax.random.split(jax.random.PRNGKey(k), 2)
+    a = jax.random.normal(keys[0], (k, m) if a_transposed else (m, k), jnp.bfloat16)
+    b = jax.random.normal(keys[1], (n, k) if b_transposed else (k, n), jnp.bfloat16)
+    got, sums = mosaic_gpu_gemm.matmul_split_k(
+        a, b, a_transposed=a_transposed, b_transposed=b_transposed,
+        tiles=mosaic_gpu_gemm.Tiles(64, 64, 2), name="split_k", row_sums=row_sums)
+    a_mk, b_kn = (a.T if a_transposed else a), (b.T if b_transposed else b)
+    want = jnp.dot(a_mk, b_kn, preferred_element_type=jnp.float32)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    # f32 sums of exact bf16 products, in another order: equal to f32 rounding.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    if row_sums:
+        np.testing.assert_allclose(sums, jnp.sum(a_mk.astype(jnp.float32), axis=1), rtol=1e-5,
+                                   atol=1e-4)
+    else:
+        assert sums is None
 # ------------------------------------------------------------------ logits_loss
 
 LOSS_IMPLS = ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
