@@ -20,6 +20,7 @@ replace the math here without touching anything else: microgpt/gpt.py holds the 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -107,31 +108,62 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
                      sm_scale: float) -> jax.Array:
     """softmax(q k^T * sm_scale, masked) v, per head, softmax statistics in float32.
 
-    q [B, Sq, H, Dh], k, v [B, Sk, H, Dh]; mask broadcastable to [Sq, Sk] (True = attend) or None.
-    -> [B, Sq, H, Dh] in q's dtype.
+    q [B, Sq, H, Dh], k, v [B, Sk, H, Dh]; mask broadcastable to [B, H, Sq, Sk] (True = attend)
+    or None. A row that may attend to no key outputs 0. -> [B, Sq, H, Dh] in q's dtype.
     """
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * sm_scale
     if mask is not None:
         scores = jnp.where(mask, scores, -jnp.inf)
-    scores = scores - jnp.max(scores, axis=-1, keepdims=True)       # subtract the max: exp never overflows
-    p = jnp.exp(scores)
-    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    # Subtract the max, so exp never overflows (0 for a row wholly masked: its exps are all 0).
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
     out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
+def attention_mask(seq_len: int, *, causal: bool, local_window_size: tuple[int, int] | None = None,
+                   segment_ids: jax.Array | None = None,
+                   kv_segment_ids: jax.Array | None = None) -> jax.Array | None:
+    """Which keys j each query i may attend to -> bool [B or 1, 1, S, S], or None for all.
+
+    causal: j <= i.  local_window_size (left, right): i - left <= j <= i + right.
+    segment_ids [B, S] int (packed documents): segment_ids[i] == kv_segment_ids[j], where
+    kv_segment_ids defaults to segment_ids. Every condition given must hold.
+    """
+    i = jnp.arange(seq_len)[:, None]
+    j = jnp.arange(seq_len)[None, :]
+    masks = []
+    if causal:
+        masks.append(j <= i)
+    if local_window_size is not None:
+        left, right = local_window_size
+        masks.append((i - left <= j) & (j <= i + right))
+    masks = [m[None, None] for m in masks]
+    if segment_ids is not None:
+        kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+        masks.append((segment_ids[:, :, None] == kv_ids[:, None, :])[:, None])
+    return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-              sm_scale: float | None = None) -> jax.Array:
+              sm_scale: float | None = None, segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None,
+              local_window_size: tuple[int, int] | None = None) -> jax.Array:
     """Multi-head attention, the math every kernel is checked against.
 
-    q, k, v [B, S, H, Dh] (the layout of jax.nn.dot_product_attention); causal: query t sees keys <= t.
-    sm_scale defaults to 1/sqrt(Dh).  -> [B, S, H, Dh] in q's dtype.
+    q [B, S, Hq, Dh], k, v [B, S, Hkv, Dh] (the layout of jax.nn.dot_product_attention), Hkv
+    dividing Hq: query head h reads key/value head h // (Hq / Hkv) (grouped-query attention;
+    multi-query when Hkv = 1). Which keys a query sees: `attention_mask`. sm_scale defaults to
+    1/sqrt(Dh).  -> [B, S, Hq, Dh] in q's dtype.
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    mask = None
-    if causal:
-        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    mask = attention_mask(q.shape[1], causal=causal, local_window_size=local_window_size,
+                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     return masked_attention(q, k, v, mask, sm_scale)
 
 

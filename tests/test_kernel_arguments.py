@@ -27,6 +27,16 @@ from tests.equiv import ON_CPU
      "attention/triton: dkdv_num_warps=0 must be >= 1"),
     (((1, 16, 2, 64),) * 3, {"backward_implementation": "tpu"},
      r"backward_implementation='tpu' cannot differentiate the triton forward; it takes \('triton',\)"),
+    (((1, 16, 4, 64), (1, 16, 3, 64), (1, 16, 3, 64)), {}, r"k's and v's heads \(3\) must divide q's \(4\)"),
+    (((1, 16, 4, 64), (1, 16, 2, 64), (1, 16, 1, 64)), {}, "k and v of one shape"),
+    (((1, 16, 2, 64),) * 3, {"segment_ids": jnp.zeros((1, 15), jnp.int32)},
+     r"segment_ids must be integers of shape \[batch, seq\] = \(1, 16\); got int32 \(1, 15\)"),
+    (((1, 16, 2, 64),) * 3, {"segment_ids": jnp.zeros((1, 16), jnp.float32)},
+     "segment_ids must be integers"),
+    (((1, 16, 2, 64),) * 3, {"kv_segment_ids": jnp.zeros((1, 16), jnp.int32)},
+     "kv_segment_ids needs segment_ids"),
+    (((1, 16, 2, 64),) * 3, {"local_window_size": -1}, "local_window_size must be an int >= 0"),
+    (((1, 16, 2, 64),) * 3, {"local_window_size": (4, -2)}, r"a pair \(left, right\)"),
 ])
 def test_attention_rejects_bad_inputs(args, kwargs, message):
     kwargs = dict(kwargs)
@@ -42,6 +52,19 @@ def test_attention_names_the_largest_head_dim(impl):
     with pytest.raises(ValueError, match=f"head_dim up to {KERNEL_HEAD_DIMS[-1]}; got 512 "
                                          r"\(implementation='reference' computes any\)"):
         attention(q, q, q, implementation=impl)
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"kv_heads": 1}, "grouped-query heads"), ({"segment_ids": jnp.zeros((1, 16), jnp.int32)},
+                                               "segment ids"),
+    ({"local_window_size": 8}, "a local window")])
+def test_attention_mosaic_gpu_names_the_masks_it_lacks(kwargs, what):
+    kwargs = dict(kwargs)
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 16, kwargs.pop("kv_heads", 2), 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match=f"does not take {what} yet; use "
+                                                  f"implementation='triton'"):
+        attention(q, k, k, implementation="mosaic_gpu", **kwargs)
 
 
 def test_attention_mosaic_gpu_groups_the_heads_whose_tiles_fit_in_l2():

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kernels import mosaic_gpu_gemm
-from kernels.attention import attention, mosaic_gpu
+from kernels.attention import attention, dot_product_attention, mosaic_gpu
+from kernels.attention import common
 from kernels.attention.common import LOG2E, Plan, kernel_head_dim
 from kernels.layernorm_ffn import common as lnffn_common
 from kernels.layernorm_ffn import layernorm_ffn
@@ -79,27 +80,34 @@ def _value_and_grads(f, args, cotangent):
 
 
 def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None,
-                     seed_blocks=None, backward=None):
+                     seed_blocks=None, backward=None, kv_heads=None, **masks):
     """o, dq, dk, dv of the kernel (bf16; its gradient by `backward`'s kernels, None: the table's
     choice) vs the math in f32, within twice the bf16 math's error, on fresh random inputs drawn
     from a seed of the case and the block configuration (or seed_blocks, another configuration's,
-    to face its inputs)."""
+    to face its inputs); kv_heads (default heads) and masks (segment_ids, kv_segment_ids,
+    local_window_size) as attention takes them."""
     seed_blocks = blocks if seed_blocks is None else seed_blocks
-    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{head_dim}{causal}{q_scale}{seed_blocks}".encode())
+    kv_heads = kv_heads or heads
+    seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{kv_heads}{head_dim}{causal}{q_scale}"
+                      f"{seed_blocks}{masks}".encode())
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
-                   for key in keys)
+    q, do = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
+             for key in keys[:2])
+    k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), jnp.bfloat16)
+            for key in keys[2:])
     q = (q * q_scale).astype(jnp.bfloat16)
     kernel = lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl,
-                                       backward_implementation=backward, block_sizes=blocks)
-    reference = lambda q, k, v: model.attention(q, k, v, causal=causal)
+                                       backward_implementation=backward, block_sizes=blocks,
+                                       **masks)
+    reference = lambda q, k, v: attention(q, k, v, causal=causal, implementation="reference",
+                                          **masks)
 
     got = _value_and_grads(kernel, (q, k, v), do)
     ref_bf16 = _value_and_grads(reference, (q, k, v), do)
     with f32_precision():
         ref_f32 = _value_and_grads(reference, upcast((q, k, v)), upcast(do))
     for name, *outs in zip(("o", "dq", "dk", "dv"), got, ref_bf16, ref_f32):
-        assert outs[0].dtype == jnp.bfloat16 and outs[0].shape == q.shape, name
+        assert outs[0].dtype == jnp.bfloat16 and outs[0].shape == outs[1].shape, name
         # The floor: at seq 1 dq and dk are exactly 0 (the one key's probability is 1, so
         # ds = p (dp - delta) = 0), and the kernel's dp - delta cancels to f32 rounding residue.
         atol = max(bf16_resolution(outs[2]), 1e-5)
@@ -147,6 +155,170 @@ def test_attention_matches_reference_at_any_shape(batch, seq, heads, head_dim, c
     backend's native implementation (CPU: Triton-style kernels interpreted, with small tiles)."""
     _check_attention(ATTENTION_IMPLS[0], batch, seq, heads, head_dim, causal,
                      blocks=SMALL_BLOCKS if ON_CPU else None)
+
+
+def _segments(batch: int, lengths) -> jax.Array:
+    """Segment ids [batch, sum(lengths)] of consecutive documents of those lengths (each row's
+    documents rotated by its index, so rows differ)."""
+    rows = [np.repeat(np.arange(len(lengths)), np.roll(lengths, b)) for b in range(batch)]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+# Documents of lengths 1, 17, 5, 30, 17 (boundaries inside and across 16- and 32-row tiles, a
+# document of one token): 70 tokens.
+DOCS = (1, 17, 5, 30, 17)
+# The kernels' masks beyond dense MHA (batch, seq, heads, kv_heads, head_dim, causal, masks):
+# grouped-query heads (groups of 2 and 8, multi-query), packed documents, windows narrower and
+# wider than a tile, all of them combined. On CPU with SMALL_BLOCKS.
+MASK_CASES = [
+    pytest.param(1, 40, 4, 2, 64, True, {}, id="gqa2-causal"),
+    pytest.param(1, 40, 8, 1, 64, False, {}, id="mqa8-noncausal"),
+    pytest.param(2, 70, 2, 2, 64, True, {"segment_ids": _segments(2, DOCS)}, id="docs-causal"),
+    pytest.param(1, 70, 2, 2, 128, False, {"segment_ids": _segments(1, DOCS)},
+                 id="docs-noncausal-d128"),
+    pytest.param(1, 70, 2, 2, 64, True, {"local_window_size": 10}, id="window10-causal"),
+    pytest.param(1, 70, 2, 2, 64, False, {"local_window_size": (40, 20)},
+                 id="window40-20-noncausal"),
+    pytest.param(2, 70, 4, 2, 64, True, {"segment_ids": _segments(2, DOCS),
+                                         "local_window_size": 12}, id="gqa-docs-window-causal"),
+    pytest.param(2, 2048, 16, 4, 64, True, {}, id="s2048-gqa4-d64", marks=LARGE),
+    pytest.param(1, 4096, 8, 8, 128, True,
+                 {"segment_ids": _segments(1, (300, 700, 512, 1, 2083, 500))},
+                 id="s4096-docs-d128", marks=LARGE),
+    pytest.param(2, 4096, 8, 2, 64, True, {"local_window_size": 1024}, id="s4096-window1024-gqa",
+                 marks=LARGE),
+]
+MASK_IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "mosaic_gpu"]
+
+
+@pytest.mark.parametrize("impl", MASK_IMPLS)
+@pytest.mark.parametrize("batch, seq, heads, kv_heads, head_dim, causal, masks", MASK_CASES)
+def test_attention_masks_match_reference(impl, batch, seq, heads, kv_heads, head_dim, causal,
+                                         masks):
+    _check_attention(impl, batch, seq, heads, head_dim, causal,
+                     blocks=SMALL_BLOCKS if ON_CPU else None, kv_heads=kv_heads, **masks)
+
+
+@pytest.mark.parametrize("impl", MASK_IMPLS)
+def test_attention_rows_that_see_no_key(impl):
+    """Padding: the last 6 queries' id is no key's (kv_segment_ids mark the padded keys apart),
+    so they see nothing: output exactly 0, no NaN, zero gradients; the other rows match the
+    math."""
+    seq = 40
+    ids = _segments(1, (20, 14, 6))
+    kv_ids = ids.at[:, -6:].set(-1)
+    q, k, v, do = jax.random.normal(jax.random.PRNGKey(11), (4, 1, seq, 2, 64), jnp.bfloat16)
+    masks = dict(segment_ids=ids, kv_segment_ids=kv_ids)
+    kernel = lambda q, k, v: attention(q, k, v, implementation=impl, block_sizes=SMALL_BLOCKS
+                                       if ON_CPU else None, **masks)
+    o, dq, dk, dv = _value_and_grads(kernel, (q, k, v), do)
+    assert not any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in (o, dq, dk, dv))
+    assert bool((o[:, -6:] == 0).all()) and bool((dq[:, -6:] == 0).all())
+    assert bool((dk[:, -6:] == 0).all()) and bool((dv[:, -6:] == 0).all())
+    with f32_precision():
+        want = model.attention(*upcast((q, k, v)), **masks)
+    assert max_err(o[:, :-6], want[:, :-6]) < 0.05
+
+
+def _tile_visibility(plan, block_q, block_k):
+    """[query tiles, key tiles] of (any pair visible, every pair visible) from the dense mask."""
+    s = plan.seq_len
+    mask = model.attention_mask(s, causal=plan.causal, local_window_size=plan.window)
+    mask = np.ones((s, s), bool) if mask is None else np.asarray(mask[0, 0])
+    nq, nk = -(-s // block_q), -(-s // block_k)
+    padded = np.zeros((nq * block_q, nk * block_k), bool)
+    padded[:s, :s] = mask
+    tiles = padded.reshape(nq, block_q, nk, block_k).transpose(0, 2, 1, 3)
+    # Padded query rows see anything (their results are sliced off); padded keys nothing.
+    real_rows = (np.arange(nq * block_q) < s).reshape(nq, block_q)[:, None, :, None]
+    return tiles.any((2, 3)), (tiles | ~real_rows).all((2, 3))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seq=st.integers(1, 300), blocks=st.sampled_from([(16, 16), (32, 16), (16, 64), (64, 32)]),
+       causal=st.booleans(), left=st.one_of(st.none(), st.integers(0, 200)),
+       right=st.integers(0, 200))
+def test_attention_tile_spans_are_exact(seq, blocks, causal, left, right):
+    """kv_tiles and q_tiles against the dense mask: every tile outside a span sees nothing, every
+    tile in its unmasked range sees everything, and the span ends at the first and last tiles
+    that see something (no work on empty tiles)."""
+    block_q, block_k = blocks
+    window = None if left is None else (left, right)
+    plan = Plan("triton", causal, 1.0, seq, None, None, None, True, window)
+    any_, all_ = _tile_visibility(plan, block_q, block_k)
+    for i in range(any_.shape[0]):
+        span = [int(x) for x in common.kv_tiles(i, plan, block_q, block_k)]
+        seen = np.flatnonzero(any_[i])
+        assert (span[0], span[3]) == (seen[0], seen[-1] + 1), (i, span)
+        assert all_[i, span[1]:span[2]].all(), (i, span)
+    for j in range(any_.shape[1]):
+        span = [int(x) for x in common.q_tiles(j, plan, block_q, block_k)]
+        seen = np.flatnonzero(any_[:, j])
+        if not seen.size:   # a key tile wholly in the padding
+            assert span[0] >= span[3], (j, span)
+            continue
+        assert (span[0], span[3]) == (seen[0], seen[-1] + 1), (j, span)
+        assert all_[span[1]:span[2], j].all(), (j, span)
+
+
+def test_attention_segment_ranges_cover_every_visible_tile():
+    """common.segment_ranges: a tile pair outside the ranges holds no query and key of one
+    segment (ids in any order: the ranges are where the ids' [min, max] overlap)."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 6, (2, 96)), jnp.int32)
+    ids = ids.at[0].set(jnp.sort(ids[0]))   # one row ascending (packed documents), one not
+    kv_range, q_range = common.segment_ranges(ids, ids, 32, 16)
+    same = np.asarray(ids[:, :, None] == ids[:, None, :]).reshape(2, 3, 32, 6, 16).any((2, 4))
+    for b in range(2):
+        for i in range(3):
+            first, end = np.asarray(kv_range[b, i])
+            assert not same[b, i, :first].any() and not same[b, i, end:].any()
+        for j in range(6):
+            first, end = np.asarray(q_range[b, j])
+            assert not same[b, :first, j].any() and not same[b, end:, j].any()
+    sorted_row = same[0]
+    assert all(np.asarray(kv_range[0, i, 1] - kv_range[0, i, 0]) == sorted_row[i].sum()
+               for i in range(3))   # ascending ids: exactly the tiles that share a segment
+
+
+@settings(max_examples=6 if ON_CPU else 16, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 2), seq=st.integers(1, 70 if ON_CPU else 1500),
+       kv_heads=st.sampled_from((1, 2)), group=st.sampled_from((1, 2, 4)),
+       head_dim=st.sampled_from((64, 128)), is_causal=st.booleans(),
+       lengths=st.booleans(), window=st.one_of(st.none(), st.integers(0, 40),
+                                               st.tuples(st.integers(0, 40), st.integers(0, 40))),
+       seed=st.integers(0, 2 ** 16))
+def test_dot_product_attention_matches_jax_nn(batch, seq, kv_heads, group, head_dim, is_causal,
+                                              lengths, window, seed):
+    """kernels.dot_product_attention against jax.nn.dot_product_attention itself (f32, XLA) on
+    random cases: grouped heads, causal, sequence lengths, windows (an int is jax.nn's symmetric
+    window). Rows that see no key (where jax.nn averages every value) are 0 in ours."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(keys[0], (batch, seq, kv_heads * group, head_dim), jnp.float32)
+    k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), jnp.float32)
+            for key in keys[1:3])
+    masks = dict(is_causal=is_causal, local_window_size=window)
+    if lengths:
+        masks.update(query_seq_lengths=jax.random.randint(keys[3], (batch,), 1, seq + 1),
+                     key_value_seq_lengths=jax.random.randint(keys[4], (batch,), 1, seq + 1))
+    got = dot_product_attention(q, k, v, implementation=ATTENTION_IMPLS[0], **masks)
+    with f32_precision():
+        want = jax.nn.dot_product_attention(q, k, v, **masks)
+    # Which rows see some key: jax.nn's masks on a query of ones (its own _apply_masks).
+    logits = jax.nn.dot_product_attention(jnp.ones_like(q[..., :1, :]), k[..., :1, :],
+                                          k[..., :1, :], **masks, return_residual=True)[1]
+    seen = np.broadcast_to(np.asarray(logits > -1e30)[..., None], got.shape)  # [B, T, N, H]
+    np.testing.assert_allclose(np.where(seen, got, 0), np.where(seen, want, 0), atol=2e-5,
+                               rtol=2e-5)
+    assert bool((np.asarray(got)[~seen] == 0).all())
+
+
+def test_dot_product_attention_falls_back_with_a_notice():
+    """A bias (which the kernels do not serve) runs jax.nn's XLA implementation, saying so."""
+    q, k, v = jax.random.normal(jax.random.PRNGKey(5), (3, 1, 16, 2, 64), jnp.float32)
+    bias = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 16, 16), jnp.float32)
+    with pytest.warns(UserWarning, match="a bias was given"):
+        got = dot_product_attention(q, k, v, bias, is_causal=True)
+    np.testing.assert_array_equal(got, jax.nn.dot_product_attention(q, k, v, bias, is_causal=True))
 
 
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)

@@ -15,9 +15,13 @@ from kernels.attention import (common, mosaic_gpu, mosaic_gpu_vjp, tpu, tpu_vjp,
 from microgpt import model
 
 def _backend(forward, backward, platform: str) -> op.Backend:
-    """A backend of kernels taking (q, k, v, plan, residuals) and (plan, residuals, do)."""
-    return op.Backend(lambda plan, q, k, v, residuals: forward(q, k, v, plan, residuals),
-                      backward, platform)
+    """A backend of kernels taking (q, k, v, plan, residuals, segments) and (plan, residuals,
+    do); the segment ids, when given, follow q, k, v among the op's arrays (no gradient)."""
+    return op.Backend(
+        lambda plan, q, k, v, *segments, residuals: forward(q, k, v, plan, residuals,
+                                                            tuple(segments) or None),
+        lambda plan, residuals, do: (*backward(plan, residuals, do), *[None] * (2 * plan.segments)),
+        platform)
 
 
 OP = op.Op("attention", model.attention, {
@@ -35,14 +39,16 @@ DEFAULTS = {"triton": triton.DEFAULTS, "tpu": tpu.DEFAULTS, "mosaic_gpu": mosaic
 BACKWARDS = {"triton": ("triton",), "tpu": ("tpu",), "mosaic_gpu": ("mosaic_gpu", "triton")}
 
 
-def default_implementation(q: jax.Array | None = None) -> str:
+def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) -> str:
     """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 q on a Hopper GPU where the tuning table says it
-    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`), else "triton";
-    anything else -> "triton" (interpreted)."""
+    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`) and the call asks
+    for none of the masks it lacks (`_masks`), else "triton"; anything else -> "triton"
+    (interpreted)."""
     backend = jax.default_backend()
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
+            and not masks
             and tuning.preferred_implementation(
                 "attention", shape_key(common.kernel_head_dim(q.shape[-1]), q.shape[1]))
             == "mosaic_gpu"):
@@ -62,16 +68,27 @@ def default_backward(implementation: str, head_dim: int, seq_len: int) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-              sm_scale: float | None = None, implementation: str | None = None,
+              sm_scale: float | None = None, segment_ids: jax.Array | None = None,
+              local_window_size: int | tuple[int, int] | None = None,
+              kv_segment_ids: jax.Array | None = None, implementation: str | None = None,
               backward_implementation: str | None = None, block_sizes: dict | None = None,
               interpret: bool | None = None) -> jax.Array:
-    """softmax(sm_scale q k^T [causal mask]) v per head, differentiable in q, k, v.
+    """softmax(sm_scale q k^T, masked) v per head, differentiable in q, k, v.
 
-    q, k, v [B, S, H, D] (the layout of jax.nn.dot_product_attention), bf16 or f32, one shape;
-    D up to 256 for the kernels, which run D = 64, 128 or 256 and zero-pad any other D up to the
-    next of those (common.kernel_head_dim). sm_scale defaults to 1/sqrt(D).
+    q [B, S, Hq, D], k and v [B, S, Hkv, D] (the layout of jax.nn.dot_product_attention), Hkv
+    dividing Hq: query head h attends with key/value head h // (Hq / Hkv) (grouped-query; multi-
+    query when Hkv = 1), bf16 or f32; D up to 256 for the kernels, which run D = 64, 128 or 256
+    and zero-pad any other D up to the next of those (common.kernel_head_dim). sm_scale defaults
+    to 1/sqrt(D). Masks, which combine (microgpt.model.attention_mask):
+      causal: query i sees keys j <= i;
+      segment_ids [B, S] int (packed documents): query i sees keys of its own segment only
+        (kv_segment_ids, default segment_ids, gives the keys' ids apart: a query whose id no key
+        has outputs 0);
+      local_window_size (left, right), or an int for (left, 0): keys i - left .. i + right.
+    Tiles wholly masked are never computed.
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16); None picks by backend (`default_implementation`).
+    (Hopper only, bf16, one K/V head per query head, no segments or window yet); None picks by
+    backend (`default_implementation`).
     backward_implementation: the gradient's kernels, one that takes the forward's residuals
     (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
     the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
@@ -79,16 +96,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     kernels/config.py). interpret: run the Pallas kernels in
     interpret mode; None interprets exactly when the default backend is not the kernel's platform
     (so the kernels run on CPU).
-    -> [B, S, H, D] in the input dtype.
+    -> [B, S, Hq, D] in the input dtype.
     """
-    _validate(q, k, v)
-    implementation = implementation or default_implementation(q)
+    window = _validate(q, k, v, segment_ids, kv_segment_ids, local_window_size)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+        kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    masks = _masks(k.shape[2] != q.shape[2], segment_ids is not None, window)
+    implementation = implementation or default_implementation(q, masks)
     head_dim = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if implementation == "reference":
-        return model.attention(q, k, v, causal=causal, sm_scale=sm_scale)
+        return model.attention(q, k, v, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids,
+                               kv_segment_ids=kv_segment_ids, local_window_size=window)
 
     backend = OP.backend(implementation)
+    if implementation == "mosaic_gpu" and masks:
+        raise NotImplementedError(f"the mosaic_gpu attention does not take {' or '.join(masks)} "
+                                  f"yet; use implementation='triton'")
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
     backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len)
     _check_backward(implementation, backward, kernel_dim)
@@ -98,16 +123,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                        block_sizes or {})
     (forward, dkdv, dq), padded = common.fit_blocks(kernels, seq_len)
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len, forward, dkdv, dq,
-                       backend.interpret(interpret))
+                       backend.interpret(interpret), window, segment_ids is not None)
     if implementation == "mosaic_gpu":   # its tiles' multiple too, so its kernels pad nothing
         rows = mosaic_gpu.sequence_rows(plan)
         padded = -(-padded // rows) * rows
     # Padded keys are masked (causal: they lie above the diagonal of every real row) and padded
     # query rows are sliced off, so their cotangent is zero and they add nothing to dk and dv.
-    # Padded head columns are zeros: nothing in q k^T, zero output columns, sliced off.
+    # Padded head columns are zeros: nothing in q k^T, zero output columns, sliced off. Padded
+    # segment ids repeat the last (no tile's range of segments widens).
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, kernel_dim - head_dim))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    return op.differentiable(backend, plan, q, k, v)[:, :seq_len, :, :head_dim]
+    segments = ([jnp.pad(ids, ((0, 0), (0, padded - seq_len)), mode="edge")
+                 for ids in (segment_ids, kv_segment_ids)] if segment_ids is not None else [])
+    return op.differentiable(backend, plan, q, k, v, *segments)[:, :seq_len, :, :head_dim]
+
+
+def _masks(grouped: bool, segments: bool, window) -> list[str]:
+    """What the call asks beyond dense or causal multi-head attention, in words."""
+    return [name for name, asked in (("grouped-query heads", grouped), ("segment ids", segments),
+                                     ("a local window", window is not None)) if asked]
 
 
 def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None:
@@ -153,17 +187,36 @@ def shape_key(head_dim: int, seq_len: int) -> str:
     return f"d{head_dim}_s{1 << max(seq_len - 1, 1).bit_length()}"
 
 
-def _validate(q, k, v) -> None:
+def _validate(q, k, v, segment_ids, kv_segment_ids, local_window_size):
+    """One-line errors naming the argument -> the window as (left, right) or None."""
     if q.ndim != 4:
         raise ValueError(f"attention expects q, k, v of rank 4 [batch, seq, heads, head_dim]; "
                          f"got q.shape={q.shape}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention expects q, k, v of one shape [batch, seq, heads, head_dim] "
-                         f"(self-attention: the same seq); got q {q.shape}, k {k.shape}, "
-                         f"v {v.shape}")
+    b, s, h, d = q.shape
+    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (b, s, d):
+        raise ValueError(f"attention expects k and v of one shape [batch, seq, kv_heads, "
+                         f"head_dim] with q's batch, seq and head_dim (self-attention); got q "
+                         f"{q.shape}, k {k.shape}, v {v.shape}")
+    if h % k.shape[2]:
+        raise ValueError(f"attention: k's and v's heads ({k.shape[2]}) must divide q's ({h}) "
+                         f"(grouped-query attention)")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"attention expects q, k, v of one dtype; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     if q.dtype not in common.SUPPORTED_DTYPES:
         raise ValueError(f"attention supports dtypes {[str(d) for d in common.SUPPORTED_DTYPES]}; "
                          f"got {q.dtype}")
+    for name, ids in (("segment_ids", segment_ids), ("kv_segment_ids", kv_segment_ids)):
+        if ids is not None and (ids.shape != (b, s) or not jnp.issubdtype(ids.dtype, jnp.integer)):
+            raise ValueError(f"attention: {name} must be integers of shape [batch, seq] = "
+                             f"{(b, s)}; got {ids.dtype} {ids.shape}")
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("attention: kv_segment_ids needs segment_ids (the queries' ids)")
+    if local_window_size is None:
+        return None
+    window = ((local_window_size, 0) if isinstance(local_window_size, int)
+              else tuple(local_window_size))
+    if len(window) != 2 or not all(isinstance(w, int) and w >= 0 for w in window):
+        raise ValueError(f"attention: local_window_size must be an int >= 0 or a pair (left, "
+                         f"right) of ints >= 0; got {local_window_size!r}")
+    return window

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax.numpy as jnp
 from jax import lax
@@ -72,11 +72,32 @@ class Plan:
     dkdv: config.KernelConfig
     dq: config.KernelConfig
     interpret: bool
+    window: tuple[int, int] | None = None   # (left, right): query i sees keys i - left .. i + right
+    segments: bool = False                  # segment ids mask (packed documents), given at run time
 
     @property
     def scale_log2(self) -> float:
         """c = sm_scale * log2(e): raw scores times c are base-2 logits."""
         return self.sm_scale * LOG2E
+
+    @property
+    def left(self) -> int | None:
+        """How far left of its own position a query sees (None: no bound)."""
+        return None if self.window is None else self.window[0]
+
+    @property
+    def right(self) -> int | None:
+        """How far right of its own position a query sees (0 when causal; None: no bound)."""
+        bounds = [b for b in (0 if self.causal else None,
+                              None if self.window is None else self.window[1]) if b is not None]
+        return min(bounds) if bounds else None
+
+    @property
+    def rows_may_be_empty(self) -> bool:
+        """Whether a query row can meet a tile where it sees no key, or see none at all (then its
+        output is 0): with a window or segments; under causal masking alone every row sees key 0
+        in its first tile."""
+        return self.window is not None or self.segments
 
 
 def kernel_head_dim(head_dim: int) -> int:
@@ -114,33 +135,107 @@ def cdiv(a, b):
     return div(a + b - 1, b)
 
 
-def kv_tiles(i, plan: Plan, block_q: int, block_k: int):
-    """Key tiles that query tile i attends to -> (masked_from, end).
-
-    Tiles [0, masked_from) need no mask; [masked_from, end) need one: under causal masking the
-    tiles crossing the diagonal (tiles wholly above it are never visited), otherwise the tile
-    holding the padded end of the sequence. Key tiles wholly in the padding are never visited.
-    """
-    end = cdiv(plan.seq_len, block_k)
-    if not plan.causal:
-        return plan.seq_len // block_k, end
-    end = jnp.minimum(cdiv((i + 1) * block_q, block_k), end)
-    return jnp.minimum(div(i * block_q, block_k), end), end
+class Span(NamedTuple):
+    """The tiles [start, end) a kernel's loop visits: [start, lo) and [hi, end) need the mask,
+    [lo, hi) do not. Python ints where static (a static empty range costs no loop)."""
+    start: Any
+    lo: Any
+    hi: Any
+    end: Any
 
 
-def q_tiles(j, plan: Plan, block_q: int, block_k: int):
-    """Query tiles that see key tile j -> (start, unmasked_from, end).
+def _max(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
 
-    Tiles [start, unmasked_from) need a mask, [unmasked_from, end) do not; query tiles wholly in
-    the padding are never visited (their do is zero: they add nothing to dk and dv).
-    """
-    end = cdiv(plan.seq_len, block_q)
-    if not plan.causal:  # only the key tile holding the padded end needs a mask, on every row
-        ragged = (j + 1) * block_k > plan.seq_len
+
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+def _span(start, lo, hi, end, segment_range) -> Span:
+    """start <= lo <= hi <= end; within segment_range (first, end) when given, where every tile
+    needs the mask (segment ids are known only at run time)."""
+    if segment_range is not None:
+        start, end = _max(start, segment_range[0]), _min(end, segment_range[1])
+        lo = hi = end
+    lo = _min(_max(lo, start), end)
+    return Span(start, lo, _min(_max(hi, lo), end), end)
+
+
+def kv_tiles(i, plan: Plan, block_q: int, block_k: int, segment_range=None) -> Span:
+    """Key tiles that query tile i attends to (rows r = i bq .. (i + 1) bq - 1 see keys
+    r - left .. r + right, and none at or past seq_len): tiles wholly outside are never visited,
+    those it sees wholly need no mask. segment_range: (first, end) key tiles that hold any of the
+    tile's segments (segment_ranges)."""
+    first, last = i * block_q, (i + 1) * block_q - 1
+    left, right, num_k = plan.left, plan.right, cdiv(plan.seq_len, block_k)
+    start = 0 if left is None else div(_max(first - left, 0), block_k)
+    end = num_k if right is None else _min(div(last + right, block_k) + 1, num_k)
+    lo = 0 if left is None else cdiv(_max(last - left, 0), block_k)
+    hi = plan.seq_len // block_k if right is None else div(first + right + 1, block_k)
+    if right is not None and right > 0:   # a real row may see past seq_len: mask that tile
+        hi = _min(hi, plan.seq_len // block_k)
+    return _span(start, lo, hi, end, segment_range)
+
+
+def q_tiles(j, plan: Plan, block_q: int, block_k: int, segment_range=None) -> Span:
+    """Query tiles that see key tile j (keys c = j bk .. (j + 1) bk - 1 are seen by rows
+    c - right .. c + left): query tiles wholly in the padding are never visited (their do is
+    zero: they add nothing to dk and dv). segment_range as kv_tiles', over query tiles."""
+    first, last = j * block_k, (j + 1) * block_k - 1
+    left, right, num_q = plan.left, plan.right, cdiv(plan.seq_len, block_q)
+    start = 0 if right is None else div(_max(first - right, 0), block_q)
+    end = num_q if left is None else _min(div(last + left, block_q) + 1, num_q)
+    lo = 0 if right is None else cdiv(_max(last - right, 0), block_q)
+    hi = num_q if left is None else div(first + left + 1, block_q)
+    if plan.right != 0:   # the key tile holding the padded end needs a mask on every row
         # (a product, not jnp.where: Pallas Triton 0.10 lowers a scalar select of constants to i1)
-        return 0, ragged.astype(jnp.int32) * end, end
-    start = jnp.minimum(div(j * block_k, block_q), end)
-    return start, jnp.minimum(cdiv((j + 1) * block_k, block_q), end), end
+        ragged = jnp.asarray((j + 1) * block_k > plan.seq_len).astype(jnp.int32)
+        hi = ragged * lo + (1 - ragged) * hi
+    return _span(start, lo, hi, end, segment_range)
+
+
+def in_span(t, span: Span):
+    """(t in a masked range of span, t in its unmasked range): the grid-step tests of kernels
+    whose grid walks every tile (TPU)."""
+    masked = ((t >= span.start) & (t < span.lo)) | ((t >= span.hi) & (t < span.end))
+    return masked, (t >= span.lo) & (t < span.hi)
+
+
+def clamp_to_span(t, span: Span):
+    """Tile t moved into span (the nearest tile it needs; tile 0 when it needs none): a block
+    index that fetches nothing new where the step is skipped."""
+    nearest = jnp.maximum(jnp.minimum(t, span.end - 1), jnp.minimum(span.start, span.end - 1))
+    return jnp.maximum(nearest, 0)
+
+
+def sum_over_groups(x, kv_heads: int, dtype, heads_axis: int = 2):
+    """x [.., Hq, ..] per query head -> [.., Hkv, ..] in dtype, summed over each group of query
+    heads (h // (Hq / Hkv), the heads at heads_axis); as is when Hq = Hkv."""
+    h = x.shape[heads_axis]
+    if h == kv_heads:
+        return x.astype(dtype)
+    shape = (*x.shape[:heads_axis], kv_heads, h // kv_heads, *x.shape[heads_axis + 1:])
+    return x.reshape(shape).sum(heads_axis + 1).astype(dtype)
+
+
+def segment_ranges(q_ids, kv_ids, block_q: int, block_k: int):
+    """For segment ids q_ids, kv_ids [B, S] (S padded to the blocks) -> (key tiles of each query
+    tile [B, S/bq, 2], query tiles of each key tile [B, S/bk, 2]), each a (first, end) pair: the
+    tiles whose ids' [min, max] overlaps the other tile's (so, with ids ascending along the
+    sequence as in packed documents, exactly the tiles holding one of its segments). XLA."""
+    b, s = q_ids.shape
+    bounds = lambda ids, n: (ids.reshape(b, s // n, n).min(-1), ids.reshape(b, s // n, n).max(-1))
+    (q_min, q_max), (k_min, k_max) = bounds(q_ids, block_q), bounds(kv_ids, block_k)
+    overlap = ((k_min[:, None, :] <= q_max[:, :, None])
+               & (k_max[:, None, :] >= q_min[:, :, None]))            # [B, S/bq, S/bk]
+
+    def first_and_end(o):
+        n, any_ = o.shape[-1], o.any(-1)
+        first = jnp.argmax(o, -1)
+        end = n - jnp.argmax(o[..., ::-1], -1)
+        return jnp.stack([jnp.where(any_, first, 0), jnp.where(any_, end, 0)], -1).astype(jnp.int32)
+    return first_and_end(overlap), first_and_end(overlap.transpose(0, 2, 1))
 
 
 def tile_order(i, num_tiles: int, causal: bool):
@@ -148,20 +243,29 @@ def tile_order(i, num_tiles: int, causal: bool):
     return num_tiles - 1 - i if causal else i
 
 
-def visit(step, carry, unmasked, masked):
-    """carry after step(t, carry, masked=...) over the tiles t in the ranges `unmasked`, `masked`.
+def visit(step, carry, span: Span):
+    """carry after step(t, carry, masked=...) over the tiles t of span: three loops rather than
+    one with a per-tile test, so the mask costs nothing where it is not needed."""
+    for begin, stop, masked in ((span.start, span.lo, True), (span.lo, span.hi, False),
+                                (span.hi, span.end, True)):
+        if not (isinstance(begin, int) and isinstance(stop, int) and begin >= stop):
+            carry = lax.fori_loop(begin, stop, functools.partial(step, masked=masked), carry)
+    return carry
 
-    Two loops rather than one with a per-tile test, so the mask costs nothing off the diagonal.
-    """
-    carry = lax.fori_loop(*unmasked, functools.partial(step, masked=False), carry)
-    return lax.fori_loop(*masked, functools.partial(step, masked=True), carry)
 
-
-def visible(q_index, k_index, plan: Plan):
-    """True where query q_index may attend to key k_index (broadcastable int32 arrays)."""
-    if plan.causal:
-        return k_index <= q_index
-    return k_index < plan.seq_len
+def visible(q_index, k_index, plan: Plan, q_segment=None, k_segment=None):
+    """True where query q_index may attend to key k_index (broadcastable int32 arrays; with
+    segments, their segment ids broadcast alike)."""
+    conditions = []
+    if plan.left is not None:
+        conditions.append(k_index >= q_index - plan.left)
+    if plan.right is not None:
+        conditions.append(k_index <= q_index + plan.right)
+    if plan.right != 0:
+        conditions.append(k_index < plan.seq_len)
+    if q_segment is not None:
+        conditions.append(q_segment == k_segment)
+    return functools.reduce(jnp.logical_and, conditions)
 
 
 def positions(start, shape, axis):
@@ -170,14 +274,23 @@ def positions(start, shape, axis):
 
 
 def tile_mask(masked: bool, plan: Plan, q_start, k_start, block_q: int, block_k: int,
-              transposed: bool = False):
+              transposed: bool = False, segments=None):
     """The mask of the score tile of queries q_start.. and keys k_start..: [block_q, block_k], or
-    [block_k, block_q] when `transposed` (the dK/dV orientation); None off the diagonal."""
+    [block_k, block_q] when `transposed` (the dK/dV orientation); None where not needed.
+    segments: (the query tile's ids, the key tile's): [block_q] and [block_k], or those as a
+    column and a row of the tile (a row and a column when transposed)."""
     if not masked:
         return None
     q_axis = 1 if transposed else 0
     shape = (block_k, block_q) if transposed else (block_q, block_k)
-    return visible(positions(q_start, shape, q_axis), positions(k_start, shape, 1 - q_axis), plan)
+    q_segment = k_segment = None
+    if segments is not None:   # 1-D, or already 2-D in the tile's orientation
+        q_segment, k_segment = segments
+        if q_segment.ndim == 1:
+            q_segment = q_segment[None, :] if transposed else q_segment[:, None]
+            k_segment = k_segment[:, None] if transposed else k_segment[None, :]
+    return visible(positions(q_start, shape, q_axis), positions(k_start, shape, 1 - q_axis), plan,
+                   q_segment, k_segment)
 
 
 # ------------------------------------------------------------------ the per-tile math
@@ -206,31 +319,38 @@ def softmax_init(block_q: int, head_dim: int):
             jnp.zeros((block_q, 1), jnp.float32))
 
 
-def softmax_step(carry, q, k, v, scale_log2: float, mask=None):
+def softmax_step(carry, q, k, v, scale_log2: float, mask=None, rows_may_be_empty=False):
     """One key tile of the online softmax.  q [bq, D], k, v [bk, D], mask [bq, bk] or None.
 
         m' = max(m, c max_j s_j)      alpha = 2^(m - m')      p = 2^(c s - m')
         l' = alpha l + sum_j p_j      acc'  = alpha acc + p v
 
-    Masked scores are -inf, so p = 0 there. m' is finite after the first tile, which every row
-    sees (it holds key 0), so no -inf - -inf ever happens.
+    Masked scores are -inf, so p = 0 there. Under causal masking alone m' is finite after the
+    first tile, which every row sees (it holds key 0); where a row may have seen no key yet
+    (rows_may_be_empty: windows, segments) the exponents take 0 for its m' = -inf, so that no
+    -inf - -inf happens.
     """
     acc, m, l = carry
     s = dot_nt(q, k)
     if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True) * scale_log2)
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s * scale_log2 - m_new)
+    m_exp = jnp.where(m_new == -jnp.inf, 0.0, m_new) if rows_may_be_empty else m_new
+    alpha = jnp.exp2(m - m_exp)
+    p = jnp.exp2(s * scale_log2 - m_exp)
     l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
     acc = alpha * acc + dot(p.astype(v.dtype), v)
     return acc, m_new, l
 
 
-def softmax_finish(carry):
-    """-> (o [bq, D] f32, lse [bq, 1]): o = acc / l, lse = m + log2 l."""
+def softmax_finish(carry, rows_may_be_empty=False):
+    """-> (o [bq, D] f32, lse [bq, 1]): o = acc / l, lse = m + log2 l; a row that saw no key
+    (l = 0) gets o = 0 and lse = +inf, so the backward's p = 2^(c s - lse) is 0 on it."""
     acc, m, l = carry
-    return acc / l, m + jnp.log2(l)
+    if not rows_may_be_empty:
+        return acc / l, m + jnp.log2(l)
+    empty = l == 0.0
+    return acc / jnp.where(empty, 1.0, l), jnp.where(empty, jnp.inf, m + jnp.log2(l))
 
 
 def low_half(x, dtype):

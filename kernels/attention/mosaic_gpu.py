@@ -215,7 +215,7 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
         b, h, pair = unit_pair(n)
         pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
         # Every key tile the upper query tile needs (the most either needs).
-        num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k)[1]
+        num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k).end
         rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
         streamed = [Ring(lambda t, x=x: x.at[rows(t)], *scratch, offset=base)
                     for scratch, x in rings]
@@ -291,7 +291,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
     def consume_unit(wg, b, h, pair, num_kv, k_ring, v_ring, q_tile, q_ready):
         i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
-        masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
+        span = common.kv_tiles(i, plan, block_q, block_k)
         plgpu.barrier_wait(q_ready)
         k_ring.wait(0)                         # each later K_t is waited for during p V_t-1
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
@@ -323,7 +323,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
 
             def add_pv(acc_ref):
                 plgpu.wgmma(acc_ref, p, v_ring.tile(t))
-                pl.when(t + 1 < end)(lambda: k_ring.wait(t + 1))
+                pl.when(t + 1 < span.end)(lambda: k_ring.wait(t + 1))
             acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
             v_ring.release(t)
             return acc, m_new, l
@@ -339,8 +339,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
                                    plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
-        carry = common.visit(step, carry, unmasked=(0, masked_from), masked=(masked_from, end))
-        lax.fori_loop(end, num_kv, release, None)
+        carry = common.visit(step, carry, span)
+        lax.fori_loop(span.end, num_kv, release, None)
         pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 
         acc, m, l = carry
@@ -371,8 +371,9 @@ def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: boo
     return common.visible(cols, rows, plan) if transposed else common.visible(rows, cols, plan)
 
 
-def forward(q, k, v, plan: common.Plan, residuals: bool):
+def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     """q, k, v [B, S, H, D] bf16 (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
+    One K/V head per query head, no window or segments (the api refuses them: api._masks).
 
     The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32 and o's low half. Tiles
     below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
@@ -381,6 +382,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool):
     padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
+    assert segments is None and plan.window is None and k.shape == q.shape
     b, s, h, d = q.shape
     config = plan.forward
     bq, bk = (max(rows, WGMMA_M) for rows in (config.block_q, config.block_k))

@@ -79,7 +79,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
         # The stream runs from the first query tile the lower key tile sees (the earliest either
         # sees) to the end, which both see.
-        first, _, stream_end = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
+        span = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
+        first, stream_end = span.start, span.end
         rings = [Ring(lambda n, x=x, at=at: x.at[at(first + n)], *scratch, offset=base)
                  for scratch, x, at in ((q_ring, q_ref, q_rows), (do_ring, do_ref, q_rows),
                                         (lse_ring, lse_ref, q_cols),
@@ -104,10 +105,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         q_ring, do_ring, lse_ring, delta_ring = rings
         k_rows = (b, pl.ds(j * block_k, block_k), h)
         k_tile, v_tile = k_smem.at[buffer], v_smem.at[buffer]
-        start, unmasked_from, end = common.q_tiles(j, plan, block_q, block_k)
+        span = common.q_tiles(j, plan, block_q, block_k)
 
         # Only warpgroup 1 skips tiles: the ones before its first.
-        lax.fori_loop(0, start - first, lambda n, _: skip(rings, n), None)
+        lax.fori_loop(0, span.start - first, lambda n, _: skip(rings, n), None)
         plgpu.barrier_wait(kv_loaded.at[buffer])
         plgpu.barrier_wait(kv_loaded.at[CONSUMERS * buffers + buffer])
 
@@ -145,10 +146,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
         zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
                                   plgpu.Layout.WGMMA)
-        # In stream order: the masked tiles (on the diagonal) come before the unmasked ones.
-        carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True),
-                              (zeros, zeros))
-        dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
+        # In stream order (common.visit: the masked tiles on the diagonal, then the others).
+        dk, dv = common.visit(step, (zeros, zeros), span)
         # Both products that read k_tile and v_tile are complete: they stage dk and dv.
         k_tile[...] = (dk * plan.sm_scale).astype(k_tile.dtype)
         v_tile[...] = dv.astype(v_tile.dtype)
@@ -214,12 +213,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
             k_ring.release(t)
             return dq
 
-        masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
+        span = common.kv_tiles(i, plan, block_q, block_k)
         dq = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
                                plgpu.Layout.WGMMA)
-        dq = lax.fori_loop(0, masked_from, functools.partial(step, masked=False), dq)
-        dq = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), dq)
-        lax.fori_loop(end, num_kv, lambda t, _: skip((k_ring, v_ring), t), None)
+        dq = common.visit(step, dq, span)
+        lax.fori_loop(span.end, num_kv, lambda t, _: skip((k_ring, v_ring), t), None)
         q_tile[...] = (dq * plan.sm_scale).astype(q_tile.dtype)  # q's products are complete
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(i * block_q, block_q), h])

@@ -6,8 +6,11 @@ transposes to [B, H, S, D] and every block is (rows, D). The key tiles are the l
 
     grid (B, H, S/bq, S/bk);  m, l [bq, 1] and acc [bq, D] f32 in VMEM;  lse [B, H, S, 1] f32.
 
-Under causal masking the tiles above the diagonal are skipped with pl.when, and their k/v block
-index is clamped to the last tile needed, so the pipeline does not fetch them either.
+Tiles the mask leaves empty (above the diagonal, outside the window, of other segments) are
+skipped with pl.when, and their k/v block index is clamped into the tiles needed, so the pipeline
+does not fetch them either. With segment ids, each tile's range of the other side's tiles
+(common.segment_ranges) is prefetched into SMEM (scalar prefetch), where the block indices read
+it. Grouped-query heads: query head h's blocks of k and v are head h // (Hq / Hkv)'s.
 """
 from __future__ import annotations
 
@@ -49,15 +52,21 @@ def heads_major(x):
     return x.transpose(0, 2, 1, 3)
 
 
-def call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, cost, plan, name):
-    """pl.pallas_call over a grid whose last axis is sequential (it carries the VMEM scratch)."""
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+def call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, cost, plan, name,
+         prefetch=()):
+    """pl.pallas_call over a grid whose last axis is sequential (it carries the VMEM scratch);
+    `prefetch` arrays go to SMEM before the grid runs, as the first operands of the kernel and
+    the last arguments of every index map."""
+    scratch_shapes = [pltpu.VMEM(shape, jnp.float32) for shape in scratch]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=scratch_shapes)
+    return functools.partial(pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=pltpu.InterpretParams() if plan.interpret else False,
-        name=name)
+        name=name), *prefetch)
 
 
 def when_tile(condition, step, masked: bool):
@@ -65,9 +74,37 @@ def when_tile(condition, step, masked: bool):
     pl.when(condition)(functools.partial(step, masked))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *refs, plan, block_q, block_k):
-    *residual_refs, acc_ref, m_ref, l_ref = refs
-    i, j = pl.program_id(2), pl.program_id(3)
+def segment_operands(segments, plan, block: int, other_block: int, by_query: bool):
+    """With segment ids (q ids, kv ids) [B, S]: (the prefetched ranges [B, S/block, 2] of the
+    tiles each tile needs, the ids as operands: this side's as a column [B, S, 1], the other's as
+    a row [B, 1, S] (or, transposed, the other way round), their BlockSpecs over grid
+    (b, h, this tile, other tile)); Nones and () without."""
+    if segments is None:
+        return None, (), ()
+    q_ids, kv_ids = segments
+    b, s = q_ids.shape
+    block_q, block_k = (block, other_block) if by_query else (other_block, block)
+    kv_range, q_range = common.segment_ranges(q_ids, kv_ids, block_q, block_k)
+    mine, others = (q_ids, kv_ids) if by_query else (kv_ids, q_ids)
+    specs = [pl.BlockSpec((None, block, 1), lambda b_, h_, t, u, *_: (b_, t, 0)),
+             pl.BlockSpec((None, 1, other_block), lambda b_, h_, t, u, *_: (b_, 0, u))]
+    return (kv_range if by_query else q_range), (mine[..., None], others[:, None, :]), specs
+
+
+def tile_segment_range(ranges_ref, b, t):
+    """Tile t's (first, end) range of the other side's tiles, from the prefetched ranges."""
+    return None if ranges_ref is None else (ranges_ref[b, t, 0], ranges_ref[b, t, 1])
+
+
+def _forward_kernel(*refs, plan, block_q, block_k):
+    ranges_ref, refs = (refs[0], refs[1:]) if plan.segments else (None, refs)
+    q_ref, k_ref, v_ref, *refs = refs
+    segments = None
+    if plan.segments:
+        q_ids_ref, kv_ids_ref, *refs = refs
+        segments = (q_ids_ref, kv_ids_ref)
+    o_ref, *residual_refs, acc_ref, m_ref, l_ref = refs
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     state = (acc_ref, m_ref, l_ref)
 
     @pl.when(j == 0)
@@ -76,19 +113,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *refs, plan, block_q, block_k):
             ref[...] = value
 
     def step(masked):
-        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k)
+        ids = None if segments is None else tuple(ref[...] for ref in segments)
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k,
+                                segments=ids)
         carry = common.softmax_step(tuple(ref[...] for ref in state), q_ref[...], k_ref[...],
-                                    v_ref[...], plan.scale_log2, mask)
+                                    v_ref[...], plan.scale_log2, mask, plan.rows_may_be_empty)
         for ref, value in zip(state, carry):
             ref[...] = value
 
-    masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
-    when_tile(j < masked_from, step, masked=False)
-    when_tile((j >= masked_from) & (j < end), step, masked=True)
+    span = common.kv_tiles(i, plan, block_q, block_k, tile_segment_range(ranges_ref, b, i))
+    masked, unmasked = common.in_span(j, span)
+    when_tile(unmasked, step, masked=False)
+    when_tile(masked, step, masked=True)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        o, lse = common.softmax_finish(tuple(ref[...] for ref in state))
+        o, lse = common.softmax_finish(tuple(ref[...] for ref in state), plan.rows_may_be_empty)
         o_ref[...] = o.astype(o_ref.dtype)
         if residual_refs:
             lse_ref, o_lo_ref = residual_refs
@@ -96,30 +136,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *refs, plan, block_q, block_k):
             o_lo_ref[...] = common.low_half(o, o_lo_ref.dtype)
 
 
-def forward(q, k, v, plan: common.Plan, residuals: bool):
-    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
+def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
+    """q [B, S, Hq, D], k, v [B, S, Hkv, D] (S padded to the blocks; Hkv dividing Hq), segments
+    (q ids, kv ids) [B, S] int32 or None -> (o [B, S, Hq, D], residuals or None).
 
     The residuals, all [B, H, S, ...]: q, k, v, o, lse [B, H, S, 1] f32, o's low half
-    (common.low_half).
+    (common.low_half), then the segment ids.
     """
     q, k, v = (heads_major(x) for x in (q, k, v))
     b, h, s, d = q.shape
+    group = h // k.shape[1]
     bq, bk = plan.forward.block_q, plan.forward.block_k
+    ranges, ids, id_specs = segment_operands(segments, plan, bq, bk, by_query=True)
 
-    def kv_index(b_, h_, i, j):  # past the last tile needed: stay on it (no fetch)
-        return b_, h_, jnp.minimum(j, common.kv_tiles(i, plan, bq, bk)[1] - 1), 0
+    def kv_index(b_, h_, i, j, *prefetched):  # a tile it needs (the nearest: no fetch)
+        span = common.kv_tiles(i, plan, bq, bk, tile_segment_range(
+            prefetched[0] if prefetched else None, b_, i))
+        return b_, common.div(h_, group), common.clamp_to_span(j, span), 0
 
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, d), kv_index)
-    lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
+    lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
     o_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     lse_shape = jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)
     o, *saved = call(
         functools.partial(_forward_kernel, plan=plan, block_q=bq, block_k=bk),
-        grid=(b, h, s // bq, s // bk), in_specs=[q_spec, kv_spec, kv_spec],
+        grid=(b, h, s // bq, s // bk), in_specs=[q_spec, kv_spec, kv_spec, *id_specs],
         out_specs=[q_spec, lse_spec, q_spec] if residuals else [q_spec],
         out_shape=[o_shape, lse_shape, o_shape] if residuals else [o_shape],
         scratch=[(bq, d), (bq, 1), (bq, 1)],
         cost=common.cost_estimate(q, s, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
-        name="flash_attention_fwd")(q, k, v)
-    return heads_major(o), ((q, k, v, o, *saved) if residuals else None)
+        name="flash_attention_fwd", prefetch=() if ranges is None else (ranges,))(q, k, v, *ids)
+    return heads_major(o), ((q, k, v, o, *saved, *(segments or ())) if residuals else None)

@@ -68,19 +68,26 @@ def call(kernel, *, grid, in_specs, out_specs, out_shape, num_warps, num_stages,
         cost_estimate=cost, interpret=plan.interpret, name=name)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, block_k, num_q):
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan, block_q, block_k, num_q):
+    segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     i = common.tile_order(pl.program_id(0), num_q, plan.causal)
     q = q_ref[...]
+    span_range = q_ids = kv_ids_ref = None
+    if plan.segments:
+        q_ids_ref, kv_ids_ref, range_ref = segment_refs
+        q_ids, span_range = q_ids_ref[...], (range_ref[0], range_ref[1])
 
     def step(j, carry, masked):
         rows = tile_rows(j, block_k)
-        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k)
-        return common.softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], plan.scale_log2, mask)
+        segments = None if kv_ids_ref is None else (q_ids, kv_ids_ref[rows])
+        mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k,
+                                segments=segments)
+        return common.softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], plan.scale_log2, mask,
+                                   plan.rows_may_be_empty)
 
-    masked_from, end = common.kv_tiles(i, plan, block_q, block_k)
-    carry = common.visit(step, common.softmax_init(block_q, q.shape[-1]),
-                  unmasked=(0, masked_from), masked=(masked_from, end))
-    o, lse = common.softmax_finish(carry)
+    span = common.kv_tiles(i, plan, block_q, block_k, span_range)
+    carry = common.visit(step, common.softmax_init(block_q, q.shape[-1]), span)
+    o, lse = common.softmax_finish(carry, plan.rows_may_be_empty)
     o_ref[...] = o.astype(o_ref.dtype)
     if residual_refs:
         lse_ref, o_lo_ref = residual_refs
@@ -88,27 +95,50 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, plan, block_q, b
         o_lo_ref[...] = common.low_half(o, o_lo_ref.dtype)
 
 
-def forward(q, k, v, plan: common.Plan, residuals: bool):
-    """q, k, v [B, S, H, D] (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
+def segment_inputs(segments, block: int, other_block: int, tile, by_query: bool):
+    """The segment operands of a kernel whose programs take one tile of `block` rows (query rows
+    when by_query, else key rows), with the other side's tiles of other_block rows streamed:
+    (arrays, BlockSpecs) for (this tile's ids, the other side's ids, this tile's (first, end)
+    range of the other's tiles: common.segment_ranges), or ((), ()) without segments. tile maps
+    the grid index to the tile."""
+    if segments is None:
+        return (), ()
+    q_ids, kv_ids = segments
+    s = q_ids.shape[1]
+    block_q, block_k = (block, other_block) if by_query else (other_block, block)
+    kv_range, q_range = common.segment_ranges(q_ids, kv_ids, block_q, block_k)
+    mine, others = (q_ids, kv_ids) if by_query else (kv_ids, q_ids)
+    specs = [pl.BlockSpec((None, block), lambda t, b_, h_: (b_, tile(t))),
+             pl.BlockSpec((None, s), lambda t, b_, h_: (b_, 0)),
+             pl.BlockSpec((None, None, 2), lambda t, b_, h_: (b_, tile(t), 0))]
+    return (mine, others, kv_range if by_query else q_range), specs
 
-    The residuals for the backward: q, k, v, o, lse [B, H, S] f32 and o's low half
-    (common.low_half).
+
+def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
+    """q [B, S, Hq, D], k, v [B, S, Hkv, D] (S padded to the blocks; Hkv dividing Hq: query head h
+    reads key/value head h // (Hq / Hkv)), segments (q ids, kv ids) [B, S] int32 or None ->
+    (o [B, S, Hq, D], residuals or None).
+
+    The residuals for the backward: q, k, v, o, lse [B, Hq, S] f32, o's low half
+    (common.low_half), then the segment ids.
     """
     b, s, h, d = q.shape
+    group = h // k.shape[2]
     bq, bk = plan.forward.block_q, plan.forward.block_k
     num_q = s // bq
     tile = lambda i: common.tile_order(i, num_q, plan.causal)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, tile(i), h_, 0))
-    seq_spec = pl.BlockSpec((None, s, None, d), lambda i, b_, h_: (b_, 0, h_, 0))
+    seq_spec = pl.BlockSpec((None, s, None, d), lambda i, b_, h_: (b_, 0, common.div(h_, group), 0))
     lse_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, tile(i)))
+    segment_arrays, segment_specs = segment_inputs(segments, bq, bk, tile, by_query=True)
     o_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     lse_shape = jax.ShapeDtypeStruct((b, h, s), jnp.float32)
     o, *saved = call(
         functools.partial(_forward_kernel, plan=plan, block_q=bq, block_k=bk, num_q=num_q),
-        grid=(num_q, b, h), in_specs=[q_spec, seq_spec, seq_spec],
+        grid=(num_q, b, h), in_specs=[q_spec, seq_spec, seq_spec, *segment_specs],
         out_specs=[q_spec, lse_spec, q_spec] if residuals else [q_spec],
         out_shape=[o_shape, lse_shape, o_shape] if residuals else [o_shape],
         num_warps=plan.forward.num_warps, num_stages=plan.forward.num_stages,
         cost=common.cost_estimate(q, s, plan, matmuls=2, arrays=6 if residuals else 4), plan=plan,
-        name="flash_attention_fwd")(q, k, v)
-    return o, ((q, k, v, o, *saved) if residuals else None)
+        name="flash_attention_fwd")(q, k, v, *segment_arrays)
+    return o, ((q, k, v, o, *saved, *(segments or ())) if residuals else None)
