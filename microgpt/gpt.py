@@ -18,9 +18,13 @@ KERNELS = ("reference", "pallas", "xla")
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                  sm_scale: float | None = None) -> jax.Array:
+                  sm_scale: float | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """The stock path: jax.nn.dot_product_attention, cuDNN on GPUs (asked for by name, so that it
-    fails loudly rather than silently falling back to XLA's attention).  Shapes as model.attention."""
+    fails loudly rather than silently falling back to XLA's attention); with segment_ids, which
+    it has no argument for, their dense mask on XLA's.  Shapes as model.attention."""
+    if segment_ids is not None:
+        mask = model.attention_mask(q.shape[1], causal=causal, segment_ids=segment_ids)
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, mask=mask)
     implementation = "cudnn" if jax.default_backend() == "gpu" else None
     return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
                                         implementation=implementation)
@@ -56,6 +60,7 @@ class MicroGPT:
     num_layers: int = 4
     num_heads: int = 8
     kernels: str = "reference"
+    document_eot: int | None = None   # the <|endoftext|> id: no attention across documents
 
     def __post_init__(self):
         if self.model_d % self.num_heads:
@@ -79,16 +84,23 @@ class MicroGPT:
 
     def run_fn(self, input_ids: jax.Array, params: Params, num_heads: int | None = None) -> jax.Array:
         """Logits [B, S, V] float32 for input_ids [B, S]."""
-        return model.forward(params, input_ids, num_heads or self.num_heads, self.ops)
+        return model.forward(params, input_ids, num_heads or self.num_heads, self.ops,
+                             self.segment_ids(input_ids))
 
     def loss(self, params: Params, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
-        return model.loss_fn(params, input_ids, targets, self.num_heads, self.ops)
+        return model.loss_fn(params, input_ids, targets, self.num_heads, self.ops,
+                             self.segment_ids(input_ids))
+
+    def segment_ids(self, input_ids: jax.Array) -> jax.Array | None:
+        """With document_eot, each document's tokens attend within it only (model.document_ids)."""
+        return None if self.document_eot is None else model.document_ids(input_ids,
+                                                                           self.document_eot)
 
 
 def _preset(num_layers: int):
     def make(vocab: int = 9000, model_d: int = 512, num_heads: int = 8,
-             kernels: str = "reference") -> MicroGPT:
-        return MicroGPT(vocab, model_d, num_layers, num_heads, kernels)
+             kernels: str = "reference", document_eot: int | None = None) -> MicroGPT:
+        return MicroGPT(vocab, model_d, num_layers, num_heads, kernels, document_eot)
     make.__name__ = f"micro_gpt_{num_layers}"
     make.__doc__ = f"A {num_layers}-block MicroGPT (defaults: vocab 9000, model_d 512, 8 heads)."
     return make

@@ -313,11 +313,12 @@ def block_output(block: Params, x: jax.Array, attn: jax.Array, ops: KernelOps) -
                              f["w_proj"], f["b_proj"], residual=True)
 
 
-def transformer_block(block: Params, x: jax.Array, num_heads: int, ops: KernelOps) -> jax.Array:
-    """One pre-LN block.  x [B, S, d] -> [B, S, d]."""
+def transformer_block(block: Params, x: jax.Array, num_heads: int, ops: KernelOps,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+    """One pre-LN block.  x [B, S, d] -> [B, S, d]; segment_ids [B, S] (documents) or None."""
     with jax.named_scope("attention"):
         q, k, v = attention_projections(block, x, num_heads)
-        attn = ops.attention(q, k, v, causal=True)
+        attn = ops.attention(q, k, v, causal=True, segment_ids=segment_ids)
     with jax.named_scope("layernorm_ffn"):
         return block_output(block, x, attn, ops)
 
@@ -327,28 +328,35 @@ def tied_logits(params: Params, x: jax.Array) -> jax.Array:
     return matmul(layernorm(x, None, None), params["embed"].T)
 
 
-def hidden(params: Params, ids: jax.Array, num_heads: int,
-           ops: KernelOps = REFERENCE_OPS) -> jax.Array:
-    """The embedding and the blocks.  ids [B, S] int -> x_L [B, S, d] float32."""
+def document_ids(ids: jax.Array, eot_id: int) -> jax.Array:
+    """Segment ids of packed documents: each <|endoftext|> (eot_id) starts a new one, as it
+    starts generation's prompt.  ids [B, S] int -> [B, S] int32."""
+    return jnp.cumsum(ids == eot_id, axis=1, dtype=jnp.int32)
+
+
+def hidden(params: Params, ids: jax.Array, num_heads: int, ops: KernelOps = REFERENCE_OPS,
+           segment_ids: jax.Array | None = None) -> jax.Array:
+    """The embedding and the blocks.  ids [B, S] int -> x_L [B, S, d] float32; with segment_ids
+    (document_ids) no token attends across documents."""
     with jax.named_scope("embedding"):
         x = embed(ids, params["embed"])
     for block in params["blocks"]:
-        x = transformer_block(block, x, num_heads, ops)
+        x = transformer_block(block, x, num_heads, ops, segment_ids)
     return x
 
 
-def forward(params: Params, ids: jax.Array, num_heads: int,
-            ops: KernelOps = REFERENCE_OPS) -> jax.Array:
+def forward(params: Params, ids: jax.Array, num_heads: int, ops: KernelOps = REFERENCE_OPS,
+            segment_ids: jax.Array | None = None) -> jax.Array:
     """The whole GPT.  ids [B, S] int -> logits [B, S, V] float32."""
-    x = hidden(params, ids, num_heads, ops)
+    x = hidden(params, ids, num_heads, ops, segment_ids)
     with jax.named_scope("logits"):
         return tied_logits(params, x)
 
 
 def loss_fn(params: Params, ids: jax.Array, targets: jax.Array, num_heads: int,
-            ops: KernelOps = REFERENCE_OPS) -> jax.Array:
+            ops: KernelOps = REFERENCE_OPS, segment_ids: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy of forward's logits.  ids, targets [B, S] -> scalar float32."""
-    x = hidden(params, ids, num_heads, ops)
+    x = hidden(params, ids, num_heads, ops, segment_ids)
     with jax.named_scope("logits"):
         h = layernorm(x, None, None)
     with jax.named_scope("loss"):   # the logits' matmul, fused with the loss's gradient

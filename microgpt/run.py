@@ -9,7 +9,7 @@ import jax
 import optax
 from tokenizers import Tokenizer
 
-from microgpt import checkpoint
+from microgpt import checkpoint, data
 from microgpt.gpt import PRESETS, MicroGPT
 
 
@@ -28,6 +28,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     kernels: str = "reference"
+    document_mask: bool = False   # no attention across the <|endoftext|>-separated documents
     data: str | None = None
     dataset: str | None = None
     text_field: str = "text"
@@ -38,9 +39,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_norm: float = 1.0
 
-    def model(self, vocab: int) -> MicroGPT:
+    def model(self, vocab: int, eot_id: int | None = None) -> MicroGPT:
+        """The model; with document_mask, eot_id (the tokenizer's <|endoftext|>) is needed."""
+        if self.document_mask and eot_id is None:
+            raise ValueError("document_mask needs the tokenizer's <|endoftext|> id")
         return PRESETS[self.preset](vocab=vocab, model_d=self.model_d, num_heads=self.heads,
-                                    kernels=self.kernels)
+                                    kernels=self.kernels,
+                                    document_eot=eot_id if self.document_mask else None)
 
 
 def make_optimizer(cfg: TrainConfig):
@@ -59,13 +64,13 @@ def load_run(run_dir: str | Path | None = None, step: int | None = None):
     run_dir = Path(run_dir) if run_dir else checkpoint.newest_run()
     step, meta = checkpoint.restore_meta(run_dir, step)
     cfg = TrainConfig(**meta["config"])
-    model = cfg.model(meta["vocab"])
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path(run_dir, meta)))
+    model = cfg.model(meta["vocab"], tokenizer.token_to_id(data.EOT))
     optimizer, _ = make_optimizer(cfg)
 
     def init_state():
         params = model.get_params(jax.random.PRNGKey(0))
         return {"params": params, "opt_state": optimizer.init(params)}
 
-    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path(run_dir, meta)))
     state = checkpoint.restore_state(run_dir, step, jax.eval_shape(init_state))
     return model, state["params"], tokenizer, cfg

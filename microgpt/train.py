@@ -160,12 +160,14 @@ def memory_lower_bound(cfg: TrainConfig, vocab: int, num_devices: int) -> tuple[
     """(bytes, what) that one device holds at least during a training step: parameters with their
     gradients and AdamW moments (16 bytes each), the bfloat16 logits [b, S, V] of the device's b
     rows, and where attention is not a flash kernel (reference; xla off the GPU, where there is no
-    cuDNN) the float32 probabilities [b, H, S, S] that every block keeps for its backward."""
-    model = cfg.model(vocab)
+    cuDNN) the float32 probabilities [b, H, S, S] that every block keeps for its backward (with
+    the document mask, xla's too: its masked path is XLA's)."""
+    model = dataclasses.replace(cfg, document_mask=False).model(vocab)   # its parameters only
     rows = max(1, cfg.batch_size // num_devices)
     parts = {"parameters and optimizer state": 16 * model.count_params(),
              f"logits [{rows}, {cfg.seq_len}, {vocab}]": 2 * rows * cfg.seq_len * vocab}
-    if cfg.kernels == "reference" or (cfg.kernels == "xla" and jax.default_backend() != "gpu"):
+    if cfg.kernels == "reference" or (cfg.kernels == "xla" and (jax.default_backend() != "gpu"
+                                                                 or cfg.document_mask)):
         parts[f"attention probabilities [{rows}, {cfg.heads}, {cfg.seq_len}, {cfg.seq_len}] "
               f"float32 in each of {model.num_layers} blocks"] = (
             4 * model.num_layers * rows * cfg.heads * cfg.seq_len ** 2)
@@ -264,7 +266,7 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
     """The run itself (see `train`); result.step follows the steps as they complete."""
     run_dir = result.run_dir
     train_tokens, val_tokens = prepared.train_tokens(), prepared.val_tokens()
-    model = cfg.model(prepared.vocab_size)
+    model = cfg.model(prepared.vocab_size, prepared.eot_id)
     optimizer, schedule = make_optimizer(cfg)
     replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
@@ -316,7 +318,8 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
     pending: list[tuple[int, dict]] = []   # device-side metrics not yet read (reading syncs)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     print(f"{cfg.preset}: {model.count_params():,} parameters, d={cfg.model_d}, heads={cfg.heads}, "
-          f"vocab={prepared.vocab_size}, kernels={cfg.kernels}, {mesh.size} device(s) "
+          f"vocab={prepared.vocab_size}, kernels={cfg.kernels}, "
+          f"document mask {'on' if cfg.document_mask else 'off'}, {mesh.size} device(s) "
           f"[{jax.devices()[0].device_kind}]; run folder {run_dir}")
     if cfg.kernels == "pallas" and jax.default_backend() == "cpu":
         print("note: --kernels=pallas on CPU runs the kernels in interpret mode (slow)")
@@ -433,6 +436,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="initialisation and batch order")
     p.add_argument("--kernels", choices=KERNELS, default=defaults.kernels,
                    help="the ops' implementation (README: Kernels)")
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction,
+                   default=defaults.document_mask,
+                   help="no attention across the <|endoftext|>-separated documents of a window")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl/.parquet file "
                                     "(default: the embedded Shakespeare)")

@@ -31,6 +31,16 @@ def test_training_lowers_val_loss_and_checkpoints(corpus, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
 
 
+def test_document_mask_trains_and_is_recorded(corpus, tmp_path):
+    """--document-mask: the run learns, and its checkpoint (and so a resume) keeps the setting."""
+    result = run(corpus, tmp_path / "run", document_mask=True, max_steps=6, eval_every=6)
+    assert result.stopped == "finished" and result.val_losses[6] < result.val_losses[0]
+    assert checkpoint.restore_meta(tmp_path / "run")[1]["config"]["document_mask"] is True
+    cfg, _, explicit = train.parse_args(["--document-mask", "--data", corpus])
+    assert cfg.document_mask and explicit["document_mask"] is True
+    assert not train.parse_args(["--data", corpus])[0].document_mask
+
+
 def test_resume_after_ctrl_c_gives_the_same_losses(corpus, tmp_path, monkeypatch):
     straight = run(corpus, tmp_path / "straight")
 
