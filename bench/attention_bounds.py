@@ -72,14 +72,14 @@ VARIANTS = {
 def time_variant(variant: str, shape: tuple, timing: dict) -> float:
     """Forward ms of the mosaic_gpu attention with VARIANTS[variant]'s function replaced."""
     jax.clear_caches()   # every variant traces the kernel afresh
-    fn = lambda q, k, v: attention(q, k, v, causal=True, implementation="mosaic_gpu")
-    (q, k, v, _), forward, _ = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
+    fn = lambda q, k, v, _: attention(q, k, v, causal=True, implementation="mosaic_gpu")
+    (q, k, v, ids, _), forward, _ = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
     patch = VARIANTS[variant]
     if patch is None:
-        return time_ms(forward, q, k, v, **timing)
+        return time_ms(forward, q, k, v, ids, **timing)
     with mock.patch.object(*patch):
-        jax.block_until_ready(forward(q, k, v))   # traced and compiled with the replacement
-    return time_ms(forward, q, k, v, **timing)
+        jax.block_until_ready(forward(q, k, v, ids))   # traced and compiled with the replacement
+    return time_ms(forward, q, k, v, ids, **timing)
 
 
 COLUMNS = [("variant", "variant", ""), ("batch", "B", "d"), ("seq", "S", "d"), ("heads", "H", "d"),

@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
-#                                           #   profile scaling
+#                                           #   profile scaling masks
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
@@ -66,6 +66,16 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/bounds.txt"
       $PY bench/attention_bounds.py --batch 128 --seq 1024 --heads 8 --head-dim 64 \
         --json "$OUT/bounds_train_shape.json" 2>&1 | tail -n 6 | tee "$OUT/bounds_train_shape.txt" ;;
+    masks)    # grouped-query heads beside cuDNN; packed documents and a window beside the dense kernel
+      for dims in "128 32 8" "64 16 4"; do set -- $dims
+        $PY bench/attention.py --impl cudnn,ours,triton --head-dim $1 --heads $2 --kv-heads $3 \
+          --seq 1024,2048,4096,8192 --json "$OUT/gqa_d$1.json" 2>&1 | tail -n 14 | tee "$OUT/gqa_d$1.txt"
+      done
+      for case in "dense:--impl cudnn,ours" "segments:--impl xla,cudnn,ours --segments 512" \
+                  "window:--impl cudnn,ours --window 1024"; do
+        $PY bench/attention.py ${case#*:} --seq 8192 --batch 2 --heads 16 --head-dim 128 \
+          --json "$OUT/mask_${case%%:*}.json" 2>&1 | tail -n 6 | tee "$OUT/mask_${case%%:*}.txt"
+      done ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
         | tee "$OUT/attention_mosaic.txt" ;;

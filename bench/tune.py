@@ -135,10 +135,10 @@ def _time_attention(which: int, implementation: str, backward: str | None = None
     """Timing of the forward (which=1) or forward+backward (which=2) of our attention, with the
     given backward (None: the one the table picks)."""
     def time(shape, config, timing):
-        fn = lambda q, k, v: attention(q, k, v, causal=True, implementation=implementation,
-                                       backward_implementation=backward, block_sizes=config)
-        (q, k, v, cotangent), *calls = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
-        args = (q, k, v) if which == 1 else (q, k, v, cotangent)
+        fn = lambda q, k, v, _: attention(q, k, v, causal=True, implementation=implementation,
+                                          backward_implementation=backward, block_sizes=config)
+        (q, k, v, ids, cotangent), *calls = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
+        args = (q, k, v, ids) if which == 1 else (q, k, v, ids, cotangent)
         return time_ms(calls[which - 1], *args, **timing)
     return time
 

@@ -27,7 +27,8 @@ from tests.equiv import ON_CPU
      "attention/triton: dkdv_num_warps=0 must be >= 1"),
     (((1, 16, 2, 64),) * 3, {"backward_implementation": "tpu"},
      r"backward_implementation='tpu' cannot differentiate the triton forward; it takes \('triton',\)"),
-    (((1, 16, 4, 64), (1, 16, 3, 64), (1, 16, 3, 64)), {}, r"k's and v's heads \(3\) must divide q's \(4\)"),
+    (((1, 16, 4, 64), (1, 16, 3, 64), (1, 16, 3, 64)), {},
+     r"k's and v's heads \(3\) must divide q's \(4\)"),
     (((1, 16, 4, 64), (1, 16, 2, 64), (1, 16, 1, 64)), {}, "k and v of one shape"),
     (((1, 16, 2, 64),) * 3, {"segment_ids": jnp.zeros((1, 15), jnp.int32)},
      r"segment_ids must be integers of shape \[batch, seq\] = \(1, 16\); got int32 \(1, 15\)"),
@@ -55,15 +56,16 @@ def test_attention_names_the_largest_head_dim(impl):
 
 
 @pytest.mark.parametrize("kwargs, what", [
-    ({"kv_heads": 1}, "grouped-query heads"), ({"segment_ids": jnp.zeros((1, 16), jnp.int32)},
-                                               "segment ids"),
-    ({"local_window_size": 8}, "a local window")])
+    ({"kv_heads": 1, "backward_implementation": "mosaic_gpu"},
+     "mosaic_gpu backward does not take grouped-query heads yet; use backward_implementation"),
+    ({"segment_ids": jnp.zeros((1, 16), jnp.int32)}, "does not take segment ids yet; use "
+                                                     "implementation='triton'"),
+    ({"local_window_size": 8}, "does not take a local window yet; use implementation='triton'")])
 def test_attention_mosaic_gpu_names_the_masks_it_lacks(kwargs, what):
     kwargs = dict(kwargs)
     q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
     k = jnp.zeros((1, 16, kwargs.pop("kv_heads", 2), 64), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match=f"does not take {what} yet; use "
-                                                  f"implementation='triton'"):
+    with pytest.raises(NotImplementedError, match=what):
         attention(q, k, k, implementation="mosaic_gpu", **kwargs)
 
 

@@ -48,7 +48,7 @@ def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) ->
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
-            and not masks
+            and not [m for m in masks if m != GROUPED]
             and tuning.preferred_implementation(
                 "attention", shape_key(common.kernel_head_dim(q.shape[-1]), q.shape[1]))
             == "mosaic_gpu"):
@@ -56,12 +56,14 @@ def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) ->
     return "triton"
 
 
-def default_backward(implementation: str, head_dim: int, seq_len: int) -> str:
+def default_backward(implementation: str, head_dim: int, seq_len: int,
+                     grouped: bool = False) -> str:
     """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
     where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
-    records it under "attention_backward"), else Triton's; every other forward its own."""
-    if implementation != "mosaic_gpu":
-        return implementation
+    records it under "attention_backward") and the heads are not grouped, else Triton's; every
+    other forward its own."""
+    if implementation != "mosaic_gpu" or grouped:
+        return "triton" if implementation == "mosaic_gpu" else implementation
     preferred = tuning.preferred_implementation("attention_backward",
                                                 shape_key(head_dim, seq_len))
     return "mosaic_gpu" if preferred == "mosaic_gpu" else "triton"
@@ -87,8 +89,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       local_window_size (left, right), or an int for (left, 0): keys i - left .. i + right.
     Tiles wholly masked are never computed.
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16, one K/V head per query head, no segments or window yet); None picks by
-    backend (`default_implementation`).
+    (Hopper only, bf16; grouped-query heads in its forward, differentiated by Triton's backward;
+    no segments or window yet); None picks by backend (`default_implementation`).
     backward_implementation: the gradient's kernels, one that takes the forward's residuals
     (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
     the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
@@ -111,12 +113,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                                kv_segment_ids=kv_segment_ids, local_window_size=window)
 
     backend = OP.backend(implementation)
-    if implementation == "mosaic_gpu" and masks:
-        raise NotImplementedError(f"the mosaic_gpu attention does not take {' or '.join(masks)} "
+    grouped = k.shape[2] != q.shape[2]
+    unserved = [m for m in masks if not (grouped and m == GROUPED)]   # its forward takes GQA
+    if implementation == "mosaic_gpu" and unserved:
+        raise NotImplementedError(f"the mosaic_gpu attention does not take {' or '.join(unserved)} "
                                   f"yet; use implementation='triton'")
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
-    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len)
-    _check_backward(implementation, backward, kernel_dim)
+    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
+                                                           grouped)
+    _check_backward(implementation, backward, kernel_dim, grouped)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
     kernels = _kernels(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
@@ -138,13 +143,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     return op.differentiable(backend, plan, q, k, v, *segments)[:, :seq_len, :, :head_dim]
 
 
+GROUPED = "grouped-query heads"
+
+
 def _masks(grouped: bool, segments: bool, window) -> list[str]:
     """What the call asks beyond dense or causal multi-head attention, in words."""
-    return [name for name, asked in (("grouped-query heads", grouped), ("segment ids", segments),
+    return [name for name, asked in ((GROUPED, grouped), ("segment ids", segments),
                                      ("a local window", window is not None)) if asked]
 
 
-def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None:
+def _check_backward(implementation: str, backward: str, kernel_dim: int, grouped: bool) -> None:
+    if backward == "mosaic_gpu" and grouped:
+        raise NotImplementedError("the mosaic_gpu backward does not take grouped-query heads yet; "
+                                  "use backward_implementation='triton'")
     if backward not in BACKWARDS[implementation]:
         raise ValueError(f"backward_implementation={backward!r} cannot differentiate the "
                          f"{implementation} forward; it takes {BACKWARDS[implementation]}")

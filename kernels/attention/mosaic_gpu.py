@@ -203,12 +203,14 @@ def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_
                     min(num_sms(), math.prod(grid)) if persistent else None)
 
 
-def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, rings):
+def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, rings,
+                     group: int = 1):
     """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
     forward, the backward's dQ), in the kernel: (how many units this CTA runs, work), where
     work(n, base) -> (batch, head, pair, the key tiles the n-th unit streams, its rings). rings:
-    (ring scratch, GMEM ref [B, S, H, D]) pairs, each made a Ring streaming that ref's key tiles
-    from the CTA's `base`-th tile. Pairs run longest first (common.tile_order)."""
+    (ring scratch, GMEM ref [B, S, Hkv, D]) pairs, each made a Ring streaming that ref's key tiles
+    from the CTA's `base`-th tile: query head h's are head h // group's (grouped-query). Pairs run
+    longest first (common.tile_order)."""
     num_units, unit_pair = schedule.units()
 
     def work(n, base):
@@ -216,7 +218,8 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
         pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
         # Every key tile the upper query tile needs (the most either needs).
         num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k).end
-        rows = lambda t: (b, pl.ds(t * block_k, block_k), h)
+        kv_head = h if group == 1 else lax.div(h, group)
+        rows = lambda t: (b, pl.ds(t * block_k, block_k), kv_head)
         streamed = [Ring(lambda t, x=x: x.at[rows(t)], *scratch, offset=base)
                     for scratch, x in rings]
         return b, h, pair, num_kv, streamed
@@ -266,7 +269,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             v_ring, ping_pong, plan, block_q, block_k, schedule):
     lse_ref, o_lo_ref = residual_refs or (None, None)
     num_units, work = query_pair_units(schedule, plan, block_q, block_k,
-                                       ((k_ring, k_ref), (v_ring, v_ref)))
+                                       ((k_ring, k_ref), (v_ring, v_ref)),
+                                       group=q_ref.shape[2] // k_ref.shape[2])
     buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
 
     def pass_schedule():
@@ -373,7 +377,8 @@ def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: boo
 
 def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     """q, k, v [B, S, H, D] bf16 (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
-    One K/V head per query head, no window or segments (the api refuses them: api._masks).
+    k, v may have fewer heads Hkv, dividing H (grouped-query: query head h attends with K/V head
+    h // (H / Hkv)); no window or segments (the api refuses them: api._masks).
 
     The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32 and o's low half. Tiles
     below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
@@ -382,7 +387,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
-    assert segments is None and plan.window is None and k.shape == q.shape
+    assert segments is None and plan.window is None
     b, s, h, d = q.shape
     config = plan.forward
     bq, bk = (max(rows, WGMMA_M) for rows in (config.block_q, config.block_k))
