@@ -60,7 +60,8 @@ def test_attention_names_the_largest_head_dim(impl):
      "mosaic_gpu backward does not take grouped-query heads yet; use backward_implementation"),
     ({"segment_ids": jnp.zeros((1, 16), jnp.int32)}, "does not take segment ids yet; use "
                                                      "implementation='triton'"),
-    ({"local_window_size": 8}, "does not take a local window yet; use implementation='triton'")])
+    ({"local_window_size": 8, "backward_implementation": "mosaic_gpu"},
+     "mosaic_gpu backward does not take a local window yet")])
 def test_attention_mosaic_gpu_names_the_masks_it_lacks(kwargs, what):
     kwargs = dict(kwargs)
     q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)

@@ -195,8 +195,8 @@ MASK_IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "mosaic_gpu"]
 @pytest.mark.parametrize("batch, seq, heads, kv_heads, head_dim, causal, masks", MASK_CASES)
 def test_attention_masks_match_reference(impl, batch, seq, heads, kv_heads, head_dim, causal,
                                          masks):
-    if impl == "mosaic_gpu" and masks:
-        pytest.skip("the Mosaic GPU forward takes grouped-query heads, not segments or windows yet")
+    if impl == "mosaic_gpu" and "segment_ids" in masks:
+        pytest.skip("the Mosaic GPU forward takes grouped-query heads and windows, no segments yet")
     _check_attention(impl, batch, seq, heads, head_dim, causal,
                      blocks=SMALL_BLOCKS if ON_CPU else None, kv_heads=kv_heads, **masks)
 
@@ -346,14 +346,18 @@ def test_attention_reference_is_the_model_math():
     assert jnp.array_equal(got, model.attention(q, k, v, causal=False))
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent, kv_heads",
-                         [(256, 64, True, 1, 0, 0, 2), (200, 128, False, 0, 12, 0, 2),
-                          (256, 64, True, 1, 0, 1, 1), (200, 128, False, 0, 12, 1, 2),
-                          (128, 256, True, 1, 12, 0, 2)])
+@pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent, kv_heads, "
+                         "window", [(256, 64, True, 1, 0, 0, 2, None),
+                                    (200, 128, False, 0, 12, 0, 2, (70, 30)),
+                                    (256, 64, True, 1, 0, 1, 1, None),
+                                    (200, 128, False, 0, 12, 1, 2, None),
+                                    (128, 256, True, 1, 12, 0, 2, None),
+                                    (256, 64, True, 1, 0, 0, 2, (40, 0))])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
-                                                     group_mib, persistent, kv_heads, monkeypatch):
+                                                     group_mib, persistent, kv_heads, window,
+                                                     monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
@@ -364,7 +368,9 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     or one group of both (launch_grid), a CTA per pair of query tiles; or, with two batches of two
     heads, 3 persistent CTAs through the 4 folds (each both pairs of a (batch, head)), the first
     CTA two folds, so its rings and q buffers carry over from fold to fold; there the two query
-    heads share one K/V head (grouped-query)."""
+    heads share one K/V head (grouped-query). Windows: (70, 30) streams a pair from a first
+    tile past 0 and masks both ends; (40, 0) with causal masking leaves rows nothing in their
+    first tile, with ping-pong."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[head_dim].replace(forward=dict(
@@ -372,19 +378,20 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
         group_mib=group_mib, persistent=bool(persistent)))
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
-                False)
+                False, window)
     keys = jax.random.split(jax.random.PRNGKey(seq), 3)
     q = jax.random.normal(keys[0], (1 + persistent, seq, 2, head_dim), jnp.bfloat16)
     k, v = (jax.random.normal(key, (1 + persistent, seq, kv_heads, head_dim), jnp.bfloat16)
             for key in keys[1:])
     o, (*_, lse, o_lo) = mosaic_gpu.forward(q, k, v, plan, residuals=True)
 
-    ref_bf16 = model.attention(q, k, v, causal=causal)
+    ref_bf16 = model.attention(q, k, v, causal=causal, local_window_size=window)
     with f32_precision():
-        ref_f32 = model.attention(*upcast((q, k, v)), causal=causal)
+        ref_f32 = model.attention(*upcast((q, k, v)), causal=causal, local_window_size=window)
         s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, jnp.repeat(k, 2 // kv_heads, 2)))) * sm_scale
-    if causal:
-        s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
+    mask = model.attention_mask(seq, causal=causal, local_window_size=window)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
     assert_within_twice_reference("mosaic_gpu o", o, ref_bf16, ref_f32)
     assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)  # half a bf16 ulp
     assert max_err(upcast(o) + upcast(o_lo), ref_f32) <= max_err(o, ref_f32)
@@ -421,7 +428,7 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
                    for key in jax.random.split(jax.random.PRNGKey(seq), 4))
     with f32_precision():
         o32 = model.attention(*upcast((q, k, v)), causal=causal)
-        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, jnp.repeat(k, 2 // kv_heads, 2)))) * sm_scale
+        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, k))) * sm_scale
     if causal:
         s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1) * LOG2E                          # [B, H, S], base 2

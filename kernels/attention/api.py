@@ -48,7 +48,7 @@ def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) ->
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
-            and not [m for m in masks if m != GROUPED]
+            and not [m for m in masks if m not in MOSAIC_FORWARD_TAKES]
             and tuning.preferred_implementation(
                 "attention", shape_key(common.kernel_head_dim(q.shape[-1]), q.shape[1]))
             == "mosaic_gpu"):
@@ -57,12 +57,12 @@ def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) ->
 
 
 def default_backward(implementation: str, head_dim: int, seq_len: int,
-                     grouped: bool = False) -> str:
+                     masked: bool = False) -> str:
     """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
     where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
-    records it under "attention_backward") and the heads are not grouped, else Triton's; every
-    other forward its own."""
-    if implementation != "mosaic_gpu" or grouped:
+    records it under "attention_backward") and no mask beyond causal is asked (`_masks`), else
+    Triton's; every other forward its own."""
+    if implementation != "mosaic_gpu" or masked:
         return "triton" if implementation == "mosaic_gpu" else implementation
     preferred = tuning.preferred_implementation("attention_backward",
                                                 shape_key(head_dim, seq_len))
@@ -89,8 +89,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       local_window_size (left, right), or an int for (left, 0): keys i - left .. i + right.
     Tiles wholly masked are never computed.
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16; grouped-query heads in its forward, differentiated by Triton's backward;
-    no segments or window yet); None picks by backend (`default_implementation`).
+    (Hopper only, bf16; grouped-query heads and windows in its forward, differentiated then by
+    Triton's backward; no segments yet); None picks by backend (`default_implementation`).
     backward_implementation: the gradient's kernels, one that takes the forward's residuals
     (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
     the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
@@ -113,15 +113,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                                kv_segment_ids=kv_segment_ids, local_window_size=window)
 
     backend = OP.backend(implementation)
-    grouped = k.shape[2] != q.shape[2]
-    unserved = [m for m in masks if not (grouped and m == GROUPED)]   # its forward takes GQA
+    unserved = [m for m in masks if m not in MOSAIC_FORWARD_TAKES]
     if implementation == "mosaic_gpu" and unserved:
         raise NotImplementedError(f"the mosaic_gpu attention does not take {' or '.join(unserved)} "
                                   f"yet; use implementation='triton'")
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
     backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
-                                                           grouped)
-    _check_backward(implementation, backward, kernel_dim, grouped)
+                                                           bool(masks))
+    _check_backward(implementation, backward, kernel_dim, masks)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
     kernels = _kernels(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
@@ -143,19 +142,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     return op.differentiable(backend, plan, q, k, v, *segments)[:, :seq_len, :, :head_dim]
 
 
-GROUPED = "grouped-query heads"
+GROUPED, SEGMENTS, WINDOW = "grouped-query heads", "segment ids", "a local window"
+MOSAIC_FORWARD_TAKES = (GROUPED, WINDOW)   # its backward none yet: Triton's differentiates it
 
 
 def _masks(grouped: bool, segments: bool, window) -> list[str]:
     """What the call asks beyond dense or causal multi-head attention, in words."""
-    return [name for name, asked in ((GROUPED, grouped), ("segment ids", segments),
-                                     ("a local window", window is not None)) if asked]
+    return [name for name, asked in ((GROUPED, grouped), (SEGMENTS, segments),
+                                     (WINDOW, window is not None)) if asked]
 
 
-def _check_backward(implementation: str, backward: str, kernel_dim: int, grouped: bool) -> None:
-    if backward == "mosaic_gpu" and grouped:
-        raise NotImplementedError("the mosaic_gpu backward does not take grouped-query heads yet; "
-                                  "use backward_implementation='triton'")
+def _check_backward(implementation: str, backward: str, kernel_dim: int, masks) -> None:
+    if backward == "mosaic_gpu" and masks:
+        raise NotImplementedError(f"the mosaic_gpu backward does not take {' or '.join(masks)} "
+                                  f"yet; use backward_implementation='triton'")
     if backward not in BACKWARDS[implementation]:
         raise ValueError(f"backward_implementation={backward!r} cannot differentiate the "
                          f"{implementation} forward; it takes {BACKWARDS[implementation]}")
@@ -187,9 +187,9 @@ def _kernels(implementation: str, backward: str, key: str, kernel_dim: int,
     if backward == implementation:
         kernels = configured(implementation, (*forward_names, *backward_names))
         return kernels.forward, kernels.dkdv, kernels.dq
+    forward = configured(implementation, forward_names).forward   # first: the entry benches show
     backward_kernels = configured(backward, backward_names)
-    return (configured(implementation, forward_names).forward, backward_kernels.dkdv,
-            backward_kernels.dq)
+    return forward, backward_kernels.dkdv, backward_kernels.dq
 
 
 def shape_key(head_dim: int, seq_len: int) -> str:

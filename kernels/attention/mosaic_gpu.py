@@ -207,22 +207,24 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
                      group: int = 1):
     """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
     forward, the backward's dQ), in the kernel: (how many units this CTA runs, work), where
-    work(n, base) -> (batch, head, pair, the key tiles the n-th unit streams, its rings). rings:
-    (ring scratch, GMEM ref [B, S, Hkv, D]) pairs, each made a Ring streaming that ref's key tiles
-    from the CTA's `base`-th tile: query head h's are head h // group's (grouped-query). Pairs run
-    longest first (common.tile_order)."""
+    work(n, base) -> (batch, head, pair, the first key tile the n-th unit streams, how many, its
+    rings): from the first tile the lower query tile sees (0 but under a window) to the last the
+    upper one sees. rings: (ring scratch, GMEM ref [B, S, Hkv, D]) pairs, each made a Ring
+    streaming that ref's key tiles from the CTA's `base`-th tile: query head h's are head
+    h // group's (grouped-query). Pairs run longest first (common.tile_order)."""
     num_units, unit_pair = schedule.units()
 
     def work(n, base):
         b, h, pair = unit_pair(n)
         pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
-        # Every key tile the upper query tile needs (the most either needs).
-        num_kv = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k).end
+        # Every key tile either query tile needs: the lower one's first to the upper one's last.
+        first = common.kv_tiles(CONSUMERS * pair, plan, block_q, block_k).start
+        end = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k).end
         kv_head = h if group == 1 else lax.div(h, group)
-        rows = lambda t: (b, pl.ds(t * block_k, block_k), kv_head)
+        rows = lambda t: (b, pl.ds((first + t) * block_k, block_k), kv_head)
         streamed = [Ring(lambda t, x=x: x.at[rows(t)], *scratch, offset=base)
                     for scratch, x in rings]
-        return b, h, pair, num_kv, streamed
+        return b, h, pair, first, end - first, streamed
     return num_units, work
 
 
@@ -286,34 +288,47 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             buffer = wg * buffers + lax.rem(n, buffers)
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[buffer], q_loaded.at[buffer])
 
-        def run(n, b, h, pair, num_kv, rings):
+        def run(n, b, h, pair, first, count, rings):
             buffer = wg * buffers + lax.rem(n, buffers)
-            consume_unit(wg, b, h, pair, num_kv, *rings, q_smem.at[buffer], q_loaded.at[buffer])
+            consume_unit(wg, b, h, pair, first, count, *rings, q_smem.at[buffer],
+                         q_loaded.at[buffer])
         consume_units(num_units, work, load_q, run, buffers)
         plgpu.wait_smem_to_gmem(0)
 
-    def consume_unit(wg, b, h, pair, num_kv, k_ring, v_ring, q_tile, q_ready):
+    def consume_unit(wg, b, h, pair, first, count, k_ring, v_ring, q_tile, q_ready):
+        """Warpgroup wg's query tile of the unit; key tile t is the stream's tile t - first."""
         i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
         span = common.kv_tiles(i, plan, block_q, block_k)
         plgpu.barrier_wait(q_ready)
-        k_ring.wait(0)                         # each later K_t is waited for during p V_t-1
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
+
+        def release(t, _):
+            """A tile only the neighbour needs (K_end was not waited for during the last p V)."""
+            skip((k_ring, v_ring), t - first)
+            pass_schedule()   # the two passes a step makes, to stay paired with the neighbour
+            pass_schedule()
+
+        lax.fori_loop(first, span.start, release, None)   # (a window's tiles left of this row's)
+        k_ring.wait(span.start - first)        # each later K_t is waited for during p V_t-1
 
         def step(t, carry, masked):
             acc, m, l = carry
+            n = t - first
 
             def scores(s_ref):
-                plgpu.wgmma(s_ref, q_tile, k_ring.tile(t).transpose((1, 0)))
+                plgpu.wgmma(s_ref, q_tile, k_ring.tile(n).transpose((1, 0)))
                 pass_schedule()
                 return s_ref[...]  # reading the accumulator waits for the wgmma
             s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
-            k_ring.release(t)
+            k_ring.release(n)
             if masked:
                 s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * plan.scale_log2)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            # A window can leave a row nothing in its first tiles (common.softmax_step).
+            m_exp = jnp.where(m_new == -jnp.inf, 0.0, m_new) if plan.rows_may_be_empty else m_new
+            alpha = jnp.exp2(m - m_exp)
+            p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(m_exp, s.shape, [0]))
             l = alpha * l + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p = p.astype(q_tile.dtype)
@@ -321,22 +336,16 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             acc, m_new, l, p = lax.optimization_barrier((acc, m_new, l, p))
             if ping_pong is not None:
                 plgpu.barrier_arrive(ping_pong)
-            v_ring.wait(t)
+            v_ring.wait(n)
             if ping_pong is not None:
                 plgpu.barrier_wait(ping_pong)   # the other warpgroup's matmuls are issued
 
             def add_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_ring.tile(t))
-                pl.when(t + 1 < span.end)(lambda: k_ring.wait(t + 1))
+                plgpu.wgmma(acc_ref, p, v_ring.tile(n))
+                pl.when(t + 1 < span.end)(lambda: k_ring.wait(n + 1))
             acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
-            v_ring.release(t)
+            v_ring.release(n)
             return acc, m_new, l
-
-        def release(t, _):
-            """A tile only the neighbour needs (K_end was not waited for during the last p V)."""
-            skip((k_ring, v_ring), t)
-            pass_schedule()   # the two passes a step makes, to stay paired with the neighbour
-            pass_schedule()
 
         row = compat.mosaic_gpu_row_layout()
         carry = (plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
@@ -344,14 +353,18 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
         carry = common.visit(step, carry, span)
-        lax.fori_loop(span.end, num_kv, release, None)
+        lax.fori_loop(span.end, first + count, release, None)
         pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 
         acc, m, l = carry
+        lse = m + jnp.log(l) * common.LOG2E    # log2 l: Mosaic GPU has no log2
+        if plan.rows_may_be_empty:             # a row that saw no key: o = 0, lse = +inf
+            lse = jnp.where(l == 0.0, jnp.inf, lse)
+            l = jnp.where(l == 0.0, 1.0, l)
         o = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         q_tile[...] = o.astype(q_tile.dtype)
         if lse_ref is not None:
-            lse_smem.at[wg][...] = m + jnp.log(l) * common.LOG2E  # log2 l: Mosaic GPU has no log2
+            lse_smem.at[wg][...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_tile, o_ref.at[q_rows])
         if lse_ref is not None:
@@ -378,7 +391,8 @@ def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: boo
 def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     """q, k, v [B, S, H, D] bf16 (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
     k, v may have fewer heads Hkv, dividing H (grouped-query: query head h attends with K/V head
-    h // (H / Hkv)); no window or segments (the api refuses them: api._masks).
+    h // (H / Hkv)); a local window (plan.window) skips the tiles outside it; no segments (the
+    api refuses them: api._masks).
 
     The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32 and o's low half. Tiles
     below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
@@ -387,7 +401,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
-    assert segments is None and plan.window is None
+    assert segments is None
     b, s, h, d = q.shape
     config = plan.forward
     bq, bk = (max(rows, WGMMA_M) for rows in (config.block_q, config.block_k))

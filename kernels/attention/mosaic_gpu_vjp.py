@@ -183,12 +183,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
                                             (delta_ref.at[cols], delta_smem))):
                 plgpu.copy_gmem_to_smem(src, dst.at[buffer], loaded(j, buffer))
 
-        def run(n, b, h, pair, num_kv, rings):
-            consume_unit(wg, b, h, CONSUMERS * pair + wg, num_kv, *rings,
+        def run(n, b, h, pair, first, count, rings):
+            consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, *rings,
                          wg * buffers + lax.rem(n, buffers))
         consume_units(num_units, work, load, run, buffers)
 
-    def consume_unit(wg, b, h, i, num_kv, k_ring, v_ring, buffer):
+    def consume_unit(wg, b, h, i, first, count, k_ring, v_ring, buffer):
+        """Warpgroup wg's query tile i; key tile t is the stream's tile t - first."""
         q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
         for j in range(4):
             plgpu.barrier_wait(loaded(j, buffer))
@@ -196,8 +197,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
         delta = compat.mosaic_gpu_load(delta_smem.at[buffer], row)
 
         def step(t, dq, masked):
-            k_ring.wait(t)
-            v_ring.wait(t)
+            n = t - first
+            k_ring.wait(n)
+            v_ring.wait(n)
 
             def softmax(s):
                 if masked:
@@ -206,18 +208,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
                 return jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
 
             # dp = do v^T runs on the tensor cores while the softmax of s = q k^T does not.
-            p, dp = matmuls_t((q_tile, k_ring.tile(t)), (do_tile, v_ring.tile(t)), softmax)
-            v_ring.release(t)
+            p, dp = matmuls_t((q_tile, k_ring.tile(n)), (do_tile, v_ring.tile(n)), softmax)
+            v_ring.release(n)
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-            dq = accumulate(dq, ds.astype(q_tile.dtype), k_ring.tile(t))
-            k_ring.release(t)
+            dq = accumulate(dq, ds.astype(q_tile.dtype), k_ring.tile(n))
+            k_ring.release(n)
             return dq
 
         span = common.kv_tiles(i, plan, block_q, block_k)
+        other = lambda t, _: skip((k_ring, v_ring), t - first)   # a tile only the neighbour needs
+        lax.fori_loop(first, span.start, other, None)
         dq = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
                                plgpu.Layout.WGMMA)
         dq = common.visit(step, dq, span)
-        lax.fori_loop(span.end, num_kv, lambda t, _: skip((k_ring, v_ring), t), None)
+        lax.fori_loop(span.end, first + count, other, None)
         q_tile[...] = (dq * plan.sm_scale).astype(q_tile.dtype)  # q's products are complete
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(i * block_q, block_q), h])
