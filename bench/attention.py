@@ -241,6 +241,8 @@ def main(argv=None) -> list[dict]:
     block_sizes = {name: getattr(args, name) for name in BLOCK_OPTIONS
                    if getattr(args, name) is not None}
     masks = Masks(args.kv_heads, args.segments, args.window)
+    if smoke_size(args.full) and masks.kv_heads:   # its 2 heads share one K/V head
+        masks = dataclasses.replace(masks, kv_heads=1)
     for _, _, heads, _ in shapes:
         if masks.kv_heads and heads % masks.kv_heads:
             raise SystemExit(f"--kv-heads {masks.kv_heads} must divide the heads ({heads})")

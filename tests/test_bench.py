@@ -33,6 +33,24 @@ def test_attention_bench_writes_records(tmp_path, capsys):
     assert "fwd+bwd TF/s" in capsys.readouterr().out
 
 
+def test_attention_bench_masks_count_the_visible_pairs():
+    """--kv-heads, --segments, --window reach every row; FLOPs are the visible pairs' (a window of
+    7 at seq 64: 4 D H per pair, pairs = 64 + 63 + ... as the window allows), and PyTorch's rows,
+    which run dense attention only, say so."""
+    records = attention_bench.main(["--seq", "64", "--batch", "1", "--heads", "2", "--head-dim",
+                                    "64", "--kv-heads", "1", "--window", "7", "--impl",
+                                    "reference,triton,torch_cudnn", "--block-q", "16",
+                                    "--block-k", "16"])
+    by_impl = {r["impl"]: r for r in records}
+    pairs = sum(min(i, 7) + 1 for i in range(64))
+    for impl in ("reference", "triton"):
+        row = by_impl[impl]
+        assert (row["kv_heads"], row["window"]) == (1, 7) and "error" not in row
+        flops = 4 * 2 * 64 * pairs
+        assert row["fwd_tflops"] == pytest.approx(flops / row["fwd_ms"] / 1e9, rel=1e-9)
+    assert "error" in by_impl["torch_cudnn"]
+
+
 def test_attention_bench_reports_failures_and_goes_on(tmp_path):
     """An implementation that cannot run here is an error row, not the end of the sweep."""
     records = attention_bench.main(["--seq", "32", "--batch", "1", "--heads", "1", "--head-dim", "64",
