@@ -35,17 +35,20 @@ def init_cache(model: MicroGPT, batch: int, length: int) -> Cache:
 
 
 def forward_cached(params: Params, ids: jax.Array, cache: Cache, start: jax.Array,
-                   num_heads: int, kernels: str = "reference") -> tuple[jax.Array, Cache]:
+                   num_heads: int, kernels: str = "reference",
+                   visible_from: jax.Array | int = 0) -> tuple[jax.Array, Cache]:
     """The GPT forward for tokens at positions start .. start+n-1, given the cache of earlier ones.
 
     ids [B, n]; cache per block ([B, T, H, Dh], [B, T, H, Dh]).  -> logits [B, n, V] float32, new cache.
-    Query t attends to cached keys at positions <= t (the causal mask, offset by `start`).
+    Query t attends to cached keys at positions visible_from .. t (the causal mask, offset by
+    `start`; visible_from: where the current document starts, for a document-masked model).
     """
     ops = kernel_ops(kernels)
     x = embed(ids, params["embed"], start)
     n, length = ids.shape[1], cache[0][0].shape[1]
     q_pos = start + jnp.arange(n)
-    mask = jnp.arange(length)[None, :] <= q_pos[:, None]                    # [n, T]
+    keys_at = jnp.arange(length)[None, :]
+    mask = (keys_at <= q_pos[:, None]) & (keys_at >= visible_from)           # [n, T]
     new_cache = []
     for block, (keys, values) in zip(params["blocks"], cache):
         q, k, v = attention_projections(block, x, num_heads)
@@ -75,7 +78,10 @@ def sample_next(logits: jax.Array, rng: jax.Array, temperature: float, top_k: in
 def generate_ids(model: MicroGPT, params: Params, prompt: list[int], max_new_tokens: int,
                  context: int, rng: jax.Array, temperature: float = 0.8,
                  top_k: int | None = 50) -> list[int]:
-    """prompt + max_new_tokens sampled ids. A prompt longer than `context` keeps its last tokens."""
+    """prompt + max_new_tokens sampled ids. A prompt longer than `context` keeps its last tokens.
+    A model trained with the document mask (model.document_eot) attends within the current
+    document only, as in training: from the window's last <|endoftext|> on, positions counting
+    from the window's start."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
     if len(prompt) > context:
@@ -84,12 +90,20 @@ def generate_ids(model: MicroGPT, params: Params, prompt: list[int], max_new_tok
         prompt = prompt[-context:]
     ids = list(prompt)
 
-    def prefill(window: list[int]):
-        cache = init_cache(model, 1, context)
-        return _forward_cached(params, jnp.asarray([window]), cache, jnp.int32(0),
-                               num_heads=model.num_heads, kernels=model.kernels)
+    def document_start(window: list[int]) -> int:
+        """Where the window's current document starts (0 without the document mask)."""
+        eot = model.document_eot
+        return len(window) - 1 - window[::-1].index(eot) if eot in window else 0
 
-    logits, cache = prefill(ids)
+    def prefill(window: list[int]):
+        """The cache of the window's current document (earlier ones are out of its sight)."""
+        first = document_start(window)
+        cache = init_cache(model, 1, context)
+        return _forward_cached(params, jnp.asarray([window[first:]]), cache, jnp.int32(first),
+                               num_heads=model.num_heads, kernels=model.kernels,
+                               visible_from=jnp.int32(first)), first
+
+    (logits, cache), first = prefill(ids)
     pos = len(ids)
     for _ in range(max_new_tokens):
         rng, key = jax.random.split(rng)
@@ -97,11 +111,14 @@ def generate_ids(model: MicroGPT, params: Params, prompt: list[int], max_new_tok
         ids.append(token)
         if pos == context:  # the cache is full: slide the window and rebuild it
             window = ids[-(context // 2):]
-            logits, cache = prefill(window)
+            (logits, cache), first = prefill(window)
             pos = len(window)
             continue
+        if token == model.document_eot:   # a new document: the cache before it is out of sight
+            first = pos
         logits, cache = _forward_cached(params, jnp.asarray([[token]]), cache, jnp.int32(pos),
-                                        num_heads=model.num_heads, kernels=model.kernels)
+                                        num_heads=model.num_heads, kernels=model.kernels,
+                                        visible_from=jnp.int32(first))
         pos += 1
     return ids
 

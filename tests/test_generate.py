@@ -28,6 +28,45 @@ def test_greedy_cached_equals_uncached():
     assert cached == greedy_uncached(model, params, prompt, 20)
 
 
+def test_document_masked_decoding_equals_the_masked_forward():
+    """A model trained with the document mask decodes as its forward computes: greedy ids from
+    the cache (restarting its sight at every <|endoftext|>, of the prompt and sampled; the
+    sampling is steered to one) equal a whole-sequence forward's with the mask."""
+    model = micro_gpt_2(vocab=101, model_d=64, num_heads=4, document_eot=0)
+    params = model.get_params(9)
+    for block in params["blocks"]:   # attention that matters (at initialisation it barely does)
+        block["attn"] = {name: 10 * w for name, w in block["attn"].items()}
+    # <|endoftext|> gets sampled where the model would pick its favourite, 91.
+    params["embed"] = params["embed"].at[0].set(2 * params["embed"][91])
+    prompt = [5, 17, 0, 42, 3]
+    cached = generate.generate_ids(model, params, prompt, 20, context=32,
+                                   rng=jax.random.PRNGKey(0), temperature=0.0)
+    assert cached == greedy_uncached(model, params, prompt, 20)
+    assert 0 in cached[len(prompt):]
+
+
+def test_document_masked_cache_logits_match_the_masked_forward():
+    """forward_cached with visible_from at each token's document start gives the document-masked
+    forward's logits (documents start at the <|endoftext|>s at 3 and 8)."""
+    model = micro_gpt_2(vocab=101, model_d=64, num_heads=4, document_eot=0)
+    params = model.get_params(10)
+    for block in params["blocks"]:   # attention that matters (at initialisation it barely does)
+        block["attn"] = {name: 10 * w for name, w in block["attn"].items()}
+    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 12), 1, 101).at[0, jnp.array([3, 8])].set(0)
+    full = model.run_fn(ids, params)
+    unmasked = micro_gpt_2(vocab=101, model_d=64, num_heads=4).run_fn(ids, params)
+    assert float(jnp.max(jnp.abs(full - unmasked))) > 0.2   # the mask is visible in the logits
+    cache = generate.init_cache(model, 1, 16)
+    logits, cache = generate.forward_cached(params, ids[:, :3], cache, jnp.int32(0), 4)
+    steps = [logits]
+    for t in range(3, 12):
+        first = 8 if t >= 8 else 3
+        logits, cache = generate.forward_cached(params, ids[:, t:t + 1], cache, jnp.int32(t), 4,
+                                                visible_from=jnp.int32(first))
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-2)
+
+
 def test_cached_logits_match_the_full_forward():
     model = micro_gpt_2(vocab=101, model_d=64, num_heads=4)
     params = model.get_params(8)
