@@ -268,7 +268,8 @@ def test_attention_segment_ranges_cover_every_visible_tile():
     segment (ids in any order: the ranges are where the ids' [min, max] overlap)."""
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 6, (2, 96)), jnp.int32)
     ids = ids.at[0].set(jnp.sort(ids[0]))   # one row ascending (packed documents), one not
-    kv_range, q_range = common.segment_ranges(ids, ids, 32, 16)
+    kv_range = common.segment_ranges(ids, ids, 32, 16)   # each query tile's key tiles
+    q_range = common.segment_ranges(ids, ids, 16, 32)    # each key tile's query tiles
     same = np.asarray(ids[:, :, None] == ids[:, None, :]).reshape(2, 3, 32, 6, 16).any((2, 4))
     for b in range(2):
         for i in range(3):

@@ -219,23 +219,30 @@ def sum_over_groups(x, kv_heads: int, dtype, heads_axis: int = 2):
     return x.reshape(shape).sum(heads_axis + 1).astype(dtype)
 
 
-def segment_ranges(q_ids, kv_ids, block_q: int, block_k: int):
-    """For segment ids q_ids, kv_ids [B, S] (S padded to the blocks) -> (key tiles of each query
-    tile [B, S/bq, 2], query tiles of each key tile [B, S/bk, 2]), each a (first, end) pair: the
-    tiles whose ids' [min, max] overlaps the other tile's (so, with ids ascending along the
-    sequence as in packed documents, exactly the tiles holding one of its segments). XLA."""
-    b, s = q_ids.shape
-    bounds = lambda ids, n: (ids.reshape(b, s // n, n).min(-1), ids.reshape(b, s // n, n).max(-1))
-    (q_min, q_max), (k_min, k_max) = bounds(q_ids, block_q), bounds(kv_ids, block_k)
-    overlap = ((k_min[:, None, :] <= q_max[:, :, None])
-               & (k_max[:, None, :] >= q_min[:, :, None]))            # [B, S/bq, S/bk]
+def segment_ranges(ids, other_ids, block: int, other_block: int):
+    """For segment ids [B, S] of one side (queries or keys) and of the other (S padded to the
+    blocks) -> [B, S/block, 2]: for each tile of `block` rows, the (first, end) range of the other
+    side's tiles whose ids' [min, max] overlaps its own (so, with ids ascending along the
+    sequence as in packed documents, exactly the tiles holding one of its segments); (0, 0) for
+    none. XLA."""
+    b, s = ids.shape
+    bounds = lambda x, n: (x.reshape(b, s // n, n).min(-1), x.reshape(b, s // n, n).max(-1))
+    (lo, hi), (other_lo, other_hi) = bounds(ids, block), bounds(other_ids, other_block)
+    overlap = ((other_lo[:, None, :] <= hi[:, :, None])
+               & (other_hi[:, None, :] >= lo[:, :, None]))     # [B, S/block, S/other_block]
+    any_, n = overlap.any(-1), overlap.shape[-1]
+    first, end = jnp.argmax(overlap, -1), n - jnp.argmax(overlap[..., ::-1], -1)
+    return jnp.stack([jnp.where(any_, first, 0), jnp.where(any_, end, 0)], -1).astype(jnp.int32)
 
-    def first_and_end(o):
-        n, any_ = o.shape[-1], o.any(-1)
-        first = jnp.argmax(o, -1)
-        end = n - jnp.argmax(o[..., ::-1], -1)
-        return jnp.stack([jnp.where(any_, first, 0), jnp.where(any_, end, 0)], -1).astype(jnp.int32)
-    return first_and_end(overlap), first_and_end(overlap.transpose(0, 2, 1))
+
+def tile_segments(segments, block: int, other_block: int, by_query: bool):
+    """A kernel's segment operands, for programs that take one tile of `block` rows (query rows
+    when by_query, else key rows) and stream the other side's tiles of other_block rows:
+    (this side's ids, the other side's ids [B, S], this side's tiles' ranges of the other's
+    (segment_ranges))."""
+    q_ids, kv_ids = segments
+    mine, others = (q_ids, kv_ids) if by_query else (kv_ids, q_ids)
+    return mine, others, segment_ranges(mine, others, block, other_block)
 
 
 def tile_order(i, num_tiles: int, causal: bool):

@@ -74,21 +74,17 @@ def when_tile(condition, step, masked: bool):
     pl.when(condition)(functools.partial(step, masked))
 
 
-def segment_operands(segments, plan, block: int, other_block: int, by_query: bool):
+def segment_operands(segments, block: int, other_block: int, by_query: bool):
     """With segment ids (q ids, kv ids) [B, S]: (the prefetched ranges [B, S/block, 2] of the
     tiles each tile needs, the ids as operands: this side's as a column [B, S, 1], the other's as
     a row [B, 1, S] (or, transposed, the other way round), their BlockSpecs over grid
     (b, h, this tile, other tile)); Nones and () without."""
     if segments is None:
         return None, (), ()
-    q_ids, kv_ids = segments
-    b, s = q_ids.shape
-    block_q, block_k = (block, other_block) if by_query else (other_block, block)
-    kv_range, q_range = common.segment_ranges(q_ids, kv_ids, block_q, block_k)
-    mine, others = (q_ids, kv_ids) if by_query else (kv_ids, q_ids)
+    mine, others, ranges = common.tile_segments(segments, block, other_block, by_query)
     specs = [pl.BlockSpec((None, block, 1), lambda b_, h_, t, u, *_: (b_, t, 0)),
              pl.BlockSpec((None, 1, other_block), lambda b_, h_, t, u, *_: (b_, 0, u))]
-    return (kv_range if by_query else q_range), (mine[..., None], others[:, None, :]), specs
+    return ranges, (mine[..., None], others[:, None, :]), specs
 
 
 def tile_segment_range(ranges_ref, b, t):
@@ -147,7 +143,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     b, h, s, d = q.shape
     group = h // k.shape[1]
     bq, bk = plan.forward.block_q, plan.forward.block_k
-    ranges, ids, id_specs = segment_operands(segments, plan, bq, bk, by_query=True)
+    ranges, ids, id_specs = segment_operands(segments, bq, bk, by_query=True)
 
     def kv_index(b_, h_, i, j, *prefetched):  # a tile it needs (the nearest: no fetch)
         span = common.kv_tiles(i, plan, bq, bk, tile_segment_range(

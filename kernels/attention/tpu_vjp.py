@@ -103,7 +103,7 @@ def backward(plan: common.Plan, residuals, do):
     rows_spec = lambda n, index: pl.BlockSpec((None, None, n, d), index)
 
     bq, bk = plan.dkdv.block_q, plan.dkdv.block_k
-    ranges, ids, id_specs = segment_operands(segments, plan, bk, bq, by_query=False)
+    ranges, ids, id_specs = segment_operands(segments, bk, bq, by_query=False)
 
     def query_tile_index(b_, j, i, prefetched):  # a query tile it needs (the nearest: no fetch)
         span = common.q_tiles(j, plan, bq, bk, tile_segment_range(
@@ -128,7 +128,7 @@ def backward(plan: common.Plan, residuals, do):
         )(q, k, v, do, as_rows(lse), as_rows(delta), *ids)
 
     bq, bk = plan.dq.block_q, plan.dq.block_k
-    ranges, ids, id_specs = segment_operands(segments, plan, bq, bk, by_query=True)
+    ranges, ids, id_specs = segment_operands(segments, bq, bk, by_query=True)
 
     def kv_index(b_, h_, i, j, *prefetched):  # a key tile it needs (the nearest: no fetch)
         span = common.kv_tiles(i, plan, bq, bk, tile_segment_range(

@@ -103,15 +103,11 @@ def segment_inputs(segments, block: int, other_block: int, tile, by_query: bool)
     the grid index to the tile."""
     if segments is None:
         return (), ()
-    q_ids, kv_ids = segments
-    s = q_ids.shape[1]
-    block_q, block_k = (block, other_block) if by_query else (other_block, block)
-    kv_range, q_range = common.segment_ranges(q_ids, kv_ids, block_q, block_k)
-    mine, others = (q_ids, kv_ids) if by_query else (kv_ids, q_ids)
+    mine, others, ranges = common.tile_segments(segments, block, other_block, by_query)
     specs = [pl.BlockSpec((None, block), lambda t, b_, h_: (b_, tile(t))),
-             pl.BlockSpec((None, s), lambda t, b_, h_: (b_, 0)),
+             pl.BlockSpec((None, mine.shape[1]), lambda t, b_, h_: (b_, 0)),
              pl.BlockSpec((None, None, 2), lambda t, b_, h_: (b_, tile(t), 0))]
-    return (mine, others, kv_range if by_query else q_range), specs
+    return (mine, others, ranges), specs
 
 
 def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
