@@ -155,6 +155,10 @@ def measure(fn, shape, dtype, timing: dict, masks: Masks = Masks()) -> tuple[flo
             time_ms(forward_backward, q, k, v, ids, cotangent, **timing))
 
 
+def _dense_only():
+    raise NotImplementedError("the PyTorch rows run dense multi-head attention only")
+
+
 def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool, dtype,
         block_sizes: dict, timing: dict, backward: str | None = None,
         masks: Masks = Masks()) -> list[dict]:
@@ -174,8 +178,7 @@ def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool,
                        **{k: v for k, v in dataclasses.asdict(masks).items() if v is not None})
             shape = (batch, seq, heads, head_dim)
             if impl in torch_peers.ATTENTION and masks != Masks():
-                timed = lambda: (_ for _ in ()).throw(
-                    NotImplementedError("the PyTorch rows run dense multi-head attention only"))
+                timed = _dense_only
             elif impl in torch_peers.ATTENTION:
                 timed = lambda: torch_peers.attention(impl, shape, causal, row["dtype"], timing)
             else:
