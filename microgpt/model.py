@@ -161,7 +161,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    if group > 1:
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     mask = attention_mask(q.shape[1], causal=causal, local_window_size=local_window_size,
                           segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     return masked_attention(q, k, v, mask, sm_scale)
