@@ -81,8 +81,11 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/attention_mosaic.txt" ;;
     ln_ffn)
       $PY bench/ln_ffn.py --json "$OUT/ln_ffn.json" 2>&1 | tee "$OUT/ln_ffn.txt" ;;
-    loss_head)   # the loss head: our Mosaic GPU kernel beside XLA's fusion of the math
-      $PY bench/loss_head.py --json "$OUT/loss_head.json" 2>&1 | tee "$OUT/loss_head.txt" ;;
+    loss_head)   # the loss head beside XLA's fusion of the math and the PyTorch peers: micro_gpt_4's
+                 # head (V 9000, d 512) and GPT-2's (V 50257, d 768); LOSS_HEAD_ARGS: e.g. --impl
+      $PY bench/loss_head.py ${LOSS_HEAD_ARGS:-} --json "$OUT/loss_head.json" 2>&1 | tee "$OUT/loss_head.txt"
+      $PY bench/loss_head.py ${LOSS_HEAD_ARGS:-} --tokens 65536 --vocab 50257 --d 768 \
+        --json "$OUT/loss_head_gpt2.json" 2>&1 | tee "$OUT/loss_head_gpt2.txt" ;;
     tune)     # records into $OUT/tuning.json key by key, so a run cut short keeps what it measured
       cp kernels/tuning.json "$OUT/tuning.json"
       $PY bench/tune.py --table "$OUT/tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt" ;;

@@ -202,15 +202,20 @@ def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) ->
 
 # ------------------------------------------------------------------ logits_loss (Mosaic GPU)
 
-# The logits tile per consumer warpgroup and ring depth (kernels/mosaic_gpu_gemm.py): the
-# vocabulary pads to block_n (9000: 9216 at 256, 9088 at 128, 9024 at 192); 64 x 256 and
-# 128 x 128 hold 128 accumulator registers a thread, 64 x 128 leaves shared memory for 5 stages.
+# The statistics GEMM's logits tile per consumer warpgroup and ring depth
+# (kernels/mosaic_gpu_gemm.py): 64 x 256 and 128 x 128 hold 128 accumulator registers a thread,
+# 64 x 128 leaves shared memory for 5 stages; the vocabulary pads to the lcm of both GEMMs'
+# block_n (9000: 9216 at 256, 9088 at 128).
 LOSS_HEAD_CANDIDATES = [
     {}, {"block_n": 128, "num_stages": 4}, {"block_n": 128, "num_stages": 5},
-    {"block_m": 128, "block_n": 128, "num_stages": 3}, {"block_n": 192, "num_stages": 4},
-    {"num_stages": 2}]
-# (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row)
-LOSS_HEAD_SHAPES = {"d512": (65536, 9000, 512)}
+    {"block_m": 128, "block_n": 128, "num_stages": 3}, {"num_stages": 4}, {"num_stages": 2}]
+# The dlogits GEMM (its epilogue writes a bf16 tile) and the chunk it writes.
+LOSS_HEAD_DLOGITS_CANDIDATES = [
+    {}, {"dlogits_block_n": 128, "dlogits_num_stages": 4},
+    {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_num_stages": 3},
+    {"dlogits_num_stages": 4}, {"dlogits_chunk_mib": 128}, {"dlogits_chunk_mib": 64}]
+# (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row), GPT-2's
+LOSS_HEAD_SHAPES = {"d512": (65536, 9000, 512), "d768": (65536, 50257, 768)}
 
 
 def _time_loss_head(which: int):
@@ -260,12 +265,13 @@ OPS = {
     "layernorm_ffn/triton": _ln_ffn_op("triton", LN_FFN_CANDIDATES),
     "layernorm_ffn/mosaic_gpu": _ln_ffn_op("mosaic_gpu", LN_FFN_MOSAIC_CANDIDATES,
                                            available=warp_specialized.on_sm90),
-    # One stage, timed on forward+backward: the backward's GEMMs are cuBLAS's, but it reads the
-    # [T, V] probabilities the forward's tiles wrote.
+    # The statistics GEMM timed on the forward, the dlogits GEMM on forward+backward (the
+    # backward's gradient GEMMs are cuBLAS's).
     "logits_loss/mosaic_gpu": Op(
         shapes=LOSS_HEAD_SHAPES,
         defaults=lambda key: logits_loss_mosaic_gpu.DEFAULTS,
-        stages=[Stage("tiles", lambda key: LOSS_HEAD_CANDIDATES, _time_loss_head(2))],
+        stages=[Stage("tiles", lambda key: LOSS_HEAD_CANDIDATES, _time_loss_head(1)),
+                Stage("dlogits", lambda key: LOSS_HEAD_DLOGITS_CANDIDATES, _time_loss_head(2))],
         total=_time_loss_head(2), available=warp_specialized.on_sm90),
 }
 

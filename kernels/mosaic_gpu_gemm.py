@@ -172,12 +172,15 @@ class _Stream:
 
 
 def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem,
-                     io_loaded, row_smem, epilogue: Callable, num_vectors: int, num_inputs: int,
-                     units: _Units):
-    vectors, tile_inputs = refs[:num_vectors], refs[num_vectors:num_inputs]
+                     io_loaded, row_smem, row_in_smem, row_loaded, epilogue: Callable, num_vectors: int,
+                     num_rows: int,
+                     num_inputs: int, units: _Units):
+    vectors = refs[:num_vectors]
+    row_inputs = refs[num_vectors:num_vectors + num_rows]
+    tile_inputs = refs[num_vectors + num_rows:num_inputs]
     outputs = refs[num_inputs:]
     stream = _Stream(a_ref, b_ref, a_ring, b_ring, units)
-    column = compat.mosaic_gpu_column_layout()
+    column, row_layout = compat.mosaic_gpu_column_layout(), compat.mosaic_gpu_row_layout()
 
     def consume(wg):
         def output_tile(i, _):
@@ -191,6 +194,9 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
             for j, vector in enumerate(vectors):
                 plgpu.copy_gmem_to_smem(vector.at[cols], vec_smem.at[wg, j],
                                         vec_loaded.at[wg * num_vectors + j])
+            for j, row_input in enumerate(row_inputs):
+                plgpu.copy_gmem_to_smem(row_input.at[rows], row_in_smem.at[wg, j],
+                                        row_loaded.at[wg * num_rows + j])
             for tile_input in tile_inputs:
                 plgpu.copy_gmem_to_smem(tile_input.at[rows, cols], io_smem.at[wg], io_loaded.at[wg])
 
@@ -200,6 +206,10 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
                 plgpu.barrier_wait(vec_loaded.at[wg * num_vectors + j])
                 vector = compat.mosaic_gpu_load(vec_smem.at[wg, j], column)
                 operands.append(lax.broadcast_in_dim(vector, acc.shape, [1]))
+            for j in range(num_rows):
+                plgpu.barrier_wait(row_loaded.at[wg * num_rows + j])
+                vector = compat.mosaic_gpu_load(row_in_smem.at[wg, j], row_layout)
+                operands.append(lax.broadcast_in_dim(vector, acc.shape, [0]))
             if tile_inputs:
                 plgpu.barrier_wait(io_loaded.at[wg])
                 operands.append(compat.mosaic_gpu_load(io_smem.at[wg], plgpu.Layout.WGMMA))
@@ -210,6 +220,10 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             for j, (_, out) in enumerate(row_stats):
                 row_smem.at[wg, j][...] = out
+            if not tiles:
+                plgpu.commit_smem()
+                for j, (stat_ref, _) in enumerate(row_stats):
+                    plgpu.copy_smem_to_gmem(row_smem.at[wg, j], stat_ref.at[col, rows])
             for k, (out_ref, out) in enumerate(tiles):
                 if k:   # the buffer's last store has read it
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -271,15 +285,16 @@ def _split_k_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, o
 
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
            out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, tiles: Tiles,
-           name: str) -> list[jax.Array]:
+           name: str, row_inputs: Sequence[jax.Array] = ()) -> list[jax.Array]:
     """epilogue(A @ B) on the persistent GEMM above, in `tiles` (the caller checks that it runs
     here).
 
     a [M, K] bf16 (M padded here to the CTA's rows); b [K, N], or [N, K] with b_transposed, bf16,
-    K a multiple of 64 and N of block_n; epilogue inputs [N] (vectors: f32) then at most one
-    [M, N] bf16 tile. The epilogue returns the outputs in out_shape's order: tiles [M, N] (out_shape
-    [M, N], stored as bf16) and at least one of them first, then per-row statistics (out_shape
-    [M] f32, returned as [N / block_n, M], one row per column tile).
+    K a multiple of 64 and N of block_n; epilogue inputs [N] (column vectors: f32) then at most
+    one [M, N] bf16 tile; row_inputs [M] (f32). The epilogue takes the accumulator tile, then the
+    column vectors, the row vectors (each broadcast to the tile) and the input tile, and returns
+    the outputs in out_shape's order: tiles [M, N] (out_shape [M, N], stored as bf16), then
+    per-row statistics (out_shape [M] f32, returned as [N / block_n, M], one row per column tile).
     """
     (m, k), n = a.shape, b.shape[0] if b_transposed else b.shape[1]
     block_m, block_n = tiles.block_m, tiles.block_n
@@ -288,7 +303,7 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
     ranks = [x.ndim for x in epilogue_inputs]
     out_ranks = [len(s.shape) for s in out_shape]
     if (ranks != sorted(ranks) or len(tile_inputs) > 1 or k % BLOCK_K or n % block_n
-            or out_ranks != sorted(out_ranks, reverse=True) or out_ranks[0] != 2):
+            or out_ranks != sorted(out_ranks, reverse=True)):
         raise ValueError(f"matmul: epilogue inputs are vectors, then at most one tile; outputs "
                          f"tiles, then row statistics; K a multiple of {BLOCK_K} and N of "
                          f"block_n = {block_n}; got input ranks {ranks}, output ranks {out_ranks}, "
@@ -298,22 +313,26 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
     tiles_n = n // block_n
     units = _Units(block_m, block_n, tiles_n, num_tiles=padded // rows * tiles_n, chunks=1,
                    chunk_steps=k // BLOCK_K, a_transposed=False, b_transposed=b_transposed)
-    num_stats = out_ranks.count(1)
+    num_stats, num_rows = out_ranks.count(1), len(row_inputs)
+    row_inputs = [pad_rows(v.astype(jnp.float32), padded, axis=0) for v in row_inputs]
     scratch = dict(
         **units.rings(tiles.num_stages),
         vec_smem=plgpu.SMEM((CONSUMERS, max(1, len(vectors)), block_n), jnp.float32),
         vec_loaded=plgpu.Barrier(num_barriers=CONSUMERS * max(1, len(vectors))),
-        io_smem=tiled_smem(jnp.bfloat16, CONSUMERS, block_m, block_n),
+        io_smem=(tiled_smem(jnp.bfloat16, CONSUMERS, block_m, block_n)
+                 if tile_inputs or 2 in out_ranks else None),
         io_loaded=plgpu.Barrier(num_barriers=CONSUMERS),
-        row_smem=plgpu.SMEM((CONSUMERS, num_stats, block_m), jnp.float32) if num_stats else None)
+        row_smem=plgpu.SMEM((CONSUMERS, num_stats, block_m), jnp.float32) if num_stats else None,
+        row_in_smem=plgpu.SMEM((CONSUMERS, num_rows, block_m), jnp.float32) if num_rows else None,
+        row_loaded=plgpu.Barrier(num_barriers=CONSUMERS * num_rows) if num_rows else None)
     kernel = functools.partial(
-        _epilogue_kernel, epilogue=epilogue, num_vectors=len(vectors),
-        num_inputs=len(vectors) + len(tile_inputs), units=units)
+        _epilogue_kernel, epilogue=epilogue, num_vectors=len(vectors), num_rows=num_rows,
+        num_inputs=len(vectors) + num_rows + len(tile_inputs), units=units)
     out_type = [jax.ShapeDtypeStruct((padded, n) if len(s.shape) == 2 else (tiles_n, padded),
                                      s.dtype) for s in out_shape]
     outs = launch(kernel, out_type=out_type, scratch=scratch, grid=(units.ctas(),),
                   grid_names=("cta",), name=name,
-                  )(pad_rows(a, padded, axis=0), b, *vectors,
+                  )(pad_rows(a, padded, axis=0), b, *vectors, *row_inputs,
                     *(pad_rows(x, padded, axis=0) for x in tile_inputs))
     return [o[:m] if rank == 2 else o[:, :m] for o, rank in zip(outs, out_ranks)]
 

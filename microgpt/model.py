@@ -202,47 +202,60 @@ def logsumexp(x: jax.Array) -> jax.Array:
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean over tokens of -log softmax(logits)[target], in float32.  logits [B, S, V], targets [B, S]."""
-    return _cross_entropy(logits, targets)[0]
-
-
-def _cross_entropy(logits, targets):
-    """-> (the mean loss, log Z [B, S])."""
     logits = logits.astype(jnp.float32)
-    log_z = logsumexp(logits)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(log_z - target_logit), log_z
+    return jnp.mean(logsumexp(logits) - target_logit)
 
 
-@jax.custom_vjp
-def tied_logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array) -> jax.Array:
+def tied_logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array,
+                     ignore_index: int | None = None) -> jax.Array:
     """cross_entropy(h E^T, targets): the loss of the tied logits.  h = LN_f(x_L) [B, S, d],
     embed E [V, d], targets [B, S] -> scalar float32.
 
-    With N tokens and g = dL/dloss, the gradient is written out:
-        dlogits = g (softmax(logits) - onehot(target)) / N      rounded to bfloat16 once
+    Targets equal to ignore_index add nothing; the mean is over the N others (optax's and
+    PyTorch's convention), and is 0 when there are none.  With g = dL/dloss the gradient is
+    written out:
+        dlogits = g (softmax(logits) - onehot(target)) / N      0 on ignored rows; bf16 once
         dh = dlogits E,   dE = dlogits^T h                      (`matmul`'s rule)
-    one fused pass over the float32 [N, V] logits that writes bfloat16; autodiff through
+    one fused pass over the float32 [B, S, V] logits that writes bfloat16; autodiff through
     cross_entropy and matmul wrote dlogits in float32 and read it again to round it.
     """
-    return _cross_entropy(matmul(h, embed.T), targets)[0]
+    return _tied_logits_loss(ignore_index, h, embed, targets)
 
 
-def _tied_logits_loss_forward(h, embed, targets):
-    logits = matmul(h, embed.T)
-    loss, log_z = _cross_entropy(logits, targets)
-    return loss, (h, embed, targets, logits, log_z)
+def target_weights(targets: jax.Array, ignore_index: int | None) -> tuple[jax.Array, jax.Array]:
+    """(targets with ignored ones replaced by 0, weights 1/N on the N counted tokens, 0 on ignored
+    ones): the loss is sum_t weight_t (log Z_t - logit_t,target)."""
+    counted = (jnp.ones(targets.shape, bool) if ignore_index is None
+               else targets != ignore_index)
+    weights = counted / jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+    return jnp.where(counted, targets, 0), weights
 
 
-def _tied_logits_loss_backward(residuals, g):
-    h, embed, targets, logits, log_z = residuals
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_logits_loss(ignore_index, h, embed, targets):
+    return _tied_logits_loss_forward(ignore_index, h, embed, targets)[0]
+
+
+def _tied_logits_loss_forward(ignore_index, h, embed, targets):
+    logits = matmul(h, embed.T).astype(jnp.float32)
+    targets, weights = target_weights(targets, ignore_index)
+    log_z = logsumexp(logits)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    loss = jnp.sum(weights * (log_z - target_logit))
+    return loss, (h, embed, targets, weights, logits, log_z)
+
+
+def _tied_logits_loss_backward(ignore_index, residuals, g):
+    h, embed, targets, weights, logits, log_z = residuals
     softmax = jnp.exp(logits - log_z[..., None])
     onehot = targets[..., None] == jnp.arange(logits.shape[-1])
-    dlogits = ((softmax - onehot) * (g / targets.size)).astype(COMPUTE_DTYPE)
+    dlogits = ((softmax - onehot) * (g * weights)[..., None]).astype(COMPUTE_DTYPE)
     dh, dembed_t = _matmul_backward((h, embed.T), dlogits)
     return dh, dembed_t.T, None
 
 
-tied_logits_loss.defvjp(_tied_logits_loss_forward, _tied_logits_loss_backward)
+_tied_logits_loss.defvjp(_tied_logits_loss_forward, _tied_logits_loss_backward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,7 +132,12 @@ def test_layernorm_ffn_configures_every_documented_width(impl):
     ({"embed_shape": (50, 128)}, ValueError, r"embed must be a floating \[V, d\] array with d = "),
     ({"targets_shape": (2, 7)}, ValueError, r"targets must be integers of shape h.shape\[:-1\]"),
     ({"targets_dtype": jnp.float32}, ValueError, "targets must be integers"),
-    ({"implementation": "triton"}, ValueError, "unknown logits_loss implementation 'triton'"),
+    ({"implementation": "cuda"}, ValueError, "unknown logits_loss implementation 'cuda'"),
+    ({"ignore_index": 1.5}, ValueError, "ignore_index must be an int or None"),
+    ({"implementation": "triton", "block_sizes": {"block_k": 128}}, ValueError,
+     "logits_loss/triton: block_k=128 must divide d = 64"),
+    ({"implementation": "tpu", "block_sizes": {"dlogits_block_v": 200}}, ValueError,
+     "logits_loss/tpu: dlogits_block_v=200 must be a multiple of 128"),
     ({"implementation": "mosaic_gpu", "block_sizes": {"block_n": 96}}, ValueError,
      "logits_loss/mosaic_gpu: block_n=96 must be a multiple of 64"),
     ({"implementation": "mosaic_gpu", "block_sizes": {"blockn": 64}}, ValueError,
@@ -145,7 +150,7 @@ def test_logits_loss_rejects_bad_inputs(change, error, message):
     targets = jnp.zeros(change.get("targets_shape", (2, 8)), change.get("targets_dtype", jnp.int32))
     with pytest.raises(error, match=message):
         logits_loss(h, embed, targets, implementation=change.get("implementation", "reference"),
-                    block_sizes=change.get("block_sizes"))
+                    block_sizes=change.get("block_sizes"), ignore_index=change.get("ignore_index"))
 
 
 @pytest.mark.skipif(not ON_CPU, reason="on a GPU the kernel runs")

@@ -25,6 +25,7 @@ from kernels.layernorm_ffn import common as lnffn_common
 from kernels.layernorm_ffn import layernorm_ffn
 from kernels.layernorm_ffn import mosaic_gpu as lnffn_mosaic_gpu
 from kernels.logits_loss import api as logits_loss_api, logits_loss
+from kernels.logits_loss import common as logits_loss_common
 from kernels.logits_loss import mosaic_gpu as logits_loss_mosaic_gpu
 from microgpt import model
 from tests.equiv import (ON_CPU, assert_within_twice_reference, bf16_resolution, f32_precision,
@@ -619,23 +620,34 @@ def test_mosaic_gpu_split_k_gemm_in_the_gpu_interpreter(a_transposed, b_transpos
         assert sums is None
 # ------------------------------------------------------------------ logits_loss
 
-LOSS_IMPLS = ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
-# (h shape [..., d], vocabulary, logit scale): ragged tokens and a vocabulary that is no multiple
-# of the tile (padded, masked columns); micro_gpt_4's head; logits as large as a trained model's.
-LOSS_CASES = [((2, 150, 128), 1000, 1.0), ((8, 1024, 512), 9000, 1.0),
-              ((4, 1000, 512), 9000, 8.0)]
+LOSS_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]
+LOSS_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
+# (h shape [..., d], vocabulary, logit scale, ignore_index): ragged tokens and a vocabulary that is
+# no multiple of any tile (padded, masked columns) with ignored targets, small enough for interpret
+# mode; then on an accelerator micro_gpt_4's head, GPT-2's vocabulary, a ragged odd one, logits as
+# large as a trained model's. The backward's chunk budget is 1 MiB, so every case runs several
+# chunks, the last one padded.
+LOSS_CASES = [((2, 150, 128), 1000, 1.0, -100),
+              pytest.param((8, 1024, 512), 9000, 1.0, None, marks=LARGE),
+              pytest.param((2, 1000, 768), 50257, 1.0, -100, marks=LARGE),
+              pytest.param((3, 700, 256), 4099, 1.0, 7, marks=LARGE),
+              pytest.param((4, 1000, 512), 9000, 8.0, None, marks=LARGE)]
+LOSS_CHUNK = {"dlogits_chunk_mib": 1}
 
 
-def _check_logits_loss(loss_fn, shape, vocab, scale):
-    """The loss and dh, dE of loss_fn(h, embed, targets) (bf16 h, f32 E) vs the math in f32, each
-    within twice the bf16 math's error plus 0.1% of its largest magnitude (f32 sums over the
-    vocabulary or the tokens differ in order)."""
-    keys = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"{shape}{vocab}{scale}".encode())), 3)
+def _check_logits_loss(loss_fn, shape, vocab, scale, ignore_index):
+    """The loss and dh, dE of loss_fn(h, embed, targets, ignore_index) (bf16 h, f32 E) vs the
+    math in f32, each within twice the bf16 math's error plus 0.1% of its largest magnitude (f32
+    sums over the vocabulary or the tokens differ in order). About one target in ten is
+    ignore_index: their rows of dh must be exactly 0."""
+    keys = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"{shape}{vocab}{scale}".encode())), 4)
     h = jax.random.normal(keys[0], shape, jnp.bfloat16)
     embed = scale * 0.05 * jax.random.normal(keys[1], (vocab, shape[-1]), jnp.float32)
     targets = jax.random.randint(keys[2], shape[:-1], 0, vocab)
-    run = lambda f, h, embed: _value_and_grads(lambda h, e: f(h, e, targets), (h, embed),
-                                               jnp.float32(1.0))
+    ignored = jax.random.bernoulli(keys[3], 0.1, shape[:-1]) & (ignore_index is not None)
+    targets = jnp.where(ignored, -1 if ignore_index is None else ignore_index, targets)
+    run = lambda f, h, embed: _value_and_grads(lambda h, e: f(h, e, targets, ignore_index),
+                                               (h, embed), jnp.float32(1.0))
     got = run(loss_fn, h, embed)
     ref_bf16 = run(model.tied_logits_loss, h, embed)
     with f32_precision(), pytest.MonkeyPatch.context() as patch:
@@ -646,24 +658,33 @@ def _check_logits_loss(loss_fn, shape, vocab, scale):
     for name, *outs in zip(("loss", "dh", "dembed"), got, ref_bf16, ref_f32):
         slack = 1e-3 * float(jnp.max(jnp.abs(outs[2])))
         assert_within_twice_reference(name, *outs, atol=slack)
+    assert not jnp.any(jnp.where(ignored[..., None], got[1], 0)), "ignored rows got a gradient"
+
+
+def _loss_head(impl, **kwargs):
+    return lambda h, e, t, ignore_index: logits_loss(h, e, t, ignore_index=ignore_index,
+                                                     implementation=impl, **kwargs)
 
 
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
-@pytest.mark.parametrize("shape, vocab, scale", LOSS_CASES, ids=str)
-def test_logits_loss_matches_reference(impl, shape, vocab, scale):
-    _check_logits_loss(functools.partial(logits_loss, implementation=impl), shape, vocab, scale)
+@pytest.mark.parametrize("shape, vocab, scale, ignore_index", LOSS_CASES, ids=str)
+def test_logits_loss_matches_reference(impl, shape, vocab, scale, ignore_index):
+    _check_logits_loss(_loss_head(impl, block_sizes=LOSS_CHUNK), shape, vocab, scale,
+                       ignore_index)
 
 
+@LARGE
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
 def test_logits_loss_is_deterministic(impl):
     """The same inputs give bitwise the same loss and gradients, run after run (no atomics: each
-    logits tile is one CTA's; a race on the epilogue's shared buffers would show here)."""
+    logits tile is one CTA's or program's, the chunks' dE add in sequence; a race on the
+    epilogue's shared buffers would show here)."""
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
     h = jax.random.normal(keys[0], (4096, 512), jnp.bfloat16)
     embed = 0.2 * jax.random.normal(keys[1], (9000, 512), jnp.float32)
     targets = jax.random.randint(keys[2], (4096,), 0, 9000)
-    run = jax.jit(jax.value_and_grad(functools.partial(logits_loss, implementation=impl),
-                                     argnums=(0, 1)))
+    run = jax.jit(jax.value_and_grad(functools.partial(logits_loss, implementation=impl,
+                                                       block_sizes=LOSS_CHUNK), argnums=(0, 1)))
     first = run(h, embed, targets)
     for _ in range(3):
         again = run(h, embed, targets)
@@ -674,15 +695,17 @@ def test_logits_loss_is_deterministic(impl):
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_logits_loss_mosaic_gpu_in_the_gpu_interpreter(monkeypatch):
-    """The Mosaic GPU loss head in jax's Mosaic GPU interpreter (wgmma emulated): 300 tokens
-    (padded to 3 row blocks of 2 x 64) by a vocabulary of 1000 (4 column tiles of 256, the last
-    with 232 real columns), 12 output tiles over 4 persistent CTAs, the per-row statistics of each
-    tile out beside its bf16 tile; loss and gradients vs the math."""
+    """The Mosaic GPU loss head in jax's Mosaic GPU interpreter (wgmma emulated): 300 tokens by a
+    vocabulary of 1000 (4 column tiles of 256, the last with 232 real columns) over 4 persistent
+    CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
+    beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
-    config = logits_loss_mosaic_gpu.Kernels(mosaic_gpu_gemm.Tiles(64, 256, 2))
-    fused = lambda h, e, t: logits_loss_api.fused(h, e, t, implementation="mosaic_gpu",
-                                                  config=config)
+    tiles = mosaic_gpu_gemm.Tiles(64, 256, 2)
+    config = logits_loss_mosaic_gpu.Kernels(tiles, logits_loss_mosaic_gpu.Chunk(64, 256, 2, 1))
+    fused = lambda h, e, t, ignore_index: logits_loss_api.fused(
+        h, e, t, ignore_index=ignore_index, implementation="mosaic_gpu", config=config)
+    monkeypatch.setattr(logits_loss_common, "token_chunk", lambda *args: 128)
     _check_logits_loss(fused, *LOSS_CASES[0])
 
 
@@ -692,7 +715,7 @@ def test_logits_loss_reference_is_the_model_math():
     targets = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, 50)
     assert logits_loss(h, embed, targets, implementation="reference") == \
         model.tied_logits_loss(h, embed, targets)
-    if not LOSS_IMPLS:   # off Hopper the default is the math
+    if ON_CPU:   # on a CPU the default is the math (interpreted kernels would be slower)
         assert logits_loss_api.default_implementation(h) == "reference"
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import config as kernel_config
+from kernels import triton_gemm
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
@@ -75,14 +76,7 @@ def store_epilogue(acc) -> tuple:
     return (acc,)
 
 
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b, float32 accumulation.  a [m, k], b [k, n] -> [m, n]."""
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b^T, float32 accumulation.  a [m, k], b [n, k] -> [m, n]."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+dot, dot_t = triton_gemm.dot, triton_gemm.dot_t   # a @ b and a @ b^T, f32 accumulation
 
 
 def t_dot(a: jax.Array, b: jax.Array) -> jax.Array:

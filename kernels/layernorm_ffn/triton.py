@@ -22,7 +22,6 @@ GEMM would redo it for each of the F / bn column tiles.  FLOPs, bytes and floors
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -31,23 +30,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import config as kernel_config
+from kernels import triton_gemm
 from kernels.layernorm_ffn import common
-from kernels.layernorm_ffn.common import Rows, check_divides, dot, dot_t, layernorm_stats
+from kernels.layernorm_ffn.common import Rows, check_divides, layernorm_stats
+from kernels.triton_gemm import Gemm
 
 # The parameters that tile the tokens (the token count is padded to a multiple of each).
 TOKEN_TILES = ("ln_block_t", "up_block_m", "down_block_m")
-
-
-@dataclasses.dataclass(frozen=True)
-class Gemm(kernel_config.KernelConfig):
-    """One GEMM's output tile [block_m, block_n], its K step block_k (Triton block shapes:
-    powers of two >= 16), warps and software-pipeline stages."""
-    block_m: int = kernel_config.tile(power_of_two=True, minimum=16)
-    block_n: int = kernel_config.tile(power_of_two=True, minimum=16)
-    block_k: int = kernel_config.tile(power_of_two=True, minimum=16)
-    num_warps: int = kernel_config.count()
-    num_stages: int = kernel_config.stages()
 
 
 def default_config(d: int) -> dict:
@@ -83,66 +72,14 @@ def tanh_for(interpret: bool):
     return jnp.tanh if interpret else plgpu.approx_tanh
 
 
-def compiler_params(config) -> plgpu.CompilerParams:
-    """A kernel configuration's warps and stages (Gemm, triton_vjp.Weights)."""
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-# ------------------------------------------------------------------------------------------------
-# The tiled GEMM every matmul of the op runs.
-
-def _matmul_kernel(a_ref, b_ref, *refs, block_k: int, b_transposed: bool, epilogue: Callable,
-                   num_inputs: int):
-    def k_step(k, acc):
-        ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-        a = a_ref[:, ks]
-        return acc + (dot_t(a, b_ref[:, ks]) if b_transposed else dot(a, b_ref[ks, :]))
-
-    acc = jnp.zeros((a_ref.shape[0], b_ref.shape[0] if b_transposed else b_ref.shape[1]),
-                    jnp.float32)
-    acc = jax.lax.fori_loop(0, a_ref.shape[1] // block_k, k_step, acc)
-    inputs = [r[...][None, :] if len(r.shape) == 1 else r[...] for r in refs[:num_inputs]]
-    for out_ref, out in zip(refs[num_inputs:], epilogue(acc, *inputs)):
-        out_ref[...] = out.astype(out_ref.dtype)
-
-
 def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequence[jax.Array],
            out_shape: Sequence[jax.ShapeDtypeStruct], *, b_transposed: bool, config: Gemm,
            gemm: str, interpret: bool) -> list[jax.Array]:
-    """epilogue(A @ B) over output tiles [bm, bn]: grid (M / bm, N / bn), a loop over K / bk
-    (the tiles of config; gemm names the kernel).
-
-    a [M, K]; b [K, N], or [N, K] with b_transposed (read as B^T, no copy).  Epilogue inputs are
-    [M, N] (tiled like the output) or [N] (column vectors such as a bias), outputs [M, N]; the kernel
-    stores epilogue(acc [bm, bn] f32, *input tiles) (common.up_epilogue, ...) into the outputs.
-    """
-    (m, k), n = a.shape, b.shape[0] if b_transposed else b.shape[1]
-    bm, bn = config.block_m, config.block_n
-
-    def tile(shape):
-        if len(shape) == 1:
-            return pl.BlockSpec((bn,), lambda i, j: (j,))
-        return pl.BlockSpec((bm, bn), lambda i, j: (i, j))
-
-    b_spec = (pl.BlockSpec((bn, k), lambda i, j: (j, 0)) if b_transposed
-              else pl.BlockSpec((k, bn), lambda i, j: (0, j)))
-    return pl.pallas_call(
-        functools.partial(_matmul_kernel, block_k=config.block_k,
-                          b_transposed=b_transposed, epilogue=epilogue,
-                          num_inputs=len(epilogue_inputs)),
-        grid=(m // bm, n // bn),
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), b_spec,
-                  *(tile(x.shape) for x in epilogue_inputs)],
-        out_specs=[tile(s.shape) for s in out_shape],
-        out_shape=list(out_shape),
-        compiler_params=compiler_params(config),
-        cost_estimate=pl.CostEstimate(
-            flops=2 * m * n * k, transcendentals=0,
-            bytes_accessed=sum(x.size * x.dtype.itemsize for x in (a, b, *epilogue_inputs))
-            + sum(s.size * s.dtype.itemsize for s in out_shape)),
-        interpret=interpret,
-        name=f"layernorm_ffn_{gemm}",
-    )(a, b, *epilogue_inputs)
+    """epilogue(A @ B) on kernels/triton_gemm.py's tiled GEMM (its contract), the kernel named
+    after the op's GEMM (gemm: "up", "down", ...)."""
+    return triton_gemm.matmul(a, b, epilogue, epilogue_inputs, out_shape,
+                              b_transposed=b_transposed, config=config,
+                              name=f"layernorm_ffn_{gemm}", interpret=interpret)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from kernels import config as kernel_config
 from kernels.layernorm_ffn import triton
 from kernels.layernorm_ffn.common import (Residuals, Rows, check_divides, dz_epilogue,
                                           layernorm_backward, store_epilogue, t_dot)
-from kernels.layernorm_ffn.triton import Gemm, check_gemm, column_chunks, compiler_params, matmul
+from kernels.layernorm_ffn.triton import check_gemm, column_chunks, matmul
+from kernels.triton_gemm import Gemm, compiler_params
 
 TOKEN_TILES = ("lnb_block_t", "dw_block_t", "dz_block_m", "dxn_block_m")
 

@@ -1,83 +1,120 @@
 """logits_loss(h, embed, targets): validation, the choice of implementation, and the op
-(kernels/op.py) whose backend joins a forward(h, embed, targets, config) -> (loss, residuals) to
-its backward(residuals, g) -> (dh, dembed); config, the static argument, is the backend's kernel
-configuration (<backend>.Kernels)."""
+(kernels/op.py) whose backends join common.forward to common.backward around a backend's two
+kernels (<backend>.statistics, <backend>.dlogits) in its configuration (<backend>.Kernels)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 
 from kernels import op
-from kernels.logits_loss import mosaic_gpu
+from kernels.config import Kernels
+from kernels.logits_loss import common, mosaic_gpu, tpu, triton
 from kernels.warp_specialized import on_sm90
 from microgpt import model
 
 
-def _backend(module: ModuleType) -> op.Backend:
-    """module.forward(h, embed, targets, config) joined to module.backward (no gradient for the
-    integer targets)."""
-    def forward(config, h, embed, targets, residuals: bool):
-        loss, saved = module.forward(h, embed, targets, config=config)
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    config: Kernels   # the backend's kernels' configurations
+    ignore_index: int | None
+    interpret: bool
+
+
+def _backend(module: ModuleType, platform: str) -> op.Backend:
+    """common.forward / common.backward around module's kernels (no gradient for the targets)."""
+    def kernel(fn, static: _Static):
+        return functools.partial(fn, config=static.config, interpret=static.interpret)
+
+    def forward(static: _Static, h, embed, targets, residuals: bool):
+        loss, saved = common.forward(h, embed, targets, static.ignore_index,
+                                     kernel(module.statistics, static), static.config.multiple)
         return loss, saved if residuals else None
-    return op.Backend(forward, lambda config, saved, g: (*module.backward(saved, g), None), "gpu")
+
+    def backward(static: _Static, saved, g):
+        h, embed = saved[:2]
+        config = static.config
+        padded = common.padded_vocab(embed.shape[0], config.multiple)
+        chunk = common.token_chunk(h.shape[0], padded, config.chunk_rows,
+                                   config.dlogits.chunk_mib)
+        return (*common.backward(saved, g, kernel(module.dlogits, static), config.multiple,
+                                 chunk), None)
+    return op.Backend(forward, backward, platform)
 
 
-_MODULES = {"mosaic_gpu": mosaic_gpu}   # implementation -> its module (kernels and configuration)
+# implementation -> its module (kernels and configuration) and the platform it compiles for.
+_MODULES = {"mosaic_gpu": (mosaic_gpu, "gpu"), "triton": (triton, "gpu"), "tpu": (tpu, "tpu")}
 OP = op.Op("logits_loss", model.tied_logits_loss,
-           {name: _backend(module) for name, module in _MODULES.items()})
+           {name: _backend(*module) for name, module in _MODULES.items()})
 IMPLEMENTATIONS = OP.implementations
 
 
 def default_implementation(h: jax.Array | None = None) -> str:
-    """"mosaic_gpu" on a Hopper GPU, else "reference" (the math, which XLA fuses)."""
-    return "mosaic_gpu" if jax.default_backend() == "gpu" and on_sm90() else "reference"
+    """"mosaic_gpu" on a Hopper GPU, "triton" on another GPU, "tpu" on a TPU, else "reference"
+    (the math, which XLA fuses: on a CPU the interpreted kernels would only be slower)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "mosaic_gpu" if on_sm90() else "triton"
+    return "tpu" if backend == "tpu" else "reference"
 
 
 def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
-                implementation: str | None = None, block_sizes: dict | None = None,
-                interpret: bool | None = None) -> jax.Array:
-    """cross_entropy(h E^T, targets), the math of microgpt.model.tied_logits_loss.
+                ignore_index: int | None = None, implementation: str | None = None,
+                block_sizes: dict | None = None, interpret: bool | None = None) -> jax.Array:
+    """cross_entropy(h E^T, targets), the math of microgpt.model.tied_logits_loss, without ever
+    holding the [T, V] logits (common.py says how).
 
-    h [..., d] (d a multiple of 64), embed E [V, d], both floating; targets [...] int in [0, V)
-    -> scalar float32, differentiable in h and embed (gradients in their dtypes).
-    implementation: "reference" (model.tied_logits_loss) or "mosaic_gpu" (Hopper only; h and E
-    are rounded to bf16 for the product, as by the reference's matmul); None picks by backend
-    (`default_implementation`). block_sizes overrides the tuning table, e.g. {"block_n": 128}
-    (flat names of mosaic_gpu.Kernels: kernels/config.py). interpret: the kernel has no interpret mode, so True
-    raises; False lowers it for its GPU from any host (for jax.export); None runs it on a GPU and
-    raises elsewhere.
+    h [..., d] (d a multiple of 64), embed E [V, d] (any V), both floating; targets [...] int in
+    [0, V) or equal to ignore_index, whose tokens add nothing (the mean is over the others; 0 if
+    none) -> scalar float32, differentiable in h and embed (gradients in their dtypes).
+    implementation: "reference" (model.tied_logits_loss), "mosaic_gpu" (Hopper only), "triton"
+    (Pallas on any CUDA GPU), "tpu" (Pallas Mosaic TPU); h and E are rounded to bf16 for the
+    products, as by the reference's matmul. None picks by backend (`default_implementation`).
+    block_sizes overrides the tuning table, e.g. {"dlogits_chunk_mib": 64} (flat names of
+    <backend>.Kernels: kernels/config.py). interpret: the Triton and TPU kernels in Pallas's
+    interpret mode (None: exactly off their platform); mosaic_gpu has none, so True raises and
+    False lowers it for its GPU from any host (for jax.export).
     """
-    _check_arguments(h, embed, targets)
+    _check_arguments(h, embed, targets, ignore_index)
     implementation = implementation or default_implementation(h)
     if implementation == "reference":
-        return model.tied_logits_loss(h, embed, targets)
-    OP.backend(implementation)
+        return model.tied_logits_loss(h, embed, targets, ignore_index)
+    backend = OP.backend(implementation)
     config = kernel_config(implementation, h.shape[-1], block_sizes)
-    if interpret or (interpret is None and jax.default_backend() != "gpu"):
-        raise NotImplementedError(f"the {implementation} loss head runs only on a GPU (it has no "
-                                  f"interpret mode); use implementation='reference'")
-    return fused(h, embed, targets, implementation=implementation, config=config)
+    if implementation == "mosaic_gpu":
+        if interpret or (interpret is None and jax.default_backend() != "gpu"):
+            raise NotImplementedError("the mosaic_gpu loss head runs only on a GPU (it has no "
+                                      "interpret mode); use implementation='reference'")
+        interpret = False
+    return fused(h, embed, targets, ignore_index=ignore_index, implementation=implementation,
+                 config=config, interpret=backend.interpret(interpret))
 
 
 def kernel_config(implementation: str, d: int, overrides: dict | None = None):
     """The kernel configuration at width d: the tuning table's (kernels.tuning) over the
     defaults, under the overrides."""
-    defaults = _MODULES[implementation].DEFAULTS
-    return type(defaults).from_flat(OP.config(implementation, f"d{d}", defaults.flat(), overrides),
-                                    f"logits_loss/{implementation}")
+    defaults = _MODULES[implementation][0].DEFAULTS
+    config = type(defaults).from_flat(
+        OP.config(implementation, f"d{d}", defaults.flat(), overrides),
+        f"logits_loss/{implementation}")
+    if implementation == "triton":
+        triton.check_config(config, d)
+    return config
 
 
-def fused(h, embed, targets, *, implementation: str, config) -> jax.Array:
+def fused(h, embed, targets, *, ignore_index: int | None = None, implementation: str, config,
+          interpret: bool = False) -> jax.Array:
     """logits_loss by one backend with an explicit config (no dispatch): the tests call this to
-    lower the kernel for CUDA, and to run it in the Mosaic GPU interpreter, on a CPU host."""
+    lower the kernels for their chip, and to run them interpreted, on a CPU host."""
     d = h.shape[-1]
-    return op.differentiable(OP.backend(implementation), config, h.reshape(-1, d), embed,
-                             targets.reshape(-1))
+    return op.differentiable(OP.backend(implementation), _Static(config, ignore_index, interpret),
+                             h.reshape(-1, d), embed, targets.reshape(-1))
 
 
-def _check_arguments(h: jax.Array, embed: jax.Array, targets: jax.Array) -> None:
+def _check_arguments(h: jax.Array, embed: jax.Array, targets: jax.Array, ignore_index) -> None:
     """Clear errors, each naming the argument and the shape or dtype it should have."""
     if h.ndim < 1 or not jnp.issubdtype(h.dtype, jnp.floating):
         raise ValueError(f"h must be a floating array [..., d]; got {h.dtype}{list(h.shape)}")
@@ -91,3 +128,6 @@ def _check_arguments(h: jax.Array, embed: jax.Array, targets: jax.Array) -> None
     if targets.shape != h.shape[:-1] or not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integers of shape h.shape[:-1] = {h.shape[:-1]}; got "
                          f"{targets.dtype}{list(targets.shape)}")
+    if ignore_index is not None and (isinstance(ignore_index, bool)
+                                     or not isinstance(ignore_index, int)):
+        raise ValueError(f"ignore_index must be an int or None; got {ignore_index!r}")

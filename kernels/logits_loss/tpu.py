@@ -1,0 +1,116 @@
+"""The loss head in Pallas Mosaic TPU: the two logits passes as kernels over tiles
+s = h[rows] E[cols]^T [bt, bv] (the whole d in one MXU product: VMEM holds h [bt, d] and E [bv, d]
+at any d of the model), with common.py's epilogues.
+
+    statistics   grid (T / bt, V' / bv), (parallel, arbitrary): m, l of the row, carried across
+                 the vocabulary tiles in VMEM (one tile of statistics, [1, T])
+    dlogits      grid (C / bt, V' / bv), parallel: ds [C, V'] bf16
+
+Vectors travel as [1, V'] rows and [T, 1] columns (blocks respect the (8, 128) tiling).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels import config
+from kernels.layernorm_ffn.common import dot_t
+from kernels.layernorm_ffn.tpu import interpret_params
+from kernels.logits_loss import common
+from kernels.warp_specialized import pad_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles(config.KernelConfig):
+    """Token rows (a multiple of 16: bf16 packs two rows a sublane) and vocabulary columns
+    (lanes of 128) of a tile."""
+    block_t: int = config.tile(multiple_of=16)
+    block_v: int = config.tile(multiple_of=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk(config.KernelConfig):
+    block_t: int = config.tile(multiple_of=16)
+    block_v: int = config.tile(multiple_of=128)
+    chunk_mib: int = config.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(config.Kernels):
+    forward: Tiles
+    dlogits: Chunk
+
+    @property
+    def multiple(self) -> int:
+        return math.lcm(self.forward.block_v, self.dlogits.block_v)
+
+    @property
+    def chunk_rows(self) -> int:
+        """The backward's chunk is a multiple of the dlogits GEMM's token rows."""
+        return self.dlogits.block_t
+
+
+DEFAULTS = Kernels(Tiles(block_t=256, block_v=512), Chunk(block_t=256, block_v=512, chunk_mib=256))
+
+
+def _statistics_kernel(h_ref, e_ref, bias_ref, m_ref, l_ref):
+    m, l = common.tile_statistics(dot_t(h_ref[...], e_ref[...]), bias_ref[...])
+    m, l = m[:, None], l[:, None]
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        m_ref[...], l_ref[...] = m, l
+
+    @pl.when(pl.program_id(1) > 0)
+    def _():
+        top = jnp.maximum(m_ref[...], m)
+        l_ref[...] = l_ref[...] * jnp.exp(m_ref[...] - top) + l * jnp.exp(m - top)
+        m_ref[...] = top
+
+
+def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
+    (tokens, d), padded_v = h.shape, e.shape[0]
+    bt, bv = config.forward.block_t, config.forward.block_v
+    padded = -(-tokens // bt) * bt
+    rows = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
+    m, l = pl.pallas_call(
+        _statistics_kernel, grid=(padded // bt, padded_v // bv),
+        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bv, d), lambda i, j: (j, 0)),
+                  pl.BlockSpec((1, bv), lambda i, j: (0, j))],
+        out_specs=[rows, rows],
+        out_shape=[jax.ShapeDtypeStruct((padded, 1), jnp.float32)] * 2,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret_params(interpret), name="logits_loss_statistics",
+    )(pad_rows(h, padded, axis=0), e, column_bias[None, :])
+    return m[:tokens].T, l[:tokens].T
+
+
+def _dlogits_kernel(h_ref, e_ref, bias_ref, columns_ref, log_z_ref, targets_ref, scales_ref,
+                    ds_ref):
+    ds_ref[...] = common.tile_dlogits(dot_t(h_ref[...], e_ref[...]), bias_ref[...],
+                                      columns_ref[...], log_z_ref[...], targets_ref[...],
+                                      scales_ref[...])
+
+
+def dlogits(h, e, column_bias, columns, log_z, targets, scales, *, config: Kernels,
+            interpret: bool):
+    (tokens, d), padded_v = h.shape, e.shape[0]
+    bt, bv = config.dlogits.block_t, config.dlogits.block_v
+    column = pl.BlockSpec((1, bv), lambda i, j: (0, j))
+    row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
+    return pl.pallas_call(
+        _dlogits_kernel, grid=(tokens // bt, padded_v // bv),
+        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bv, d), lambda i, j: (j, 0)), column, column, row, row, row],
+        out_specs=pl.BlockSpec((bt, bv), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((tokens, padded_v), jnp.bfloat16),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret_params(interpret), name="logits_loss_dlogits",
+    )(h, e, column_bias[None, :], columns[None, :], log_z[:, None], targets[:, None],
+      scales[:, None])
