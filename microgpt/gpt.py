@@ -1,5 +1,6 @@
 """The GPT as users build it: the kernels switch and the original microGPT's API (presets
-micro_gpt_1/2/4 with count_params / get_params / run_fn), over the equations in model.py.
+micro_gpt_1/2/4 with count_params / get_params / run_fn, and gpt2_small), over the equations in
+model.py.
 
     gpt = micro_gpt_4(vocab=9000, model_d=512, kernels="pallas")
     logits = jax.jit(gpt.run_fn)(ids, gpt.get_params())
@@ -97,16 +98,43 @@ class MicroGPT:
                                                                            self.document_eot)
 
 
-def _preset(num_layers: int):
-    def make(vocab: int = 9000, model_d: int = 512, num_heads: int = 8,
-             kernels: str = "reference", document_eot: int | None = None) -> MicroGPT:
-        return MicroGPT(vocab, model_d, num_layers, num_heads, kernels, document_eot)
-    make.__name__ = f"micro_gpt_{num_layers}"
-    make.__doc__ = f"A {num_layers}-block MicroGPT (defaults: vocab 9000, model_d 512, 8 heads)."
-    return make
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named GPT: its depth, and the defaults of its other sizes. Called like the original's
+    presets, it builds the MicroGPT: `micro_gpt_4(vocab=9000, model_d=512)`; an argument left out
+    takes the preset's default.
+
+    `context`: the sequence length the preset is defined with (gpt2_small: GPT-2's 1024), which
+    the command lines then train and measure at; with it, its vocab, model_d and num_heads are
+    their defaults too (`shape_defaults`). None for micro_gpt_1/2/4, which the original defined by
+    their depth only: the command lines keep their own defaults of width and sequence length."""
+    name: str
+    num_layers: int
+    vocab: int = 9000
+    model_d: int = 512
+    num_heads: int = 8
+    context: int | None = None
+
+    def __call__(self, vocab: int | None = None, model_d: int | None = None,
+                 num_heads: int | None = None, kernels: str = "reference",
+                 document_eot: int | None = None) -> MicroGPT:
+        return MicroGPT(self.vocab if vocab is None else vocab,
+                        self.model_d if model_d is None else model_d, self.num_layers,
+                        self.num_heads if num_heads is None else num_heads, kernels, document_eot)
+
+    def shape_defaults(self) -> dict[str, int]:
+        """{vocab, model_d, num_heads, context} where the preset defines its whole shape (a
+        context of its own), else {}: what a command line takes for the flags it is not given."""
+        if self.context is None:
+            return {}
+        return {"vocab": self.vocab, "model_d": self.model_d, "num_heads": self.num_heads,
+                "context": self.context}
 
 
-micro_gpt_1 = _preset(1)
-micro_gpt_2 = _preset(2)
-micro_gpt_4 = _preset(4)
-PRESETS = {"micro_gpt_1": micro_gpt_1, "micro_gpt_2": micro_gpt_2, "micro_gpt_4": micro_gpt_4}
+micro_gpt_1 = Preset("micro_gpt_1", 1)
+micro_gpt_2 = Preset("micro_gpt_2", 2)
+micro_gpt_4 = Preset("micro_gpt_4", 4)
+# GPT-2 small's shape (12 blocks, d 768, 12 heads, context 1024, vocabulary 50257) in this model:
+# 123,614,976 parameters (README: parameter count).
+gpt2_small = Preset("gpt2_small", 12, vocab=50257, model_d=768, num_heads=12, context=1024)
+PRESETS = {p.name: p for p in (micro_gpt_1, micro_gpt_2, micro_gpt_4, gpt2_small)}

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from microgpt import micro_gpt_1, micro_gpt_2, micro_gpt_4, model
+from microgpt import gpt2_small, micro_gpt_1, micro_gpt_2, micro_gpt_4, model
 from microgpt.gpt import MicroGPT
 from microgpt.model import attention, layernorm, sinusoidal_positions
 
@@ -30,6 +30,7 @@ def test_original_api_and_shapes():
     (micro_gpt_4, dict(vocab=9000, model_d=256, num_heads=4), 5_458_944),
     (micro_gpt_1, dict(vocab=9000, model_d=512), 4_608_000 + 3_150_336),
     (micro_gpt_2, dict(vocab=9000, model_d=512), 4_608_000 + 2 * 3_150_336),
+    (gpt2_small, {}, 123_614_976),   # its defaults: 50257 x 768 + 12 blocks of 12 d^2 + 9 d
 ])
 def test_parameter_counts(make, kwargs, expected):
     gpt = make(**kwargs)
