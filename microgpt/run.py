@@ -39,6 +39,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_norm: float = 1.0
 
+    @classmethod
+    def for_preset(cls, preset: str, **fields) -> "TrainConfig":
+        """The config of `preset` with its own shape defaults (`preset_defaults`) where `fields`
+        do not say otherwise: TrainConfig.for_preset("gpt2_small") trains at d 768, 12 heads,
+        vocabulary 50257, sequence length 1024."""
+        return cls(preset=preset, **{**preset_defaults(preset), **fields})
+
     def model(self, vocab: int, eot_id: int | None = None) -> MicroGPT:
         """The model; with document_mask, eot_id (the tokenizer's <|endoftext|>) is needed."""
         if self.document_mask and eot_id is None:
@@ -46,6 +53,15 @@ class TrainConfig:
         return PRESETS[self.preset](vocab=vocab, model_d=self.model_d, num_heads=self.heads,
                                     kernels=self.kernels,
                                     document_eot=eot_id if self.document_mask else None)
+
+
+def preset_defaults(preset: str) -> dict:
+    """The TrainConfig fields a preset sets when they are not given: gpt2_small (a preset with a
+    context of its own, gpt.Preset) its model_d, heads, vocab and seq_len; micro_gpt_1/2/4 none,
+    so they train at TrainConfig's d 128, 4 heads, vocabulary 9000, sequence length 128."""
+    shape = PRESETS[preset].shape_defaults()
+    return {"model_d": shape["model_d"], "heads": shape["num_heads"], "vocab": shape["vocab"],
+            "seq_len": shape["context"]} if shape else {}
 
 
 def make_optimizer(cfg: TrainConfig):

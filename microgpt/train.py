@@ -28,7 +28,7 @@ from microgpt import checkpoint, data
 from microgpt.cli import DefaultsHelpFormatter
 from microgpt.gpt import KERNELS, PRESETS, MicroGPT
 from microgpt.profiling import StepProfiler
-from microgpt.run import TrainConfig, make_optimizer
+from microgpt.run import TrainConfig, make_optimizer, preset_defaults
 
 
 @dataclasses.dataclass
@@ -250,6 +250,10 @@ def train(cfg: TrainConfig, out: str | None = None, resume: bool = False,
     prepared = data.prepare_corpus(cfg.data, cfg.dataset, vocab_size=cfg.vocab,
                                    text_field=cfg.text_field)
     data.check_context(prepared, cfg.seq_len)
+    if prepared.vocab_size < cfg.vocab:   # a corpus with too few merges (data.train_tokenizer)
+        print(f"note: the tokenizer has {prepared.vocab_size} tokens, fewer than the {cfg.vocab} "
+              "of --vocab: the corpus has no more merges to learn; the model's embedding takes "
+              "the tokenizer's size")
     created = start is None and not run_dir.exists()
     result = TrainResult(run_dir, start or 0, {}, {})
     try:
@@ -412,15 +416,23 @@ def _parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m microgpt.train", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
+    own = preset_defaults("gpt2_small")   # the preset with a shape of its own
     p.add_argument("--preset", choices=sorted(PRESETS), default=defaults.preset,
-                   help="the number of blocks: micro_gpt_1, 2 or 4")
-    p.add_argument("--model-d", type=int, default=defaults.model_d, help="model width d")
+                   help="micro_gpt_1, 2 or 4: that many blocks, sized by the flags below; "
+                        f"gpt2_small: {PRESETS['gpt2_small'].num_layers} blocks, d {own['model_d']}, {own['heads']} heads, "
+                        f"vocabulary {own['vocab']}, seq-len {own['seq_len']}, where the flags "
+                        "below are not given")
+    p.add_argument("--model-d", type=int, default=defaults.model_d,
+                   help=f"model width d; gpt2_small's: {own['model_d']}")
     p.add_argument("--heads", type=int, default=defaults.heads,
-                   help="attention heads (head_dim = d / heads)")
-    p.add_argument("--vocab", type=int, default=defaults.vocab, help="BPE vocabulary size")
+                   help=f"attention heads (head_dim = d / heads); gpt2_small's: {own['heads']}")
+    p.add_argument("--vocab", type=int, default=defaults.vocab,
+                   help="BPE vocabulary size (at most: a small corpus gives fewer tokens); "
+                        f"gpt2_small's: {own['vocab']}")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="sequences per step, over all devices")
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                   help=f"tokens per sequence; gpt2_small's: {own['seq_len']}")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps,
                    help="train until this step (with --resume: extend the run to it)")
     p.add_argument("--decay-steps", type=int,
@@ -470,6 +482,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace, dict]:
     for action in given._actions:
         action.default = argparse.SUPPRESS
     explicit = {k: values[k] for k in vars(given.parse_args(argv)) if k in fields}
+    # A preset with a shape of its own (gpt2_small) sets the sizes that were not typed.
+    values.update({k: v for k, v in preset_defaults(values["preset"]).items()
+                   if k not in explicit})
     for name, positive in [("batch_size", 1), ("seq_len", 2), ("max_steps", 1), ("eval_every", 1),
                            ("eval_batches", 1), ("log_every", 1), ("model_d", 2), ("heads", 1),
                            ("decay_steps", 1)]:

@@ -180,6 +180,34 @@ def _tiny_flags(**changes) -> list[str]:
     return [f for k, v in flags.items() for f in (f"--{k}", str(v))]
 
 
+def test_gpt2_small_takes_its_own_shape_where_no_flag_is_given(corpus, tmp_path, capsys,
+                                                               monkeypatch):
+    """--preset gpt2_small: d 768, 12 heads, vocabulary 50257, seq-len 1024 unless a flag says
+    otherwise (the other presets keep the trainer's defaults). A run of it, narrowed by flags, says
+    that the small corpus gave fewer tokens than the 50257 asked (it stops there: compiling 12
+    blocks would take the suite 10 s more)."""
+    cfg, _, explicit = train.parse_args(["--preset", "gpt2_small"])
+    assert (cfg.model_d, cfg.heads, cfg.vocab, cfg.seq_len) == (768, 12, 50257, 1024)
+    assert explicit == {"preset": "gpt2_small"} and cfg == train.TrainConfig.for_preset("gpt2_small")
+    cfg = train.parse_args(["--preset", "micro_gpt_4"])[0]
+    assert (cfg.model_d, cfg.heads, cfg.vocab, cfg.seq_len) == (128, 4, 9000, 128)
+    cfg, args, explicit = train.parse_args([
+        "--preset", "gpt2_small", "--model-d", "32", "--heads", "2", "--seq-len", "16",
+        "--batch-size", "4", "--data", corpus, "--out", str(tmp_path / "run")])
+    assert (cfg.model_d, cfg.heads, cfg.vocab, cfg.seq_len) == (32, 2, 50257, 16)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(train, "_train", stop)
+    with pytest.raises(Stop):
+        train.train(cfg, out=args.out, explicit=explicit, sample=False)
+    assert ("note: the tokenizer has 307 tokens, fewer than the 50257 of --vocab"
+            in capsys.readouterr().out)
+
+
 def test_ctrl_c_on_an_eval_step_saves_once(corpus, tmp_path, monkeypatch):
     get_batch = data.get_batch
 
