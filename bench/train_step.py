@@ -1,6 +1,7 @@
 """Training-step benchmark: ms/step, tokens/s and MFU of the real train step for each kernel path.
 
     python bench/train_step.py                               # micro_gpt_4, seq 1024, largest batch
+    python bench/train_step.py --preset gpt2_small           # 12 blocks, d 768, vocab 50257
     python bench/train_step.py --kernels reference,pallas --batch 32 --json out.json
     python bench/train_step.py --kernels pallas --batch 64 --devices 1,2    # data-parallel scaling
 
@@ -32,6 +33,8 @@ from bench.common import (add_full_arg, device_description, format_table, int_li
 from microgpt.gpt import KERNELS, PRESETS
 from microgpt.model import flops_per_token
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
+
+DEFAULT_SEQ = 1024   # the sequence length of a preset without a context of its own
 
 
 def step_ms(kernels: str, args, batch: int, devices: int, warmup: int, repeats: int,
@@ -67,13 +70,24 @@ def is_out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
-def main(argv=None) -> list[dict]:
+def step_flops(args, batch: int) -> int:
+    """The model FLOPs of one train step (`model.flops_per_token`) at the preset's depth and the
+    shape of `args`."""
+    return flops_per_token(PRESETS[args.preset].num_layers, args.model_d, args.seq,
+                           args.vocab) * batch * args.seq
+
+
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """-> (parser, arguments). --model-d, --heads, --vocab and --seq not given are the preset's:
+    its defaults (micro_gpt_4: d 512, 8 heads, vocabulary 9000) and its context (gpt2_small: d 768,
+    12 heads, vocabulary 50257, seq 1024), seq 1024 for a preset without one."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="micro_gpt_4")
-    p.add_argument("--model-d", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=9000)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--model-d", type=int, help="model width (default: the preset's)")
+    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default: the preset's context, "
+                                           f"else {DEFAULT_SEQ})")
     p.add_argument("--batch", type=int, help="one batch size (default: the largest of --batches that fits)")
     p.add_argument("--batches", default="128,64,32,16,8", help="candidates, largest first")
     p.add_argument("--kernels", default="reference,xla,pallas")
@@ -86,6 +100,16 @@ def main(argv=None) -> list[dict]:
                                      "a subfolder of this folder (PATH-NdEV)")
     add_full_arg(p)
     args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for name, value in (("model_d", preset.model_d), ("heads", preset.num_heads),
+                        ("vocab", preset.vocab), ("seq", preset.context or DEFAULT_SEQ)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return p, args
+
+
+def main(argv=None) -> list[dict]:
+    p, args = parse_args(argv)
     if smoke_size(args.full):   # width 128, 64 tokens a sequence, batch 8, 2 steps once
         args.model_d, args.seq = min(args.model_d, 128), min(args.seq, 64)
         args.batch = min(args.batch or 8, 8)
@@ -126,8 +150,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("no candidate batch fits")
 
     peak, datasheet = peak_tflops(), peak_tflops(datasheet=True)
-    flops_step = flops_per_token(PRESETS[args.preset]().num_layers, args.model_d, args.seq,
-                                 args.vocab) * batch * args.seq
+    flops_step = step_flops(args, batch)
     ms_of = lambda path, devices: results.get((path, devices), (np.nan,))[0]
     records = []
     for (kernels, n), (ms, loss) in results.items():

@@ -91,6 +91,20 @@ def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
     assert records[0]["x_one_device"] == 1.0
 
 
+def test_train_step_takes_the_preset_shape_and_depth():
+    """--preset gpt2_small measures at its own d 768, 12 heads, vocabulary 50257, seq 1024 unless
+    a flag says otherwise, and counts the FLOPs of its 12 blocks."""
+    from microgpt.model import flops_per_token
+    _, args = train_step_bench.parse_args(["--preset", "gpt2_small"])
+    assert (args.model_d, args.heads, args.vocab, args.seq) == (768, 12, 50257, 1024)
+    assert train_step_bench.step_flops(args, 2) == flops_per_token(12, 768, 1024, 50257) * 2 * 1024
+    _, args = train_step_bench.parse_args(["--preset", "gpt2_small", "--seq", "64", "--heads", "6"])
+    assert (args.model_d, args.heads, args.vocab, args.seq) == (768, 6, 50257, 64)
+    _, args = train_step_bench.parse_args([])
+    assert (args.preset, args.model_d, args.heads, args.vocab, args.seq) == ("micro_gpt_4", 512, 8,
+                                                                            9000, 1024)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Toy(config.KernelConfig):
     tile: int = config.count(minimum=0)
