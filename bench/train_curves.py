@@ -2,6 +2,8 @@
 
     python bench/train_curves.py --out runs/curves                       # micro_gpt_4, seq 1024
     python bench/train_curves.py --kernels reference,pallas --max-steps 300 --out runs/curves
+    python bench/train_curves.py --preset gpt2_small --model-d 768 --heads 12 --vocab 50257 \
+        --batch-size 16 --out runs/curves_gpt2
 
 Each path trains with the same seed, data and config through `microgpt.train.train` (the real job);
 the per-step training losses and the validation losses are compared against the first path
@@ -74,6 +76,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model-d", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=9000, help="the BPE's size (fewer if the corpus is small)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
@@ -90,7 +93,7 @@ def main(argv=None) -> dict:
     if unknown := sorted(set(kernels) - set(KERNELS)):
         p.error(f"unknown --kernels {unknown}; choose from {KERNELS}")
     cfg = TrainConfig(preset=args.preset, model_d=args.model_d, heads=args.heads,
-                      seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.max_steps,
+                      vocab=args.vocab, seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.max_steps,
                       eval_every=args.eval_every, data=args.data, seed=args.seed)
     summary = compare(cfg, kernels, Path(args.out))
     rows = [{"kernels": k, "max_rel": v["max_rel_step_diff"], "val": v["final_val_loss"],

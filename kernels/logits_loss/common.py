@@ -23,16 +23,39 @@ V = 50257). Deterministic: every sum runs in a fixed order (the chunks' dE in se
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels import config
 from kernels.warp_specialized import pad_rows
 from microgpt import model
 
 LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels(config.Kernels):
+    """A backend's two GEMMs, `forward` (the statistics) and `dlogits` (with its chunk_mib); the
+    subclass names the fields that tile the vocabulary and the tokens."""
+    VOCAB_TILE: ClassVar[str] = "block_n"
+    TOKEN_TILE: ClassVar[str] = "block_m"
+    TOKEN_TILES_PER_CHUNK_ROW: ClassVar[int] = 1   # token tiles a program covers
+
+    @property
+    def multiple(self) -> int:
+        """V is padded to a multiple of both GEMMs' vocabulary tiles."""
+        return math.lcm(getattr(self.forward, self.VOCAB_TILE),
+                        getattr(self.dlogits, self.VOCAB_TILE))
+
+    @property
+    def chunk_rows(self) -> int:
+        """The backward's chunk is a multiple of the dlogits GEMM's token rows."""
+        return self.TOKEN_TILES_PER_CHUNK_ROW * getattr(self.dlogits, self.TOKEN_TILE)
 
 
 def tile_statistics(s, column_bias):

@@ -13,7 +13,6 @@ The epilogues run in the accumulator's registers (exp2 on the SFU, 128 values a 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +39,12 @@ class Chunk(config.KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels(config.Kernels):
+class Kernels(common.Kernels):
     """The statistics GEMM's tiles (flat names block_m, block_n, num_stages) and the dlogits
     GEMM's (dlogits_block_m, ..., dlogits_chunk_mib)."""
     forward: mosaic_gpu_gemm.Tiles
     dlogits: Chunk
-
-    @property
-    def multiple(self) -> int:
-        """V is padded to a multiple of both GEMMs' column tiles."""
-        return math.lcm(self.forward.block_n, self.dlogits.block_n)
-
-    @property
-    def chunk_rows(self) -> int:
-        """The backward's chunk is a multiple of the dlogits GEMM's token rows."""
-        return CONSUMERS * self.dlogits.block_m
+    TOKEN_TILES_PER_CHUNK_ROW = CONSUMERS   # a CTA's consumer warpgroups take block_m rows each
 
 
 # 64 x 256 logits per consumer warpgroup (128 accumulator registers per thread), 3 stages.

@@ -11,7 +11,6 @@ Vectors travel as [1, V'] rows and [T, 1] columns (blocks respect the (8, 128) t
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +40,11 @@ class Chunk(config.KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels(config.Kernels):
+class Kernels(common.Kernels):
+    """The statistics tiles (flat names block_t, block_v) and the dlogits ones (dlogits_...)."""
     forward: Tiles
     dlogits: Chunk
-
-    @property
-    def multiple(self) -> int:
-        return math.lcm(self.forward.block_v, self.dlogits.block_v)
-
-    @property
-    def chunk_rows(self) -> int:
-        """The backward's chunk is a multiple of the dlogits GEMM's token rows."""
-        return self.dlogits.block_t
+    VOCAB_TILE, TOKEN_TILE = "block_v", "block_t"
 
 
 DEFAULTS = Kernels(Tiles(block_t=256, block_v=512), Chunk(block_t=256, block_v=512, chunk_mib=256))

@@ -8,7 +8,6 @@ over d / bk), so no [T, V] array is written but the backward's bf16 chunk.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,19 +33,10 @@ class Chunk(config.KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels(config.Kernels):
+class Kernels(common.Kernels):
     """The statistics GEMM (flat names block_m, ...) and the dlogits GEMM (dlogits_block_m, ...)."""
     forward: triton_gemm.Gemm
     dlogits: Chunk
-
-    @property
-    def multiple(self) -> int:
-        return math.lcm(self.forward.block_n, self.dlogits.block_n)
-
-    @property
-    def chunk_rows(self) -> int:
-        """The backward's chunk is a multiple of the dlogits GEMM's token rows."""
-        return self.dlogits.block_m
 
 
 # 64 x 128 x 64 tiles, 4 warps, 3 stages: 64 accumulator registers a thread.
