@@ -673,6 +673,23 @@ def test_logits_loss_matches_reference(impl, shape, vocab, scale, ignore_index):
                        ignore_index)
 
 
+# Forward and dlogits vocabulary tiles whose lcm pads V = 1000 (to 1024 or 1152) with whole
+# forward tiles of padding only (-inf logits: their statistics must add nothing to log Z).
+PADDING_TILES = {"triton": {"block_n": 16, "dlogits_block_n": 512},
+                 "tpu": {"block_v": 128, "dlogits_block_v": 1152},
+                 "mosaic_gpu": {"block_n": 64, "dlogits_block_n": 192}}
+
+
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+def test_logits_loss_tiles_of_padding_only_add_nothing(impl):
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    h = jax.random.normal(keys[0], (64, 64), jnp.bfloat16)
+    embed = 0.5 * jax.random.normal(keys[1], (1000, 64), jnp.float32)
+    targets = jax.random.randint(keys[2], (64,), 0, 1000)
+    got = logits_loss(h, embed, targets, implementation=impl, block_sizes=PADDING_TILES[impl])
+    np.testing.assert_allclose(got, model.tied_logits_loss(h, embed, targets), rtol=1e-5)
+
+
 @LARGE
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
 def test_logits_loss_is_deterministic(impl):

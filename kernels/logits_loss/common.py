@@ -36,6 +36,7 @@ from kernels.warp_specialized import pad_rows
 from microgpt import model
 
 LOG2E = math.log2(math.e)
+MIN_MAX = -1e30   # a row maximum's floor: exp(-inf - MIN_MAX) = 0, where -inf - -inf is NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,10 @@ class Kernels(config.Kernels):
 
 def tile_statistics(s, column_bias):
     """A logits tile s [bt, bv] f32 (+ column_bias: 0, or -inf on padded columns) -> (m = row
-    max [bt], l = row sum of exp(s - m) [bt]); every tile keeps a real column, so m is finite."""
+    max [bt], l = row sum of exp(s - m) [bt]). A tile of padding only (V' pads V to the lcm of
+    two tiles) has m = MIN_MAX and l = 0, so it adds nothing to log Z."""
     s = s + column_bias
-    m = s.max(axis=1)
+    m = jnp.maximum(s.max(axis=1), MIN_MAX)
     p = jnp.exp2(s * LOG2E - lax.broadcast_in_dim(m * LOG2E, s.shape, [0]))
     return m, p.sum(axis=1)
 
