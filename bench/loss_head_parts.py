@@ -4,7 +4,8 @@
 
 For a chunk of C tokens (kernels/logits_loss/common.py): the dlogits GEMM (the kernel: recompute
 and write ds [C, V'] bf16), dh_c = ds E (XLA's GEMM), dE += ds^T h_c (XLA's GEMM and the f32 add);
-and the whole forward+backward at that chunk size, T = --tokens.
+and the whole forward+backward at that chunk size, T = --tokens, with its temporary memory (XLA's
+memory analysis: what it holds beyond the arguments and outputs).
 """
 from __future__ import annotations
 
@@ -61,13 +62,15 @@ def main(argv=None) -> list[dict]:
                                         block_sizes={"dlogits_chunk_mib": max(1, chunk * padded * 2 >> 20)})
         inputs, _, forward_backward = timed_calls(fn, args.tokens, args.vocab, args.d)
         row["fwd_bwd_ms"] = time_ms(forward_backward, *inputs, warmup=2, repeats=3, calls=3)
+        memory = forward_backward.lower(*inputs).compile().memory_analysis()
+        row["temp_gib"] = memory.temp_size_in_bytes / 2**30
         rows.append(row)
         print(row, flush=True)
     print(f"loss head backward parts, T {args.tokens} V {args.vocab} (padded {padded}) d {args.d}, "
           f"{args.impl}, on {device_description()}")
     print(format_table(rows, [("chunk", "C", "d")] + [
         (f"{k}_{u}", f"{k} {u.replace('tflops', 'TF/s')}", ".3f" if u == "ms" else ".0f")
-        for k in ("dlogits", "dh", "de") for u in ("ms", "tflops")] + [("fwd_bwd_ms", "fwd+bwd ms", ".2f")]))
+        for k in ("dlogits", "dh", "de") for u in ("ms", "tflops")] + [("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("temp_gib", "temp GiB", ".3f")]))
     return rows
 
 
