@@ -4,7 +4,7 @@
 
 For a chunk of C tokens (kernels/logits_loss/common.py): the dlogits GEMM (the kernel: recompute
 and write ds [C, V'] bf16), dh_c = ds E (XLA's GEMM), dE += ds^T h_c (XLA's GEMM and the f32 add);
-and the whole forward+backward at that chunk size, T = --tokens, with its temporary memory (XLA's
+dh on the split-K Mosaic GPU GEMM instead (Hopper); and the whole forward+backward at that chunk size, T = --tokens, with its temporary memory (XLA's
 memory analysis: what it holds beyond the arguments and outputs).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from bench.common import device_description, format_table, int_list, time_ms
 from bench.loss_head import timed_calls
+from kernels import mosaic_gpu_gemm
 from kernels.logits_loss import api, common
 
 
@@ -56,7 +57,14 @@ def main(argv=None) -> list[dict]:
         flops = 2 * chunk * padded * args.d
         row = dict(chunk=chunk, dlogits_ms=time_ms(dlogits, h, **timing), dh_ms=time_ms(dh, ds, **timing))
         row["de_ms"] = time_ms(lambda ds, h: d_e(jnp.zeros_like(de), ds, h), ds, h, **timing)
-        for part in ("dlogits", "dh", "de"):
+        parts = ["dlogits", "dh", "de"]
+        if args.impl == "mosaic_gpu":   # dh on the split-K Mosaic GPU GEMM instead of XLA's
+            dh_split = lambda ds: mosaic_gpu_gemm.matmul_split_k(
+                ds, e, a_transposed=False, b_transposed=False, name="dh_split_k",
+                tiles=mosaic_gpu_gemm.Tiles(block_m=128, block_n=128, num_stages=3))[0]
+            row["dh_split_k_ms"] = time_ms(dh_split, ds, **timing)
+            parts.append("dh_split_k")
+        for part in parts:
             row[f"{part}_tflops"] = flops / row[f"{part}_ms"] / 1e9
         fn = lambda *a: api.logits_loss(*a, implementation=args.impl,
                                         block_sizes={"dlogits_chunk_mib": max(1, chunk * padded * 2 >> 20)})
@@ -70,7 +78,7 @@ def main(argv=None) -> list[dict]:
           f"{args.impl}, on {device_description()}")
     print(format_table(rows, [("chunk", "C", "d")] + [
         (f"{k}_{u}", f"{k} {u.replace('tflops', 'TF/s')}", ".3f" if u == "ms" else ".0f")
-        for k in ("dlogits", "dh", "de") for u in ("ms", "tflops")] + [("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("temp_gib", "temp GiB", ".3f")]))
+        for k in ("dlogits", "dh", "de", "dh_split_k") for u in ("ms", "tflops")] + [("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("temp_gib", "temp GiB", ".3f")]))
     return rows
 
 
