@@ -172,9 +172,8 @@ class _Stream:
 
 
 def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, io_smem,
-                     io_loaded, row_smem, row_in_smem, row_loaded, epilogue: Callable, num_vectors: int,
-                     num_rows: int,
-                     num_inputs: int, units: _Units):
+                     io_loaded, row_smem, row_in_smem, row_loaded, epilogue: Callable,
+                     num_vectors: int, num_rows: int, num_inputs: int, units: _Units):
     vectors = refs[:num_vectors]
     row_inputs = refs[num_vectors:num_vectors + num_rows]
     tile_inputs = refs[num_vectors + num_rows:num_inputs]

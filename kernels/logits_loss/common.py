@@ -118,6 +118,8 @@ def backward(residuals, g, dlogits, multiple: int, chunk: int):
     h, embed, targets, weights, log_z = residuals
     (tokens, d), vocab = h.shape, embed.shape[0]
     padded = padded_vocab(vocab, multiple)
+    # E in bf16 again rather than saved by the forward: a V d pass, where a residual would hold
+    # V' d bf16 through the rest of the model's backward.
     e = pad_rows(embed.astype(jnp.bfloat16), padded, axis=0)
     column_bias, column_index = columns(vocab, padded)
     num_chunks = -(-tokens // chunk)

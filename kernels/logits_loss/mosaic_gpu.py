@@ -65,7 +65,7 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
     check_runs_here()
     tokens = h.shape[0]
     return mosaic_gpu_gemm.matmul(
-        h, e, lambda s, bias: common.tile_statistics(s, bias), [column_bias],
+        h, e, common.tile_statistics, [column_bias],
         [jax.ShapeDtypeStruct((tokens,), jnp.float32)] * 2,
         b_transposed=True, tiles=config.forward, name="logits_loss_statistics_mgpu")
 
