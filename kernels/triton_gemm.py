@@ -99,7 +99,7 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
                           epilogue=epilogue, num_columns=len(columns), num_inputs=len(inputs)),
         grid=(m // bm, n // bn),
         in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), b_spec,
-                  *(tile(x.shape) for x in [*columns]),
+                  *(tile(x.shape) for x in columns),
                   *(pl.BlockSpec((bm,), lambda i, j: (i,)) for _ in row_inputs),
                   *(tile(x.shape) for x in tiles)],
         out_specs=list(out_specs),
