@@ -7,8 +7,11 @@ GEMMs of the LayerNorm+FFN (kernels/layernorm_ffn/mosaic_gpu*.py) and the loss h
 
 A [M, K] (or stored [K, M]), B [K, N] (or stored [N, K]), bf16. One CTA per SM, each taking work
 units u = cta, cta + #CTAs, ...: unit u is output tile u % #tiles (of [CONSUMERS * block_m,
-block_n], row-major: the CTAs at work share rows of A; B, the weights, stays in L2) over the
-u // #tiles-th chunk of the k-steps (one chunk, all of K, for matmul). The producer streams the A
+block_n]) over the u // #tiles-th chunk of the k-steps (one chunk, all of K, for matmul). matmul
+visits the tiles in groups of rows, column by column within a group (`_Units.position`), so that
+the CTAs at work share a few columns of B and the group's rows of A, both held in L2: B (the
+loss head's E, 77 MB at GPT-2's vocabulary, beyond the 50 MB L2) comes from HBM once a group
+rather than once a row of tiles. The producer streams the A
 tiles [CONSUMERS * block_m, 64] and B tiles [64, block_n] of all its units, k-step after k-step,
 through two rings (`num_stages` slots, 128-byte swizzle: a 64-wide bf16 row). Consumer warpgroup w
 owns rows w * block_m of each tile: its wgmma accumulates A[w rows] B into block_m * block_n / 128
@@ -55,6 +58,7 @@ from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accu
 BLOCK_K = 64       # one 128-byte swizzled row of bf16
 SUMS_COLUMNS = 64  # the ones block's width (wgmma's B tile: one 128-byte swizzled bf16 row)
 FLUSH_STEPS = 4    # a split-K unit's TMA reduce-add costs about this many k-steps (choose_chunks)
+GROUP_BYTES = 16 << 20   # A's rows of a group of tiles, which stay in L2 (a third of Hopper's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Tiles(config.KernelConfig):
 @dataclasses.dataclass(frozen=True)
 class _Units:
     """The static split of the work: output tiles of [CONSUMERS * block_m, block_n], tiles_n to a
-    row, each over `chunks` chunks of chunk_steps k-steps; operands stored transposed or not."""
+    row, each over `chunks` chunks of chunk_steps k-steps, visited group_rows rows of tiles at a
+    time; operands stored transposed or not."""
     block_m: int
     block_n: int
     tiles_n: int
@@ -86,6 +91,18 @@ class _Units:
     chunk_steps: int
     a_transposed: bool
     b_transposed: bool
+    group_rows: int = 1
+
+    def position(self, tile):
+        """(row, column) of the tile-th tile: groups of group_rows rows (the last one shorter),
+        column-major within a group; row-major when group_rows is 1."""
+        if self.group_rows == 1:
+            return tile // self.tiles_n, lax.rem(tile, self.tiles_n)
+        per_group = self.group_rows * self.tiles_n
+        first = tile // per_group * self.group_rows
+        rows = jnp.minimum(self.group_rows, self.num_tiles // self.tiles_n - first)
+        within = lax.rem(tile, per_group)
+        return first + lax.rem(within, rows), within // rows
 
     @property
     def count(self) -> int:
@@ -137,9 +154,8 @@ class _Stream:
         """(K chunk, row block, column block) of this CTA's i-th unit."""
         u, units = self.cta + i * self.num_ctas, self.units
         if units.chunks == 1:
-            return 0, u // units.tiles_n, u % units.tiles_n
-        tile = lax.rem(u, units.num_tiles)
-        return u // units.num_tiles, tile // units.tiles_n, lax.rem(tile, units.tiles_n)
+            return 0, *units.position(u)
+        return u // units.num_tiles, *units.position(lax.rem(u, units.num_tiles))
 
     def product(self, i, wg, ones=None):
         """Unit i's A B over its chunk, warpgroup wg's block_m rows ([block_m, block_n] f32 in
@@ -310,8 +326,10 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
     rows = CONSUMERS * block_m
     padded = -(-m // rows) * rows
     tiles_n = n // block_n
+    group_rows = max(1, min(padded // rows, GROUP_BYTES // (rows * k * 2)))
     units = _Units(block_m, block_n, tiles_n, num_tiles=padded // rows * tiles_n, chunks=1,
-                   chunk_steps=k // BLOCK_K, a_transposed=False, b_transposed=b_transposed)
+                   chunk_steps=k // BLOCK_K, a_transposed=False, b_transposed=b_transposed,
+                   group_rows=group_rows)
     num_stats, num_rows = out_ranks.count(1), len(row_inputs)
     row_inputs = [pad_rows(v.astype(jnp.float32), padded, axis=0) for v in row_inputs]
     scratch = dict(

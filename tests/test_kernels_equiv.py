@@ -560,10 +560,12 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
     """The Mosaic GPU GEMM of the LayerNorm+FFN in jax's Mosaic GPU interpreter (wgmma emulated),
     each epilogue vs the same epilogue on the f32 product. 300 rows (ragged: padded to 3 blocks of
     2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
-    tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
+    tile), visited in groups of two rows of tiles (the last group of one), and K = 192 in 3 steps
+    through a 2-slot ring (it wraps)."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     m, k, n = 300, 192, 256
+    monkeypatch.setattr(mosaic_gpu_gemm, "GROUP_BYTES", 2 * 128 * k * 2)   # 2 rows of tiles
     keys = jax.random.split(jax.random.PRNGKey(n), 4)
     a = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     b = (jax.random.normal(keys[1], (n, k) if b_transposed else (k, n), jnp.bfloat16) / 8)
@@ -584,6 +586,16 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
                                    rtol=1e-2, atol=1e-2)
 
 
+
+
+def test_mosaic_gpu_gemm_visits_each_tile_once_a_group_of_rows_at_a_time():
+    """7 rows of 5 tiles in groups of 3 rows (the last of one): column by column in a group."""
+    units = mosaic_gpu_gemm._Units(64, 128, tiles_n=5, num_tiles=35, chunks=1, chunk_steps=1,
+                                   a_transposed=False, b_transposed=True, group_rows=3)
+    order = [tuple(int(x) for x in units.position(jnp.int32(tile))) for tile in range(35)]
+    assert sorted(order) == [(row, col) for row in range(7) for col in range(5)]
+    assert order[:4] == [(0, 0), (1, 0), (2, 0), (0, 1)]
+    assert order[30:] == [(6, col) for col in range(5)]
 
 
 @pytest.mark.parametrize("a_transposed, b_transposed, row_sums", [

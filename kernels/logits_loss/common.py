@@ -5,10 +5,12 @@ A backend (mosaic_gpu.py, triton.py, tpu.py) brings two GEMMs over logits tiles
 s = h[rows] E[cols]^T [bt, bv] (bf16 operands, f32 accumulation), each with an epilogue here:
 
     statistics(h, e, column_bias)          -> m, l [V' / bv, T]     `tile_statistics`
-    dlogits(h_c, e, column_bias, columns,  -> ds [C, V'] bf16       `tile_dlogits`
-            log_z, targets, scales)
+    dlogits(h_c, e, columns, log_z,        -> ds [C, V'] bf16       `tile_dlogits`
+            targets, scales)
 
-with E padded to V' columns (zero rows; column_bias puts -inf on their logits). Around them, XLA:
+with E padded to V' columns (zero rows; column_bias puts -inf on their logits, so that they add
+nothing to log Z; their ds, which meets E's zero rows in ds E and lands in dE's padding, is
+left as it comes). Around them, XLA:
 
     forward   log Z = M + log sum_tiles l exp(m - M)   (M: the row's largest m)
               loss  = sum_t w_t (log Z_t - h_t . E_target(t))      w = model.target_weights
@@ -69,11 +71,13 @@ def tile_statistics(s, column_bias):
     return m, p.sum(axis=1)
 
 
-def tile_dlogits(s, column_bias, columns, log_z, targets, scales):
+def tile_dlogits(s, columns, log_z, targets, scales):
     """dlogits of a logits tile: (softmax - onehot(target)) * scale, rounded to bf16.
-    s [bt, bv] f32; column_bias and columns (the column's index, f32) per column, log_z, targets
-    (f32) and scales (g w) per row, each broadcastable to s."""
-    p = jnp.exp2((s + column_bias) * LOG2E - log_z * LOG2E)
+    s [bt, bv] f32; columns (the column's index, f32) per column, log_z, targets (f32) and scales
+    (g w) per row, each broadcastable to s. One column vector only: on Hopper a column vector
+    takes 64 registers a thread beside the 128 of a 64 x 256 accumulator, and a second one would
+    spill."""
+    p = jnp.exp2(s * LOG2E - log_z * LOG2E)
     return ((p - (columns == targets).astype(jnp.float32)) * scales).astype(jnp.bfloat16)
 
 
@@ -81,10 +85,9 @@ def padded_vocab(vocab: int, multiple: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def columns(vocab: int, padded: int) -> tuple[jax.Array, jax.Array]:
-    """(column_bias [V'] f32: 0 on the vocabulary, -inf on padding; the column indices [V'] f32)."""
-    index = jnp.arange(padded)
-    return jnp.where(index < vocab, 0.0, -jnp.inf), index.astype(jnp.float32)
+def column_bias(vocab: int, padded: int) -> jax.Array:
+    """[V'] f32: 0 on the vocabulary, -inf on padding."""
+    return jnp.where(jnp.arange(padded) < vocab, 0.0, -jnp.inf)
 
 
 def token_chunk(tokens: int, padded: int, rows: int, chunk_mib: int) -> int:
@@ -103,7 +106,7 @@ def forward(h, embed, targets, ignore_index, statistics, multiple: int):
     padded = padded_vocab(vocab, multiple)
     h_bf16 = h.astype(jnp.bfloat16)
     e = pad_rows(embed.astype(jnp.bfloat16), padded, axis=0)
-    m, l = statistics(h_bf16, e, columns(vocab, padded)[0])
+    m, l = statistics(h_bf16, e, column_bias(vocab, padded))
     top = m.max(axis=0)
     log_z = top + jnp.log(jnp.sum(l * jnp.exp(m - top), axis=0))
     targets, weights = model.target_weights(targets, ignore_index)
@@ -113,15 +116,15 @@ def forward(h, embed, targets, ignore_index, statistics, multiple: int):
 
 
 def backward(residuals, g, dlogits, multiple: int, chunk: int):
-    """-> (dh [T, d] in h's dtype, dE [V, d] in embed's dtype); dlogits(h_c, e, column_bias,
-    columns, log_z, targets, scales) -> [C, V'] bf16 is the backend's kernel."""
+    """-> (dh [T, d] in h's dtype, dE [V, d] in embed's dtype); dlogits(h_c, e, columns, log_z,
+    targets, scales) -> [C, V'] bf16 is the backend's kernel."""
     h, embed, targets, weights, log_z = residuals
     (tokens, d), vocab = h.shape, embed.shape[0]
     padded = padded_vocab(vocab, multiple)
     # E in bf16 again rather than saved by the forward: a V d pass, where a residual would hold
     # V' d bf16 through the rest of the model's backward.
     e = pad_rows(embed.astype(jnp.bfloat16), padded, axis=0)
-    column_bias, column_index = columns(vocab, padded)
+    column_index = jnp.arange(padded, dtype=jnp.float32)
     num_chunks = -(-tokens // chunk)
     pad = lambda x: pad_rows(x, num_chunks * chunk, axis=0).reshape(num_chunks, chunk,
                                                                     *x.shape[1:])
@@ -130,7 +133,7 @@ def backward(residuals, g, dlogits, multiple: int, chunk: int):
 
     def step(de, chunk_inputs):
         h_c, targets_c, scales_c, log_z_c = chunk_inputs
-        ds = dlogits(h_c, e, column_bias, column_index, log_z_c, targets_c, scales_c)
+        ds = dlogits(h_c, e, column_index, log_z_c, targets_c, scales_c)
         dh_c = jnp.matmul(ds, e, preferred_element_type=jnp.float32).astype(h.dtype)
         return de + jnp.matmul(ds.T, h_c, preferred_element_type=jnp.float32), dh_c
 

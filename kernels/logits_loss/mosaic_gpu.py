@@ -70,11 +70,11 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
         b_transposed=True, tiles=config.forward, name="logits_loss_statistics_mgpu")
 
 
-def dlogits(h, e, column_bias, columns, log_z, targets, scales, *, config: Kernels,
+def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
             interpret: bool):
     del interpret
     (ds,) = mosaic_gpu_gemm.matmul(
-        h, e, lambda s, *operands: (common.tile_dlogits(s, *operands),), [column_bias, columns],
+        h, e, lambda s, *operands: (common.tile_dlogits(s, *operands),), [columns],
         [jax.ShapeDtypeStruct((h.shape[0], e.shape[0]), jnp.bfloat16)],
         b_transposed=True, tiles=config.dlogits.tiles(), name="logits_loss_dlogits_mgpu",
         row_inputs=[log_z, targets, scales])

@@ -83,14 +83,12 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
     return m[:tokens].T, l[:tokens].T
 
 
-def _dlogits_kernel(h_ref, e_ref, bias_ref, columns_ref, log_z_ref, targets_ref, scales_ref,
-                    ds_ref):
-    ds_ref[...] = common.tile_dlogits(dot_t(h_ref[...], e_ref[...]), bias_ref[...],
-                                      columns_ref[...], log_z_ref[...], targets_ref[...],
-                                      scales_ref[...])
+def _dlogits_kernel(h_ref, e_ref, columns_ref, log_z_ref, targets_ref, scales_ref, ds_ref):
+    ds_ref[...] = common.tile_dlogits(dot_t(h_ref[...], e_ref[...]), columns_ref[...],
+                                      log_z_ref[...], targets_ref[...], scales_ref[...])
 
 
-def dlogits(h, e, column_bias, columns, log_z, targets, scales, *, config: Kernels,
+def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
             interpret: bool):
     (tokens, d), padded_v = h.shape, e.shape[0]
     bt, bv = config.dlogits.block_t, config.dlogits.block_v
@@ -99,10 +97,10 @@ def dlogits(h, e, column_bias, columns, log_z, targets, scales, *, config: Kerne
     return pl.pallas_call(
         _dlogits_kernel, grid=(tokens // bt, padded_v // bv),
         in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bv, d), lambda i, j: (j, 0)), column, column, row, row, row],
+                  pl.BlockSpec((bv, d), lambda i, j: (j, 0)), column, row, row, row],
         out_specs=pl.BlockSpec((bt, bv), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((tokens, padded_v), jnp.bfloat16),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params(interpret), name="logits_loss_dlogits",
-    )(h, e, column_bias[None, :], columns[None, :], log_z[:, None], targets[:, None],
+    )(h, e, columns[None, :], log_z[:, None], targets[:, None],
       scales[:, None])

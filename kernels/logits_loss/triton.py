@@ -60,10 +60,10 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
     return m[:, :tokens], l[:, :tokens]
 
 
-def dlogits(h, e, column_bias, columns, log_z, targets, scales, *, config: Kernels,
+def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
             interpret: bool):
     (ds,) = triton_gemm.matmul(
-        h, e, lambda s, *operands: (common.tile_dlogits(s, *operands),), [column_bias, columns],
+        h, e, lambda s, *operands: (common.tile_dlogits(s, *operands),), [columns],
         [jax.ShapeDtypeStruct((h.shape[0], e.shape[0]), jnp.bfloat16)], b_transposed=True,
         config=config.dlogits.gemm(), name="logits_loss_dlogits", interpret=interpret,
         row_inputs=[log_z, targets, scales])
