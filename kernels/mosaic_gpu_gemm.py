@@ -51,9 +51,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat, config
-from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accumulate, launch,
-                                      num_sms, pad_rows, produce, ring_scratch, specialize,
-                                      tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accumulate,
+                                      launch, num_sms, pad_rows, produce, ring_scratch,
+                                      specialize, tiled_smem)
 
 BLOCK_K = 64       # one 128-byte swizzled row of bf16
 SUMS_COLUMNS = 64  # the ones block's width (wgmma's B tile: one 128-byte swizzled bf16 row)
@@ -157,29 +157,55 @@ class _Stream:
             return 0, *units.position(u)
         return u // units.num_tiles, *units.position(lax.rem(u, units.num_tiles))
 
+    def operands(self, n, wg):
+        """k-step n's A (warpgroup wg's block_m rows) and B in shared memory, once loaded."""
+        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
+        a_ring.wait(n)
+        b_ring.wait(n)
+        b = b_ring.tile(n)
+        b = b.transpose((1, 0)) if units.b_transposed else b
+        a, ms = a_ring.tile(n), pl.ds(wg * units.block_m, units.block_m)
+        a = a.at[:, ms] if units.a_transposed else a.at[ms]
+        return (a.transpose((1, 0)) if units.a_transposed else a), b
+
+    def release(self, n):
+        self.a_ring.release(n)
+        self.b_ring.release(n)
+
+    def zeros(self, cols):
+        return plgpu.layout_cast(jnp.zeros((self.units.block_m, cols), jnp.float32),
+                                 plgpu.Layout.WGMMA)
+
     def product(self, i, wg, ones=None):
         """Unit i's A B over its chunk, warpgroup wg's block_m rows ([block_m, block_n] f32 in
         registers), and with `ones` (a [BLOCK_K, SUMS_COLUMNS] block, first column 1) the rows'
-        sums of A in column 0 of a second accumulator."""
-        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
-
+        sums of A in column 0 of a second accumulator; a k-step at a time."""
         def k_step(k, accs):
-            n = i * units.chunk_steps + k
-            a_ring.wait(n)
-            b_ring.wait(n)
-            b = b_ring.tile(n)
-            b = b.transpose((1, 0)) if units.b_transposed else b
-            a, ms = a_ring.tile(n), pl.ds(wg * units.block_m, units.block_m)
-            a = a.at[:, ms].transpose((1, 0)) if units.a_transposed else a.at[ms]
+            n = i * self.units.chunk_steps + k
+            a, b = self.operands(n, wg)
             accs = (accumulate(accs[0], a, b), *(accumulate(s, a, ones) for s in accs[1:]))
-            a_ring.release(n)
-            b_ring.release(n)
+            self.release(n)
             return accs
 
-        zeros = lambda cols: plgpu.layout_cast(jnp.zeros((units.block_m, cols), jnp.float32),
-                                               plgpu.Layout.WGMMA)
-        init = (zeros(units.block_n),) + (() if ones is None else (zeros(SUMS_COLUMNS),))
-        return lax.fori_loop(0, units.chunk_steps, k_step, init)
+        init = (self.zeros(self.units.block_n),) + (() if ones is None else
+                                                    (self.zeros(SUMS_COLUMNS),))
+        return lax.fori_loop(0, self.units.chunk_steps, k_step, init)
+
+    def pipelined_product(self, i, wg):
+        """Unit i's A B as `product`, its k-steps (the model width's few) unrolled so that each
+        k-step's wgmma runs while the next one's is issued: a slot is released one k-step late."""
+        first, steps = i * self.units.chunk_steps, self.units.chunk_steps
+
+        def products(acc_ref):
+            for k in range(steps):
+                plgpu.wgmma(acc_ref, *self.operands(first + k, wg))
+                plgpu.wgmma_wait(1)   # k-step k - 1's product is done: free its slots
+                if k:
+                    self.release(first + k - 1)
+            plgpu.wgmma_wait(0)
+            self.release(first + steps - 1)
+
+        return pl.run_state(products)(plgpu.ACC.init(self.zeros(self.units.block_n)))
 
     def run(self, consume) -> None:
         """consume(wg) on the consumer warpgroups, the producer streaming every unit's k-steps."""
@@ -215,7 +241,7 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
             for tile_input in tile_inputs:
                 plgpu.copy_gmem_to_smem(tile_input.at[rows, cols], io_smem.at[wg], io_loaded.at[wg])
 
-            acc, = stream.product(i, wg)
+            acc = stream.pipelined_product(i, wg)
             operands = []
             for j in range(num_vectors):
                 plgpu.barrier_wait(vec_loaded.at[wg * num_vectors + j])
