@@ -8,10 +8,10 @@ GEMMs of the LayerNorm+FFN (kernels/layernorm_ffn/mosaic_gpu*.py) and the loss h
 A [M, K] (or stored [K, M]), B [K, N] (or stored [N, K]), bf16. One CTA per SM, each taking work
 units u = cta, cta + #CTAs, ...: unit u is output tile u % #tiles (of [CONSUMERS * block_m,
 block_n]) over the u // #tiles-th chunk of the k-steps (one chunk, all of K, for matmul). matmul
-visits the tiles in groups of rows, column by column within a group (`_Units.position`), so that
-the CTAs at work share a few columns of B and the group's rows of A, both held in L2: B (the
-loss head's E, 77 MB at GPT-2's vocabulary, beyond the 50 MB L2) comes from HBM once a group
-rather than once a row of tiles. The producer streams the A
+visits the tiles row by row, or, when B outgrows L2, in groups of rows, column by column within a
+group (`_Units.position`), so that the CTAs at work share a few columns of B and the group's rows
+of A, both held in L2: B (the loss head's E, 77 MB at GPT-2's vocabulary, beyond the 50 MB L2)
+comes from HBM once a group rather than once a row of tiles. The producer streams the A
 tiles [CONSUMERS * block_m, 64] and B tiles [64, block_n] of all its units, k-step after k-step,
 through two rings (`num_stages` slots, 128-byte swizzle: a 64-wide bf16 row). Consumer warpgroup w
 owns rows w * block_m of each tile: its wgmma accumulates A[w rows] B into block_m * block_n / 128
@@ -51,14 +51,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat, config
-from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accumulate,
-                                      launch, num_sms, pad_rows, produce, ring_scratch,
-                                      specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, IO_COLUMNS, WGMMA_M, Ring, accumulate, launch,
+                                      num_sms, pad_rows, produce, ring_scratch, specialize,
+                                      tiled_smem)
 
 BLOCK_K = 64       # one 128-byte swizzled row of bf16
 SUMS_COLUMNS = 64  # the ones block's width (wgmma's B tile: one 128-byte swizzled bf16 row)
 FLUSH_STEPS = 4    # a split-K unit's TMA reduce-add costs about this many k-steps (choose_chunks)
-GROUP_BYTES = 16 << 20   # A's rows of a group of tiles, which stay in L2 (a third of Hopper's)
+# A group's rows of A stay in L2 (a third of Hopper's 50 MB); a B of fewer bytes does too, and
+# the plain row-major order serves it best (bench/RESULTS.md, session 16).
+GROUP_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,55 +159,29 @@ class _Stream:
             return 0, *units.position(u)
         return u // units.num_tiles, *units.position(lax.rem(u, units.num_tiles))
 
-    def operands(self, n, wg):
-        """k-step n's A (warpgroup wg's block_m rows) and B in shared memory, once loaded."""
-        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
-        a_ring.wait(n)
-        b_ring.wait(n)
-        b = b_ring.tile(n)
-        b = b.transpose((1, 0)) if units.b_transposed else b
-        a, ms = a_ring.tile(n), pl.ds(wg * units.block_m, units.block_m)
-        a = a.at[:, ms] if units.a_transposed else a.at[ms]
-        return (a.transpose((1, 0)) if units.a_transposed else a), b
-
-    def release(self, n):
-        self.a_ring.release(n)
-        self.b_ring.release(n)
-
-    def zeros(self, cols):
-        return plgpu.layout_cast(jnp.zeros((self.units.block_m, cols), jnp.float32),
-                                 plgpu.Layout.WGMMA)
-
     def product(self, i, wg, ones=None):
         """Unit i's A B over its chunk, warpgroup wg's block_m rows ([block_m, block_n] f32 in
         registers), and with `ones` (a [BLOCK_K, SUMS_COLUMNS] block, first column 1) the rows'
-        sums of A in column 0 of a second accumulator; a k-step at a time."""
+        sums of A in column 0 of a second accumulator."""
+        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
+
         def k_step(k, accs):
-            n = i * self.units.chunk_steps + k
-            a, b = self.operands(n, wg)
+            n = i * units.chunk_steps + k
+            a_ring.wait(n)
+            b_ring.wait(n)
+            b = b_ring.tile(n)
+            b = b.transpose((1, 0)) if units.b_transposed else b
+            a, ms = a_ring.tile(n), pl.ds(wg * units.block_m, units.block_m)
+            a = a.at[:, ms].transpose((1, 0)) if units.a_transposed else a.at[ms]
             accs = (accumulate(accs[0], a, b), *(accumulate(s, a, ones) for s in accs[1:]))
-            self.release(n)
+            a_ring.release(n)
+            b_ring.release(n)
             return accs
 
-        init = (self.zeros(self.units.block_n),) + (() if ones is None else
-                                                    (self.zeros(SUMS_COLUMNS),))
-        return lax.fori_loop(0, self.units.chunk_steps, k_step, init)
-
-    def pipelined_product(self, i, wg):
-        """Unit i's A B as `product`, its k-steps (the model width's few) unrolled so that each
-        k-step's wgmma runs while the next one's is issued: a slot is released one k-step late."""
-        first, steps = i * self.units.chunk_steps, self.units.chunk_steps
-
-        def products(acc_ref):
-            for k in range(steps):
-                plgpu.wgmma(acc_ref, *self.operands(first + k, wg))
-                plgpu.wgmma_wait(1)   # k-step k - 1's product is done: free its slots
-                if k:
-                    self.release(first + k - 1)
-            plgpu.wgmma_wait(0)
-            self.release(first + steps - 1)
-
-        return pl.run_state(products)(plgpu.ACC.init(self.zeros(self.units.block_n)))
+        zeros = lambda cols: plgpu.layout_cast(jnp.zeros((units.block_m, cols), jnp.float32),
+                                               plgpu.Layout.WGMMA)
+        init = (zeros(units.block_n),) + (() if ones is None else (zeros(SUMS_COLUMNS),))
+        return lax.fori_loop(0, units.chunk_steps, k_step, init)
 
     def run(self, consume) -> None:
         """consume(wg) on the consumer warpgroups, the producer streaming every unit's k-steps."""
@@ -241,7 +217,7 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
             for tile_input in tile_inputs:
                 plgpu.copy_gmem_to_smem(tile_input.at[rows, cols], io_smem.at[wg], io_loaded.at[wg])
 
-            acc = stream.pipelined_product(i, wg)
+            acc, = stream.product(i, wg)
             operands = []
             for j in range(num_vectors):
                 plgpu.barrier_wait(vec_loaded.at[wg * num_vectors + j])
@@ -352,7 +328,8 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
     rows = CONSUMERS * block_m
     padded = -(-m // rows) * rows
     tiles_n = n // block_n
-    group_rows = max(1, min(padded // rows, GROUP_BYTES // (rows * k * 2)))
+    group_rows = (1 if n * k * 2 <= GROUP_BYTES else
+                  max(1, min(padded // rows, GROUP_BYTES // (rows * k * 2))))
     units = _Units(block_m, block_n, tiles_n, num_tiles=padded // rows * tiles_n, chunks=1,
                    chunk_steps=k // BLOCK_K, a_transposed=False, b_transposed=b_transposed,
                    group_rows=group_rows)

@@ -560,12 +560,10 @@ def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transp
     """The Mosaic GPU GEMM of the LayerNorm+FFN in jax's Mosaic GPU interpreter (wgmma emulated),
     each epilogue vs the same epilogue on the f32 product. 300 rows (ragged: padded to 3 blocks of
     2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
-    tile), visited in groups of two rows of tiles (the last group of one), and K = 192 in 3 steps
-    through a 2-slot ring (it wraps)."""
+    tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     m, k, n = 300, 192, 256
-    monkeypatch.setattr(mosaic_gpu_gemm, "GROUP_BYTES", 2 * 128 * k * 2)   # 2 rows of tiles
     keys = jax.random.split(jax.random.PRNGKey(n), 4)
     a = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     b = (jax.random.normal(keys[1], (n, k) if b_transposed else (k, n), jnp.bfloat16) / 8)
@@ -727,9 +725,12 @@ def test_logits_loss_mosaic_gpu_in_the_gpu_interpreter(monkeypatch):
     """The Mosaic GPU loss head in jax's Mosaic GPU interpreter (wgmma emulated): 300 tokens by a
     vocabulary of 1000 (4 column tiles of 256, the last with 232 real columns) over 4 persistent
     CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
-    beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math."""
+    beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math.
+    E (1024 x 128 bf16) counts as outgrowing L2, so the statistics GEMM visits its tiles in
+    groups of two rows of tiles (the last group of one)."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
+    monkeypatch.setattr(mosaic_gpu_gemm, "GROUP_BYTES", 2 * 128 * 128 * 2)
     tiles = mosaic_gpu_gemm.Tiles(64, 256, 2)
     config = logits_loss_mosaic_gpu.Kernels(tiles, logits_loss_mosaic_gpu.Chunk(64, 256, 2, 1))
     fused = lambda h, e, t, ignore_index: logits_loss_api.fused(
