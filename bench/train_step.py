@@ -4,6 +4,7 @@
     python bench/train_step.py --preset gpt2_small           # 12 blocks, d 768, vocab 50257
     python bench/train_step.py --kernels reference,pallas --batch 32 --json out.json
     python bench/train_step.py --kernels pallas --batch 64 --devices 1,2    # data-parallel scaling
+    python bench/train_step.py --preset gpt2_small --devices 1,2,4,8 --shard replicate,fsdp
 
 It times `microgpt.train.make_train_step` (forward, backward, clipping, AdamW) on random tokens.
 MFU counts the model's FLOPs as the PaLM paper's appendix B does (`model.flops_per_token`: 6 N per
@@ -12,7 +13,9 @@ device's datasheet dense bf16 peak (989 TF/s for an H100 or H200 SXM: the conven
 figures the field publishes), and, labelled, over its bf16 matmul peak measured here. The batch is the largest of --batches that fits for every path
 (the reference, which materializes the [S, S] scores, fits the least), so all paths run one shape.
 With --devices, each path also runs data-parallel over the first n devices for each n listed, at the
-same global batch and data: the losses after the timed steps must agree, the speed-up is the scaling.
+same global batch and data: the losses after the timed steps must agree, the speed-up is the scaling;
+with --shard, each layout of the parameters and optimizer state (microgpt/sharding.py) at each
+count, the bytes of that state a device holds beside it.
 """
 from __future__ import annotations
 
@@ -32,21 +35,29 @@ from bench.common import (add_full_arg, device_description, format_table, int_li
                           peak_tflops, smoke_size, write_json)
 from microgpt.gpt import KERNELS, PRESETS
 from microgpt.model import flops_per_token
+from microgpt import sharding
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
 
 DEFAULT_SEQ = 1024   # the sequence length of a preset without a context of its own
 
 
-def step_ms(kernels: str, args, batch: int, devices: int, warmup: int, repeats: int,
-            steps: int) -> tuple[float, float]:
-    """(median milliseconds per train step, the loss of the last step) over the first `devices`
-    devices, state threaded through as in training (every run takes the same steps on the same data)."""
+def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: int, repeats: int,
+            steps: int) -> tuple[float, float, int]:
+    """(median milliseconds per train step, the loss of the last step, the bytes of parameters
+    and optimizer state a device holds) over the first `devices` devices with the parameters
+    held as `shard` says, state threaded through as in training (every run takes the same steps
+    on the same data)."""
     model = PRESETS[args.preset](vocab=args.vocab, model_d=args.model_d, num_heads=args.heads,
                                  kernels=kernels)
     optimizer, _ = make_optimizer(TrainConfig(max_steps=10_000))
-    step = make_train_step(model, optimizer, data_mesh(jax.devices()[:devices]))
-    params = model.get_params(0)
-    opt_state = optimizer.init(params)
+    mesh = data_mesh(jax.devices()[:devices])
+    step = make_train_step(model, optimizer, mesh, shard)
+    def init():
+        params = model.get_params(0)
+        return params, optimizer.init(params)
+    params, opt_state = jax.jit(init, out_shardings=sharding.shardings(
+        jax.eval_shape(init), shard, mesh))()
+    held = sharding.bytes_per_device((params, opt_state))
     rng = np.random.default_rng(0)
     x, y = (jax.device_put(rng.integers(0, args.vocab, (batch, args.seq), dtype=np.int32))
             for _ in range(2))
@@ -55,7 +66,7 @@ def step_ms(kernels: str, args, batch: int, devices: int, warmup: int, repeats: 
     jax.block_until_ready(metrics)
     per_step = []
     # The trace holds the timed steps only (not compilation and autotuning).
-    profile = args.profile and f"{args.profile}/{kernels}-{devices}dev"
+    profile = args.profile and f"{args.profile}/{kernels}-{devices}dev-{shard}"
     with maybe_profile(profile):
         for _ in range(repeats):
             start = time.perf_counter()
@@ -63,7 +74,7 @@ def step_ms(kernels: str, args, batch: int, devices: int, warmup: int, repeats: 
                 params, opt_state, metrics = step(params, opt_state, x, y)
             jax.block_until_ready(metrics)
             per_step.append((time.perf_counter() - start) * 1e3 / steps)
-    return statistics.median(per_step), float(metrics["loss"])
+    return statistics.median(per_step), float(metrics["loss"]), held
 
 
 def is_out_of_memory(err: Exception) -> bool:
@@ -92,6 +103,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p.add_argument("--batches", default="128,64,32,16,8", help="candidates, largest first")
     p.add_argument("--kernels", default="reference,xla,pallas")
     p.add_argument("--devices", help="comma list of device counts (default: every local device)")
+    p.add_argument("--shard", default="replicate",
+                   help=f"comma list of parameter layouts, of {', '.join(sharding.SHARDINGS)}")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
@@ -125,20 +138,24 @@ def main(argv=None) -> list[dict]:
     counts = int_list(args.devices) if args.devices else [jax.device_count()]
     if max(counts) > jax.device_count() or min(counts) < 1:
         p.error(f"--devices {counts}: this host has {jax.device_count()} devices")
-    runs = [(kernels, n) for kernels in paths for n in counts]
+    layouts = args.shard.split(",")
+    if set(layouts) - set(sharding.SHARDINGS):
+        p.error(f"unknown --shard {sorted(set(layouts) - set(sharding.SHARDINGS))}; choose from "
+                f"{sharding.SHARDINGS}")
+    runs = [(kernels, n, shard) for kernels in paths for n in counts for shard in layouts]
 
     timing = dict(warmup=args.warmup, repeats=args.repeats, steps=args.steps)
-    results: dict[tuple[str, int], tuple[float, float]] = {}
+    results: dict[tuple[str, int, str], tuple[float, float, int]] = {}
     batch = None
     for b in candidates:   # the largest batch every path fits
         if any(b % n for n in counts):
             print(f"  batch {b} does not split over {counts} devices; skipped", flush=True)
             continue
         try:
-            for kernels, n in runs:
-                results[kernels, n] = step_ms(kernels, args, b, n, **timing)
-                print(f"  {kernels:9s} batch {b} on {n} device(s): "
-                      f"{results[kernels, n][0]:.2f} ms/step", flush=True)
+            for kernels, n, shard in runs:
+                results[kernels, n, shard] = step_ms(kernels, args, b, n, shard, **timing)
+                print(f"  {kernels:9s} batch {b} on {n} device(s), {shard}: "
+                      f"{results[kernels, n, shard][0]:.2f} ms/step", flush=True)
             batch = b
             break
         except Exception as err:  # noqa: BLE001 - only out-of-memory moves to a smaller batch
@@ -151,28 +168,35 @@ def main(argv=None) -> list[dict]:
 
     peak, datasheet = peak_tflops(), peak_tflops(datasheet=True)
     flops_step = step_flops(args, batch)
-    ms_of = lambda path, devices: results.get((path, devices), (np.nan,))[0]
+    ms_of = lambda path, devices, shard: results.get((path, devices, shard), (np.nan,))[0]
     records = []
-    for (kernels, n), (ms, loss) in results.items():
+    for (kernels, n, shard), (ms, loss, held) in results.items():
         tflops = flops_step / (ms * 1e-3) / 1e12
-        records.append(dict(kernels=kernels, devices=n, preset=args.preset, model_d=args.model_d,
+        one = ms_of(kernels, 1, "replicate")   # on one device the layouts are the same
+        records.append(dict(kernels=kernels, devices=n, shard=shard, state_gb_per_device=held / 1e9,
+                            preset=args.preset, model_d=args.model_d,
                             heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
                             ms_per_step=ms, tokens_per_s=batch * args.seq / (ms * 1e-3),
                             model_tflops=tflops,
                             mfu=tflops / (datasheet * n) if datasheet else None,
                             mfu_measured_peak=tflops / (peak * n) if peak else None,
-                            x_reference=ms_of("reference", n) / ms, x_xla=ms_of("xla", n) / ms,
-                            x_one_device=ms_of(kernels, 1) / ms,
+                            x_reference=ms_of("reference", n, shard) / ms,
+                            x_xla=ms_of("xla", n, shard) / ms,
+                            x_replicate=ms_of(kernels, n, "replicate") / ms,
+                            x_one_device=(one if one == one else ms_of(kernels, 1, shard)) / ms,
                             loss=loss))
     print(f"train step, {args.preset} d={args.model_d} heads={args.heads} vocab={args.vocab} "
           f"seq={args.seq} batch={batch} on {device_description()}")
     print(format_table(records, [("kernels", "kernels", "s"), ("devices", "devices", "d"),
+                                 ("shard", "shard", "s"),
+                                 ("state_gb_per_device", "state GB/device", ".3f"),
                                  ("ms_per_step", "ms/step", ".2f"),
                                  ("tokens_per_s", "tokens/s", ",.0f"),
                                  ("model_tflops", "model TF/s", ".1f"),
                                  ("mfu", "MFU (datasheet)", ".1%"),
                                  ("mfu_measured_peak", "MFU (measured peak)", ".1%"),
                                  ("x_reference", "x reference", ".2f"), ("x_xla", "x xla", ".2f"),
+                                 ("x_replicate", "x replicate", ".2f"),
                                  ("x_one_device", "x 1 device", ".2f"), ("loss", "last loss", ".6f")]))
     if args.json:
         write_json(args.json, records)

@@ -88,9 +88,11 @@ class MicroGPT:
         return model.forward(params, input_ids, num_heads or self.num_heads, self.ops,
                              self.segment_ids(input_ids))
 
-    def loss(self, params: Params, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
+    def loss(self, params: Params, input_ids: jax.Array, targets: jax.Array,
+             gather=None) -> jax.Array:
+        """Mean next-token loss; gather: model.loss_fn's (the sharded trainer's all-gather)."""
         return model.loss_fn(params, input_ids, targets, self.num_heads, self.ops,
-                             self.segment_ids(input_ids))
+                             self.segment_ids(input_ids), gather)
 
     def segment_ids(self, input_ids: jax.Array) -> jax.Array | None:
         """With document_eot, each document's tokens attend within it only (model.document_ids)."""

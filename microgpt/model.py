@@ -349,13 +349,15 @@ def document_ids(ids: jax.Array, eot_id: int) -> jax.Array:
 
 
 def hidden(params: Params, ids: jax.Array, num_heads: int, ops: KernelOps = REFERENCE_OPS,
-           segment_ids: jax.Array | None = None) -> jax.Array:
+           segment_ids: jax.Array | None = None, gather=None) -> jax.Array:
     """The embedding and the blocks.  ids [B, S] int -> x_L [B, S, d] float32; with segment_ids
-    (document_ids) no token attends across documents."""
+    (document_ids) no token attends across documents. gather(block) -> the block's whole
+    parameters, just before it runs: the sharded trainer's all-gather (microgpt/sharding.py);
+    None when they are whole already."""
     with jax.named_scope("embedding"):
         x = embed(ids, params["embed"])
     for block in params["blocks"]:
-        x = transformer_block(block, x, num_heads, ops, segment_ids)
+        x = transformer_block(gather(block) if gather else block, x, num_heads, ops, segment_ids)
     return x
 
 
@@ -368,9 +370,13 @@ def forward(params: Params, ids: jax.Array, num_heads: int, ops: KernelOps = REF
 
 
 def loss_fn(params: Params, ids: jax.Array, targets: jax.Array, num_heads: int,
-            ops: KernelOps = REFERENCE_OPS, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of forward's logits.  ids, targets [B, S] -> scalar float32."""
-    x = hidden(params, ids, num_heads, ops, segment_ids)
+            ops: KernelOps = REFERENCE_OPS, segment_ids: jax.Array | None = None,
+            gather=None) -> jax.Array:
+    """Mean next-token cross-entropy of forward's logits.  ids, targets [B, S] -> scalar float32.
+    gather: as in `hidden` (the embedding, used at both ends, is gathered once)."""
+    if gather:
+        params = {**params, "embed": gather(params["embed"])}
+    x = hidden(params, ids, num_heads, ops, segment_ids, gather)
     with jax.named_scope("logits"):
         h = layernorm(x, None, None)
     with jax.named_scope("loss"):   # the logits' matmul, fused with the loss's gradient

@@ -29,6 +29,7 @@ class TrainConfig:
     seed: int = 0
     kernels: str = "reference"
     document_mask: bool = False   # no attention across the <|endoftext|>-separated documents
+    shard: str = "replicate"   # parameters and optimizer state: replicate | fsdp (sharding.py)
     data: str | None = None
     dataset: str | None = None
     text_field: str = "text"

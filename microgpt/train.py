@@ -3,7 +3,8 @@
 With no flags it trains a small preset on the embedded Shakespeare corpus (a few minutes on a laptop
 CPU), evaluates, checkpoints and prints a sample. The loop is plain: batch -> jitted step -> log;
 every `--eval-every` steps: val loss, checkpoint. Data-parallel over all local devices: the batch is
-sharded over a 1-D 'data' mesh, parameters are replicated, and XLA inserts the gradient all-reduce.
+sharded over a 1-D 'data' mesh; the parameters and optimizer state are replicated, with the
+gradients all-reduced, or with --shard fsdp split over the devices (microgpt/sharding.py).
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from kernels import tuning
-from microgpt import checkpoint, data
+from microgpt import checkpoint, data, sharding
 from microgpt.cli import DefaultsHelpFormatter
 from microgpt.gpt import KERNELS, PRESETS, MicroGPT
 from microgpt.profiling import StepProfiler
 from microgpt.run import TrainConfig, make_optimizer, preset_defaults
+from microgpt.sharding import AXIS
 
 
 @dataclasses.dataclass
@@ -49,25 +51,38 @@ class RunError(ValueError):
 
 
 # Flags a resumed run takes from the command line; every other one must match the checkpoint.
-RESUME_OVERRIDES = ("max_steps", "decay_steps", "eval_every", "eval_batches", "log_every")
+# (The sharding too: a checkpoint restores onto any device count and either layout.)
+RESUME_OVERRIDES = ("max_steps", "decay_steps", "eval_every", "eval_batches", "log_every",
+                    "shard")
 
 
 def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh over `devices` (default: every local device), axis 'data'."""
-    return Mesh(np.array(devices or jax.devices()), ("data",))
+    return Mesh(np.array(devices or jax.devices()), (AXIS,))
 
 
-def make_train_step(model: MicroGPT, optimizer, mesh: Mesh):
+def make_train_step(model: MicroGPT, optimizer, mesh: Mesh, shard: str = "replicate"):
     """The jitted step. Loss and gradients run per device under shard_map (the kernels see their
-    shard's shapes); gradients are averaged over 'data' before the (replicated) optimizer update."""
+    shard's shapes); `shard` (microgpt/sharding.py) says how the parameters are held: replicate,
+    the gradients averaged over 'data' before the replicated optimizer update; fsdp, each block's
+    weights all-gathered as it runs, the gradients reduce-scattered, the update on the shards."""
+    param_specs = sharding.specs(jax.eval_shape(model.get_params), shard, mesh.size)
+
     def local_grads(params, x, y):
-        loss, grads = jax.value_and_grad(model.loss)(params, x, y)
-        return jax.lax.pmean((loss, grads), "data")   # the full batch's mean loss and gradient
+        if shard == "replicate":
+            loss, grads = jax.value_and_grad(model.loss)(params, x, y)
+            return jax.lax.pmean((loss, grads), AXIS)   # the full batch's mean loss and gradient
+        loss, grads = jax.value_and_grad(lambda p: model.loss(
+            sharding.held(p, param_specs), x, y, gather=sharding.gather))(params)
+        # The all-gathers' transposes summed the devices' gradients into the shards; an array
+        # held whole has each device's own, to average.
+        mean = lambda g, s: g / mesh.size if AXIS in s else jax.lax.pmean(g, AXIS)
+        return jax.lax.pmean(loss, AXIS), jax.tree_util.tree_map(mean, grads, param_specs)
 
     # check_vma=False: Pallas kernels declare plain output shapes, without the varying-axes
     # annotations the check needs; the pmean above makes the outputs replicated explicitly.
-    grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                          out_specs=(P(), P()), check_vma=False)
+    grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(param_specs, P(AXIS), P(AXIS)),
+                          out_specs=(P(), param_specs), check_vma=False)
 
     def step(params, opt_state, x, y):
         loss, g = grads(params, x, y)
@@ -77,11 +92,16 @@ def make_train_step(model: MicroGPT, optimizer, mesh: Mesh):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_loss(model: MicroGPT, mesh: Mesh):
+def make_eval_loss(model: MicroGPT, mesh: Mesh, shard: str = "replicate"):
     """The jitted mean loss of a batch sharded over 'data', per device like the train step."""
+    param_specs = sharding.specs(jax.eval_shape(model.get_params), shard, mesh.size)
+
     def local_loss(params, x, y):
-        return jax.lax.pmean(model.loss(params, x, y), "data")
-    return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+        if shard == "replicate":
+            return jax.lax.pmean(model.loss(params, x, y), AXIS)
+        return jax.lax.pmean(model.loss(sharding.held(params, param_specs), x, y,
+                                        gather=sharding.gather), AXIS)
+    return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(param_specs, P(AXIS), P(AXIS)),
                                  out_specs=P(), check_vma=False))
 
 
@@ -158,13 +178,15 @@ def _apply_resume_flags(stored: TrainConfig, explicit: dict, step: int) -> Train
 
 def memory_lower_bound(cfg: TrainConfig, vocab: int, num_devices: int) -> tuple[int, str]:
     """(bytes, what) that one device holds at least during a training step: parameters with their
-    gradients and AdamW moments (16 bytes each), the bfloat16 logits [b, S, V] of the device's b
+    gradients and AdamW moments (16 bytes each; a 1 / num_devices share of them with fsdp), the
+    bfloat16 logits [b, S, V] of the device's b
     rows, and where attention is not a flash kernel (reference; xla off the GPU, where there is no
     cuDNN) the float32 probabilities [b, H, S, S] that every block keeps for its backward (with
     the document mask, xla's too: its masked path is XLA's)."""
     model = dataclasses.replace(cfg, document_mask=False).model(vocab)   # its parameters only
     rows = max(1, cfg.batch_size // num_devices)
-    parts = {"parameters and optimizer state": 16 * model.count_params(),
+    shares = num_devices if cfg.shard == "fsdp" else 1
+    parts = {"parameters and optimizer state": 16 * model.count_params() // shares,
              f"logits [{rows}, {cfg.seq_len}, {vocab}]": 2 * rows * cfg.seq_len * vocab}
     if cfg.kernels == "reference" or (cfg.kernels == "xla" and (jax.default_backend() != "gpu"
                                                                  or cfg.document_mask)):
@@ -272,17 +294,18 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
     train_tokens, val_tokens = prepared.train_tokens(), prepared.val_tokens()
     model = cfg.model(prepared.vocab_size, prepared.eot_id)
     optimizer, schedule = make_optimizer(cfg)
-    replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    batch_sharded = NamedSharding(mesh, P(AXIS))
 
     def init_state():
         params = model.get_params(jax.random.PRNGKey(cfg.seed))
         return {"params": params, "opt_state": optimizer.init(params)}
 
     abstract = jax.eval_shape(init_state)
+    state_shardings = sharding.shardings(abstract, cfg.shard, mesh)
     abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
     if start is None:
-        state = jax.jit(init_state, out_shardings=replicated)()
+        state = jax.jit(init_state, out_shardings=state_shardings)()
         step = 0
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(prepared.tokenizer_path, run_dir / checkpoint.TOKENIZER)
@@ -295,8 +318,8 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
             f"{run_dir / 'set-aside'})" if moved else ""))
 
     params, opt_state = state["params"], state["opt_state"]
-    train_step = make_train_step(model, optimizer, mesh)
-    eval_loss = make_eval_loss(model, mesh)
+    train_step = make_train_step(model, optimizer, mesh, cfg.shard)
+    eval_loss = make_eval_loss(model, mesh, cfg.shard)
     manager = checkpoint.checkpoint_manager(run_dir)
 
     # Each process feeds its own rows of the global batch (the batch is a pure function of
@@ -325,6 +348,10 @@ def _train(cfg: TrainConfig, result: TrainResult, start: int | None,
           f"vocab={prepared.vocab_size}, kernels={cfg.kernels}, "
           f"document mask {'on' if cfg.document_mask else 'off'}, {mesh.size} device(s) "
           f"[{jax.devices()[0].device_kind}]; run folder {run_dir}")
+    held, whole = sharding.bytes_per_device(state), sum(
+        a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(abstract))
+    print(f"parameters and AdamW state ({cfg.shard}): {_gigabytes(held)} a device, "
+          f"{_gigabytes(whole)} in all")
     if cfg.kernels == "pallas" and jax.default_backend() == "cpu":
         print("note: --kernels=pallas on CPU runs the kernels in interpret mode (slow)")
 
@@ -451,6 +478,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction,
                    default=defaults.document_mask,
                    help="no attention across the <|endoftext|>-separated documents of a window")
+    p.add_argument("--shard", choices=sharding.SHARDINGS, default=defaults.shard,
+                   help="parameters and optimizer state over the devices: replicate, or fsdp "
+                        "(each array split over them, gathered block by block in the step)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl/.parquet file "
                                     "(default: the embedded Shakespeare)")

@@ -80,15 +80,21 @@ def test_tune_records_the_best_candidate(tmp_path):
 
 
 def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
-    """--devices 1,2: the same global batch data-parallel over 1 and 2 devices gives the same loss."""
+    """--devices 1,2 --shard replicate,fsdp: the same global batch over 1 and 2 devices, the
+    parameters replicated or split, gives the same loss; fsdp holds half the state a device."""
     records = train_step_bench.main(["--kernels", "reference", "--batch", "4", "--seq", "16",
                                      "--model-d", "64", "--heads", "2", "--vocab", "64",
-                                     "--devices", "1,2", "--warmup", "1", "--repeats", "1",
-                                     "--steps", "1"])
-    assert [(r["kernels"], r["devices"]) for r in records] == [("reference", 1), ("reference", 2)]
-    one, two = (r["loss"] for r in records)
-    assert abs(one - two) <= 1e-5 * abs(one)
+                                     "--devices", "1,2", "--shard", "replicate,fsdp",
+                                     "--warmup", "1", "--repeats", "1", "--steps", "1"])
+    assert [(r["kernels"], r["devices"], r["shard"]) for r in records] == [
+        ("reference", 1, "replicate"), ("reference", 1, "fsdp"), ("reference", 2, "replicate"),
+        ("reference", 2, "fsdp")]
+    losses = [r["loss"] for r in records]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
     assert records[0]["x_one_device"] == 1.0
+    state = {(r["devices"], r["shard"]): r["state_gb_per_device"] for r in records}
+    assert state[1, "fsdp"] == state[1, "replicate"] == state[2, "replicate"]
+    assert state[2, "fsdp"] == pytest.approx(state[2, "replicate"] / 2, rel=0.01)
 
 
 def test_train_step_takes_the_preset_shape_and_depth():

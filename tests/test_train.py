@@ -1,13 +1,19 @@
-"""The trainer: exact resume after Ctrl-C, NaN stop, data-parallel = single device, CLI errors."""
+"""The trainer: exact resume after Ctrl-C, NaN stop, data-parallel and fsdp = single device,
+checkpoints that move between device counts, CLI errors."""
+import ast
 import os
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from microgpt import checkpoint, data, train
+from microgpt import checkpoint, data, sharding, train
 from microgpt.gpt import micro_gpt_1
 
 TINY = dict(preset="micro_gpt_1", model_d=32, heads=2, vocab=300, batch_size=8, seq_len=16,
@@ -82,8 +88,8 @@ def test_new_run_refuses_to_overwrite(corpus, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     make = train.make_train_step
 
-    def poisoned(model, optimizer, mesh):
-        step = make(model, optimizer, mesh)
+    def poisoned(model, optimizer, mesh, shard):
+        step = make(model, optimizer, mesh, shard)
         calls = iter(range(10**6))
 
         def wrapped(params, opt_state, x, y):
@@ -100,27 +106,86 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
     assert max(result.losses) < 8
 
 
-def test_data_parallel_step_equals_single_device():
-    assert jax.device_count() >= 2, "tests/conftest.py asks for 4 CPU devices"
+@pytest.mark.parametrize("shard", ["replicate", "fsdp"])
+def test_sharded_steps_equal_single_device(shard):
+    """The step on 4 devices, parameters and AdamW state replicated or split (fsdp), against one
+    device: the same losses and gradient norms; with fsdp each device holds a quarter."""
+    assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
     gpt = micro_gpt_1(vocab=64, model_d=32, num_heads=2)
     cfg = train.TrainConfig(max_steps=10)
     optimizer, _ = train.make_optimizer(cfg)
     rng = np.random.default_rng(1)
     x, y = (rng.integers(0, 64, (8, 16)).astype(np.int32) for _ in range(2))
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
+    results, held = [], []
+    for devices, layout in ((jax.devices()[:1], "replicate"), (jax.devices()[:4], shard)):
         mesh = train.data_mesh(devices)
-        params = jax.device_put(gpt.get_params(0), NamedSharding(mesh, P()))
-        state = optimizer.init(params)
+        params = gpt.get_params(0)
+        params = jax.device_put(params, sharding.shardings(params, layout, mesh))
+        state = jax.jit(optimizer.init)(params)
         batch = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y)]
-        step = train.make_train_step(gpt, optimizer, mesh)
+        step = train.make_train_step(gpt, optimizer, mesh, layout)
         history = []
         for _ in range(3):
             params, state, metrics = step(params, state, *batch)
             history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
         results.append(np.array(history))
+        held.append(sharding.bytes_per_device((params, state)))
+        assert float(train.make_eval_loss(gpt, mesh, layout)(params, *batch)) > 0
     # Per-device bf16 partial sums round differently from the whole batch's: equal to rounding.
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
+    if shard == "fsdp":   # every array of the tiny model splits 4 ways but the step counts
+        assert held[1] == pytest.approx(held[0] / 4, rel=0.01)
+    else:
+        assert held[1] == held[0]
+
+
+def test_fsdp_splits_the_longest_axis_the_device_count_divides():
+    assert sharding.spec((9000, 512), "fsdp", 8) == P("data", None)
+    assert sharding.spec((50257, 768), "fsdp", 8) == P(None, "data")   # 50257 is odd
+    assert sharding.spec((512, 2048), "fsdp", 8) == P(None, "data")
+    assert sharding.spec((2048, 512), "fsdp", 4) == P("data", None)
+    assert sharding.spec((30, 7), "fsdp", 4) == P()     # no axis divides: whole everywhere
+    assert sharding.spec((), "fsdp", 4) == P()
+    assert sharding.spec((512, 512), "replicate", 8) == P()
+    with pytest.raises(ValueError, match="shard"):
+        sharding.spec((8,), "zero3", 2)
+
+
+RESUME_SCRIPT = """
+import sys
+from microgpt import train
+cfg = train.TrainConfig()
+result = train.train(cfg, out=sys.argv[1], resume=True, resume_step=6,
+                     explicit={"shard": sys.argv[2]}, sample=False)
+print("LOSSES", [result.losses[s] for s in sorted(result.losses)])
+"""
+
+
+def test_a_checkpoint_of_4_devices_resumes_on_1_2_and_8_in_either_layout(corpus, tmp_path,
+                                                                          monkeypatch):
+    """Saved at step 6 by fsdp on 4 devices; resumed from it on 1 device (replicated), on 2
+    (fsdp), and in a process of 8 devices (replicated and fsdp): the next losses as the run's own."""
+    straight = run(corpus, tmp_path / "run", shard="fsdp")
+    want = [straight.losses[s] for s in range(6, 12)]
+    for count, layout in ((1, "replicate"), (2, "fsdp")):
+        folder = tmp_path / f"on{count}"
+        shutil.copytree(tmp_path / "run", folder)
+        monkeypatch.setattr(train, "data_mesh", lambda: Mesh(np.array(jax.devices()[:count]),
+                                                             ("data",)))
+        resumed = train.train(train.TrainConfig(), out=str(folder), resume=True, resume_step=6,
+                              explicit={"shard": layout}, sample=False)
+        np.testing.assert_allclose([resumed.losses[s] for s in range(6, 12)], want, rtol=1e-4)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for layout in ("replicate", "fsdp"):
+        folder = tmp_path / f"on8{layout}"
+        shutil.copytree(tmp_path / "run", folder)
+        out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(folder), layout], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "8 device(s)" in out.stdout
+        losses = ast.literal_eval(out.stdout.split("LOSSES ")[1].splitlines()[0])
+        np.testing.assert_allclose(losses, want, rtol=1e-4)
 
 
 def test_cli_errors(corpus, tmp_path, capsys):
@@ -291,7 +356,7 @@ def test_memory_estimate_refuses_a_run_that_cannot_fit(corpus, tmp_path, capsys)
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_folder(corpus, tmp_path, monkeypatch):
-    def broken(model, optimizer, mesh):
+    def broken(*args):
         def step(*args):
             raise RuntimeError("compilation failed")
         return step
