@@ -4,6 +4,7 @@ import ast
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,45 @@ def test_a_checkpoint_of_4_devices_resumes_on_1_2_and_8_in_either_layout(corpus,
         assert "8 device(s)" in out.stdout
         losses = ast.literal_eval(out.stdout.split("LOSSES ")[1].splitlines()[0])
         np.testing.assert_allclose(losses, want, rtol=1e-4)
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")   # collectives across processes
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from microgpt import train
+cfg = train.TrainConfig(**eval(sys.argv[3]))
+result = train.train(cfg, out=sys.argv[4], sample=False)
+print("LOSSES", [result.losses[s] for s in sorted(result.losses)], jax.process_count(),
+      jax.device_count())
+"""
+
+
+def test_two_processes_of_two_devices_train_as_one_process_of_four(corpus, tmp_path):
+    """The README's several-hosts recipe on this machine: jax.distributed with its coordinator
+    on 127.0.0.1, two processes of 2 CPU devices each feeding its rows of every global batch
+    (and fsdp across them): the losses of one process on 4 devices."""
+    config = {**TINY, "data": corpus, "max_steps": 4, "eval_every": 4, "shard": "fsdp"}
+    want = run(corpus, tmp_path / "one", **{k: v for k, v in config.items() if k != "data"})
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, f"127.0.0.1:{port}",
+                               str(i), repr(config), str(tmp_path / "two")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-2000:]
+        losses, processes, devices = out.split("LOSSES ")[1].splitlines()[0].rsplit(" ", 2)
+        assert (int(processes), int(devices)) == (2, 4)
+        np.testing.assert_allclose(ast.literal_eval(losses.strip()),
+                                   [want.losses[s] for s in range(4)], rtol=1e-4)
+    assert checkpoint.latest_step(tmp_path / "two") == 4
 
 
 def test_cli_errors(corpus, tmp_path, capsys):
