@@ -107,18 +107,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
     assert max(result.losses) < 8
 
 
-@pytest.mark.parametrize("shard", ["replicate", "fsdp"])
-def test_sharded_steps_equal_single_device(shard):
-    """The step on 4 devices, parameters and AdamW state replicated or split (fsdp), against one
-    device: the same losses and gradient norms; with fsdp each device holds a quarter."""
-    assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
+def compare_layouts(shard: str, count: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(losses and gradient norms of 3 steps on one device, the same on `count` devices with the
+    parameters held as `shard` says, the share of the state a device holds there)."""
     gpt = micro_gpt_1(vocab=64, model_d=32, num_heads=2)
     cfg = train.TrainConfig(max_steps=10)
     optimizer, _ = train.make_optimizer(cfg)
     rng = np.random.default_rng(1)
     x, y = (rng.integers(0, 64, (8, 16)).astype(np.int32) for _ in range(2))
     results, held = [], []
-    for devices, layout in ((jax.devices()[:1], "replicate"), (jax.devices()[:4], shard)):
+    for devices, layout in ((jax.devices()[:1], "replicate"), (jax.devices()[:count], shard)):
         mesh = train.data_mesh(devices)
         params = gpt.get_params(0)
         params = jax.device_put(params, sharding.shardings(params, layout, mesh))
@@ -132,12 +130,38 @@ def test_sharded_steps_equal_single_device(shard):
         results.append(np.array(history))
         held.append(sharding.bytes_per_device((params, state)))
         assert float(train.make_eval_loss(gpt, mesh, layout)(params, *batch)) > 0
+    return results[0], results[1], held[1] / held[0]
+
+
+@pytest.mark.parametrize("shard", ["replicate", "fsdp"])
+def test_sharded_steps_equal_single_device(shard):
+    """The step on 4 devices, parameters and AdamW state replicated or split (fsdp), against one
+    device: the same losses and gradient norms; with fsdp each device holds a quarter."""
+    assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
+    one, four, share = compare_layouts(shard, 4)
     # Per-device bf16 partial sums round differently from the whole batch's: equal to rounding.
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
-    if shard == "fsdp":   # every array of the tiny model splits 4 ways but the step counts
-        assert held[1] == pytest.approx(held[0] / 4, rel=0.01)
-    else:
-        assert held[1] == held[0]
+    np.testing.assert_allclose(four, one, rtol=1e-4)
+    # Every array of the tiny model splits 4 ways, but AdamW's step counts.
+    assert share == (pytest.approx(1 / 4, rel=0.01) if shard == "fsdp" else 1)
+
+
+EIGHT_DEVICES = """
+import numpy as np
+from tests.test_train import compare_layouts
+one, eight, share = compare_layouts("fsdp", 8)
+np.testing.assert_allclose(eight, one, rtol=1e-4)
+print("SHARE", share)
+"""
+
+
+def test_fsdp_on_8_devices_equals_one_and_holds_an_eighth():
+    """In a process of 8 CPU devices (the tests' own have 4): fsdp's steps as one device's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("SHARE ")[1].split()[0]) == pytest.approx(1 / 8, rel=0.02)
 
 
 def test_fsdp_splits_the_longest_axis_the_device_count_divides():
