@@ -120,8 +120,10 @@ for stage in "${stages[@]}"; do
         --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn,logits_loss \
         > "$OUT/trace_kernels.txt" 2> "$OUT/trace_kernels.log"
       echo "trace_kernels exit status $?"; cat "$OUT/trace_kernels.txt" ;;
-    scaling)  # the same global batch data-parallel on 1 and 2 GPUs (a 2-GPU machine)
-      $PY bench/train_step.py --kernels pallas --batch 64 --devices 1,2 --json "$OUT/scaling.json" \
+    scaling)  # the same global batch on 1, 2, ... GPUs (SCALING_DEVICES: the counts the machine
+              # has), the parameters replicated and split (fsdp), at gpt2_small
+      $PY bench/train_step.py --preset gpt2_small --kernels pallas --batch ${SCALING_BATCH:-64} \
+        --devices ${SCALING_DEVICES:-1,2} --shard replicate,fsdp --json "$OUT/scaling.json" \
         2>&1 | tee "$OUT/scaling.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
