@@ -61,26 +61,32 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices or jax.devices()), (AXIS,))
 
 
+def device_loss(model: MicroGPT, mesh: Mesh, shard: str):
+    """(the parameters' PartitionSpecs, fn(params, x, y) -> the loss of one device's rows under
+    shard_map, its params as `shard` holds them: whole, or its parts gathered block by block)."""
+    param_specs = sharding.specs(jax.eval_shape(model.get_params), shard, mesh.size)
+
+    def loss(params, x, y):
+        return model.loss(sharding.held(params, param_specs), x, y, gather=sharding.gather)
+    return param_specs, loss
+
+
 def make_train_step(model: MicroGPT, optimizer, mesh: Mesh, shard: str = "replicate"):
     """The jitted step. Loss and gradients run per device under shard_map (the kernels see their
     shard's shapes); `shard` (microgpt/sharding.py) says how the parameters are held: replicate,
     the gradients averaged over 'data' before the replicated optimizer update; fsdp, each block's
     weights all-gathered as it runs, the gradients reduce-scattered, the update on the shards."""
-    param_specs = sharding.specs(jax.eval_shape(model.get_params), shard, mesh.size)
+    param_specs, loss_of_rows = device_loss(model, mesh, shard)
 
     def local_grads(params, x, y):
-        if shard == "replicate":
-            loss, grads = jax.value_and_grad(model.loss)(params, x, y)
-            return jax.lax.pmean((loss, grads), AXIS)   # the full batch's mean loss and gradient
-        loss, grads = jax.value_and_grad(lambda p: model.loss(
-            sharding.held(p, param_specs), x, y, gather=sharding.gather))(params)
-        # The all-gathers' transposes summed the devices' gradients into the shards; an array
-        # held whole has each device's own, to average.
+        loss, grads = jax.value_and_grad(loss_of_rows)(params, x, y)
+        # An array split over the devices (fsdp) has its gradient summed into its shards by the
+        # all-gather's transpose; one held whole has each device's own, to average.
         mean = lambda g, s: g / mesh.size if AXIS in s else jax.lax.pmean(g, AXIS)
         return jax.lax.pmean(loss, AXIS), jax.tree_util.tree_map(mean, grads, param_specs)
 
     # check_vma=False: Pallas kernels declare plain output shapes, without the varying-axes
-    # annotations the check needs; the pmean above makes the outputs replicated explicitly.
+    # annotations the check needs; the means above make the outputs replicated explicitly.
     grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(param_specs, P(AXIS), P(AXIS)),
                           out_specs=(P(), param_specs), check_vma=False)
 
@@ -94,15 +100,10 @@ def make_train_step(model: MicroGPT, optimizer, mesh: Mesh, shard: str = "replic
 
 def make_eval_loss(model: MicroGPT, mesh: Mesh, shard: str = "replicate"):
     """The jitted mean loss of a batch sharded over 'data', per device like the train step."""
-    param_specs = sharding.specs(jax.eval_shape(model.get_params), shard, mesh.size)
-
-    def local_loss(params, x, y):
-        if shard == "replicate":
-            return jax.lax.pmean(model.loss(params, x, y), AXIS)
-        return jax.lax.pmean(model.loss(sharding.held(params, param_specs), x, y,
-                                        gather=sharding.gather), AXIS)
-    return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(param_specs, P(AXIS), P(AXIS)),
-                                 out_specs=P(), check_vma=False))
+    param_specs, loss_of_rows = device_loss(model, mesh, shard)
+    return jax.jit(jax.shard_map(lambda *a: jax.lax.pmean(loss_of_rows(*a), AXIS), mesh=mesh,
+                                 in_specs=(param_specs, P(AXIS), P(AXIS)), out_specs=P(),
+                                 check_vma=False))
 
 
 class _StopOnSignal:
