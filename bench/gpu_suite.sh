@@ -71,7 +71,7 @@ for stage in "${stages[@]}"; do
         $PY bench/attention.py --impl cudnn,ours,triton --head-dim $1 --heads $2 --kv-heads $3 \
           --seq 1024,2048,4096,8192 --json "$OUT/gqa_d$1.json" 2>&1 | tail -n 14 | tee "$OUT/gqa_d$1.txt"
       done
-      for case in "dense:--impl cudnn,ours" "segments:--impl xla,cudnn,ours --segments 512" \
+      for case in "dense:--impl cudnn,ours" "segments:--impl xla,cudnn,ours,mosaic_gpu --segments 512" \
                   "window:--impl cudnn,ours --window 1024"; do
         $PY bench/attention.py ${case#*:} --seq 8192 --batch 2 --heads 16 --head-dim 128 \
           --json "$OUT/mask_${case%%:*}.json" 2>&1 | tail -n 6 | tee "$OUT/mask_${case%%:*}.txt"

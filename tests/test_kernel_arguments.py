@@ -58,8 +58,8 @@ def test_attention_names_the_largest_head_dim(impl):
 @pytest.mark.parametrize("kwargs, what", [
     ({"kv_heads": 1, "backward_implementation": "mosaic_gpu"},
      "mosaic_gpu backward does not take grouped-query heads yet; use backward_implementation"),
-    ({"segment_ids": jnp.zeros((1, 16), jnp.int32)}, "does not take segment ids yet; use "
-                                                     "implementation='triton'"),
+    ({"segment_ids": jnp.zeros((1, 16), jnp.int32), "backward_implementation": "mosaic_gpu"},
+     "mosaic_gpu backward does not take segment ids yet; use backward_implementation"),
     ({"local_window_size": 8, "backward_implementation": "mosaic_gpu"},
      "mosaic_gpu backward does not take a local window yet")])
 def test_attention_mosaic_gpu_names_the_masks_it_lacks(kwargs, what):

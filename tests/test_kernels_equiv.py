@@ -189,20 +189,16 @@ MASK_CASES = [
     pytest.param(2, 4096, 8, 2, 64, True, {"local_window_size": 1024}, id="s4096-window1024-gqa",
                  marks=LARGE),
 ]
-MASK_IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "mosaic_gpu"]
-
 
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("batch, seq, heads, kv_heads, head_dim, causal, masks", MASK_CASES)
 def test_attention_masks_match_reference(impl, batch, seq, heads, kv_heads, head_dim, causal,
                                          masks):
-    if impl == "mosaic_gpu" and "segment_ids" in masks:
-        pytest.skip("the Mosaic GPU forward takes grouped-query heads and windows, no segments yet")
     _check_attention(impl, batch, seq, heads, head_dim, causal,
                      blocks=SMALL_BLOCKS if ON_CPU else None, kv_heads=kv_heads, **masks)
 
 
-@pytest.mark.parametrize("impl", MASK_IMPLS)
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 def test_attention_rows_that_see_no_key(impl):
     """Padding: the last 6 queries' id is no key's (kv_segment_ids mark the padded keys apart),
     so they see nothing: output exactly 0, no NaN, zero gradients; the other rows match the
@@ -398,6 +394,58 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)  # half a bf16 ulp
     assert max_err(upcast(o) + upcast(o_lo), ref_f32) <= max_err(o, ref_f32)
     assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
+
+
+# Documents of 37, 63, 1 and 89 tokens and the rest (batch 0), of 5, 125 and the rest (batch 1).
+DOCUMENT_CUTS = ([37, 100, 101, 190], [5, 130])
+
+
+@pytest.mark.parametrize("seq, causal, persistent, window, keyless_rows", [
+    (256, True, 0, None, True), (256, False, 1, None, False), (200, True, 0, (70, 0), False)])
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
+@pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
+def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persistent, window,
+                                                              keyless_rows, monkeypatch):
+    """The Mosaic GPU forward with segment ids (packed documents) in jax's Mosaic GPU
+    interpreter: boundaries inside and across 64-row tiles, a document of one token, each pair of
+    query tiles streaming only the key tiles of its documents with their ids on a third ring;
+    with keyless_rows the keys' ids differ from the queries' from row 150 on, so those rows see
+    no key (output 0, no NaN) and the upper tiles' pairs stream nothing; persistent CTAs over two
+    batches; a window combined with causal masking on a ragged 200 rows. o, lse and o's low half
+    vs the math."""
+    run_in_the_gpu_interpreter(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
+    kernels = mosaic_gpu.DEFAULTS[64].replace(forward=dict(
+        block_q=64, block_k=64, num_stages=2, schedule_barrier=True, group_mib=0,
+        persistent=bool(persistent)))
+    sm_scale, batch = 0.125, 1 + persistent
+    plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
+                False, window, True)
+    keys = jax.random.split(jax.random.PRNGKey(seq), 3)
+    q, k, v = (jax.random.normal(key, (batch, seq, 2, 64), jnp.bfloat16) for key in keys)
+    position = jnp.arange(seq)
+    ids = jnp.stack([sum((position >= cut).astype(jnp.int32) for cut in cuts)
+                     for cuts in DOCUMENT_CUTS[:batch]])
+    kv_ids = jnp.where(position >= 150, ids + 10, ids) if keyless_rows else ids
+    o, (*_, lse, o_lo, saved_q_ids, saved_kv_ids) = mosaic_gpu.forward(
+        q, k, v, plan, residuals=True, segments=(ids, kv_ids))
+    assert saved_q_ids is ids and saved_kv_ids is kv_ids   # for the Triton backward
+
+    masks = dict(causal=causal, local_window_size=window, segment_ids=ids, kv_segment_ids=kv_ids)
+    ref_bf16 = model.attention(q, k, v, sm_scale=sm_scale, **masks)
+    with f32_precision():
+        ref_f32 = model.attention(*upcast((q, k, v)), sm_scale=sm_scale, **masks)
+        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, k))) * sm_scale
+    s = jnp.where(model.attention_mask(seq, **masks), s, -jnp.inf)
+    assert not jnp.any(jnp.isnan(upcast(o)))
+    assert_within_twice_reference("mosaic_gpu o", o, ref_bf16, ref_f32)
+    assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)
+    want_lse = jax.nn.logsumexp(s, axis=-1) * LOG2E
+    seen = jnp.isfinite(want_lse)
+    assert bool(jnp.all(seen)) != keyless_rows   # the keyless rows: lse +inf, o 0
+    assert max_err(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0)) < 1e-4
+    assert bool(jnp.all(jnp.where(seen, True, (lse == jnp.inf) & jnp.all(o == 0, axis=-1)
+                                  .transpose(0, 2, 1))))
 
 
 @pytest.mark.parametrize("seq, head_dim, causal, persistent, dq_tiles", [

@@ -93,6 +93,26 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
     assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
 
 
+@pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_lowers_with_segment_ids(persistent):
+    """Packed documents (B2 S8192 H16 D128, documents of 512, the benchmark's case) on the
+    Mosaic GPU forward lower for CUDA: one Mosaic GPU call, its pairs' key ranges read from
+    GMEM and the keys' ids on a third ring; the gradient adds Triton's two backward kernels,
+    which take the segment ids the forward saves."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct((2, 8192, 16, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2, 8192), jnp.int32)
+    f = lambda q, k, v, ids: attention(q, k, v, segment_ids=ids, implementation="mosaic_gpu",
+                                       block_sizes={"persistent": persistent}, interpret=False)
+    grad = jax.grad(lambda q, k, v, ids: jnp.sum(f(q, k, v, ids).astype(jnp.float32)),
+                    argnums=(0, 1, 2))
+    calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
+        r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec, ids)))
+    assert calls(f) == ["mosaic_gpu"]
+    assert calls(grad) == sorted(["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"])
+
+
 @pytest.mark.parametrize("head_dim", [32, 96, 256])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_attention_mosaic_gpu_lowers_at_every_head_dim(head_dim):

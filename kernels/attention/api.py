@@ -42,13 +42,13 @@ BACKWARDS = {"triton": ("triton",), "tpu": ("tpu",), "mosaic_gpu": ("mosaic_gpu"
 def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) -> str:
     """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 q on a Hopper GPU where the tuning table says it
     was measured faster at q's head_dim and length (bench/tune.py; `shape_key`) and the call asks
-    for none of the masks it lacks (`_masks`), else "triton"; anything else -> "triton"
-    (interpreted)."""
+    for none of the masks it does not take by default (`_masks`, MOSAIC_DEFAULT_TAKES), else
+    "triton"; anything else -> "triton" (interpreted)."""
     backend = jax.default_backend()
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
-            and not [m for m in masks if m not in MOSAIC_FORWARD_TAKES]
+            and not [m for m in masks if m not in MOSAIC_DEFAULT_TAKES]
             and tuning.preferred_implementation(
                 "attention", shape_key(common.kernel_head_dim(q.shape[-1]), q.shape[1]))
             == "mosaic_gpu"):
@@ -89,8 +89,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       local_window_size (left, right), or an int for (left, 0): keys i - left .. i + right.
     Tiles wholly masked are never computed.
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16; grouped-query heads and windows in its forward, differentiated then by
-    Triton's backward; no segments yet); None picks by backend (`default_implementation`).
+    (Hopper only, bf16; grouped-query heads, windows and segment ids in its forward,
+    differentiated then by Triton's backward); None picks by backend (`default_implementation`).
     backward_implementation: the gradient's kernels, one that takes the forward's residuals
     (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
     the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
@@ -143,7 +143,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
 
 GROUPED, SEGMENTS, WINDOW = "grouped-query heads", "segment ids", "a local window"
-MOSAIC_FORWARD_TAKES = (GROUPED, WINDOW)   # its backward none yet: Triton's differentiates it
+MOSAIC_FORWARD_TAKES = (GROUPED, WINDOW, SEGMENTS)   # its backward none yet: Triton's then
+# What implementation=None gives the Mosaic GPU forward: its segment ids are proven in the Mosaic
+# GPU interpreter and lowered for CUDA, not yet run on a GPU; until they are, Triton takes them.
+MOSAIC_DEFAULT_TAKES = (GROUPED, WINDOW)
 
 
 def _masks(grouped: bool, segments: bool, window) -> list[str]:

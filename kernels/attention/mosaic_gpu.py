@@ -44,8 +44,14 @@ neighbour still needs (it must wait for the load before releasing: an early arri
 towards the slot's previous tile and let the producer overwrite it while the neighbour reads it).
 Query tiles run last-first under causal masking (common.tile_order): the longest rows go first.
 
+Segment ids (packed documents): a pair streams the union of its two query tiles' key tiles
+within their documents (common.segment_ranges, read from GMEM), maybe none; the keys' ids ride a
+third ring beside K's, each consumer loads its query tile's ids once, and every visited tile is
+masked by them.
+
 Shared memory: q 2 bq D (persistent: 4 bq D), K and V 2 num_stages bk D elements (bf16) plus
-2 bq f32 for lse; the q buffers are reused to stage o and its low half on the way out.
+2 bq f32 for lse (segments: num_stages bk + 2 bq int32 more); the q buffers are reused to stage o
+and its low half on the way out.
 
 FLOPs: two matmuls of 2 S^2 D per (batch, head), 4 B H S^2 D in all, half of that when causal.
 """
@@ -204,28 +210,41 @@ def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_
 
 
 def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, rings,
-                     group: int = 1):
+                     group: int = 1, segment_ranges=None):
     """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
-    forward, the backward's dQ), in the kernel: (how many units this CTA runs, work), where
+    forward, the backward's dQ), in the kernel: (how many units this CTA runs, work, span), where
     work(n, base) -> (batch, head, pair, the first key tile the n-th unit streams, how many, its
     rings): from the first tile the lower query tile sees (0 but under a window) to the last the
-    upper one sees. rings: (ring scratch, GMEM ref [B, S, Hkv, D]) pairs, each made a Ring
-    streaming that ref's key tiles from the CTA's `base`-th tile: query head h's are head
-    h // group's (grouped-query). Pairs run longest first (common.tile_order)."""
+    upper one sees; span(b, i) -> query tile i's key tiles (common.kv_tiles), within its
+    segments' (segment_ranges: a GMEM ref [B, S / block_q, 2] of common.segment_ranges) when
+    given, whose tiles need not grow with the query tile: the pair streams the union of its two
+    (maybe none). rings: (ring scratch, GMEM ref [B, S, Hkv, D], or [B, S] for the keys'
+    segment ids) pairs, each made a Ring streaming that ref's key tiles from the CTA's `base`-th
+    tile: query head h's are head h // group's (grouped-query). Pairs run longest first
+    (common.tile_order)."""
     num_units, unit_pair = schedule.units()
+
+    def span(b, i):
+        ranges = (None if segment_ranges is None
+                  else (segment_ranges[b, i, 0], segment_ranges[b, i, 1]))
+        return common.kv_tiles(i, plan, block_q, block_k, ranges)
 
     def work(n, base):
         b, h, pair = unit_pair(n)
         pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
-        # Every key tile either query tile needs: the lower one's first to the upper one's last.
-        first = common.kv_tiles(CONSUMERS * pair, plan, block_q, block_k).start
-        end = common.kv_tiles(CONSUMERS * pair + CONSUMERS - 1, plan, block_q, block_k).end
+        lower, upper = span(b, CONSUMERS * pair), span(b, CONSUMERS * pair + CONSUMERS - 1)
+        if segment_ranges is None:   # the lower tile's first to the upper one's last
+            first, end = lower.start, upper.end
+        else:   # (CONSUMERS = 2: the lower and the upper tile are all of the pair's)
+            first = jnp.minimum(lower.start, upper.start)
+            end = jnp.maximum(jnp.maximum(lower.end, upper.end), first)
         kv_head = h if group == 1 else lax.div(h, group)
-        rows = lambda t: (b, pl.ds((first + t) * block_k, block_k), kv_head)
-        streamed = [Ring(lambda t, x=x: x.at[rows(t)], *scratch, offset=base)
+        # A ref's key tile: [block_k, D] of (b, kv_head), or [block_k] segment ids of b.
+        rows = lambda t, x: (b, pl.ds((first + t) * block_k, block_k), kv_head)[:x.ndim]
+        streamed = [Ring(lambda t, x=x: x.at[rows(t, x)], *scratch, offset=base)
                     for scratch, x in rings]
         return b, h, pair, first, end - first, streamed
-    return num_units, work
+    return num_units, work, span
 
 
 def forward_rows(forward: Forward) -> int:
@@ -267,12 +286,16 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 
 # ------------------------------------------------------------------ the forward
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_loaded, k_ring,
-            v_ring, ping_pong, plan, block_q, block_k, schedule):
+def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ring, ids_ring,
+            q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule):
+    segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     lse_ref, o_lo_ref = residual_refs or (None, None)
-    num_units, work = query_pair_units(schedule, plan, block_q, block_k,
-                                       ((k_ring, k_ref), (v_ring, v_ref)),
-                                       group=q_ref.shape[2] // k_ref.shape[2])
+    q_ids_ref, kv_ids_ref, ranges_ref = segment_refs or (None, None, None)
+    rings = ((k_ring, k_ref), (v_ring, v_ref)) + (((ids_ring, kv_ids_ref),) if plan.segments
+                                                  else ())
+    num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, rings,
+                                                  group=q_ref.shape[2] // k_ref.shape[2],
+                                                  segment_ranges=ranges_ref)
     buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
 
     def pass_schedule():
@@ -290,27 +313,41 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
 
         def run(n, b, h, pair, first, count, rings):
             buffer = wg * buffers + lax.rem(n, buffers)
-            consume_unit(wg, b, h, pair, first, count, *rings, q_smem.at[buffer],
+            consume_unit(wg, b, h, pair, first, count, rings, q_smem.at[buffer],
                          q_loaded.at[buffer])
         consume_units(num_units, work, load_q, run, buffers)
         plgpu.wait_smem_to_gmem(0)
 
-    def consume_unit(wg, b, h, pair, first, count, k_ring, v_ring, q_tile, q_ready):
+    def consume_unit(wg, b, h, pair, first, count, rings, q_tile, q_ready):
         """Warpgroup wg's query tile of the unit; key tile t is the stream's tile t - first."""
+        k_ring, v_ring, *ids_rings = rings
         i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
-        span = common.kv_tiles(i, plan, block_q, block_k)
+        span = tile_span(b, i)
+        q_segment = None
+        if plan.segments:   # its tiles within the pair's (maybe none); the queries' ids
+            start = jnp.minimum(jnp.maximum(span.start, first), first + count)
+            end = jnp.maximum(jnp.minimum(span.end, first + count), start)
+            span = common.Span(start, end, end, end)   # every tile masked
+            plgpu.copy_gmem_to_smem(q_ids_ref.at[b, pl.ds(i * block_q, block_q)],
+                                    q_ids_smem.at[wg], q_ids_loaded.at[wg])
+            plgpu.barrier_wait(q_ids_loaded.at[wg])
+            q_segment = compat.mosaic_gpu_load(q_ids_smem.at[wg], compat.mosaic_gpu_row_layout())
         plgpu.barrier_wait(q_ready)
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
 
         def release(t, _):
             """A tile only the neighbour needs (K_end was not waited for during the last p V)."""
-            skip((k_ring, v_ring), t - first)
+            skip(rings, t - first)
             pass_schedule()   # the two passes a step makes, to stay paired with the neighbour
             pass_schedule()
 
         lax.fori_loop(first, span.start, release, None)   # (a window's tiles left of this row's)
-        k_ring.wait(span.start - first)        # each later K_t is waited for during p V_t-1
+        # Each later K_t is waited for during p V_t-1.
+        if plan.segments:
+            pl.when(span.start < span.end)(lambda: k_ring.wait(span.start - first))
+        else:
+            k_ring.wait(span.start - first)
 
         def step(t, carry, masked):
             acc, m, l = carry
@@ -323,7 +360,16 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
             s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
             k_ring.release(n)
             if masked:
-                s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s, -jnp.inf)
+                segments = None
+                for ids_ring in ids_rings:   # the keys' segment ids, streamed beside K
+                    ids_ring.wait(n)
+                    k_segment = compat.mosaic_gpu_load(ids_ring.tile(n),
+                                                       compat.mosaic_gpu_column_layout())
+                    ids_ring.release(n)
+                    segments = (lax.broadcast_in_dim(q_segment, s.shape, [0]),
+                                lax.broadcast_in_dim(k_segment, s.shape, [1]))
+                visible = tile_visible(plan, i * block_q, t * block_k, s.shape, segments=segments)
+                s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * plan.scale_log2)
             # A window can leave a row nothing in its first tiles (common.softmax_step).
             m_exp = jnp.where(m_new == -jnp.inf, 0.0, m_new) if plan.rows_may_be_empty else m_new
@@ -380,28 +426,34 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *residual_refs, q_smem, lse_smem, q_load
     specialize(consume, lambda: produce_units(num_units, work))
 
 
-def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: bool = False):
+def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: bool = False,
+                 segments=None):
     """common.visible over a wgmma accumulator tile whose rows are queries from row_start and
-    columns keys from col_start (or the other way round when `transposed`)."""
+    columns keys from col_start (or the other way round when `transposed`); segments: the
+    queries' and the keys' ids, broadcast to the tile."""
     iota = lambda axis: plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
     rows, cols = row_start + iota(0), col_start + iota(1)
-    return common.visible(cols, rows, plan) if transposed else common.visible(rows, cols, plan)
+    if transposed:
+        return common.visible(cols, rows, plan, *(segments or ()))
+    return common.visible(rows, cols, plan, *(segments or ()))
 
 
 def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     """q, k, v [B, S, H, D] bf16 (S padded to the blocks) -> (o [B, S, H, D], residuals or None).
     k, v may have fewer heads Hkv, dividing H (grouped-query: query head h attends with K/V head
-    h // (H / Hkv)); a local window (plan.window) skips the tiles outside it; no segments (the
-    api refuses them: api._masks).
+    h // (H / Hkv)); a local window (plan.window) skips the tiles outside it; segments (q ids,
+    kv ids) [B, S] int32 or None: a query sees keys of its own segment only, and a pair of query
+    tiles streams only the key tiles that hold one of its segments (common.segment_ranges), each
+    masked by the ids, whose tiles ride a third ring beside K's.
 
-    The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32 and o's low half. Tiles
+    The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32, o's low half, then the
+    segment ids. Tiles
     below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
     the sequence is padded to a multiple of a CTA's 2 block_q rows and of block_k (the api has
     done so already: `sequence_rows`); padded keys are masked like the api's (common.visible) and
     padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
-    assert segments is None
     b, s, h, d = q.shape
     config = plan.forward
     bq, bk = (max(rows, WGMMA_M) for rows in (config.block_q, config.block_k))
@@ -411,16 +463,26 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
                          config.group_mib, config.persistent)
     buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
     smem = q.dtype.itemsize * d * (CONSUMERS * buffers * bq + 2 * stages * bk) + 4 * CONSUMERS * bq
+    if segments is not None:   # the ids' ring and the query tiles' ids, int32
+        smem += 4 * (stages * bk + CONSUMERS * bq)
     if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu attention: block_q={bq}, block_k={bk}, num_stages={stages}"
                          f"{', persistent=1' if units.num_ctas else ''} need {smem // 1024} KiB of "
                          f"shared memory at head_dim {d}; a CTA has {SMEM_BYTES // 1024}")
+    segment_inputs = []
+    if segments is not None:   # padded ids repeat the last (api.attention's rule)
+        ids = [jnp.pad(x, ((0, 0), (0, padded - s)), mode="edge") for x in segments]
+        segment_inputs = [*ids, common.segment_ranges(*ids, bq, bk)]
     scratch = dict(
         q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
         q_loaded=plgpu.Barrier(num_barriers=CONSUMERS * buffers),
         k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
         v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
+        ids_ring=(ring_scratch(plgpu.SMEM((stages, bk), jnp.int32), stages)
+                  if segments is not None else None),
+        q_ids_smem=plgpu.SMEM((CONSUMERS, bq), jnp.int32) if segments is not None else None,
+        q_ids_loaded=plgpu.Barrier(num_barriers=CONSUMERS) if segments is not None else None,
         ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config.schedule_barrier else None)
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
@@ -428,9 +490,9 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
         functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, schedule=units),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
         name="flash_attention_fwd_mgpu", **units.launch_args(),
-    )(*(pad_rows(x, padded) for x in (q, k, v)))
+    )(*(pad_rows(x, padded) for x in (q, k, v)), *segment_inputs)
     o = outs[0][:, :s]
     if not residuals:
         return o, None
     lse, o_lo = outs[1][:, :, :s], outs[2][:, :s]
-    return o, (q, k, v, o, lse, o_lo)
+    return o, (q, k, v, o, lse, o_lo, *(segments or ()))

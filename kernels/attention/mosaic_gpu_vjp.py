@@ -164,8 +164,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
                lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, schedule):
-    num_units, work = query_pair_units(schedule, plan, block_q, block_k,
-                                       ((k_ring, k_ref), (v_ring, v_ref)))
+    num_units, work, _ = query_pair_units(schedule, plan, block_q, block_k,
+                                          ((k_ring, k_ref), (v_ring, v_ref)))
     buffers = q_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's tiles early
     row = compat.mosaic_gpu_row_layout()
 
