@@ -33,9 +33,9 @@ import numpy as np
 
 from bench.common import (add_full_arg, device_description, format_table, int_list, maybe_profile,
                           peak_tflops, smoke_size, write_json)
+from microgpt import sharding
 from microgpt.gpt import KERNELS, PRESETS
 from microgpt.model import flops_per_token
-from microgpt import sharding
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
 
 DEFAULT_SEQ = 1024   # the sequence length of a preset without a context of its own
@@ -172,7 +172,8 @@ def main(argv=None) -> list[dict]:
     records = []
     for (kernels, n, shard), (ms, loss, held) in results.items():
         tflops = flops_step / (ms * 1e-3) / 1e12
-        one = ms_of(kernels, 1, "replicate")   # on one device the layouts are the same
+        # On one device the layouts hold the same: either one's time is the one device's.
+        one = ms_of(kernels, 1, "replicate" if (kernels, 1, "replicate") in results else shard)
         records.append(dict(kernels=kernels, devices=n, shard=shard, state_gb_per_device=held / 1e9,
                             preset=args.preset, model_d=args.model_d,
                             heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
@@ -183,7 +184,7 @@ def main(argv=None) -> list[dict]:
                             x_reference=ms_of("reference", n, shard) / ms,
                             x_xla=ms_of("xla", n, shard) / ms,
                             x_replicate=ms_of(kernels, n, "replicate") / ms,
-                            x_one_device=(one if one == one else ms_of(kernels, 1, shard)) / ms,
+                            x_one_device=one / ms,
                             loss=loss))
     print(f"train step, {args.preset} d={args.model_d} heads={args.heads} vocab={args.vocab} "
           f"seq={args.seq} batch={batch} on {device_description()}")
