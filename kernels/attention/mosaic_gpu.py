@@ -320,7 +320,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
 
     def consume_unit(wg, b, h, pair, first, count, rings, q_tile, q_ready):
         """Warpgroup wg's query tile of the unit; key tile t is the stream's tile t - first."""
-        k_ring, v_ring, *ids_rings = rings
+        k_ring, v_ring, ids_ring = (*rings, None)[:3]   # the keys' ids' ring with segments
         i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
         span = tile_span(b, i)
@@ -361,7 +361,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             k_ring.release(n)
             if masked:
                 segments = None
-                for ids_ring in ids_rings:   # the keys' segment ids, streamed beside K
+                if ids_ring is not None:   # the keys' segment ids, streamed beside K
                     ids_ring.wait(n)
                     k_segment = compat.mosaic_gpu_load(ids_ring.tile(n),
                                                        compat.mosaic_gpu_column_layout())
@@ -447,11 +447,10 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     masked by the ids, whose tiles ride a third ring beside K's.
 
     The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32, o's low half, then the
-    segment ids. Tiles
-    below 64 rows (fit_blocks shrinks them for short sequences) are raised to 64, wgmma's M, and
-    the sequence is padded to a multiple of a CTA's 2 block_q rows and of block_k (the api has
-    done so already: `sequence_rows`); padded keys are masked like the api's (common.visible) and
-    padded rows sliced off.
+    segment ids. Tiles below 64 rows (fit_blocks shrinks them for short sequences) are raised to
+    64, wgmma's M, and the sequence is padded to a multiple of a CTA's 2 block_q rows and of
+    block_k (the api has done so already: `sequence_rows`); padded keys are masked like the api's
+    (common.visible) and padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
