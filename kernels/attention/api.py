@@ -39,16 +39,14 @@ DEFAULTS = {"triton": triton.DEFAULTS, "tpu": tpu.DEFAULTS, "mosaic_gpu": mosaic
 BACKWARDS = {"triton": ("triton",), "tpu": ("tpu",), "mosaic_gpu": ("mosaic_gpu", "triton")}
 
 
-def default_implementation(q: jax.Array | None = None, masks: list[str] = ()) -> str:
+def default_implementation(q: jax.Array | None = None) -> str:
     """tpu -> "tpu"; gpu -> "mosaic_gpu" for bf16 q on a Hopper GPU where the tuning table says it
-    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`) and the call asks
-    for none of the masks it does not take by default (`_masks`, MOSAIC_DEFAULT_TAKES), else
-    "triton"; anything else -> "triton" (interpreted)."""
+    was measured faster at q's head_dim and length (bench/tune.py; `shape_key`), else "triton";
+    anything else -> "triton" (interpreted)."""
     backend = jax.default_backend()
     if backend == "tpu":
         return "tpu"
     if (backend == "gpu" and q is not None and q.dtype == jnp.bfloat16 and mosaic_gpu.on_sm90()
-            and not [m for m in masks if m not in MOSAIC_DEFAULT_TAKES]
             and tuning.preferred_implementation(
                 "attention", shape_key(common.kernel_head_dim(q.shape[-1]), q.shape[1]))
             == "mosaic_gpu"):
@@ -105,7 +103,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         segment_ids = segment_ids.astype(jnp.int32)
         kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     masks = _masks(k.shape[2] != q.shape[2], segment_ids is not None, window)
-    implementation = implementation or default_implementation(q, masks)
+    implementation = implementation or default_implementation(q)
     head_dim = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if implementation == "reference":
@@ -113,10 +111,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                                kv_segment_ids=kv_segment_ids, local_window_size=window)
 
     backend = OP.backend(implementation)
-    unserved = [m for m in masks if m not in MOSAIC_FORWARD_TAKES]
-    if implementation == "mosaic_gpu" and unserved:
-        raise NotImplementedError(f"the mosaic_gpu attention does not take {' or '.join(unserved)} "
-                                  f"yet; use implementation='triton'")
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
     backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
                                                            bool(masks))
@@ -143,10 +137,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
 
 GROUPED, SEGMENTS, WINDOW = "grouped-query heads", "segment ids", "a local window"
-MOSAIC_FORWARD_TAKES = (GROUPED, WINDOW, SEGMENTS)   # its backward none yet: Triton's then
-# What implementation=None gives the Mosaic GPU forward: its segment ids are proven in the Mosaic
-# GPU interpreter and lowered for CUDA, not yet run on a GPU; until they are, Triton takes them.
-MOSAIC_DEFAULT_TAKES = (GROUPED, WINDOW)
 
 
 def _masks(grouped: bool, segments: bool, window) -> list[str]:
