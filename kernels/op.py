@@ -59,8 +59,7 @@ class Op:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def differentiable(backend: Backend, static, *arrays):
-    """backend.forward's output, differentiated by backend.backward."""
+def _differentiable(backend: Backend, static, *arrays):
     return backend.forward(static, *arrays, residuals=False)[0]
 
 
@@ -72,4 +71,8 @@ def _backward(backend: Backend, static, residuals, g):
     return tuple(backend.backward(static, residuals, g))
 
 
-differentiable.defvjp(_forward, _backward)
+_differentiable.defvjp(_forward, _backward)
+# backend.forward's output, differentiated by backend.backward. Jitted so that a model calling the
+# op once a layer traces and lowers its kernels once, not once a call: Mosaic GPU lowers each
+# kernel in Python, seconds apiece on JAX 0.11 (bench/RESULTS.md, session 17).
+differentiable = jax.jit(_differentiable, static_argnums=(0, 1))

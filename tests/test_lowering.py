@@ -3,6 +3,7 @@ in CI, that the device paths build, since interpret mode checks none of Triton's
 Mosaic TPU's constraints. On an accelerator the equivalence suite compiles and runs them instead."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -217,6 +218,29 @@ def test_the_model_exports_for_a_chip_the_host_lacks(platform, implementations, 
     found = {name: len(re.findall(rf"custom_call @{re.escape(name)}\w*\(", text))
              for name in custom_calls}
     assert found == custom_calls
+
+
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_the_model_lowers_each_kernel_once_however_deep():
+    """Every block calls the same kernels at the same shapes, and each is lowered once (the op is
+    jitted: kernels/op.py), so three blocks' training gradient holds as many Mosaic GPU kernels
+    as one block's. (Lowered once a call, gpt2_small's gradient took minutes to compile on the
+    H200: Mosaic GPU lowers each kernel in Python; bench/RESULTS.md, session 17.)"""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    ops = model.KernelOps(
+        functools.partial(attention, implementation="mosaic_gpu", interpret=False),
+        functools.partial(layernorm_ffn, implementation="mosaic_gpu", interpret=False),
+        functools.partial(logits_loss, implementation="mosaic_gpu", interpret=False))
+    ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def kernels(num_layers):
+        gpt = dataclasses.replace(micro_gpt_1(vocab=512, model_d=128, num_heads=2),
+                                  num_layers=num_layers)
+        loss = lambda params, ids: model.loss_fn(params, ids, ids, gpt.num_heads, ops)
+        text = _export_text(jax.grad(loss), "cuda", jax.eval_shape(gpt.get_params), ids)
+        return len(re.findall(r"custom_call @mosaic_gpu\w*\(", text))
+
+    assert kernels(3) == kernels(1) > 0
 
 
 @pytest.mark.parametrize("backward", ["mosaic_gpu", "triton"])
