@@ -156,7 +156,7 @@ def measure(fn, shape, dtype, timing: dict, masks: Masks = Masks()) -> tuple[flo
 
 
 def _dense_only():
-    raise NotImplementedError("the PyTorch rows run dense multi-head attention only")
+    raise NotImplementedError("the PyTorch rows take grouped-query heads, not segment ids or a window")
 
 
 def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool, dtype,
@@ -177,10 +177,11 @@ def run(impls: list[str], shapes: list[tuple[int, int, int, int]], causal: bool,
                        causal=causal, dtype=jnp.dtype(dtype).name,
                        **{k: v for k, v in dataclasses.asdict(masks).items() if v is not None})
             shape = (batch, seq, heads, head_dim)
-            if impl in torch_peers.ATTENTION and masks != Masks():
+            if impl in torch_peers.ATTENTION and masks != Masks(kv_heads=masks.kv_heads):
                 timed = _dense_only
             elif impl in torch_peers.ATTENTION:
-                timed = lambda: torch_peers.attention(impl, shape, causal, row["dtype"], timing)
+                timed = lambda: torch_peers.attention(impl, shape, causal, row["dtype"], timing,
+                                                      masks.kv_heads)
             else:
                 timed = lambda: measure(fns[impl], shape, dtype, timing, masks)
             timed_row(row, timed, fwd_flops, fwd_bwd_flops)

@@ -66,10 +66,12 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/bounds.txt"
       $PY bench/attention_bounds.py --batch 128 --seq 1024 --heads 8 --head-dim 64 \
         --json "$OUT/bounds_train_shape.json" 2>&1 | tail -n 6 | tee "$OUT/bounds_train_shape.txt" ;;
-    masks)    # grouped-query heads beside cuDNN; packed documents and a window beside the dense kernel
+    masks)    # grouped-query heads beside JAX's and PyTorch's cuDNN (and FA2); packed documents and a
+              # window beside the dense kernel
       for dims in "128 32 8" "64 16 4"; do set -- $dims
-        $PY bench/attention.py --impl cudnn,ours,triton --head-dim $1 --heads $2 --kv-heads $3 \
-          --seq 1024,2048,4096,8192 --json "$OUT/gqa_d$1.json" 2>&1 | tail -n 14 | tee "$OUT/gqa_d$1.txt"
+        $PY bench/attention.py --impl cudnn,torch_cudnn,torch_flash,ours,triton --head-dim $1 \
+          --heads $2 --kv-heads $3 --seq 1024,2048,4096,8192 --json "$OUT/gqa_d$1.json" 2>&1 \
+          | tail -n 22 | tee "$OUT/gqa_d$1.txt"
       done
       for case in "dense:--impl cudnn,ours" "segments:--impl xla,cudnn,ours,mosaic_gpu --segments 512" \
                   "window:--impl cudnn,ours --window 1024"; do

@@ -49,21 +49,25 @@ def time_ms(fn, warmup: int = 2, repeats: int = 5, calls: int = 20) -> float:
 
 
 def attention(impl: str, shape: tuple[int, int, int, int], causal: bool, dtype: str,
-              timing: dict) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of SDPA with the backend of `impl` on random q, k, v of
-    [B, S, H, D] `shape`; forward+backward is the gradient of sum(o * cotangent) in q, k, v."""
+              timing: dict, kv_heads: int | None = None) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of SDPA with the backend of `impl` on random q of
+    [B, S, H, D] `shape` and k, v of kv_heads heads (None: H; fewer: SDPA's enable_gqa);
+    forward+backward is the gradient of sum(o * cotangent) in q, k, v."""
     torch = _torch()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch_dtype = getattr(torch, dtype)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, cotangent = (torch.randn(shape, generator=generator, device="cuda", dtype=torch_dtype)
-                          .transpose(1, 2) for _ in range(4))          # [B, H, S, D] views
+    b, s, h, d = shape
+    kv_shape = (b, s, kv_heads or h, d)
+    q, k, v, cotangent = (torch.randn(x, generator=generator, device="cuda", dtype=torch_dtype)
+                          .transpose(1, 2) for x in (shape, kv_shape, kv_shape, shape))  # [B, H, S, D]
     for x in (q, k, v):
         x.requires_grad_(True)
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    grouped = {"enable_gqa": True} if kv_shape[2] != h else {}
     with sdpa_kernel(getattr(SDPBackend, ATTENTION[impl])):
-        forward = lambda: sdpa(q, k, v, is_causal=causal)
+        forward = lambda: sdpa(q, k, v, is_causal=causal, **grouped)
         backward = lambda: torch.autograd.grad(forward(), (q, k, v), cotangent)
         with torch.no_grad():
             fwd_ms = time_ms(forward, **timing)
