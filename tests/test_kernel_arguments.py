@@ -55,21 +55,6 @@ def test_attention_names_the_largest_head_dim(impl):
         attention(q, q, q, implementation=impl)
 
 
-@pytest.mark.parametrize("kwargs, what", [
-    ({"kv_heads": 1, "backward_implementation": "mosaic_gpu"},
-     "mosaic_gpu backward does not take grouped-query heads yet; use backward_implementation"),
-    ({"segment_ids": jnp.zeros((1, 16), jnp.int32), "backward_implementation": "mosaic_gpu"},
-     "mosaic_gpu backward does not take segment ids yet; use backward_implementation"),
-    ({"local_window_size": 8, "backward_implementation": "mosaic_gpu"},
-     "mosaic_gpu backward does not take a local window yet")])
-def test_attention_mosaic_gpu_names_the_masks_it_lacks(kwargs, what):
-    kwargs = dict(kwargs)
-    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
-    k = jnp.zeros((1, 16, kwargs.pop("kv_heads", 2), 64), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match=what):
-        attention(q, k, k, implementation="mosaic_gpu", **kwargs)
-
-
 def test_attention_mosaic_gpu_groups_the_heads_whose_tiles_fit_in_l2():
     """launch_grid: (groups, pairs, members), members the most (batch, head)s dividing batch x
     heads whose streamed tiles fit in group_mib MiB, at least one."""

@@ -448,22 +448,38 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
                                   .transpose(0, 2, 1))))
 
 
-@pytest.mark.parametrize("seq, head_dim, causal, persistent, dq_tiles", [
-    (256, 64, True, 0, (64, 128, 2)), (200, 128, False, 0, (128, 64, 3)),
-    (256, 64, True, 1, (64, 64, 2)), (200, 128, False, 1, (64, 64, 2))])
+@pytest.mark.parametrize("seq, head_dim, causal, persistent, dq_tiles, kv_heads, window, documents", [
+    (256, 64, True, 0, (64, 128, 2), None, None, None),
+    (200, 128, False, 0, (128, 64, 3), None, None, None),
+    (256, 64, True, 1, (64, 64, 2), None, None, None),
+    (200, 128, False, 1, (64, 64, 2), None, None, None),
+    (256, 64, True, 0, (64, 64, 2), 1, None, None), (256, 64, True, 1, (64, 64, 2), 1, (40, 0), None),
+    (200, 128, False, 0, (64, 64, 2), None, (70, 30), None),
+    (256, 64, True, 0, (64, 128, 2), None, None, "documents"),
+    (256, 64, False, 1, (64, 64, 2), 1, None, "keyless rows")])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, causal, persistent,
-                                                              dq_tiles, monkeypatch):
+                                                              dq_tiles, kv_heads, window,
+                                                              documents, monkeypatch):
     """The Mosaic GPU backward in jax's Mosaic GPU interpreter (wgmma emulated), on the
-    reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels. Tiles of 64 and 2 stages over 256 rows: the
-    rings wrap, and (causal) the upper key tile of a dK/dV pair skips the query tiles only its
-    neighbour needs, the lower query tile of a dQ pair the key tiles; 200 rows leave a ragged,
-    masked last tile (and padded rows whose do is zero). The dQ kernel's own tiles (query rows,
-    key rows, stages) differ from dK/dV's 64 x 64 in the first two cases: the sequence is padded
-    for the larger. One (batch, head); persistent: two batches of two heads, 3 CTAs through the
-    4 folds of each kernel (both pairs of a (batch, head)), the first CTA two folds, so its rings
-    and second buffers carry over from fold to fold."""
+    reference's residuals: dq, dk, dv vs the math; its dK/dV and dQ kernels. Tiles of 64 and 2
+    stages over 256 rows: the rings wrap, and (causal) the upper key tile of a dK/dV pair skips
+    the query tiles only its neighbour needs, the lower query tile of a dQ pair the key tiles;
+    200 rows leave a ragged, masked last tile (and padded rows whose do is zero). The dQ
+    kernel's own tiles (query rows, key rows, stages) differ from dK/dV's 64 x 64 in the first
+    two cases: the sequence is padded for the larger. One (batch, head); persistent: two batches
+    of two heads, 3 CTAs through the 4 folds of each kernel (both pairs of a (batch, head)), the
+    first CTA two folds, so its rings and second buffers carry over from fold to fold.
+    kv_heads 1: two query heads share one K/V head (grouped-query: a dK/dV unit streams both
+    heads' query tiles, summing in registers), with persistent dK/dV CTAs through 2 folds and a
+    causal window of 40 that leaves rows nothing in their first tile; the window (70, 30)
+    streams from a first tile past 0 and ends before the last, so the lower tile of a dK/dV pair
+    skips the tiles only the upper one sees. documents: segment ids (DOCUMENT_CUTS), each unit
+    streaming only the tiles of its documents with their ids on a ring (the dQ kernel's tiles,
+    64 x 128, cut the ranges apart from dK/dV's); with keyless rows the keys' ids differ from
+    the queries' from row 150 on, so those rows see no key (lse +inf, as the forward saves it:
+    no NaN, zero gradients) and some units stream nothing."""
     from kernels.attention import common, mosaic_gpu_vjp
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
@@ -472,25 +488,40 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
         dq=dict(zip(("block_q", "block_k", "num_stages"), dq_tiles)))
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
-                False)
-    q, k, v, do = (jax.random.normal(key, (1 + persistent, seq, 1 + persistent, head_dim),
-                                     jnp.bfloat16)
-                   for key in jax.random.split(jax.random.PRNGKey(seq), 4))
+                False, window, documents is not None)
+    batch = heads = 1 + persistent if kv_heads is None else 2
+    keys = jax.random.split(jax.random.PRNGKey(seq), 4)
+    q, do = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
+             for key in keys[::3])
+    k, v = (jax.random.normal(key, (batch, seq, kv_heads or heads, head_dim), jnp.bfloat16)
+            for key in keys[1:3])
+    masks, segments = dict(causal=causal, local_window_size=window), ()
+    if documents:
+        position = jnp.arange(seq)
+        ids = jnp.stack([sum((position >= cut).astype(jnp.int32) for cut in cuts)
+                         for cuts in DOCUMENT_CUTS[:batch]])
+        kv_ids = jnp.where(position >= 150, ids + 10, ids) if documents == "keyless rows" else ids
+        masks.update(segment_ids=ids, kv_segment_ids=kv_ids)
+        segments = (ids, kv_ids)
     with f32_precision():
-        o32 = model.attention(*upcast((q, k, v)), causal=causal)
-        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, k))) * sm_scale
-    if causal:
-        s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
+        o32 = model.attention(*upcast((q, k, v)), **masks)
+        s = jnp.einsum("bqhd,bkhd->bhqk", *upcast((q, jnp.repeat(k, heads // k.shape[2], 2))))
+    mask = model.attention_mask(seq, **masks)
+    s = jnp.where(mask, s * sm_scale, -jnp.inf) if mask is not None else s * sm_scale
     lse = jax.nn.logsumexp(s, axis=-1) * LOG2E                          # [B, H, S], base 2
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)   # a row that sees no key, as the forward saves
+    assert bool(jnp.any(jnp.isinf(lse))) == (documents == "keyless rows")
     o = o32.astype(jnp.bfloat16)
-    grads = mosaic_gpu_vjp.backward(plan, (q, k, v, o, lse, common.low_half(o32, o.dtype)), do)
+    grads = mosaic_gpu_vjp.backward(
+        plan, (q, k, v, o, lse, common.low_half(o32, o.dtype), *segments), do)
 
-    math = lambda q, k, v: model.attention(q, k, v, causal=causal)
+    math = lambda q, k, v: model.attention(q, k, v, **masks)
     ref_bf16 = jax.vjp(math, q, k, v)[1](do)
     with f32_precision():
         ref_f32 = jax.vjp(math, *upcast((q, k, v)))[1](upcast(do))
-    for name, got, want_bf16, want_f32 in zip(("dq", "dk", "dv"), grads, ref_bf16, ref_f32):
-        assert got.shape == q.shape and got.dtype == q.dtype
+    for name, got, x, want_bf16, want_f32 in zip(("dq", "dk", "dv"), grads, (q, k, v), ref_bf16,
+                                                 ref_f32):
+        assert got.shape == x.shape and got.dtype == x.dtype
         assert_within_twice_reference(f"mosaic_gpu {name}", got, want_bf16, want_f32)
 
 

@@ -95,23 +95,45 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
 
 
 @pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
+@pytest.mark.parametrize("backward, backward_calls", [
+    (None, ["__gpu$xla.gpu.triton"] * 2), ("mosaic_gpu", ["mosaic_gpu"] * 2)],
+    ids=["default_bwd", "mosaic_bwd"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_lowers_with_segment_ids(persistent):
+def test_attention_mosaic_gpu_lowers_with_segment_ids(persistent, backward, backward_calls):
     """Packed documents (B2 S8192 H16 D128, documents of 512, the benchmark's case) on the
     Mosaic GPU forward lower for CUDA: one Mosaic GPU call, its pairs' key ranges read from
-    GMEM and the keys' ids on a third ring; the gradient adds Triton's two backward kernels,
-    which take the segment ids the forward saves."""
+    GMEM and the keys' ids on a third ring; the gradient adds two backward kernels that take the
+    segment ids the forward saves: Triton's by default (`default_backward`: the Mosaic GPU
+    backward has not yet been timed with masks), the Mosaic GPU ones when asked."""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct((2, 8192, 16, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 8192), jnp.int32)
     f = lambda q, k, v, ids: attention(q, k, v, segment_ids=ids, implementation="mosaic_gpu",
+                                       backward_implementation=backward,
                                        block_sizes={"persistent": persistent}, interpret=False)
     grad = jax.grad(lambda q, k, v, ids: jnp.sum(f(q, k, v, ids).astype(jnp.float32)),
                     argnums=(0, 1, 2))
     calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
         r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec, ids)))
     assert calls(f) == ["mosaic_gpu"]
-    assert calls(grad) == sorted(["__gpu$xla.gpu.triton"] * 2 + ["mosaic_gpu"])
+    assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
+
+
+@pytest.mark.parametrize("window", [None, (1024, 0)], ids=["causal", "window1024"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_backward_lowers_with_grouped_heads(window):
+    """Grouped-query heads (the benchmark's Hq 32, Hkv 8, D 128 at S 4096), causal or with a
+    window of 1024: the Mosaic GPU backward lowers for CUDA, its dK/dV kernel one unit per K/V
+    head's pair of key tiles, dk and dv of k's shape."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    q = jax.ShapeDtypeStruct((4, 4096, 32, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((4, 4096, 8, 128), jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, local_window_size=window, implementation="mosaic_gpu",
+                                  backward_implementation="mosaic_gpu", interpret=False)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    assert [x.shape for x in jax.eval_shape(grad, q, kv, kv)] == [q.shape, kv.shape, kv.shape]
+    text = _export_text(grad, "cuda", q, kv, kv)
+    assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", text)) == 3
 
 
 @pytest.mark.parametrize("head_dim", [32, 96, 256])

@@ -58,8 +58,9 @@ def default_backward(implementation: str, head_dim: int, seq_len: int,
                      masked: bool = False) -> str:
     """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
     where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
-    records it under "attention_backward") and no mask beyond causal is asked (`_masks`), else
-    Triton's; every other forward its own."""
+    records it under "attention_backward") and no mask beyond causal is asked (`_masks`: the
+    Mosaic GPU backward takes them, proven in the Mosaic GPU interpreter, but has not yet been
+    timed with them on a GPU), else Triton's; every other forward its own."""
     if implementation != "mosaic_gpu" or masked:
         return "triton" if implementation == "mosaic_gpu" else implementation
     preferred = tuning.preferred_implementation("attention_backward",
@@ -87,8 +88,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       local_window_size (left, right), or an int for (left, 0): keys i - left .. i + right.
     Tiles wholly masked are never computed.
     implementation: "reference" (microgpt.model.attention), "triton", "tpu" or "mosaic_gpu"
-    (Hopper only, bf16; grouped-query heads, windows and segment ids in its forward,
-    differentiated then by Triton's backward); None picks by backend (`default_implementation`).
+    (Hopper only, bf16; grouped-query heads, windows and segment ids); None picks by backend
+    (`default_implementation`).
     backward_implementation: the gradient's kernels, one that takes the forward's residuals
     (`BACKWARDS`: after "mosaic_gpu" its own, head_dim 64 and 128, or "triton"); None picks by
     the tuning table (`default_backward`). block_sizes overrides the tuning table's entries of
@@ -114,7 +115,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
     backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
                                                            bool(masks))
-    _check_backward(implementation, backward, kernel_dim, masks)
+    _check_backward(implementation, backward, kernel_dim)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
     kernels = _kernels(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
@@ -145,10 +146,7 @@ def _masks(grouped: bool, segments: bool, window) -> list[str]:
                                      (WINDOW, window is not None)) if asked]
 
 
-def _check_backward(implementation: str, backward: str, kernel_dim: int, masks) -> None:
-    if backward == "mosaic_gpu" and masks:
-        raise NotImplementedError(f"the mosaic_gpu backward does not take {' or '.join(masks)} "
-                                  f"yet; use backward_implementation='triton'")
+def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None:
     if backward not in BACKWARDS[implementation]:
         raise ValueError(f"backward_implementation={backward!r} cannot differentiate the "
                          f"{implementation} forward; it takes {BACKWARDS[implementation]}")

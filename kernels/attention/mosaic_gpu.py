@@ -209,20 +209,24 @@ def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_
                     min(num_sms(), math.prod(grid)) if persistent else None)
 
 
-def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, rings,
-                     group: int = 1, segment_ranges=None):
+def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, q_ref,
+                     k_stream, v_stream, ids_ring=None, segment_refs=()):
     """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
     forward, the backward's dQ), in the kernel: (how many units this CTA runs, work, span), where
     work(n, base) -> (batch, head, pair, the first key tile the n-th unit streams, how many, its
     rings): from the first tile the lower query tile sees (0 but under a window) to the last the
     upper one sees; span(b, i) -> query tile i's key tiles (common.kv_tiles), within its
-    segments' (segment_ranges: a GMEM ref [B, S / block_q, 2] of common.segment_ranges) when
-    given, whose tiles need not grow with the query tile: the pair streams the union of its two
-    (maybe none). rings: (ring scratch, GMEM ref [B, S, Hkv, D], or [B, S] for the keys'
-    segment ids) pairs, each made a Ring streaming that ref's key tiles from the CTA's `base`-th
-    tile: query head h's are head h // group's (grouped-query). Pairs run longest first
-    (common.tile_order)."""
+    segments' when given, whose tiles need not grow with the query tile: the pair streams the
+    union of its two (maybe none). k_stream, v_stream: (ring scratch, GMEM ref [B, S, Hkv, D])
+    pairs, each made a Ring streaming that ref's key tiles from the CTA's `base`-th tile: query
+    head h's are head h // (H / Hkv)'s (grouped-query, q_ref [B, S, H, D]). segment_refs: the
+    queries' and the keys' ids [B, S] and the query tiles' ranges of key tiles [B, S / block_q,
+    2] (common.tile_segments), or none; the keys' ids then ride ids_ring. Pairs run longest
+    first (common.tile_order)."""
     num_units, unit_pair = schedule.units()
+    group = q_ref.shape[2] // k_stream[1].shape[2]
+    segment_ranges = segment_refs[2] if segment_refs else None
+    rings = (k_stream, v_stream) + (((ids_ring, segment_refs[1]),) if segment_refs else ())
 
     def span(b, i):
         ranges = (None if segment_ranges is None
@@ -232,12 +236,9 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     def work(n, base):
         b, h, pair = unit_pair(n)
         pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
-        lower, upper = span(b, CONSUMERS * pair), span(b, CONSUMERS * pair + CONSUMERS - 1)
-        if segment_ranges is None:   # the lower tile's first to the upper one's last
-            first, end = lower.start, upper.end
-        else:   # (CONSUMERS = 2: the lower and the upper tile are all of the pair's)
-            first = jnp.minimum(lower.start, upper.start)
-            end = jnp.maximum(jnp.maximum(lower.end, upper.end), first)
+        first, end = pair_stream(span(b, CONSUMERS * pair),
+                                 span(b, CONSUMERS * pair + CONSUMERS - 1),
+                                 segment_ranges is not None)
         kv_head = h if group == 1 else lax.div(h, group)
         # A ref's key tile: [block_k, D] of (b, kv_head), or [block_k] segment ids of b.
         rows = lambda t, x: (b, pl.ds((first + t) * block_k, block_k), kv_head)[:x.ndim]
@@ -245,6 +246,29 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
                     for scratch, x in rings]
         return b, h, pair, first, end - first, streamed
     return num_units, work, span
+
+
+def pair_stream(lower: common.Span, upper: common.Span, segments: bool):
+    """(first, end) of the tiles a pair streams for its lower and upper tile's spans: the lower
+    one's first to the upper one's last (both grow with the tile under causal masks and
+    windows), or with segments, whose tiles need not grow, their union (maybe empty).
+    (CONSUMERS = 2: the lower and the upper tile are all of the pair's.)"""
+    if not segments:
+        return lower.start, upper.end
+    first = jnp.minimum(lower.start, upper.start)
+    return first, jnp.maximum(jnp.maximum(lower.end, upper.end), first)
+
+
+def segment_tile(span: common.Span, first, end, ids_ref, b, row_start, smem, loaded):
+    """With segment ids, for a consumer warpgroup: its tile's span within its pair's stream
+    [first, end) (maybe empty; every tile masked), and its own tile's ids (ids_ref [B, S] from
+    row_start, through smem [rows] and the barrier `loaded`) in the accumulator's row layout."""
+    start = jnp.minimum(jnp.maximum(span.start, first), end)
+    stop = jnp.maximum(jnp.minimum(span.end, end), start)
+    plgpu.copy_gmem_to_smem(ids_ref.at[b, pl.ds(row_start, smem.shape[0])], smem, loaded)
+    plgpu.barrier_wait(loaded)
+    return (common.Span(start, stop, stop, stop),
+            compat.mosaic_gpu_load(smem, compat.mosaic_gpu_row_layout()))
 
 
 def forward_rows(forward: Forward) -> int:
@@ -290,12 +314,10 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule):
     segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     lse_ref, o_lo_ref = residual_refs or (None, None)
-    q_ids_ref, kv_ids_ref, ranges_ref = segment_refs or (None, None, None)
-    rings = ((k_ring, k_ref), (v_ring, v_ref)) + (((ids_ring, kv_ids_ref),) if plan.segments
-                                                  else ())
-    num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, rings,
-                                                  group=q_ref.shape[2] // k_ref.shape[2],
-                                                  segment_ranges=ranges_ref)
+    q_ids_ref = segment_refs[0] if segment_refs else None
+    num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
+                                                  (k_ring, k_ref), (v_ring, v_ref), ids_ring,
+                                                  segment_refs)
     buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
 
     def pass_schedule():
@@ -325,14 +347,9 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
         q_rows = (b, pl.ds(i * block_q, block_q), h)
         span = tile_span(b, i)
         q_segment = None
-        if plan.segments:   # its tiles within the pair's (maybe none); the queries' ids
-            start = jnp.minimum(jnp.maximum(span.start, first), first + count)
-            end = jnp.maximum(jnp.minimum(span.end, first + count), start)
-            span = common.Span(start, end, end, end)   # every tile masked
-            plgpu.copy_gmem_to_smem(q_ids_ref.at[b, pl.ds(i * block_q, block_q)],
-                                    q_ids_smem.at[wg], q_ids_loaded.at[wg])
-            plgpu.barrier_wait(q_ids_loaded.at[wg])
-            q_segment = compat.mosaic_gpu_load(q_ids_smem.at[wg], compat.mosaic_gpu_row_layout())
+        if plan.segments:   # its tiles within the pair's; the queries' ids
+            span, q_segment = segment_tile(span, first, first + count, q_ids_ref, b, i * block_q,
+                                           q_ids_smem.at[wg], q_ids_loaded.at[wg])
         plgpu.barrier_wait(q_ready)
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
 

@@ -34,6 +34,15 @@ streams the next unit's tiles through the same rings, and each consumer loads it
 tiles (k and v; q, do, lse and delta) into a second buffer. Measured faster at head_dim 128 up to
 S1024 and slower from S2048 (bench/RESULTS.md, version 13): a tuning candidate.
 
+Masks, as in the forward: with grouped-query heads a dK/dV unit is a pair of key tiles of one
+K/V head, streaming the query tiles of each query head of its group in turn and summing dk and
+dv over them in registers (no per-query-head copy, no reduction afterwards); a dQ unit reads its
+query head's K/V head. A local window streams only the tiles within it: a pair's stream runs from
+the lower tile's first to the upper one's last (mosaic_gpu.pair_stream), each warpgroup skipping
+the ones only its neighbour needs. With segment ids a pair streams the union of its two tiles'
+ranges (common.segment_ranges), the streamed tiles' ids on a ring beside them, each consumer's
+own tile's ids loaded once, every visited tile masked.
+
 FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
 14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
 
@@ -57,35 +66,51 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common
 from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, backward_rows, check_runs_here,
-                                          query_pair_units, schedule_for, tile_visible)
+                                          pair_stream, query_pair_units, schedule_for,
+                                          segment_tile, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
                                       matmuls_t, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, k_smem,
-                 v_smem, kv_loaded, q_ring, do_ring, lse_ring, delta_ring, plan, block_q, block_k,
-                 schedule):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem, v_smem,
+                 kv_loaded, q_ring, do_ring, lse_ring, delta_ring, ids_ring, own_ids_smem,
+                 own_ids_loaded, plan, block_q, block_k, schedule):
+    segment_refs, (dk_ref, dv_ref) = refs[:3 * plan.segments], refs[3 * plan.segments:]
+    k_ids_ref, q_ids_ref, ranges_ref = segment_refs or (None, None, None)
     num_units, unit_pair = schedule.units()
     buffers = k_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's k, v early
     column = compat.mosaic_gpu_column_layout()
+    group = q_ref.shape[2] // k_ref.shape[2]   # the query heads of a K/V head (grouped-query)
+
+    def span(b, j):   # key tile j's query tiles, within its segments' when given
+        ranges = None if ranges_ref is None else (ranges_ref[b, j, 0], ranges_ref[b, j, 1])
+        return common.q_tiles(j, plan, block_q, block_k, ranges)
 
     def work(n, base):
-        """This CTA's n-th unit -> (b, h, pair, the first query tile it streams, how many, its
-        q, do, lse and delta rings from the CTA's `base`-th tile)."""
+        """This CTA's n-th unit -> (b, its K/V head, pair, the first query tile it streams, how
+        many tiles, its q, do, lse and delta rings (and the queries' ids') from the CTA's
+        `base`-th tile)."""
         # Pairs of key tiles in order: the first ones are seen by the most query tiles.
         b, h, pair = unit_pair(n)
-        q_rows = lambda i: (b, pl.ds(i * block_q, block_q), h)
-        q_cols = lambda i: (b, h, pl.ds(i * block_q, block_q))
-        # The stream runs from the first query tile the lower key tile sees (the earliest either
-        # sees) to the end, which both see.
-        span = common.q_tiles(CONSUMERS * pair, plan, block_q, block_k)
-        first, stream_end = span.start, span.end
-        rings = [Ring(lambda n, x=x, at=at: x.at[at(first + n)], *scratch, offset=base)
-                 for scratch, x, at in ((q_ring, q_ref, q_rows), (do_ring, do_ref, q_rows),
-                                        (lse_ring, lse_ref, q_cols),
-                                        (delta_ring, delta_ref, q_cols))]
-        return b, h, pair, first, stream_end - first, rings
+        # The pair's query tiles (pair_stream: to the end of the sequence but under a left
+        # window or segments), once per query head of the group, head after head.
+        first, end = pair_stream(span(b, CONSUMERS * pair),
+                                 span(b, CONSUMERS * pair + CONSUMERS - 1), plan.segments)
+        per_head = end - first
+        if group == 1:
+            tile = lambda n: (h, first + n)
+        else:   # the stream's n-th tile: query head h group + n // per_head
+            tile = lambda n: (h * group + lax.div(n, per_head), first + lax.rem(n, per_head))
+        q_rows = lambda head, i: (b, pl.ds(i * block_q, block_q), head)
+        q_cols = lambda head, i: (b, head, pl.ds(i * block_q, block_q))
+        streams = [(q_ring, q_ref, q_rows), (do_ring, do_ref, q_rows),
+                   (lse_ring, lse_ref, q_cols), (delta_ring, delta_ref, q_cols)]
+        if plan.segments:
+            streams.append((ids_ring, q_ids_ref, lambda head, i: (b, pl.ds(i * block_q, block_q))))
+        rings = [Ring(lambda n, x=x, at=at: x.at[at(*tile(n))], *scratch, offset=base)
+                 for scratch, x, at in streams]
+        return b, h, pair, first, group * per_head, rings
 
     def consume(wg):
         def load_kv(n):   # the n-th unit's key and value tiles into buffer n % buffers
@@ -102,19 +127,22 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         consume_units(num_units, work, load_kv, run, buffers)
 
     def consume_unit(wg, b, h, j, first, count, rings, buffer):
-        q_ring, do_ring, lse_ring, delta_ring = rings
+        q_ring, do_ring, lse_ring, delta_ring, q_ids_ring = (*rings, None)[:5]
         k_rows = (b, pl.ds(j * block_k, block_k), h)
         k_tile, v_tile = k_smem.at[buffer], v_smem.at[buffer]
-        span = common.q_tiles(j, plan, block_q, block_k)
-
-        # Only warpgroup 1 skips tiles: the ones before its first.
-        lax.fori_loop(0, span.start - first, lambda n, _: skip(rings, n), None)
+        per_head = count if group == 1 else lax.div(count, group)
+        tiles = span(b, j)
+        k_segment = None
+        if plan.segments:   # its tiles within the pair's; the keys' ids
+            tiles, k_segment = segment_tile(tiles, first, first + per_head, k_ids_ref, b,
+                                            j * block_k, own_ids_smem.at[wg],
+                                            own_ids_loaded.at[wg])
         plgpu.barrier_wait(kv_loaded.at[buffer])
         plgpu.barrier_wait(kv_loaded.at[CONSUMERS * buffers + buffer])
 
-        def step(i, carry, masked):
+        def step(i, carry, masked, offset):
             dk, dv = carry
-            n = i - first
+            n = offset + i   # query tile i's place in the stream
             for ring in rings:
                 ring.wait(n)
             q_tile, do_tile = q_ring.tile(n), do_ring.tile(n)
@@ -124,8 +152,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
             def softmax(s_t):
                 if masked:
+                    segments = None if q_ids_ring is None else (
+                        columns(q_ids_ring), lax.broadcast_in_dim(k_segment, s_t.shape, [0]))
                     visible = tile_visible(plan, j * block_k, i * block_q, s_t.shape,
-                                           transposed=True)
+                                           transposed=True, segments=segments)
                     s_t = jnp.where(visible, s_t, -jnp.inf)
                 return jnp.exp2(s_t * plan.scale_log2 - columns(lse_ring))
 
@@ -144,10 +174,24 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
                 ring.release(n)
             return dk, dv
 
+        def head(g, carry):
+            """dk, dv after the g-th query head of the group: its tiles from the stream's
+            g per_head-th on, query tile i at offset + i."""
+            offset = g * per_head - first
+            skip_tile = lambda i, _: skip(rings, offset + i)   # one only the neighbour needs
+            # Only warpgroup 1 skips tiles before its first; under a left window only
+            # warpgroup 0 those after its last; with segments either, both.
+            lax.fori_loop(first, tiles.start, skip_tile, None)
+            # In stream order (common.visit: the masked tiles on the diagonal, then the others).
+            carry = common.visit(functools.partial(step, offset=offset), carry, tiles)
+            if plan.left is not None or plan.segments:
+                lax.fori_loop(tiles.end, first + per_head, skip_tile, None)
+            return carry
+
         zeros = plgpu.layout_cast(jnp.zeros((block_k, k_smem.shape[-1]), jnp.float32),
                                   plgpu.Layout.WGMMA)
-        # In stream order (common.visit: the masked tiles on the diagonal, then the others).
-        dk, dv = common.visit(step, (zeros, zeros), span)
+        dk, dv = (head(0, (zeros, zeros)) if group == 1
+                  else lax.fori_loop(0, group, head, (zeros, zeros)))
         # Both products that read k_tile and v_tile are complete: they stage dk and dv.
         k_tile[...] = (dk * plan.sm_scale).astype(k_tile.dtype)
         v_tile[...] = dv.astype(v_tile.dtype)
@@ -162,10 +206,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     specialize(consume, lambda: produce_units(num_units, work))
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_smem, do_smem,
-               lse_smem, delta_smem, q_loaded, k_ring, v_ring, plan, block_q, block_k, schedule):
-    num_units, work, _ = query_pair_units(schedule, plan, block_q, block_k,
-                                          ((k_ring, k_ref), (v_ring, v_ref)))
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, do_smem,
+               lse_smem, delta_smem, q_loaded, k_ring, v_ring, ids_ring, own_ids_smem,
+               own_ids_loaded, plan, block_q, block_k, schedule):
+    segment_refs, (dq_ref,) = refs[:3 * plan.segments], refs[3 * plan.segments:]
+    q_ids_ref = segment_refs[0] if segment_refs else None
+    num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
+                                                  (k_ring, k_ref), (v_ring, v_ref), ids_ring,
+                                                  segment_refs)
     buffers = q_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's tiles early
     row = compat.mosaic_gpu_row_layout()
 
@@ -184,13 +232,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
                 plgpu.copy_gmem_to_smem(src, dst.at[buffer], loaded(j, buffer))
 
         def run(n, b, h, pair, first, count, rings):
-            consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, *rings,
+            consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
                          wg * buffers + lax.rem(n, buffers))
         consume_units(num_units, work, load, run, buffers)
 
-    def consume_unit(wg, b, h, i, first, count, k_ring, v_ring, buffer):
+    def consume_unit(wg, b, h, i, first, count, rings, buffer):
         """Warpgroup wg's query tile i; key tile t is the stream's tile t - first."""
+        k_ring, v_ring, kv_ids_ring = (*rings, None)[:3]
         q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
+        span = tile_span(b, i)
+        q_segment = None
+        if plan.segments:   # its tiles within the pair's; the queries' ids
+            span, q_segment = segment_tile(span, first, first + count, q_ids_ref, b, i * block_q,
+                                           own_ids_smem.at[wg], own_ids_loaded.at[wg])
         for j in range(4):
             plgpu.barrier_wait(loaded(j, buffer))
         lse = compat.mosaic_gpu_load(lse_smem.at[buffer], row)
@@ -198,13 +252,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
 
         def step(t, dq, masked):
             n = t - first
-            k_ring.wait(n)
-            v_ring.wait(n)
+            for ring in rings:
+                ring.wait(n)
 
             def softmax(s):
                 if masked:
-                    s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape), s,
-                                  -jnp.inf)
+                    segments = None
+                    if kv_ids_ring is not None:   # the keys' ids, streamed beside K
+                        k_segment = compat.mosaic_gpu_load(kv_ids_ring.tile(n),
+                                                           compat.mosaic_gpu_column_layout())
+                        segments = (lax.broadcast_in_dim(q_segment, s.shape, [0]),
+                                    lax.broadcast_in_dim(k_segment, s.shape, [1]))
+                    s = jnp.where(tile_visible(plan, i * block_q, t * block_k, s.shape,
+                                               segments=segments), s, -jnp.inf)
                 return jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(lse, s.shape, [0]))
 
             # dp = do v^T runs on the tensor cores while the softmax of s = q k^T does not.
@@ -213,10 +273,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
             dq = accumulate(dq, ds.astype(q_tile.dtype), k_ring.tile(n))
             k_ring.release(n)
+            if kv_ids_ring is not None:
+                kv_ids_ring.release(n)
             return dq
 
-        span = common.kv_tiles(i, plan, block_q, block_k)
-        other = lambda t, _: skip((k_ring, v_ring), t - first)   # a tile only the neighbour needs
+        other = lambda t, _: skip(rings, t - first)   # a tile only the neighbour needs
         lax.fori_loop(first, span.start, other, None)
         dq = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
                                plgpu.Layout.WGMMA)
@@ -233,14 +294,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, q_sme
 
 def backward(plan: common.Plan, residuals, do):
     """The forward's residuals (q, k, v, o [B, S, H, D], lse [B, H, S] f32, o's low half) and
-    do [B, S, H, D] -> (dq, dk, dv) [B, S, H, D] in q's dtype.
+    do [B, S, H, D] -> (dq, dk, dv) in q's dtype, dq [B, S, H, D], dk and dv k's shape: k and v
+    may have fewer heads Hkv, dividing H (grouped-query: a dK/dV unit streams the query tiles of
+    every query head of its K/V head, head after head, and sums over them in registers); a local
+    window (plan.window) streams only the tiles within it; segment ids (q ids, kv ids [B, S]
+    int32, the residuals' last two, as the forward saves them): a unit streams only the tiles
+    that hold one of its segments (common.segment_ranges), each masked by the ids, whose tiles
+    ride a ring beside the streamed ones, and each consumer loads its own tile's ids once.
 
     Tiles are raised to 64 rows (wgmma's M) and the sequence padded to a multiple of a CTA's two
     tiles (the largest of either kernel); padded rows have do = 0 and delta = 0, so they add
     nothing."""
-    q, k, v, o, lse, o_lo = residuals
+    q, k, v, o, lse, o_lo, *segments = residuals
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
+    kv_heads = k.shape[2]
     # Each kernel's query and key tiles: dK/dV's, then dQ's.
     bq, dq_bq, dq_bk = (max(rows, WGMMA_M)
                         for rows in (plan.dkdv.block_q, plan.dq.block_q, plan.dq.block_k))
@@ -251,38 +319,50 @@ def backward(plan: common.Plan, residuals, do):
     delta = common.output_delta(o, o_lo, do).transpose(0, 2, 1)                  # [B, H, S]
     q_p, k_p, v_p, do_p = (pad_rows(x, padded) for x in (q, k, v, do))
     lse_p, delta_p = (pad_rows(x, padded, axis=2) for x in (lse, delta))
-    grad = lambda: jax.ShapeDtypeStruct(q_p.shape, q.dtype)
-    vector_ring = lambda: ring_scratch(plgpu.SMEM((stages, bq), jnp.float32), stages)
+    grad = lambda x: jax.ShapeDtypeStruct(x.shape, q.dtype)
+    vector_ring = lambda dtype=jnp.float32: ring_scratch(plgpu.SMEM((stages, bq), dtype), stages)
+    # Each kernel's segment operands: its own tiles' ids, the streamed ones', and its own tiles'
+    # ranges of the streamed ones; the ids' ring, its own tiles' ids and their barrier.
+    ids = [jnp.pad(x, ((0, 0), (0, padded - s)), mode="edge") for x in segments]
+    dkdv_ids = list(common.tile_segments(ids, bk, bq, by_query=False)) if ids else []
+    dq_ids = list(common.tile_segments(ids, dq_bq, dq_bk, by_query=True)) if ids else []
+    ids_scratch = lambda ring, own_rows: dict(
+        ids_ring=ring if ids else None,
+        own_ids_smem=plgpu.SMEM((CONSUMERS, own_rows), jnp.int32) if ids else None,
+        own_ids_loaded=plgpu.Barrier(num_barriers=CONSUMERS) if ids else None)
 
-    # Both kernels stream a (batch, head)'s q and do, or k and v: 2 S D bf16 elements. Persistent
-    # CTAs load the next unit's own tiles into a second buffer.
-    units = lambda block: schedule_for(b, h, padded // (CONSUMERS * block),
-                                       2 * padded * d * q.dtype.itemsize,
-                                       plan.dkdv.group_mib, plan.dkdv.persistent)
-    dkdv_units, dq_units = units(bk), units(dq_bq)
+    # A dK/dV unit streams q and do of its group's query heads, a dQ unit k and v: 2 S D bf16
+    # elements a head. Persistent CTAs load the next unit's own tiles into a second buffer.
+    units = lambda heads, block, streamed: schedule_for(
+        b, heads, padded // (CONSUMERS * block), streamed * 2 * padded * d * q.dtype.itemsize,
+        plan.dkdv.group_mib, plan.dkdv.persistent)
+    dkdv_units, dq_units = units(kv_heads, bk, h // kv_heads), units(h, dq_bq, 1)
     buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dkdv_units),
-        out_type=[grad(), grad()],
+        out_type=[grad(k_p), grad(k_p)],
         scratch=dict(k_smem=tiled_smem(q.dtype, CONSUMERS * buffers(dkdv_units), bk, d),
                      v_smem=tiled_smem(q.dtype, CONSUMERS * buffers(dkdv_units), bk, d),
                      kv_loaded=plgpu.Barrier(num_barriers=2 * CONSUMERS * buffers(dkdv_units)),
                      q_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
                      do_ring=ring_scratch(tiled_smem(q.dtype, stages, bq, d), stages),
-                     lse_ring=vector_ring(), delta_ring=vector_ring()),
+                     lse_ring=vector_ring(), delta_ring=vector_ring(),
+                     **ids_scratch(vector_ring(jnp.int32), bk)),
         name="flash_attention_dkdv_mgpu", **dkdv_units.launch_args(),
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dkdv_ids)
     dq_buffers = CONSUMERS * buffers(dq_units)
     dq = launch(
         functools.partial(_dq_kernel, plan=plan, block_q=dq_bq, block_k=dq_bk, schedule=dq_units),
-        out_type=grad(),
+        out_type=grad(q_p),
         scratch=dict(q_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
                      do_smem=tiled_smem(q.dtype, dq_buffers, dq_bq, d),
                      lse_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
                      delta_smem=plgpu.SMEM((dq_buffers, dq_bq), jnp.float32),
                      q_loaded=plgpu.Barrier(num_barriers=4 * dq_buffers),
                      k_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages),
-                     v_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages)),
+                     v_ring=ring_scratch(tiled_smem(q.dtype, dq_stages, dq_bk, d), dq_stages),
+                     **ids_scratch(ring_scratch(plgpu.SMEM((dq_stages, dq_bk), jnp.int32),
+                                                dq_stages), dq_bq)),
         name="flash_attention_dq_mgpu", **dq_units.launch_args(),
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p)
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *dq_ids)
     return dq[:, :s], dk[:, :s], dv[:, :s]
