@@ -453,7 +453,7 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
     (200, 128, False, 0, (128, 64, 3), None, None, None),
     (256, 64, True, 1, (64, 64, 2), None, None, None),
     (200, 128, False, 1, (64, 64, 2), None, None, None),
-    (256, 64, True, 0, (64, 64, 2), 1, None, None), (256, 64, True, 1, (64, 64, 2), 1, (40, 0), None),
+    (256, 64, True, 1, (64, 64, 2), 1, (40, 0), None),
     (200, 128, False, 0, (64, 64, 2), None, (70, 30), None),
     (256, 64, True, 0, (64, 128, 2), None, None, "documents"),
     (256, 64, False, 1, (64, 64, 2), 1, None, "keyless rows")])
