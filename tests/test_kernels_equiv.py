@@ -198,18 +198,33 @@ def test_attention_masks_match_reference(impl, batch, seq, heads, kv_heads, head
                      blocks=SMALL_BLOCKS if ON_CPU else None, kv_heads=kv_heads, **masks)
 
 
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
-def test_attention_rows_that_see_no_key(impl):
+@pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="on a Hopper GPU; on CPU the Mosaic GPU "
+                    "interpreter runs it (test_attention_mosaic_gpu_backward_in_the_gpu_interpreter)")
+@pytest.mark.parametrize("batch, seq, heads, kv_heads, head_dim, causal, masks", MASK_CASES)
+def test_attention_masks_match_reference_with_the_mosaic_gpu_backward(batch, seq, heads, kv_heads,
+                                                                      head_dim, causal, masks):
+    """The mask cases through the Mosaic GPU forward and its own backward (a masked call's
+    gradient runs Triton's by default: api.default_backward), where that backward runs."""
+    if not _mosaic_backward_runs(head_dim):
+        pytest.skip(f"the Mosaic GPU backward runs head_dim {mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS}")
+    _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, kv_heads=kv_heads,
+                     backward="mosaic_gpu", **masks)
+
+
+@pytest.mark.parametrize("impl, backward", [(impl, None) for impl in ATTENTION_IMPLS]
+                         + ([("mosaic_gpu", "mosaic_gpu")] if mosaic_gpu.on_sm90() else []))
+def test_attention_rows_that_see_no_key(impl, backward):
     """Padding: the last 6 queries' id is no key's (kv_segment_ids mark the padded keys apart),
     so they see nothing: output exactly 0, no NaN, zero gradients; the other rows match the
-    math."""
+    math. (On a Hopper GPU the Mosaic GPU forward with its own backward too.)"""
     seq = 40
     ids = _segments(1, (20, 14, 6))
     kv_ids = ids.at[:, -6:].set(-1)
     q, k, v, do = jax.random.normal(jax.random.PRNGKey(11), (4, 1, seq, 2, 64), jnp.bfloat16)
     masks = dict(segment_ids=ids, kv_segment_ids=kv_ids)
-    kernel = lambda q, k, v: attention(q, k, v, implementation=impl, block_sizes=SMALL_BLOCKS
-                                       if ON_CPU else None, **masks)
+    kernel = lambda q, k, v: attention(q, k, v, implementation=impl,
+                                       backward_implementation=backward,
+                                       block_sizes=SMALL_BLOCKS if ON_CPU else None, **masks)
     o, dq, dk, dv = _value_and_grads(kernel, (q, k, v), do)
     assert not any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in (o, dq, dk, dv))
     assert bool((o[:, -6:] == 0).all()) and bool((dq[:, -6:] == 0).all())
