@@ -58,9 +58,10 @@ def default_backward(implementation: str, head_dim: int, seq_len: int,
                      masked: bool = False) -> str:
     """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
     where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
-    records it under "attention_backward") and no mask beyond causal is asked (`_masks`: the
-    Mosaic GPU backward takes them, proven in the Mosaic GPU interpreter, but has not yet been
-    timed with them on a GPU), else Triton's; every other forward its own."""
+    records it under "attention_backward") and no mask beyond causal is asked (grouped-query
+    heads, segment ids or a window: the Mosaic GPU backward takes them, proven in the Mosaic GPU
+    interpreter, but has not yet been timed with them on a GPU), else Triton's; every other
+    forward its own."""
     if implementation != "mosaic_gpu" or masked:
         return "triton" if implementation == "mosaic_gpu" else implementation
     preferred = tuning.preferred_implementation("attention_backward",
@@ -103,7 +104,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
         kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    masks = _masks(k.shape[2] != q.shape[2], segment_ids is not None, window)
+    # Beyond dense or causal multi-head attention: grouped-query heads, segment ids, a window.
+    masked = k.shape[2] != q.shape[2] or segment_ids is not None or window is not None
     implementation = implementation or default_implementation(q)
     head_dim = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
@@ -114,7 +116,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     backend = OP.backend(implementation)
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
     backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
-                                                           bool(masks))
+                                                           masked)
     _check_backward(implementation, backward, kernel_dim)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
@@ -135,15 +137,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     segments = ([jnp.pad(ids, ((0, 0), (0, padded - seq_len)), mode="edge")
                  for ids in (segment_ids, kv_segment_ids)] if segment_ids is not None else [])
     return op.differentiable(backend, plan, q, k, v, *segments)[:, :seq_len, :, :head_dim]
-
-
-GROUPED, SEGMENTS, WINDOW = "grouped-query heads", "segment ids", "a local window"
-
-
-def _masks(grouped: bool, segments: bool, window) -> list[str]:
-    """What the call asks beyond dense or causal multi-head attention, in words."""
-    return [name for name, asked in ((GROUPED, grouped), (SEGMENTS, segments),
-                                     (WINDOW, window is not None)) if asked]
 
 
 def _check_backward(implementation: str, backward: str, kernel_dim: int) -> None:
