@@ -57,6 +57,10 @@ ATTENTION_CASES = [
     pytest.param(1, 40, 2, 32, True, 1.0, True, id="ragged40-causal-d32"),
     pytest.param(1, 48, 2, 96, False, 1.0, True, id="noncausal-d96"),
     pytest.param(1, 40, 1, 256, True, 1.0, True, id="ragged40-causal-d256"),
+    # Padded past a whole tile of every kernel (the Mosaic GPU backward's 256 rows on the H200's
+    # d64 entry): tiles that see no key or query at all.
+    pytest.param(1, 70, 2, 64, True, 1.0, False, id="ragged70-causal-d64-default-blocks",
+                 marks=LARGE),
     pytest.param(2, 4096, 4, 64, True, 1.0, False, id="s4096-causal-d64", marks=LARGE),
     pytest.param(4, 1024, 8, 128, True, 1.0, False, id="s1024-causal-d128", marks=LARGE),
     pytest.param(1, 4096, 4, 128, True, 1.0, False, id="s4096-causal-d128", marks=LARGE),
@@ -203,8 +207,9 @@ def test_attention_masks_match_reference(impl, batch, seq, heads, kv_heads, head
 @pytest.mark.parametrize("batch, seq, heads, kv_heads, head_dim, causal, masks", MASK_CASES)
 def test_attention_masks_match_reference_with_the_mosaic_gpu_backward(batch, seq, heads, kv_heads,
                                                                       head_dim, causal, masks):
-    """The mask cases through the Mosaic GPU forward and its own backward (a masked call's
-    gradient runs Triton's by default: api.default_backward), where that backward runs."""
+    """The mask cases through the Mosaic GPU forward and its own backward, whatever the tuning
+    table picks (api.default_backward: Triton's at some short lengths), where that backward
+    runs."""
     if not _mosaic_backward_runs(head_dim):
         pytest.skip(f"the Mosaic GPU backward runs head_dim {mosaic_gpu.MOSAIC_BACKWARD_HEAD_DIMS}")
     _check_attention("mosaic_gpu", batch, seq, heads, head_dim, causal, kv_heads=kv_heads,
@@ -293,6 +298,29 @@ def test_attention_segment_ranges_cover_every_visible_tile():
     sorted_row = same[0]
     assert all(np.asarray(kv_range[0, i, 1] - kv_range[0, i, 0]) == sorted_row[i].sum()
                for i in range(3))   # ascending ids: exactly the tiles that share a segment
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, (10, 0)),
+                                           (False, (40, 20)), (True, (300, 0))])
+def test_attention_tile_spans_fit_their_pair_streams(causal, window):
+    """common.kv_tiles / q_tiles over a sequence padded far past its last tile (as the api pads
+    it for the largest kernel): every span is ordered, start <= lo <= hi <= end, and lies within
+    the stream its Mosaic GPU pair shares (mosaic_gpu.pair_stream), so the tiles a consumer
+    skips before and after its own add up to the stream; a tile that sees nothing is empty. (A
+    span past its end had a consumer wait for a tile never streamed: the GPU hung.)"""
+    for seq_len, padded, block_q, block_k in [(70, 256, 64, 64), (70, 256, 64, 128),
+                                             (130, 512, 64, 64), (200, 256, 128, 64)]:
+        plan = Plan("mosaic_gpu", causal, 0.125, seq_len, None, None, None, False, window, False)
+        for tiles, rows in ((common.kv_tiles, block_q), (common.q_tiles, block_k)):
+            spans = [tiles(i, plan, block_q, block_k) for i in range(padded // rows)]
+            for span in spans:
+                assert span.start <= span.lo <= span.hi <= span.end, (tiles.__name__, span)
+                # Without a window every query tile sees a key tile (the forward waits for its
+                # first unconditionally; with a window or segments only where there is one).
+                assert window is not None or tiles is common.q_tiles or span.start < span.end
+            for lower, upper in zip(spans[::2], spans[1::2]):
+                first, end = mosaic_gpu.pair_stream(lower, upper, segments=False)
+                assert all(first <= span.start and span.end <= end for span in (lower, upper))
 
 
 @settings(max_examples=4 if ON_CPU else 16, deadline=None, derandomize=True)
@@ -538,6 +566,31 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
                                                  ref_f32):
         assert got.shape == x.shape and got.dtype == x.dtype
         assert_within_twice_reference(f"mosaic_gpu {name}", got, want_bf16, want_f32)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the ragged70 cases run the kernels themselves")
+@pytest.mark.timeout(300, method="thread")  # a wait for a tile never streamed deadlocks: fail
+def test_attention_mosaic_gpu_through_the_api_past_the_last_tile(monkeypatch):
+    """The Mosaic GPU forward and backward through `attention` in the GPU interpreter, with the
+    H200's head_dim-64 tiles (dQ key tiles of 128): the api pads 70 tokens to the backward's 256
+    rows, so under a window the last query tiles see no key tile and the last key tiles no query
+    tile. Both kernels once waited there for a tile their pair never streamed (the GPU hung)."""
+    run_in_the_gpu_interpreter(monkeypatch)
+    monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
+    blocks = dict(block_q=64, block_k=128, dkdv_block_q=64, dq_block_q=64, dq_block_k=128)
+    keys = jax.random.split(jax.random.PRNGKey(70), 4)
+    q, k, v, do = (jax.random.normal(key, (1, 70, 1, 64), jnp.bfloat16) for key in keys)
+    masks = dict(causal=True, local_window_size=(10, 0))
+    kernel = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu",
+                                       backward_implementation="mosaic_gpu", block_sizes=blocks,
+                                       interpret=False, **masks)
+    math = lambda q, k, v: model.attention(q, k, v, **masks)
+    got = _value_and_grads(kernel, (q, k, v), do)
+    ref_bf16 = _value_and_grads(math, (q, k, v), do)
+    with f32_precision():
+        ref_f32 = _value_and_grads(math, upcast((q, k, v)), upcast(do))
+    for name, *outs in zip(("o", "dq", "dk", "dv"), got, ref_bf16, ref_f32):
+        assert_within_twice_reference(f"mosaic_gpu {name}", *outs)
 
 
 # ------------------------------------------------------------------ layernorm_ffn

@@ -158,6 +158,9 @@ def _span(start, lo, hi, end, segment_range) -> Span:
     if segment_range is not None:
         start, end = _max(start, segment_range[0]), _min(end, segment_range[1])
         lo = hi = end
+    # A tile deep in the padding (or outside its segments) may see none: empty at `end`, never
+    # start > end (the Mosaic GPU kernels skip the tiles from their stream's first to `start`).
+    start = _min(start, end)
     lo = _min(_max(lo, start), end)
     return Span(start, lo, _min(_max(hi, lo), end), end)
 

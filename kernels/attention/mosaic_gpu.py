@@ -360,8 +360,9 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             pass_schedule()
 
         lax.fori_loop(first, span.start, release, None)   # (a window's tiles left of this row's)
-        # Each later K_t is waited for during p V_t-1.
-        if plan.segments:
+        # Each later K_t is waited for during p V_t-1. Segments, or a window over a sequence
+        # padded past the keys' last tile, can leave a tile no key tile at all.
+        if plan.segments or plan.window is not None:
             pl.when(span.start < span.end)(lambda: k_ring.wait(span.start - first))
         else:
             k_ring.wait(span.start - first)
