@@ -103,8 +103,8 @@ def test_attention_mosaic_gpu_lowers_with_segment_ids(persistent, backward, back
     """Packed documents (B2 S8192 H16 D128, documents of 512, the benchmark's case) on the
     Mosaic GPU forward lower for CUDA: one Mosaic GPU call, its pairs' key ranges read from
     GMEM and the keys' ids on a third ring; the gradient adds two backward kernels that take the
-    segment ids the forward saves: Triton's by default (`default_backward`: the Mosaic GPU
-    backward has not yet been timed with masks), the Mosaic GPU ones when asked."""
+    segment ids the forward saves: Triton's by default off a tuned GPU (`default_backward`: no
+    table entry here), the Mosaic GPU ones when asked."""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct((2, 8192, 16, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 8192), jnp.int32)

@@ -54,16 +54,13 @@ def default_implementation(q: jax.Array | None = None) -> str:
     return "triton"
 
 
-def default_backward(implementation: str, head_dim: int, seq_len: int,
-                     masked: bool = False) -> str:
+def default_backward(implementation: str, head_dim: int, seq_len: int) -> str:
     """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
     where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
-    records it under "attention_backward") and no mask beyond causal is asked (grouped-query
-    heads, segment ids or a window: the Mosaic GPU backward takes them, proven in the Mosaic GPU
-    interpreter, but has not yet been timed with them on a GPU), else Triton's; every other
-    forward its own."""
-    if implementation != "mosaic_gpu" or masked:
-        return "triton" if implementation == "mosaic_gpu" else implementation
+    records it under "attention_backward"; with grouped-query heads, segment ids and windows it
+    was faster still, bench/RESULTS.md session 18), else Triton's; every other forward its own."""
+    if implementation != "mosaic_gpu":
+        return implementation
     preferred = tuning.preferred_implementation("attention_backward",
                                                 shape_key(head_dim, seq_len))
     return "mosaic_gpu" if preferred == "mosaic_gpu" else "triton"
@@ -104,8 +101,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
         kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    # Beyond dense or causal multi-head attention: grouped-query heads, segment ids, a window.
-    masked = k.shape[2] != q.shape[2] or segment_ids is not None or window is not None
     implementation = implementation or default_implementation(q)
     head_dim = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
@@ -115,8 +110,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
     backend = OP.backend(implementation)
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
-    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
-                                                           masked)
+    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len)
     _check_backward(implementation, backward, kernel_dim)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
