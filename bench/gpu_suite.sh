@@ -5,7 +5,8 @@
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
-#                                           #   profile scaling masks gpt2 gpt2_batch curves_gpt2
+#                                           #   profile scaling masks segment_tiles gpt2
+#                                           #   gpt2_batch curves_gpt2
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
@@ -77,6 +78,15 @@ for stage in "${stages[@]}"; do
                   "window:--impl cudnn,ours,mosaic_gpu --window 1024"; do
         $PY bench/attention.py ${case#*:} --backward mosaic_gpu --seq 8192 --batch 2 --heads 16 \
           --head-dim 128 --json "$OUT/mask_${case%%:*}.json" 2>&1 | tail -n 6 | tee "$OUT/mask_${case%%:*}.txt"
+      done ;;
+    segment_tiles)   # packed documents (mean length 512, B2 S8192 H16 D128) on the Mosaic GPU
+                     # kernels with smaller tiles (SEGMENT_TILES: block_q:block_k:dq_block_k
+                     # triples): fewer masked keys at the documents' edges, more tiles
+      for tiles in ${SEGMENT_TILES:-64:128:64 64:64:64 128:64:64}; do IFS=: read -r -a t <<< "$tiles"
+        set -- "${t[@]}"
+        $PY bench/attention.py --impl mosaic_gpu --backward mosaic_gpu --segments 512 --seq 8192 \
+          --batch 2 --heads 16 --head-dim 128 --block-q $1 --block-k $2 --dq-block-k $3 \
+          --json "$OUT/segment_tiles_$1_$2_$3.json" 2>&1 | tail -n 3 | tee -a "$OUT/segment_tiles.txt"
       done ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
