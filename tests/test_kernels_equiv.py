@@ -162,6 +162,27 @@ def test_attention_matches_reference_at_any_shape(batch, seq, heads, head_dim, c
                      blocks=SMALL_BLOCKS if ON_CPU else None)
 
 
+@pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="the Mosaic GPU kernels compiled on a "
+                    "Hopper GPU (on CPU: the interpreter tests and the tile spans' test)")
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 2), seq=st.integers(1, 2500), kv_heads=st.sampled_from((1, 2)),
+       group=st.sampled_from((1, 2, 4)), head_dim=st.sampled_from((64, 128)),
+       causal=st.booleans(), window=st.one_of(st.none(), st.integers(0, 300)),
+       documents=st.integers(0, 5), seed=st.integers(0, 2 ** 16))
+def test_attention_mosaic_gpu_at_any_shape(batch, seq, kv_heads, group, head_dim, causal, window,
+                                           documents, seed):
+    """Lengths and masks hypothesis picks on the Mosaic GPU forward and its own backward with
+    the tuning table's tiles: sequences padded past whole tiles of either kernel, grouped
+    heads, windows, and up to 5 document cuts at random places."""
+    masks = {} if window is None else {"local_window_size": window}
+    if documents:
+        cuts = np.random.default_rng(seed).integers(0, seq, (batch, documents))
+        masks["segment_ids"] = jnp.asarray(
+            (np.arange(seq)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)
+    _check_attention("mosaic_gpu", batch, seq, kv_heads * group, head_dim, causal,
+                     kv_heads=kv_heads, backward="mosaic_gpu", **masks)
+
+
 def _segments(batch: int, lengths) -> jax.Array:
     """Segment ids [batch, sum(lengths)] of consecutive documents of those lengths (each row's
     documents rotated by its index, so rows differ)."""
@@ -300,27 +321,33 @@ def test_attention_segment_ranges_cover_every_visible_tile():
                for i in range(3))   # ascending ids: exactly the tiles that share a segment
 
 
-@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, (10, 0)),
-                                           (False, (40, 20)), (True, (300, 0))])
-def test_attention_tile_spans_fit_their_pair_streams(causal, window):
-    """common.kv_tiles / q_tiles over a sequence padded far past its last tile (as the api pads
-    it for the largest kernel): every span is ordered, start <= lo <= hi <= end, and lies within
-    the stream its Mosaic GPU pair shares (mosaic_gpu.pair_stream), so the tiles a consumer
-    skips before and after its own add up to the stream; a tile that sees nothing is empty. (A
-    span past its end had a consumer wait for a tile never streamed: the GPU hung.)"""
-    for seq_len, padded, block_q, block_k in [(70, 256, 64, 64), (70, 256, 64, 128),
-                                             (130, 512, 64, 64), (200, 256, 128, 64)]:
-        plan = Plan("mosaic_gpu", causal, 0.125, seq_len, None, None, None, False, window, False)
-        for tiles, rows in ((common.kv_tiles, block_q), (common.q_tiles, block_k)):
-            spans = [tiles(i, plan, block_q, block_k) for i in range(padded // rows)]
-            for span in spans:
-                assert span.start <= span.lo <= span.hi <= span.end, (tiles.__name__, span)
-                # Without a window every query tile sees a key tile (the forward waits for its
-                # first unconditionally; with a window or segments only where there is one).
-                assert window is not None or tiles is common.q_tiles or span.start < span.end
-            for lower, upper in zip(spans[::2], spans[1::2]):
-                first, end = mosaic_gpu.pair_stream(lower, upper, segments=False)
-                assert all(first <= span.start and span.end <= end for span in (lower, upper))
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seq_len=st.integers(1, 600), extra_pairs=st.integers(0, 3),
+       block_q=st.sampled_from((64, 128)), block_k=st.sampled_from((64, 128)),
+       causal=st.booleans(), window=st.one_of(st.none(), st.tuples(st.integers(0, 300),
+                                                                    st.integers(0, 300))))
+def test_attention_tile_spans_fit_their_pair_streams(seq_len, extra_pairs, block_q, block_k,
+                                                     causal, window):
+    """common.kv_tiles / q_tiles over a sequence padded past its last tile, by up to three more
+    pairs of the larger tile (the api pads for the largest kernel): every span is ordered,
+    start <= lo <= hi <= end, and lies within the stream its Mosaic GPU pair shares
+    (mosaic_gpu.pair_stream), so the tiles a consumer skips before and after its own add up to
+    the stream; a tile that sees nothing is empty. (A span past its end had a consumer wait for
+    a tile never streamed: the GPU hung.)"""
+    window = (window[0], 0) if causal and window else window
+    pair = 2 * max(block_q, block_k)
+    padded = (-(-seq_len // pair) + extra_pairs) * pair
+    plan = Plan("mosaic_gpu", causal, 0.125, seq_len, None, None, None, False, window, False)
+    for tiles, rows in ((common.kv_tiles, block_q), (common.q_tiles, block_k)):
+        spans = [tiles(i, plan, block_q, block_k) for i in range(padded // rows)]
+        for span in spans:
+            assert span.start <= span.lo <= span.hi <= span.end, (tiles.__name__, span)
+            # Without a window every query tile sees a key tile (the forward waits for its
+            # first unconditionally; with a window or segments only where there is one).
+            assert window is not None or tiles is common.q_tiles or span.start < span.end
+        for lower, upper in zip(spans[::2], spans[1::2]):
+            first, end = mosaic_gpu.pair_stream(lower, upper, segments=False)
+            assert all(first <= span.start and span.end <= end for span in (lower, upper))
 
 
 @settings(max_examples=4 if ON_CPU else 16, deadline=None, derandomize=True)
