@@ -85,12 +85,12 @@ def _value_and_grads(f, args, cotangent):
 
 
 def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blocks=None,
-                     seed_blocks=None, backward=None, kv_heads=None, **masks):
+                     seed_blocks=None, backward=None, kv_heads=None, interpret=None, **masks):
     """o, dq, dk, dv of the kernel (bf16; its gradient by `backward`'s kernels, None: the table's
     choice) vs the math in f32, within twice the bf16 math's error, on fresh random inputs drawn
     from a seed of the case and the block configuration (or seed_blocks, another configuration's,
-    to face its inputs); kv_heads (default heads) and masks (segment_ids, kv_segment_ids,
-    local_window_size) as attention takes them."""
+    to face its inputs); kv_heads (default heads), interpret and masks (segment_ids,
+    kv_segment_ids, local_window_size) as attention takes them."""
     seed_blocks = blocks if seed_blocks is None else seed_blocks
     kv_heads = kv_heads or heads
     seed = zlib.crc32(f"{impl}{batch}{seq}{heads}{kv_heads}{head_dim}{causal}{q_scale}"
@@ -103,7 +103,7 @@ def _check_attention(impl, batch, seq, heads, head_dim, causal, q_scale=1.0, blo
     q = (q * q_scale).astype(jnp.bfloat16)
     kernel = lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl,
                                        backward_implementation=backward, block_sizes=blocks,
-                                       **masks)
+                                       interpret=interpret, **masks)
     reference = lambda q, k, v: attention(q, k, v, causal=causal, implementation="reference",
                                           **masks)
 
@@ -334,7 +334,6 @@ def test_attention_tile_spans_fit_their_pair_streams(seq_len, extra_pairs, block
     (mosaic_gpu.pair_stream), so the tiles a consumer skips before and after its own add up to
     the stream; a tile that sees nothing is empty. (A span past its end had a consumer wait for
     a tile never streamed: the GPU hung.)"""
-    window = (window[0], 0) if causal and window else window
     pair = 2 * max(block_q, block_k)
     padded = (-(-seq_len // pair) + extra_pairs) * pair
     plan = Plan("mosaic_gpu", causal, 0.125, seq_len, None, None, None, False, window, False)
@@ -605,19 +604,8 @@ def test_attention_mosaic_gpu_through_the_api_past_the_last_tile(monkeypatch):
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     blocks = dict(block_q=64, block_k=128, dkdv_block_q=64, dq_block_q=64, dq_block_k=128)
-    keys = jax.random.split(jax.random.PRNGKey(70), 4)
-    q, k, v, do = (jax.random.normal(key, (1, 70, 1, 64), jnp.bfloat16) for key in keys)
-    masks = dict(causal=True, local_window_size=(10, 0))
-    kernel = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu",
-                                       backward_implementation="mosaic_gpu", block_sizes=blocks,
-                                       interpret=False, **masks)
-    math = lambda q, k, v: model.attention(q, k, v, **masks)
-    got = _value_and_grads(kernel, (q, k, v), do)
-    ref_bf16 = _value_and_grads(math, (q, k, v), do)
-    with f32_precision():
-        ref_f32 = _value_and_grads(math, upcast((q, k, v)), upcast(do))
-    for name, *outs in zip(("o", "dq", "dk", "dv"), got, ref_bf16, ref_f32):
-        assert_within_twice_reference(f"mosaic_gpu {name}", *outs)
+    _check_attention("mosaic_gpu", 1, 70, 1, 64, True, blocks=blocks, backward="mosaic_gpu",
+                     interpret=False, local_window_size=10)
 
 
 # ------------------------------------------------------------------ layernorm_ffn
