@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
-#                                           #   profile scaling masks segment_tiles gpt2
+#                                           #   profile scaling masks segments gpt2
 #                                           #   gpt2_batch curves_gpt2
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
@@ -79,14 +79,18 @@ for stage in "${stages[@]}"; do
         $PY bench/attention.py ${case#*:} --backward mosaic_gpu --seq 8192 --batch 2 --heads 16 \
           --head-dim 128 --json "$OUT/mask_${case%%:*}.json" 2>&1 | tail -n 6 | tee "$OUT/mask_${case%%:*}.txt"
       done ;;
-    segment_tiles)   # packed documents (mean length 512, B2 S8192 H16 D128) on the Mosaic GPU
-                     # kernels with smaller tiles (SEGMENT_TILES: block_q:block_k:dq_block_k
-                     # triples): fewer masked keys at the documents' edges, more tiles
-      for tiles in ${SEGMENT_TILES:-64:128:64 64:64:64 128:64:64}; do IFS=: read -r -a t <<< "$tiles"
-        set -- "${t[@]}"
-        $PY bench/attention.py --impl mosaic_gpu --backward mosaic_gpu --segments 512 --seq 8192 \
-          --batch 2 --heads 16 --head-dim 128 --block-q $1 --block-k $2 --dq-block-k $3 \
-          --json "$OUT/segment_tiles_$1_$2_$3.json" 2>&1 | tail -n 3 | tee -a "$OUT/segment_tiles.txt"
+    segments)   # packed documents (mean length 512, B2 S8192 H16 D128): cuDNN with the dense
+                # mask and ours as shipped beside the dense causal kernel, then the Mosaic GPU
+                # kernels under each of SEGMENT_VARIANTS (flag sets separated by ";")
+      shape="--seq 8192 --batch 2 --heads 16 --head-dim 128"
+      $PY bench/attention.py --impl cudnn,ours $shape --json "$OUT/segments_dense.json" 2>&1 \
+        | tail -n 3 | tee "$OUT/segments.txt"
+      $PY bench/attention.py --impl cudnn,ours --segments 512 $shape \
+        --json "$OUT/segments_shipped.json" 2>&1 | tail -n 3 | tee -a "$OUT/segments.txt"
+      IFS=";" read -r -a variants <<< "${SEGMENT_VARIANTS:-}"
+      for flags in "${variants[@]}"; do echo "mosaic_gpu $flags"
+        $PY bench/attention.py --impl mosaic_gpu --segments 512 $shape $flags 2>&1 | tail -n 1 \
+          | tee -a "$OUT/segments.txt"
       done ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
@@ -132,14 +136,17 @@ for stage in "${stages[@]}"; do
         | tail -n 30 | tee "$OUT/curves_gpt2.txt"
       cp /tmp/curves_gpt2/curves.json "$OUT/curves_gpt2.json" ;;
     profile)  # our Pallas kernels must appear by name among the traced GPU kernels; the capture
-              # comes back (gzipped) for TensorBoard
-      $PY bench/train_step.py --kernels pallas --batches 64 --repeats 1 --steps 3 --profile /tmp/prof \
-        2>&1 | tail -n 5
-      gzip -c "$(find /tmp/prof -name '*.xplane.pb' | head -n 1)" > "$OUT/pallas_step.xplane.pb.gz"
-      $PY -X faulthandler bench/trace_kernels.py /tmp/prof --device --top 30 \
+              # comes back (gzipped) for TensorBoard. PROFILE_ARGS: the step traced (default
+              # micro_gpt_4 at batch 64), PROFILE_TAG: its files' name
+      tag=${PROFILE_TAG:-micro_gpt_4}
+      rm -rf "/tmp/prof_$tag"
+      $PY bench/train_step.py --kernels pallas ${PROFILE_ARGS:---batches 64} --repeats 1 --steps 3 \
+        --profile "/tmp/prof_$tag" 2>&1 | tail -n 5
+      gzip -c "$(find "/tmp/prof_$tag" -name '*.xplane.pb' | head -n 1)" > "$OUT/pallas_step_$tag.xplane.pb.gz"
+      $PY -X faulthandler bench/trace_kernels.py "/tmp/prof_$tag" --device --top ${PROFILE_TOP:-30} \
         --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn,logits_loss \
-        > "$OUT/trace_kernels.txt" 2> "$OUT/trace_kernels.log"
-      echo "trace_kernels exit status $?"; cat "$OUT/trace_kernels.txt" ;;
+        > "$OUT/trace_kernels_$tag.txt" 2> "$OUT/trace_kernels_$tag.log"
+      echo "trace_kernels exit status $?"; cat "$OUT/trace_kernels_$tag.txt" ;;
     scaling)  # the same global batch on 1, 2, ... GPUs (SCALING_DEVICES: the counts the machine
               # has), the parameters replicated and split (fsdp), at gpt2_small
       $PY bench/train_step.py --preset gpt2_small --kernels pallas --batch ${SCALING_BATCH:-64} \

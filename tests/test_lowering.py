@@ -104,13 +104,15 @@ def test_attention_mosaic_gpu_lowers_with_segment_ids(persistent, backward, back
     Mosaic GPU forward lower for CUDA: one Mosaic GPU call, its pairs' key ranges read from
     GMEM and the keys' ids on a third ring; the gradient adds two backward kernels that take the
     segment ids the forward saves: Triton's by default off a tuned GPU (`default_backward`: no
-    table entry here), the Mosaic GPU ones when asked."""
+    table entry here), the Mosaic GPU ones when asked. Persistent: every Mosaic GPU kernel takes
+    its units in the order unit_order made (Schedule.ordered), read from GMEM."""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct((2, 8192, 16, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 8192), jnp.int32)
+    blocks = {"persistent": persistent} | ({"dkdv_persistent": persistent} if backward else {})
     f = lambda q, k, v, ids: attention(q, k, v, segment_ids=ids, implementation="mosaic_gpu",
-                                       backward_implementation=backward,
-                                       block_sizes={"persistent": persistent}, interpret=False)
+                                       backward_implementation=backward, block_sizes=blocks,
+                                       interpret=False)
     grad = jax.grad(lambda q, k, v, ids: jnp.sum(f(q, k, v, ids).astype(jnp.float32)),
                     argnums=(0, 1, 2))
     calls = lambda g: sorted(re.sub(r"^mosaic_gpu\w*", "mosaic_gpu", c) for c in re.findall(
