@@ -202,6 +202,9 @@ MASK_CASES = [
     pytest.param(2, 70, 2, 2, 64, True, {"segment_ids": _segments(2, DOCS)}, id="docs-causal"),
     pytest.param(1, 70, 2, 2, 128, False, {"segment_ids": _segments(1, DOCS)},
                  id="docs-noncausal-d128"),
+    # A document of 66 holds whole tiles of either side: tiles inside it go unmasked.
+    pytest.param(1, 70, 2, 2, 64, True, {"segment_ids": _segments(1, (2, 66, 2))},
+                 id="long-doc-causal"),
     pytest.param(1, 70, 2, 2, 64, True, {"local_window_size": 10}, id="window10-causal"),
     pytest.param(1, 70, 2, 2, 64, False, {"local_window_size": (40, 20)},
                  id="window40-20-noncausal"),
@@ -301,24 +304,33 @@ def test_attention_tile_spans_are_exact(seq, blocks, causal, left, right):
         assert all_[span[1]:span[2], j].all(), (j, span)
 
 
-def test_attention_segment_ranges_cover_every_visible_tile():
+@pytest.mark.parametrize("documents", [6, 2], ids=["short", "long"])
+def test_attention_segment_ranges_cover_every_visible_tile(documents):
     """common.segment_ranges: a tile pair outside the ranges holds no query and key of one
-    segment (ids in any order: the ranges are where the ids' [min, max] overlap)."""
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 6, (2, 96)), jnp.int32)
+    segment (ids in any order: the ranges are where the ids' [min, max] overlap), and every pair
+    in the pure run [pure_first, pure_end) holds one segment only (no mask needed); with ids
+    ascending, that run is every such pair (long documents leave tiles inside one)."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, documents, (2, 96)), jnp.int32)
     ids = ids.at[0].set(jnp.sort(ids[0]))   # one row ascending (packed documents), one not
     kv_range = common.segment_ranges(ids, ids, 32, 16)   # each query tile's key tiles
     q_range = common.segment_ranges(ids, ids, 16, 32)    # each key tile's query tiles
-    same = np.asarray(ids[:, :, None] == ids[:, None, :]).reshape(2, 3, 32, 6, 16).any((2, 4))
+    pairs = np.asarray(ids[:, :, None] == ids[:, None, :]).reshape(2, 3, 32, 6, 16)
+    same, only = pairs.any((2, 4)), pairs.all((2, 4))   # [B, query tile, key tile]
+    pure_runs = 0
     for b in range(2):
-        for i in range(3):
-            first, end = np.asarray(kv_range[b, i])
-            assert not same[b, i, :first].any() and not same[b, i, end:].any()
-        for j in range(6):
-            first, end = np.asarray(q_range[b, j])
-            assert not same[b, :first, j].any() and not same[b, end:, j].any()
-    sorted_row = same[0]
-    assert all(np.asarray(kv_range[0, i, 1] - kv_range[0, i, 0]) == sorted_row[i].sum()
+        for ranges, tiles, others, seen, alone in ((kv_range, 3, 6, same[b], only[b]),
+                                                    (q_range, 6, 3, same[b].T, only[b].T)):
+            for i in range(tiles):
+                first, end, pure_first, pure_end = np.asarray(ranges[b, i])
+                assert not seen[i, :first].any() and not seen[i, end:].any()
+                assert first <= pure_first <= pure_end <= end
+                assert alone[i, pure_first:pure_end].all()
+                if b == 0:   # ascending: the run is every tile of its one segment
+                    assert pure_end - pure_first == alone[i].sum()
+                pure_runs += pure_end > pure_first
+    assert all(np.asarray(kv_range[0, i, 1] - kv_range[0, i, 0]) == same[0, i].sum()
                for i in range(3))   # ascending ids: exactly the tiles that share a segment
+    assert (pure_runs > 0) == (documents == 2)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

@@ -135,6 +135,9 @@ def cdiv(a, b):
     return div(a + b - 1, b)
 
 
+SEGMENT_RANGE = 4   # segment_ranges' values per tile: first, end, pure_first, pure_end
+
+
 class Span(NamedTuple):
     """The tiles [start, end) a kernel's loop visits: [start, lo) and [hi, end) need the mask,
     [lo, hi) do not. Python ints where static (a static empty range costs no loop)."""
@@ -153,11 +156,16 @@ def _min(a, b):
 
 
 def _span(start, lo, hi, end, segment_range) -> Span:
-    """start <= lo <= hi <= end; within segment_range (first, end) when given, where every tile
-    needs the mask (segment ids are known only at run time)."""
+    """start <= lo <= hi <= end; within segment_range (first, end, pure_first, pure_end) when
+    given (segment_ranges, known only at run time), where only [pure_first, pure_end) may go
+    without the mask."""
     if segment_range is not None:
-        start, end = _max(start, segment_range[0]), _min(end, segment_range[1])
-        lo = hi = end
+        first, last, pure_first, pure_end = segment_range
+        start, end = _max(start, first), _min(end, last)
+        lo, hi = _max(lo, pure_first), _min(hi, pure_end)
+        # No tile needs no mask: none unmasked, at `end` (a product, not a select: see q_tiles).
+        some = jnp.asarray(lo < hi).astype(jnp.int32)
+        lo, hi = some * lo + (1 - some) * end, some * hi + (1 - some) * end
     # A tile deep in the padding (or outside its segments) may see none: empty at `end`, never
     # start > end (the Mosaic GPU kernels skip the tiles from their stream's first to `start`).
     start = _min(start, end)
@@ -168,8 +176,8 @@ def _span(start, lo, hi, end, segment_range) -> Span:
 def kv_tiles(i, plan: Plan, block_q: int, block_k: int, segment_range=None) -> Span:
     """Key tiles that query tile i attends to (rows r = i bq .. (i + 1) bq - 1 see keys
     r - left .. r + right, and none at or past seq_len): tiles wholly outside are never visited,
-    those it sees wholly need no mask. segment_range: (first, end) key tiles that hold any of the
-    tile's segments (segment_ranges)."""
+    those it sees wholly need no mask. segment_range: the tile's row of segment_ranges (the key
+    tiles that hold any of its segments, and those that hold its one segment only)."""
     first, last = i * block_q, (i + 1) * block_q - 1
     left, right, num_k = plan.left, plan.right, cdiv(plan.seq_len, block_k)
     start = 0 if left is None else div(_max(first - left, 0), block_k)
@@ -224,18 +232,34 @@ def sum_over_groups(x, kv_heads: int, dtype, heads_axis: int = 2):
 
 def segment_ranges(ids, other_ids, block: int, other_block: int):
     """For segment ids [B, S] of one side (queries or keys) and of the other (S padded to the
-    blocks) -> [B, S/block, 2]: for each tile of `block` rows, the (first, end) range of the other
-    side's tiles whose ids' [min, max] overlaps its own (so, with ids ascending along the
-    sequence as in packed documents, exactly the tiles holding one of its segments); (0, 0) for
+    blocks) -> [B, S/block, SEGMENT_RANGE]: for each tile of `block` rows, (first, end) the range
+    of the other side's tiles whose ids' [min, max] overlaps its own (so, with ids ascending along
+    the sequence as in packed documents, exactly the tiles holding one of its segments; (0, 0) for
+    none), and (pure_first, pure_end) a run of those tiles that hold only the tile's one segment
+    (where it has one: the tiles inside a document), which need no segment mask; (end, end) for
     none. XLA."""
     b, s = ids.shape
     bounds = lambda x, n: (x.reshape(b, s // n, n).min(-1), x.reshape(b, s // n, n).max(-1))
     (lo, hi), (other_lo, other_hi) = bounds(ids, block), bounds(other_ids, other_block)
     overlap = ((other_lo[:, None, :] <= hi[:, :, None])
                & (other_hi[:, None, :] >= lo[:, :, None]))     # [B, S/block, S/other_block]
-    any_, n = overlap.any(-1), overlap.shape[-1]
+    n = overlap.shape[-1]
     first, end = jnp.argmax(overlap, -1), n - jnp.argmax(overlap[..., ::-1], -1)
-    return jnp.stack([jnp.where(any_, first, 0), jnp.where(any_, end, 0)], -1).astype(jnp.int32)
+    first, end = (jnp.where(overlap.any(-1), x, 0) for x in (first, end))
+    pure = ((lo == hi)[:, :, None] & (other_lo == other_hi)[:, None, :]
+            & (other_lo[:, None, :] == lo[:, :, None]))
+    # The first run of pure tiles (ids in any order may hold several; ascending ones one).
+    pure_first = jnp.argmax(pure, -1)
+    past = ~pure & (jnp.arange(n) >= pure_first[..., None])
+    pure_end = jnp.where(past.any(-1), jnp.argmax(past, -1), n)
+    pure_first, pure_end = (jnp.where(pure.any(-1), x, end) for x in (pure_first, pure_end))
+    return jnp.stack([first, end, pure_first, pure_end], -1).astype(jnp.int32)
+
+
+def segment_range(field) -> tuple:
+    """A tile's row of segment_ranges, (first, end, pure_first, pure_end), from field(c) -> its
+    c-th value (a kernel's read of a ref, or an XLA slice)."""
+    return tuple(field(c) for c in range(SEGMENT_RANGE))
 
 
 def tile_segments(segments, block: int, other_block: int, by_query: bool):

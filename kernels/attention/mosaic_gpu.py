@@ -47,7 +47,7 @@ Query tiles run last-first under causal masking (common.tile_order): the longest
 Segment ids (packed documents): a pair streams the union of its two query tiles' key tiles
 within their documents (common.segment_ranges, read from GMEM), maybe none; the keys' ids ride a
 third ring beside K's, each consumer loads its query tile's ids once, and every visited tile is
-masked by them. A pair's work then follows its documents, not its position: persistent CTAs take
+masked by them but those inside its query tile's one document. A pair's work then follows its documents, not its position: persistent CTAs take
 the pairs in an order made by XLA before the kernel (Schedule.ordered: the most work first,
 dealt to the CTAs back and forth), not in folds.
 
@@ -241,9 +241,9 @@ def pair_work(tiles: Callable, plan: common.Plan, block_q: int, block_k: int,
               ranges: jax.Array) -> jax.Array:
     """[B, pairs]: the tiles the two tiles of each pair visit, by `tiles` (common.kv_tiles for
     pairs of query tiles, common.q_tiles for pairs of key tiles) within their segments' ranges
-    [B, tiles, 2] (common.segment_ranges). XLA."""
+    [B, tiles, 4] (common.segment_ranges). XLA."""
     tile = jnp.arange(ranges.shape[1], dtype=jnp.int32)[None]
-    span = tiles(tile, plan, block_q, block_k, (ranges[..., 0], ranges[..., 1]))
+    span = tiles(tile, plan, block_q, block_k, common.segment_range(lambda c: ranges[..., c]))
     return (span.end - span.start).reshape(ranges.shape[0], -1, CONSUMERS).sum(-1)
 
 
@@ -270,7 +270,7 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     pairs, each made a Ring streaming that ref's key tiles from the CTA's `base`-th tile: query
     head h's are head h // (H / Hkv)'s (grouped-query, q_ref [B, S, H, D]). segment_refs: the
     queries' and the keys' ids [B, S] and the query tiles' ranges of key tiles [B, S / block_q,
-    2] (common.tile_segments), or none; the keys' ids then ride ids_ring. order_ref: an ordered
+    4] (common.tile_segments), or none; the keys' ids then ride ids_ring. order_ref: an ordered
     schedule's unit_order. Pairs run longest first (common.tile_order)."""
     num_units, unit_pair = schedule.units(order_ref)
     group = q_ref.shape[2] // k_stream[1].shape[2]
@@ -279,7 +279,7 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
 
     def span(b, i):
         ranges = (None if segment_ranges is None
-                  else (segment_ranges[b, i, 0], segment_ranges[b, i, 1]))
+                  else common.segment_range(lambda c: segment_ranges[b, i, c]))
         return common.kv_tiles(i, plan, block_q, block_k, ranges)
 
     def work(n, base):
@@ -310,13 +310,16 @@ def pair_stream(lower: common.Span, upper: common.Span, segments: bool):
 
 def segment_tile(span: common.Span, first, end, ids_ref, b, row_start, smem, loaded):
     """With segment ids, for a consumer warpgroup: its tile's span within its pair's stream
-    [first, end) (maybe empty; every tile masked), and its own tile's ids (ids_ref [B, S] from
-    row_start, through smem [rows] and the barrier `loaded`) in the accumulator's row layout."""
-    start = jnp.minimum(jnp.maximum(span.start, first), end)
-    stop = jnp.maximum(jnp.minimum(span.end, end), start)
+    [first, end) (maybe empty; masked but the tiles of its one segment, common.segment_ranges),
+    and its own tile's ids (ids_ref [B, S] from row_start, through smem [rows] and the barrier
+    `loaded`) in the accumulator's row layout."""
+    clip = lambda t, low: jnp.maximum(jnp.minimum(t, end), low)
+    start = clip(span.start, first)
+    stop = clip(span.end, start)
+    lo = jnp.minimum(clip(span.lo, start), stop)
     plgpu.copy_gmem_to_smem(ids_ref.at[b, pl.ds(row_start, smem.shape[0])], smem, loaded)
     plgpu.barrier_wait(loaded)
-    return (common.Span(start, stop, stop, stop),
+    return (common.Span(start, lo, jnp.minimum(clip(span.hi, lo), stop), stop),
             compat.mosaic_gpu_load(smem, compat.mosaic_gpu_row_layout()))
 
 
@@ -427,15 +430,16 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
                 return s_ref[...]  # reading the accumulator waits for the wgmma
             s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
             k_ring.release(n)
-            if masked:
-                segments = None
-                if ids_ring is not None:   # the keys' segment ids, streamed beside K
-                    ids_ring.wait(n)
+            segments = None
+            if ids_ring is not None:   # the keys' segment ids, streamed beside K
+                ids_ring.wait(n)
+                if masked:   # (a tile inside the query tile's document needs none)
                     k_segment = compat.mosaic_gpu_load(ids_ring.tile(n),
                                                        compat.mosaic_gpu_column_layout())
-                    ids_ring.release(n)
                     segments = (lax.broadcast_in_dim(q_segment, s.shape, [0]),
                                 lax.broadcast_in_dim(k_segment, s.shape, [1]))
+                ids_ring.release(n)
+            if masked:
                 visible = tile_visible(plan, i * block_q, t * block_k, s.shape, segments=segments)
                 s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1) * plan.scale_log2)

@@ -87,7 +87,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
     group = q_ref.shape[2] // k_ref.shape[2]   # the query heads of a K/V head (grouped-query)
 
     def span(b, j):   # key tile j's query tiles, within its segments' when given
-        ranges = None if ranges_ref is None else (ranges_ref[b, j, 0], ranges_ref[b, j, 1])
+        ranges = (None if ranges_ref is None
+                  else common.segment_range(lambda c: ranges_ref[b, j, c]))
         return common.q_tiles(j, plan, block_q, block_k, ranges)
 
     def work(n, base):

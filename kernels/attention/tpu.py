@@ -75,7 +75,7 @@ def when_tile(condition, step, masked: bool):
 
 
 def segment_operands(segments, block: int, other_block: int, by_query: bool):
-    """With segment ids (q ids, kv ids) [B, S]: (the prefetched ranges [B, S/block, 2] of the
+    """With segment ids (q ids, kv ids) [B, S]: (the prefetched ranges [B, S/block, 4] of the
     tiles each tile needs, the ids as operands: this side's as a column [B, S, 1], the other's as
     a row [B, 1, S] (or, transposed, the other way round), their BlockSpecs over grid
     (b, h, this tile, other tile)); Nones and () without."""
@@ -88,8 +88,8 @@ def segment_operands(segments, block: int, other_block: int, by_query: bool):
 
 
 def tile_segment_range(ranges_ref, b, t):
-    """Tile t's (first, end) range of the other side's tiles, from the prefetched ranges."""
-    return None if ranges_ref is None else (ranges_ref[b, t, 0], ranges_ref[b, t, 1])
+    """Tile t's row of common.segment_ranges, from the prefetched ranges."""
+    return None if ranges_ref is None else common.segment_range(lambda c: ranges_ref[b, t, c])
 
 
 def _forward_kernel(*refs, plan, block_q, block_k):

@@ -75,11 +75,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan, block_q, block_k, num_q):
     span_range = q_ids = kv_ids_ref = None
     if plan.segments:
         q_ids_ref, kv_ids_ref, range_ref = segment_refs
-        q_ids, span_range = q_ids_ref[...], (range_ref[0], range_ref[1])
+        q_ids, span_range = q_ids_ref[...], common.segment_range(lambda c: range_ref[c])
 
     def step(j, carry, masked):
         rows = tile_rows(j, block_k)
-        segments = None if kv_ids_ref is None else (q_ids, kv_ids_ref[rows])
+        segments = None if kv_ids_ref is None or not masked else (q_ids, kv_ids_ref[rows])
         mask = common.tile_mask(masked, plan, i * block_q, j * block_k, block_q, block_k,
                                 segments=segments)
         return common.softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], plan.scale_log2, mask,
@@ -99,14 +99,14 @@ def segment_inputs(segments, block: int, other_block: int, tile, by_query: bool)
     """The segment operands of a kernel whose programs take one tile of `block` rows (query rows
     when by_query, else key rows), with the other side's tiles of other_block rows streamed:
     (arrays, BlockSpecs) for (this tile's ids, the other side's ids, this tile's (first, end)
-    range of the other's tiles: common.segment_ranges), or ((), ()) without segments. tile maps
+    row of common.segment_ranges), or ((), ()) without segments. tile maps
     the grid index to the tile."""
     if segments is None:
         return (), ()
     mine, others, ranges = common.tile_segments(segments, block, other_block, by_query)
     specs = [pl.BlockSpec((None, block), lambda t, b_, h_: (b_, tile(t))),
              pl.BlockSpec((None, mine.shape[1]), lambda t, b_, h_: (b_, 0)),
-             pl.BlockSpec((None, None, 2), lambda t, b_, h_: (b_, tile(t), 0))]
+             pl.BlockSpec((None, None, common.SEGMENT_RANGE), lambda t, b_, h_: (b_, tile(t), 0))]
     return (mine, others, ranges), specs
 
 

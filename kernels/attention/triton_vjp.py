@@ -21,11 +21,11 @@ from kernels.attention.triton import call, segment_inputs, tile_rows
 
 
 def _segments(plan, segment_refs):
-    """(this tile's ids, the other side's ids ref, the (first, end) range of its tiles) or Nones."""
+    """(this tile's ids, the other side's ids ref, its row of common.segment_ranges) or Nones."""
     if not plan.segments:
         return None, None, None
     ids_ref, other_ids_ref, range_ref = segment_refs
-    return ids_ref[...], other_ids_ref, (range_ref[0], range_ref[1])
+    return ids_ref[...], other_ids_ref, common.segment_range(lambda c: range_ref[c])
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan, block_q, block_k):
