@@ -43,7 +43,8 @@ query head's K/V head. A local window streams only the tiles within it: a pair's
 the lower tile's first to the upper one's last (mosaic_gpu.pair_stream), each warpgroup skipping
 the ones only its neighbour needs. With segment ids a pair streams the union of its two tiles'
 ranges (common.segment_ranges), the streamed tiles' ids on a ring beside them, each consumer's
-own tile's ids loaded once, every visited tile masked.
+own tile's ids loaded once, every visited tile masked but those inside its own tile's one
+document.
 
 FLOPs per (batch, head): dK/dV four products (s^T, dv, dp^T, dk) of 2 S^2 D, dQ three (s, dp, dq),
 14 S^2 D against the forward's 4 (s is recomputed in both kernels); halved when causal.
