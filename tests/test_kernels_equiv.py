@@ -361,33 +361,12 @@ def test_attention_tile_spans_fit_their_pair_streams(seq_len, extra_pairs, block
             assert all(first <= span.start and span.end <= end for span in (lower, upper))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(units=st.integers(1, 600), num_ctas=st.integers(1, 140), seed=st.integers(0, 2**16))
-def test_attention_ordered_schedule_deals_every_unit_once_and_evens_the_work(units, num_ctas,
-                                                                            seed):
-    """mosaic_gpu.dealt_rank / dealt_count, the ordered persistent schedule of packed documents:
-    the CTAs' units are every rank of unit_order exactly once, and with the ranks sorted by work
-    (the most first) no CTA's total exceeds another's by more than the largest unit."""
-    ranks = [[int(mosaic_gpu.dealt_rank(c, n, num_ctas))
-              for n in range(int(mosaic_gpu.dealt_count(c, units, num_ctas)))]
-             for c in range(num_ctas)]
-    assert sorted(sum(ranks, [])) == list(range(units))
-    work = np.sort(np.random.default_rng(seed).geometric(0.2, units))[::-1]
-    totals = [work[r].sum() for r in ranks]
-    assert max(totals) - min(totals) <= work[0]
-
-
-def test_attention_unit_order_puts_the_most_work_first():
-    """mosaic_gpu.unit_order over a schedule of 2 batches x 3 heads x 4 pairs: a permutation of
-    the launch order whose units' pair_work falls (under causal masking the pairs run last-first,
-    common.tile_order)."""
-    schedule = mosaic_gpu.Schedule(mosaic_gpu.launch_grid(2, 3, 4, 1, 0), 3, 4, 5, ordered=True)
-    pair_work = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, 4)), jnp.int32)
-    order = np.asarray(mosaic_gpu.unit_order(schedule, pair_work, last_first=True))
-    assert sorted(order) == list(range(24))
-    b, _, pair = mosaic_gpu.unit_coords(jnp.asarray(order), schedule.grid, schedule.heads)
-    work = np.asarray(pair_work[b, 3 - pair])
-    assert (np.diff(work) <= 0).all()
+def test_attention_segment_ids_run_a_cta_per_unit():
+    """Persistent CTAs take folds (pairs p and P - 1 - p), which balance causal work; with
+    segment ids a pair's work follows its documents, so the Mosaic GPU kernels run a CTA per
+    unit, whatever `persistent` says (measured faster, bench/RESULTS.md session 19)."""
+    schedule = functools.partial(mosaic_gpu.schedule_for, 2, 16, 64, 1 << 20, 12, True)
+    assert schedule().num_ctas and schedule(segments=True).num_ctas is None
 
 
 @settings(max_examples=4 if ON_CPU else 16, deadline=None, derandomize=True)
@@ -521,8 +500,8 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
     query tiles streaming only the key tiles of its documents with their ids on a third ring;
     with keyless_rows the keys' ids differ from the queries' from row 150 on, so those rows see
     no key (output 0, no NaN) and the upper tiles' pairs stream nothing; persistent CTAs over two
-    batches, 3 CTAs taking the 8 units in unit_order's order (Schedule.ordered); a window
-    combined with causal masking on a ragged 200 rows. o, lse and o's low half vs the math."""
+    batches (which segment ids run a CTA per unit: mosaic_gpu.schedule_for); a window combined
+    with causal masking on a ragged 200 rows. o, lse and o's low half vs the math."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[64].replace(forward=dict(
@@ -587,8 +566,8 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     streams from a first tile past 0 and ends before the last, so the lower tile of a dK/dV pair
     skips the tiles only the upper one sees. documents: segment ids (DOCUMENT_CUTS), each unit
     streaming only the tiles of its documents with their ids on a ring (the dQ kernel's tiles,
-    64 x 128, cut the ranges apart from dK/dV's; persistent: in unit_order's order); with
-    keyless rows the keys' ids differ from
+    64 x 128, cut the ranges apart from dK/dV's; a CTA per unit whatever `persistent` says);
+    with keyless rows the keys' ids differ from
     the queries' from row 150 on, so those rows see no key (lse +inf, as the forward saves it:
     no NaN, zero gradients) and some units stream nothing."""
     from kernels.attention import common, mosaic_gpu_vjp

@@ -104,8 +104,8 @@ def test_attention_mosaic_gpu_lowers_with_segment_ids(persistent, backward, back
     Mosaic GPU forward lower for CUDA: one Mosaic GPU call, its pairs' key ranges read from
     GMEM and the keys' ids on a third ring; the gradient adds two backward kernels that take the
     segment ids the forward saves: Triton's by default off a tuned GPU (`default_backward`: no
-    table entry here), the Mosaic GPU ones when asked. Persistent: every Mosaic GPU kernel takes
-    its units in the order unit_order made (Schedule.ordered), read from GMEM."""
+    table entry here), the Mosaic GPU ones when asked. Asked for persistent CTAs, segment ids
+    run a CTA per unit all the same (mosaic_gpu.schedule_for)."""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct((2, 8192, 16, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 8192), jnp.int32)

@@ -47,9 +47,9 @@ Query tiles run last-first under causal masking (common.tile_order): the longest
 Segment ids (packed documents): a pair streams the union of its two query tiles' key tiles
 within their documents (common.segment_ranges, read from GMEM), maybe none; the keys' ids ride a
 third ring beside K's, each consumer loads its query tile's ids once, and every visited tile is
-masked by them but those inside its query tile's one document. A pair's work then follows its documents, not its position: persistent CTAs take
-the pairs in an order made by XLA before the kernel (Schedule.ordered: the most work first,
-dealt to the CTAs back and forth), not in folds.
+masked by them but those inside its query tile's one document (common.segment_ranges). A pair's
+work then follows its documents, not its position, so the units run a CTA each (schedule_for),
+not in persistent folds.
 
 Shared memory: q 2 bq D (persistent: 4 bq D), K and V 2 num_stages bk D elements (bf16) plus
 2 bq f32 for lse (segments: num_stages bk + 2 bq int32 more); the q buffers are reused to stage o
@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -176,14 +175,11 @@ class Schedule:
     launch_grid's order, or `num_ctas` persistent CTAs, one per multiprocessor, CTA c running the
     folds c, c + num_ctas, ... of that order. A fold is the pairs p and num_pairs - 1 - p of one
     (batch, head), the same work for every p under causal masking, so the static assignment
-    balances. With segment ids a pair's work follows its documents, which folds do not even out:
-    `ordered` persistent CTAs take the units in an order made at run time (`unit_order`: the
-    most work first, dealt to the CTAs back and forth), read from GMEM."""
-    grid: tuple[int, int, int]   # launch_grid's, over pairs (persistent, not ordered: over folds)
+    balances."""
+    grid: tuple[int, int, int]   # launch_grid's, over pairs (persistent: over folds)
     heads: int
     num_pairs: int
     num_ctas: int | None         # None: a CTA per unit
-    ordered: bool = False
 
     def launch_args(self) -> dict:
         """The grid and its axis names for warp_specialized.launch."""
@@ -191,16 +187,11 @@ class Schedule:
             return dict(grid=(self.num_ctas,), grid_names=("cta",))
         return dict(grid=self.grid, grid_names=GRID_NAMES)
 
-    def units(self, order_ref=None):
-        """In the kernel: (how many units this CTA runs, n -> (batch, head, pair) of its n-th);
-        order_ref: the ordered schedule's unit_order [#units] in GMEM."""
+    def units(self):
+        """In the kernel: (how many units this CTA runs, n -> (batch, head, pair) of its n-th)."""
         if not self.num_ctas:
             return 1, lambda n: unit_coords(launch_index(self.grid), self.grid, self.heads)
         first = lax.axis_index("cta")
-        if self.ordered:
-            return (dealt_count(first, math.prod(self.grid), self.num_ctas),
-                    lambda n: unit_coords(order_ref[dealt_rank(first, n, self.num_ctas)],
-                                          self.grid, self.heads))
         num_units = 2 * lax.div(math.prod(self.grid) - first + self.num_ctas - 1, self.num_ctas)
 
         def unit_pair(n):   # a fold's two units: its pair p, then the pair num_pairs - 1 - p
@@ -209,57 +200,23 @@ class Schedule:
         return num_units, unit_pair
 
 
-def dealt_rank(cta, n, num_ctas: int):
-    """The rank (in unit_order) of CTA cta's n-th unit when the ranks are dealt in rounds of
-    num_ctas, back and forth: rank n C + c in even rounds, n C + C - 1 - c in odd ones, so
-    that the CTA with the most work in one round has the least in the next."""
-    return n * num_ctas + jnp.where(lax.rem(n, 2) == 0, cta, num_ctas - 1 - cta)
-
-
-def dealt_count(cta, units: int, num_ctas: int):
-    """How many of `units` ranks dealt_rank gives CTA cta: every full round, and the short last
-    one's first `rest` columns (from the left in an even round, from the right in an odd one)."""
-    rounds, rest = divmod(units, num_ctas)
-    in_last = cta < rest if rounds % 2 == 0 else cta >= num_ctas - rest
-    return rounds + jnp.asarray(in_last, jnp.int32)
-
-
 def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_mib: int,
                  persistent: bool, segments: bool = False) -> Schedule:
-    """The Schedule of num_pairs units per (batch, head) (launch_grid's arguments); persistent
-    CTAs take the pairs fold by fold (an odd number of pairs runs a CTA per unit), or with
-    segments in a run-time order (Schedule.ordered, `unit_order`)."""
-    ordered = persistent and segments
-    folds = persistent and not segments and num_pairs % 2 == 0
-    grid = launch_grid(batch, heads, num_pairs // 2 if folds else num_pairs, head_bytes,
+    """The Schedule of num_pairs units per (batch, head) (launch_grid's arguments). Persistent
+    CTAs take the pairs fold by fold, which balances where a pair's work follows its position
+    (causal masks, windows): an odd number of pairs, or segment ids (a pair's work follows its
+    documents, which folds do not even out), run a CTA per unit, which the hardware hands out
+    as CTAs finish (packed documents, H100: 0.268 ms forward against 0.356 in folds, and 0.292
+    in a run-time order of the most work first: bench/RESULTS.md, session 19)."""
+    persistent = persistent and num_pairs % 2 == 0 and not segments
+    grid = launch_grid(batch, heads, num_pairs // 2 if persistent else num_pairs, head_bytes,
                        group_mib)
     return Schedule(grid, heads, num_pairs,
-                    min(num_sms(), math.prod(grid)) if folds or ordered else None, ordered)
-
-
-def pair_work(tiles: Callable, plan: common.Plan, block_q: int, block_k: int,
-              ranges: jax.Array) -> jax.Array:
-    """[B, pairs]: the tiles the two tiles of each pair visit, by `tiles` (common.kv_tiles for
-    pairs of query tiles, common.q_tiles for pairs of key tiles) within their segments' ranges
-    [B, tiles, 4] (common.segment_ranges). XLA."""
-    tile = jnp.arange(ranges.shape[1], dtype=jnp.int32)[None]
-    span = tiles(tile, plan, block_q, block_k, common.segment_range(lambda c: ranges[..., c]))
-    return (span.end - span.start).reshape(ranges.shape[0], -1, CONSUMERS).sum(-1)
-
-
-def unit_order(schedule: Schedule, pair_work: jax.Array, last_first: bool) -> jax.Array:
-    """An ordered schedule's units (positions in its launch_grid order), the most work first, by
-    pair_work [B, num_pairs] (XLA, before the kernel); last_first: the kernel runs pair p as
-    num_pairs - 1 - p (common.tile_order under causal masks). Dealt to the CTAs in rounds, back
-    and forth (Schedule.units), so that each CTA's total comes out even."""
-    b, _, pair = unit_coords(jnp.arange(math.prod(schedule.grid), dtype=jnp.int32),
-                             schedule.grid, schedule.heads)
-    work = pair_work[b, common.tile_order(pair, schedule.num_pairs, last_first)]
-    return jnp.argsort(-work, stable=True).astype(jnp.int32)
+                    min(num_sms(), math.prod(grid)) if persistent else None)
 
 
 def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, q_ref,
-                     k_stream, v_stream, ids_ring=None, segment_refs=(), order_ref=None):
+                     k_stream, v_stream, ids_ring=None, segment_refs=()):
     """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
     forward, the backward's dQ), in the kernel: (how many units this CTA runs, work, span), where
     work(n, base) -> (batch, head, pair, the first key tile the n-th unit streams, how many, its
@@ -270,9 +227,9 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     pairs, each made a Ring streaming that ref's key tiles from the CTA's `base`-th tile: query
     head h's are head h // (H / Hkv)'s (grouped-query, q_ref [B, S, H, D]). segment_refs: the
     queries' and the keys' ids [B, S] and the query tiles' ranges of key tiles [B, S / block_q,
-    4] (common.tile_segments), or none; the keys' ids then ride ids_ring. order_ref: an ordered
-    schedule's unit_order. Pairs run longest first (common.tile_order)."""
-    num_units, unit_pair = schedule.units(order_ref)
+    4] (common.tile_segments), or none; the keys' ids then ride ids_ring. Pairs run longest
+    first (common.tile_order)."""
+    num_units, unit_pair = schedule.units()
     group = q_ref.shape[2] // k_stream[1].shape[2]
     segment_ranges = segment_refs[2] if segment_refs else None
     rings = (k_stream, v_stream) + (((ids_ring, segment_refs[1]),) if segment_refs else ())
@@ -364,13 +321,12 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 
 def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ring, ids_ring,
             q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule):
-    inputs = 3 * plan.segments + schedule.ordered   # the ids, their ranges, the unit order
-    segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[inputs:]
+    segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     lse_ref, o_lo_ref = residual_refs or (None, None)
     q_ids_ref = segment_refs[0] if segment_refs else None
-    num_units, work, tile_span = query_pair_units(
-        schedule, plan, block_q, block_k, q_ref, (k_ring, k_ref), (v_ring, v_ref), ids_ring,
-        segment_refs, refs[inputs - 1] if schedule.ordered else None)
+    num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
+                                                  (k_ring, k_ref), (v_ring, v_ref), ids_ring,
+                                                  segment_refs)
     buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
 
     def pass_schedule():
@@ -543,11 +499,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     segment_inputs = []
     if segments is not None:   # padded ids repeat the last (api.attention's rule)
         ids = [jnp.pad(x, ((0, 0), (0, padded - s)), mode="edge") for x in segments]
-        ranges = common.segment_ranges(*ids, bq, bk)
-        segment_inputs = [*ids, ranges]
-        if units.ordered:
-            segment_inputs.append(unit_order(
-                units, pair_work(common.kv_tiles, plan, bq, bk, ranges), plan.causal))
+        segment_inputs = [*ids, common.segment_ranges(*ids, bq, bk)]
     scratch = dict(
         q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),
         lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,

@@ -33,8 +33,8 @@ multiprocessor through the folds of mosaic_gpu.Schedule, as the forward does: th
 streams the next unit's tiles through the same rings, and each consumer loads its next unit's own
 tiles (k and v; q, do, lse and delta) into a second buffer. Measured faster at head_dim 128 up to
 S1024 and slower from S2048 (bench/RESULTS.md, version 13): a tuning candidate. With segment
-ids the persistent CTAs take the units in a run-time order instead of folds, as the forward's
-(mosaic_gpu.Schedule.ordered: folds do not balance documents).
+ids both run a CTA per unit, as the forward (mosaic_gpu.schedule_for: folds do not balance
+documents).
 
 Masks, as in the forward: with grouped-query heads a dK/dV unit is a pair of key tiles of one
 K/V head, streaming the query tiles of each query head of its group in turn and summing dk and
@@ -69,8 +69,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common
 from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, backward_rows, check_runs_here,
-                                          pair_stream, pair_work, query_pair_units,
-                                          schedule_for, segment_tile, tile_visible, unit_order)
+                                          pair_stream, query_pair_units, schedule_for,
+                                          segment_tile, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
                                       matmuls_t, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
@@ -79,10 +79,9 @@ from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, cons
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem, v_smem,
                  kv_loaded, q_ring, do_ring, lse_ring, delta_ring, ids_ring, own_ids_smem,
                  own_ids_loaded, plan, block_q, block_k, schedule):
-    inputs = 3 * plan.segments + schedule.ordered   # the ids, their ranges, the unit order
-    segment_refs, (dk_ref, dv_ref) = refs[:3 * plan.segments], refs[inputs:]
+    segment_refs, (dk_ref, dv_ref) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     k_ids_ref, q_ids_ref, ranges_ref = segment_refs or (None, None, None)
-    num_units, unit_pair = schedule.units(refs[inputs - 1] if schedule.ordered else None)
+    num_units, unit_pair = schedule.units()
     buffers = k_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's k, v early
     column = compat.mosaic_gpu_column_layout()
     group = q_ref.shape[2] // k_ref.shape[2]   # the query heads of a K/V head (grouped-query)
@@ -214,12 +213,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, do_smem,
                lse_smem, delta_smem, q_loaded, k_ring, v_ring, ids_ring, own_ids_smem,
                own_ids_loaded, plan, block_q, block_k, schedule):
-    inputs = 3 * plan.segments + schedule.ordered
-    segment_refs, (dq_ref,) = refs[:3 * plan.segments], refs[inputs:]
+    segment_refs, (dq_ref,) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     q_ids_ref = segment_refs[0] if segment_refs else None
-    num_units, work, tile_span = query_pair_units(
-        schedule, plan, block_q, block_k, q_ref, (k_ring, k_ref), (v_ring, v_ref), ids_ring,
-        segment_refs, refs[inputs - 1] if schedule.ordered else None)
+    num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
+                                                  (k_ring, k_ref), (v_ring, v_ref), ids_ring,
+                                                  segment_refs)
     buffers = q_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's tiles early
     row = compat.mosaic_gpu_row_layout()
 
@@ -343,12 +341,6 @@ def backward(plan: common.Plan, residuals, do):
         b, heads, padded // (CONSUMERS * block), streamed * 2 * padded * d * q.dtype.itemsize,
         plan.dkdv.group_mib, plan.dkdv.persistent, plan.segments)
     dkdv_units, dq_units = units(kv_heads, bk, h // kv_heads), units(h, dq_bq, 1)
-    if dkdv_units.ordered:   # pairs of key tiles run first to last, pairs of query tiles as
-        # the forward's (the dQ kernel is query_pair_units')
-        dkdv_ids.append(unit_order(dkdv_units, pair_work(common.q_tiles, plan, bq, bk,
-                                                         dkdv_ids[2]), last_first=False))
-        dq_ids.append(unit_order(dq_units, pair_work(common.kv_tiles, plan, dq_bq, dq_bk,
-                                                     dq_ids[2]), last_first=plan.causal))
     buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dkdv_units),

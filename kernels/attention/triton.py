@@ -98,9 +98,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan, block_q, block_k, num_q):
 def segment_inputs(segments, block: int, other_block: int, tile, by_query: bool):
     """The segment operands of a kernel whose programs take one tile of `block` rows (query rows
     when by_query, else key rows), with the other side's tiles of other_block rows streamed:
-    (arrays, BlockSpecs) for (this tile's ids, the other side's ids, this tile's (first, end)
-    row of common.segment_ranges), or ((), ()) without segments. tile maps
-    the grid index to the tile."""
+    (arrays, BlockSpecs) for (this tile's ids, the other side's ids, this tile's row of
+    common.segment_ranges), or ((), ()) without segments. tile maps the grid index to the tile."""
     if segments is None:
         return (), ()
     mine, others, ranges = common.tile_segments(segments, block, other_block, by_query)
