@@ -499,9 +499,10 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
     interpreter: boundaries inside and across 64-row tiles, a document of one token, each pair of
     query tiles streaming only the key tiles of its documents with their ids on a third ring;
     with keyless_rows the keys' ids differ from the queries' from row 150 on, so those rows see
-    no key (output 0, no NaN) and the upper tiles' pairs stream nothing; persistent CTAs over two
-    batches (which segment ids run a CTA per unit: mosaic_gpu.schedule_for); a window combined
-    with causal masking on a ragged 200 rows. o, lse and o's low half vs the math."""
+    no key (output 0, no NaN) and the upper tiles' pairs stream nothing; two batches with
+    persistent CTAs asked for (segment ids run a CTA per unit all the same: schedule_for); a
+    window combined with causal masking on a ragged 200 rows. o, lse and o's low half vs the
+    math."""
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[64].replace(forward=dict(
@@ -567,9 +568,9 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     skips the tiles only the upper one sees. documents: segment ids (DOCUMENT_CUTS), each unit
     streaming only the tiles of its documents with their ids on a ring (the dQ kernel's tiles,
     64 x 128, cut the ranges apart from dK/dV's; a CTA per unit whatever `persistent` says);
-    with keyless rows the keys' ids differ from
-    the queries' from row 150 on, so those rows see no key (lse +inf, as the forward saves it:
-    no NaN, zero gradients) and some units stream nothing."""
+    with keyless rows the keys' ids differ from the queries' from row 150 on, so those rows see
+    no key (lse +inf, as the forward saves it: no NaN, zero gradients) and some units stream
+    nothing."""
     from kernels.attention import common, mosaic_gpu_vjp
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
