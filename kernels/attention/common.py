@@ -163,7 +163,8 @@ def _span(start, lo, hi, end, segment_range) -> Span:
         first, last, pure_first, pure_end = segment_range
         start, end = _max(start, first), _min(end, last)
         lo, hi = _max(lo, pure_first), _min(hi, pure_end)
-        # No tile needs no mask: none unmasked, at `end` (a product, not a select: see q_tiles).
+        # An empty run leaves every tile masked: lo = hi = end (a product, not a select: see
+        # q_tiles).
         some = jnp.asarray(lo < hi).astype(jnp.int32)
         lo, hi = some * lo + (1 - some) * end, some * hi + (1 - some) * end
     # A tile deep in the padding (or outside its segments) may see none: empty at `end`, never
