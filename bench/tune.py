@@ -54,6 +54,15 @@ class Stage(NamedTuple):
     time: Callable[[tuple, dict, dict], float]       # (shape, config, timing kwargs) -> ms
 
 
+class AttentionShape(NamedTuple):
+    """[B, S, H, D], with packed documents of this mean length (bench/attention.py's Masks)."""
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+    documents: int | None = None
+
+
 class Op(NamedTuple):
     shapes: dict[str, tuple]                         # shape key -> the shape it is timed at
     defaults: Callable[[str], Kernels]               # shape key -> the op's default configuration
@@ -134,10 +143,12 @@ def _head_dim(key: str) -> int:
 def _time_attention(which: int, implementation: str, backward: str | None = None):
     """Timing of the forward (which=1) or forward+backward (which=2) of our attention, with the
     given backward (None: the one the table picks)."""
-    def time(shape, config, timing):
-        fn = lambda q, k, v, _: attention(q, k, v, causal=True, implementation=implementation,
-                                          backward_implementation=backward, block_sizes=config)
-        (q, k, v, ids, cotangent), *calls = attention_bench.timed_calls(fn, shape, jnp.bfloat16)
+    def time(shape: AttentionShape, config, timing):
+        fn = lambda q, k, v, ids: attention(q, k, v, causal=True, segment_ids=ids,
+                                            implementation=implementation,
+                                            backward_implementation=backward, block_sizes=config)
+        (q, k, v, ids, cotangent), *calls = attention_bench.timed_calls(
+            fn, shape[:4], jnp.bfloat16, attention_bench.Masks(segments=shape.documents))
         args = (q, k, v, ids) if which == 1 else (q, k, v, ids, cotangent)
         return time_ms(calls[which - 1], *args, **timing)
     return time
@@ -231,14 +242,21 @@ def _time_loss_head(which: int):
 # (tokens, d): the LN+FFN anchor shapes; --batch sets the tokens (do not pass --seq with these ops)
 LN_FFN_SHAPES = {"d512": (131072, 512), "d768": (65536, 768), "d1024": (32768, 1024)}
 # 16k tokens, model width 2048, at S=2048: the middle of bench/attention.py's sweep
-ATTENTION_SHAPES = {"d64": (8, 2048, 32, 64), "d128": (8, 2048, 16, 128)}
+ATTENTION_SHAPES = {"d64": AttentionShape(8, 2048, 32, 64),
+                    "d128": AttentionShape(8, 2048, 16, 128)}
 # The Mosaic GPU kernels also per length (kernels.attention.api.shape_key): the sweep's lengths
-# (16k tokens), at 1024 with head_dim 64 micro_gpt_4's training shape.
+# (16k tokens), at 1024 with head_dim 64 micro_gpt_4's training shape; and with packed documents
+# of mean length 512 ("_docs", segment ids: tiles of few keys each), issue 21's case at 8192 and
+# micro_gpt_4's training shape.
 MOSAIC_ATTENTION_SHAPES = {
-    **ATTENTION_SHAPES, "d64_s512": (32, 512, 32, 64), "d64_s1024": (128, 1024, 8, 64),
-    "d64_s4096": (4, 4096, 32, 64), "d64_s8192": (2, 8192, 32, 64),
-    "d128_s512": (32, 512, 16, 128), "d128_s1024": (16, 1024, 16, 128),
-    "d128_s4096": (4, 4096, 16, 128), "d128_s8192": (2, 8192, 16, 128)}
+    **ATTENTION_SHAPES, "d64_s512": AttentionShape(32, 512, 32, 64),
+    "d64_s1024": AttentionShape(128, 1024, 8, 64), "d64_s4096": AttentionShape(4, 4096, 32, 64),
+    "d64_s8192": AttentionShape(2, 8192, 32, 64), "d128_s512": AttentionShape(32, 512, 16, 128),
+    "d128_s1024": AttentionShape(16, 1024, 16, 128),
+    "d128_s4096": AttentionShape(4, 4096, 16, 128),
+    "d128_s8192": AttentionShape(2, 8192, 16, 128),
+    "d64_s1024_docs": AttentionShape(128, 1024, 8, 64, documents=512),
+    "d128_s8192_docs": AttentionShape(2, 8192, 16, 128, documents=512)}
 OPS = {
     "attention/triton": Op(
         shapes=ATTENTION_SHAPES,
@@ -428,9 +446,8 @@ def _shape(op: Op, key: str, args) -> tuple:
     """The shape a key is timed at: attention's [B, S, H, D] with --batch/--seq applied, the
     others' (tokens, ...) with --tokens."""
     shape = op.shapes[key]
-    if len(shape) == 4:
-        batch, seq, heads, head_dim = shape
-        return (args.batch or batch, args.seq or seq, heads, head_dim)
+    if isinstance(shape, AttentionShape):
+        return shape._replace(batch=args.batch or shape.batch, seq=args.seq or shape.seq)
     return (args.tokens or shape[0], *shape[1:])
 
 if __name__ == "__main__":

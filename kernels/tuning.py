@@ -13,7 +13,8 @@ shipped with the kernels (kernels/tuning.json). For an op's implementation at a 
 first of these that has an entry wins, whole: the user's entry for this device kind, the shipped
 one, the user's for the architecture, the shipped one, then the op's defaults; a caller's
 explicit overrides win over all (`block_config`). Within an entry a shape key narrows with
-underscores: "d128_s8192" (head_dim 128 at sequences up to 8192) layers over "d128" and "*".
+underscores: "d128_s8192" (head_dim 128 at sequences up to 8192) layers over "d128" and "*", and
+a mask's tag narrows further: "d128_s8192_docs" (segment ids) over "d128_docs", then those.
 `lookup` says which entry a call used; `used_entries` lists those the calls so far used.
 """
 from __future__ import annotations
@@ -111,8 +112,14 @@ def _sections():
 
 
 def shape_key_prefixes(shape_key: str) -> list[str]:
-    """"d128_s8192" -> ["d128", "d128_s8192"]: the keys that apply, widest first."""
-    parts = shape_key.split("_")
+    """"d128_s8192" -> ["d128", "d128_s8192"]: the keys that apply, widest first. A last part of
+    letters only is a mask's tag, which narrows every key before it: "d128_s8192_docs" ->
+    ["d128", "d128_s8192", "d128_docs", "d128_s8192_docs"]."""
+    *parts, last = shape_key.split("_")
+    if parts and last.isalpha():
+        plain = shape_key_prefixes("_".join(parts))
+        return plain + [f"{key}_{last}" for key in plain]
+    parts.append(last)
     return ["_".join(parts[:n]) for n in range(1, len(parts) + 1)]
 
 
@@ -202,6 +209,11 @@ def record_preferred(device: str, op: str, shape_key: str, implementation: str,
     _update(path, device, op, shape_key, implementation)
 
 
+def _key_order(shape_key: str) -> list[tuple]:
+    """Sorts shape keys by their numbers ("d64_s512" before "d64_s1024"), tags after numbers."""
+    return [(0, int(p[1:]), "") if p[1:].isdigit() else (1, 0, p) for p in shape_key.split("_")]
+
+
 def preferences_markdown(table: dict | None = None) -> str:
     """The implementation preferences of a table (default: the shipped one) as a markdown table,
     one row per device, op and implementation with the shape keys it was measured fastest at.
@@ -214,7 +226,7 @@ def preferences_markdown(table: dict | None = None) -> str:
         for op, preferences in sorted((k, v) for k, v in section.items() if "/" not in k):
             for implementation in sorted(set(preferences.values())):
                 keys = sorted((k for k, v in preferences.items() if v == implementation),
-                              key=lambda k: [int(p[1:]) for p in k.split("_")])
+                              key=_key_order)
                 rows.append(f"| {device} | {op} | {implementation} | {', '.join(keys)} |")
     serving = "; ".join(f"{arch}: {device}" for arch, device in
                         sorted(table.get("architectures", {}).items()))

@@ -79,6 +79,20 @@ def test_tune_records_the_best_candidate(tmp_path):
     assert first.items() <= entry.items()
 
 
+def test_tune_times_packed_documents_at_their_keys(monkeypatch):
+    """The "_docs" keys are timed with segment ids: documents of their mean length, --batch and
+    --seq applied."""
+    args = tune.parse_args(["--seq", "32", "--batch", "1"])
+    shape = tune._shape(tune.OPS["attention/mosaic_gpu"], "d128_s8192_docs", args)
+    assert shape == tune.AttentionShape(1, 32, 16, 128, documents=512)
+    masks, timed_calls = [], attention_bench.timed_calls
+    monkeypatch.setattr(attention_bench, "timed_calls", lambda fn, shape, dtype, mask: (
+        masks.append(mask) or timed_calls(fn, shape, dtype, mask)))
+    ms = tune._time_attention(1, "triton")(tune.AttentionShape(1, 32, 2, 64, documents=8), {},
+                                           dict(warmup=0, repeats=1, calls=1))
+    assert ms > 0 and masks == [attention_bench.Masks(segments=8)]
+
+
 def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
     """--devices 1,2 --shard replicate,fsdp: the same global batch over 1 and 2 devices, the
     parameters replicated or split, gives the same loss; fsdp holds half the state a device."""

@@ -126,6 +126,33 @@ def test_lookup_layers_narrower_keys_within_the_entry(monkeypatch, key):
     assert tuning.lookup("toy", "impl", key).values == want
 
 
+@pytest.mark.parametrize("key, want", [
+    ("d128_s8192_docs", {"a": 1, "b": 5, "c": 4}), ("d128_s1024_docs", {"a": 1, "b": 2, "c": 4}),
+    ("d128_s8192", {"a": 1, "b": 3}), ("d64_s8192_docs", {"a": 1})])
+def test_a_masks_tag_narrows_every_key_before_it(monkeypatch, key, want):
+    """Packed documents ("_docs") take their own entries over the dense ones at every width."""
+    table = {H100: entries(**{"*": {"a": 1}, "d128": {"b": 2}, "d128_s8192": {"b": 3},
+                              "d128_docs": {"c": 4}, "d128_s8192_docs": {"b": 5}})}
+    on(monkeypatch, H100, "sm90", ("shipped", table))
+    assert tuning.lookup("toy", "impl", key).values == want
+
+
+def test_attention_with_segment_ids_uses_the_documents_entries(monkeypatch):
+    """The api looks segment ids up under "_docs" (falling back to the dense keys) and keeps the
+    dense key without them; the README's preferences table sorts such keys."""
+    on(monkeypatch, H100, "sm90", ("shipped", {H100: {
+        "attention/triton": {"d64_docs": {"block_q": 16}}, "attention": {"d64_s32_docs": "triton"}}}))
+    q = jnp.ones((1, 32, 2, 64), jnp.bfloat16)
+    ids = jnp.repeat(jnp.arange(4), 8)[None]
+    for segment_ids, key, block_q in ((ids, "d64_s32_docs", 16), (None, "d64_s32", None)):
+        tuning.used_entries(clear=True)
+        attention_api.attention(q, q, q, segment_ids=segment_ids, implementation="triton")
+        (entry,) = tuning.used_entries()
+        assert (entry.shape_key, entry.values.get("block_q")) == (key, block_q)
+    assert "d64_s32_docs" in tuning.preferences_markdown(
+        {H100: {"attention": {"d64_s32_docs": "triton", "d64_s32": "triton", "d64": "triton"}}})
+
+
 # (backend, Hopper, the tuning table's preference, dtype) -> the default implementation.
 DEFAULT_CASES = [
     ("cpu", False, None, jnp.bfloat16, "triton"),

@@ -54,15 +54,17 @@ def default_implementation(q: jax.Array | None = None) -> str:
     return "triton"
 
 
-def default_backward(implementation: str, head_dim: int, seq_len: int) -> str:
+def default_backward(implementation: str, head_dim: int, seq_len: int,
+                     documents: bool = False) -> str:
     """The backward of `implementation`'s forward: mosaic_gpu's takes the Mosaic GPU backward
     where the tuning table says it was measured faster at this head_dim and length (bench/tune.py
     records it under "attention_backward"; with grouped-query heads, segment ids and windows it
-    was faster still, bench/RESULTS.md session 18), else Triton's; every other forward its own."""
+    was faster still, bench/RESULTS.md session 18), else Triton's; every other forward its own.
+    documents: with segment ids (`shape_key`)."""
     if implementation != "mosaic_gpu":
         return implementation
     preferred = tuning.preferred_implementation("attention_backward",
-                                                shape_key(head_dim, seq_len))
+                                                shape_key(head_dim, seq_len, documents))
     return "mosaic_gpu" if preferred == "mosaic_gpu" else "triton"
 
 
@@ -110,12 +112,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
     backend = OP.backend(implementation)
     seq_len, kernel_dim = q.shape[1], common.kernel_head_dim(head_dim)
-    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len)
+    documents = segment_ids is not None
+    backward = backward_implementation or default_backward(implementation, kernel_dim, seq_len,
+                                                           documents)
     _check_backward(implementation, backward, kernel_dim)
     if backward != implementation:
         backend = dataclasses.replace(backend, backward=OP.backend(backward).backward)
-    kernels = _kernels(implementation, backward, shape_key(kernel_dim, seq_len), kernel_dim,
-                       block_sizes or {})
+    kernels = _kernels(implementation, backward, shape_key(kernel_dim, seq_len, documents),
+                       kernel_dim, block_sizes or {})
     (forward, dkdv, dq), padded = common.fit_blocks(kernels, seq_len)
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len, forward, dkdv, dq,
                        backend.interpret(interpret), window, segment_ids is not None)
@@ -170,10 +174,13 @@ def _kernels(implementation: str, backward: str, key: str, kernel_dim: int,
     return forward, backward_kernels.dkdv, backward_kernels.dq
 
 
-def shape_key(head_dim: int, seq_len: int) -> str:
+def shape_key(head_dim: int, seq_len: int, documents: bool = False) -> str:
     """The tuning table's key: "d<head_dim>_s<the power of two at or above seq_len>", which falls
-    back to "d<head_dim>" where no length was tuned on its own (kernels.tuning)."""
-    return f"d{head_dim}_s{1 << max(seq_len - 1, 1).bit_length()}"
+    back to "d<head_dim>" where no length was tuned on its own (kernels.tuning); with segment ids
+    (packed documents, whose tiles hold a few keys each) "..._docs", which falls back to the
+    dense keys."""
+    key = f"d{head_dim}_s{1 << max(seq_len - 1, 1).bit_length()}"
+    return f"{key}_docs" if documents else key
 
 
 def _validate(q, k, v, segment_ids, kv_segment_ids, local_window_size):
