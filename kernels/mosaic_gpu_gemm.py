@@ -390,28 +390,27 @@ def matmul_split_k(a: jax.Array, b: jax.Array, *, a_transposed: bool, b_transpos
     return jax.freeze(out)[:m], (jax.freeze(sums[0])[:m, 0] if row_sums else None)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "a_transposed", "b_transposed", "tiles",
-                                             "name"))
-def matmul_add(into: jax.Array, a: jax.Array, b: jax.Array, *, rows: int, a_transposed: bool,
+@functools.partial(jax.jit, static_argnames=("a_transposed", "b_transposed", "tiles", "name"))
+def matmul_add(into: jax.Array, a: jax.Array, b: jax.Array, *, a_transposed: bool,
                b_transposed: bool, tiles: Tiles, name: str) -> jax.Array:
-    """into with (A @ B)[:rows] added to its first rows in place, in f32 by TMA reduce-add, each
-    output tile by one CTA over all of K: deterministic, as an accumulation chunk after chunk
-    (the loss head's dE) needs. into [R, N] f32; a, b as in matmul_split_k, A with at least
-    `rows` rows, `rows` <= R a multiple of the CTA's rows (2 block_m): no row of into is padded,
-    so into can be the caller's own result. K is padded to a multiple of 64."""
-    if rows % (CONSUMERS * tiles.block_m) or rows > into.shape[0]:
-        raise ValueError(f"matmul_add: rows = {rows} must be a multiple of "
-                         f"{CONSUMERS * tiles.block_m} and at most into's {into.shape[0]}")
+    """into + (A @ B)[:M], M = into's rows, in place: f32 by TMA reduce-add, each output tile
+    by one CTA over all of K, so deterministic, as an accumulation chunk after chunk (the loss
+    head's dE) needs. into [M, N] f32, M any: the TMA drops the rows of the last tile past M
+    (shared memory untiled, which has no rows of 8 to fill), so into can be the caller's own
+    result, unpadded. a, b as in matmul_split_k, A with M rows at least, rounded up to the CTA's
+    rows (2 block_m; the TMA reads zeros past A's last); K padded to a multiple of 64."""
+    rows = CONSUMERS * tiles.block_m
     out = jax.new_ref(into, memory_space=plgpu.GMEM)
-    _reduce_add(out, a, b, rows=rows, a_transposed=a_transposed, b_transposed=b_transposed,
-                tiles=tiles, name=name, chunks=1)
+    _reduce_add(out, a, b, rows=-(-into.shape[0] // rows) * rows, a_transposed=a_transposed,
+                b_transposed=b_transposed, tiles=tiles, name=name, chunks=1, io_tiled=False)
     return jax.freeze(out)
 
 
 def _reduce_add(out, a, b, *sums, rows: int, a_transposed: bool, b_transposed: bool,
-                tiles: Tiles, name: str, chunks: int | None) -> None:
+                tiles: Tiles, name: str, chunks: int | None, io_tiled: bool = True) -> None:
     """out[:rows] += (A @ B)[:rows] (and sums[0][:rows, 0] += A 1) by _split_k_kernel, K in
-    `chunks` chunks (None: choose_chunks). out and sums: f32 refs in GMEM."""
+    `chunks` chunks (None: choose_chunks), the outputs through tiled shared memory or not. out
+    and sums: f32 refs in GMEM."""
     k = a.shape[0] if a_transposed else a.shape[1]
     n = b.shape[0] if b_transposed else b.shape[1]
     block_m, block_n, stages = tiles.block_m, tiles.block_n, tiles.num_stages
@@ -425,7 +424,8 @@ def _reduce_add(out, a, b, *sums, rows: int, a_transposed: bool, b_transposed: b
                    a_transposed=a_transposed, b_transposed=b_transposed)
     scratch = dict(
         **units.rings(stages),
-        io_smem=tiled_smem(jnp.float32, CONSUMERS, block_m, IO_COLUMNS),
+        io_smem=(tiled_smem(jnp.float32, CONSUMERS, block_m, IO_COLUMNS) if io_tiled else
+                 plgpu.SMEM((CONSUMERS, block_m, IO_COLUMNS), jnp.float32)),
         ones_smem=tiled_smem(jnp.bfloat16, CONSUMERS, BLOCK_K, SUMS_COLUMNS) if sums else None)
     a = pad_rows(a, padded_k, axis=0 if a_transposed else 1)
     b = pad_rows(b, padded_k, axis=1 if b_transposed else 0)

@@ -221,6 +221,20 @@ def test_logits_loss_lowers_without_a_tokens_by_vocab_array(impl, platform, cust
     assert max(sizes) * 2 <= 256 << 20 and max(sizes) * 7 < tokens * vocab, max(sizes)
 
 
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_the_mosaic_gpu_loss_head_lowers_at_gpt2s_vocabulary():
+    """V = 50257, no multiple of 8: dE [V, d] f32 is the dE GEMM's own output (added into in
+    place), which its TMA must take as it is (the tiled shared memory of the other GEMMs asks
+    rows in multiples of 8 of a global array)."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    f = lambda h, e, t: logits_loss(h, e, t, implementation="mosaic_gpu", interpret=False)
+    specs = (jax.ShapeDtypeStruct((4, 1024, 768), jnp.bfloat16),
+             jax.ShapeDtypeStruct((50257, 768), jnp.float32),
+             jax.ShapeDtypeStruct((4, 1024), jnp.int32))
+    text = _export_text(jax.value_and_grad(f, argnums=(0, 1)), "cuda", *specs)
+    assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", text)) == 3
+
+
 @pytest.mark.parametrize("platform, implementations, custom_calls", [
     ("cuda", ("triton", "triton", "mosaic_gpu"), {"__gpu$xla.gpu.triton": 10, "mosaic_gpu": 3}),
     ("tpu", ("tpu", "tpu", "tpu"), {"tpu_custom_call": 9})], ids=["cuda", "tpu"])

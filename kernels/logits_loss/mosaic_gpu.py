@@ -19,7 +19,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from kernels import config, mosaic_gpu_gemm
 from kernels.logits_loss import common
@@ -90,19 +89,10 @@ def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
 
 
 def add_de(de, ds, h_c, *, config: Kernels, interpret: bool):
-    """dE += ds^T h_c in place (common.backward's add_de): the rows of dE's whole CTA tiles by
-    mosaic_gpu_gemm.matmul_add (TMA reduce-add, each tile once: deterministic), the rest (fewer
-    than a tile's rows; the vocabulary is rarely a multiple of them) by XLA. de [V, d] f32, ds
-    [C, V'] bf16, h_c [C, d] bf16; the tiles' columns narrowed to divide d."""
+    """dE += ds^T h_c in place (common.backward's add_de) by mosaic_gpu_gemm.matmul_add (TMA
+    reduce-add, each tile once: deterministic; the rows of its last tile past V dropped). de
+    [V, d] f32, ds [C, V'] bf16, h_c [C, d] bf16; the tiles' columns narrowed to divide d."""
     del interpret
-    vocab, d = de.shape
-    tiles = dataclasses.replace(config.de, block_n=math.gcd(config.de.block_n, d))
-    whole = vocab // (CONSUMERS * tiles.block_m) * CONSUMERS * tiles.block_m
-    if whole:
-        de = mosaic_gpu_gemm.matmul_add(de, ds, h_c, rows=whole, a_transposed=True,
-                                        b_transposed=False, tiles=tiles,
-                                        name="logits_loss_de_mgpu")
-    if whole < vocab:
-        rest = jnp.matmul(ds[:, whole:vocab].T, h_c, preferred_element_type=jnp.float32)
-        de = lax.dynamic_update_slice(de, de[whole:] + rest, (whole, 0))
-    return de
+    tiles = dataclasses.replace(config.de, block_n=math.gcd(config.de.block_n, de.shape[1]))
+    return mosaic_gpu_gemm.matmul_add(de, ds, h_c, a_transposed=True, b_transposed=False,
+                                      tiles=tiles, name="logits_loss_de_mgpu")
