@@ -378,56 +378,29 @@ def matmul_split_k(a: jax.Array, b: jax.Array, *, a_transposed: bool, b_transpos
     padded here to the CTA's rows and K to a multiple of 64 (zeros add nothing); N a multiple of
     tiles.block_n. The weight gradient x^T dy is a_transposed with a = x [T, M].
     """
-    m = a.shape[1] if a_transposed else a.shape[0]
-    padded_m = -(-m // (CONSUMERS * tiles.block_m)) * CONSUMERS * tiles.block_m
-    n = b.shape[0] if b_transposed else b.shape[1]
-    zeros = lambda cols: jax.new_ref(jnp.zeros((padded_m, cols), jnp.float32),
-                                     memory_space=plgpu.GMEM)
-    out, sums = zeros(n), [zeros(IO_COLUMNS)] if row_sums else []
-    a = pad_rows(a, padded_m, axis=1 if a_transposed else 0)
-    _reduce_add(out, a, b, *sums, rows=padded_m, a_transposed=a_transposed,
-                b_transposed=b_transposed, tiles=tiles, name=name, chunks=None)
-    return jax.freeze(out)[:m], (jax.freeze(sums[0])[:m, 0] if row_sums else None)
-
-
-@functools.partial(jax.jit, static_argnames=("a_transposed", "b_transposed", "tiles", "name"))
-def matmul_add(into: jax.Array, a: jax.Array, b: jax.Array, *, a_transposed: bool,
-               b_transposed: bool, tiles: Tiles, name: str) -> jax.Array:
-    """into + (A @ B)[:M], M = into's rows, in place: f32 by TMA reduce-add, each output tile
-    by one CTA over all of K, so deterministic, as an accumulation chunk after chunk (the loss
-    head's dE) needs. into [M, N] f32, M any: the TMA drops the rows of the last tile past M
-    (shared memory untiled, which has no rows of 8 to fill), so into can be the caller's own
-    result, unpadded. a, b as in matmul_split_k, A with M rows at least, rounded up to the CTA's
-    rows (2 block_m; the TMA reads zeros past A's last); K padded to a multiple of 64."""
-    rows = CONSUMERS * tiles.block_m
-    out = jax.new_ref(into, memory_space=plgpu.GMEM)
-    _reduce_add(out, a, b, rows=-(-into.shape[0] // rows) * rows, a_transposed=a_transposed,
-                b_transposed=b_transposed, tiles=tiles, name=name, chunks=1, io_tiled=False)
-    return jax.freeze(out)
-
-
-def _reduce_add(out, a, b, *sums, rows: int, a_transposed: bool, b_transposed: bool,
-                tiles: Tiles, name: str, chunks: int | None, io_tiled: bool = True) -> None:
-    """out[:rows] += (A @ B)[:rows] (and sums[0][:rows, 0] += A 1) by _split_k_kernel, K in
-    `chunks` chunks (None: choose_chunks), the outputs through tiled shared memory or not. out
-    and sums: f32 refs in GMEM."""
-    k = a.shape[0] if a_transposed else a.shape[1]
+    (m, k) = a.shape[::-1] if a_transposed else a.shape
     n = b.shape[0] if b_transposed else b.shape[1]
     block_m, block_n, stages = tiles.block_m, tiles.block_n, tiles.num_stages
     if n % block_n:
         raise ValueError(f"matmul_split_k: N = {n} must be a multiple of block_n = {block_n}")
-    padded_k = -(-k // BLOCK_K) * BLOCK_K
+    rows = CONSUMERS * block_m
+    padded_m, padded_k = -(-m // rows) * rows, -(-k // BLOCK_K) * BLOCK_K
     k_steps, tiles_n = padded_k // BLOCK_K, n // block_n
-    num_tiles = rows // (CONSUMERS * block_m) * tiles_n
-    chunks = chunks or choose_chunks(num_tiles, k_steps, num_sms())
+    num_tiles = padded_m // rows * tiles_n
+    chunks = choose_chunks(num_tiles, k_steps, num_sms())
     units = _Units(block_m, block_n, tiles_n, num_tiles, chunks, chunk_steps=k_steps // chunks,
                    a_transposed=a_transposed, b_transposed=b_transposed)
+    zeros = lambda cols: jax.new_ref(jnp.zeros((padded_m, cols), jnp.float32),
+                                     memory_space=plgpu.GMEM)
+    out, sums = zeros(n), [zeros(IO_COLUMNS)] if row_sums else []
     scratch = dict(
         **units.rings(stages),
-        io_smem=(tiled_smem(jnp.float32, CONSUMERS, block_m, IO_COLUMNS) if io_tiled else
-                 plgpu.SMEM((CONSUMERS, block_m, IO_COLUMNS), jnp.float32)),
-        ones_smem=tiled_smem(jnp.bfloat16, CONSUMERS, BLOCK_K, SUMS_COLUMNS) if sums else None)
-    a = pad_rows(a, padded_k, axis=0 if a_transposed else 1)
+        io_smem=tiled_smem(jnp.float32, CONSUMERS, block_m, IO_COLUMNS),
+        ones_smem=tiled_smem(jnp.bfloat16, CONSUMERS, BLOCK_K, SUMS_COLUMNS) if row_sums
+        else None)
+    a = pad_rows(pad_rows(a, padded_k if a_transposed else padded_m, axis=0),
+                 padded_m if a_transposed else padded_k, axis=1)
     b = pad_rows(b, padded_k, axis=1 if b_transposed else 0)
     launch(functools.partial(_split_k_kernel, units=units), out_type=(), scratch=scratch,
            grid=(units.ctas(),), grid_names=("cta",), name=name)(a, b, out, *sums)
+    return jax.freeze(out)[:m], (jax.freeze(sums[0])[:m, 0] if row_sums else None)
