@@ -122,7 +122,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                        kernel_dim, block_sizes or {})
     (forward, dkdv, dq), padded = common.fit_blocks(kernels, seq_len)
     plan = common.Plan(implementation, bool(causal), sm_scale, seq_len, forward, dkdv, dq,
-                       backend.interpret(interpret), window, segment_ids is not None)
+                       backend.interpret(interpret), window, documents)
     if implementation == "mosaic_gpu":   # its tiles' multiple too, so its kernels pad nothing
         rows = mosaic_gpu.sequence_rows(plan)
         padded = -(-padded // rows) * rows
@@ -133,7 +133,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, kernel_dim - head_dim))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     segments = ([jnp.pad(ids, ((0, 0), (0, padded - seq_len)), mode="edge")
-                 for ids in (segment_ids, kv_segment_ids)] if segment_ids is not None else [])
+                 for ids in (segment_ids, kv_segment_ids)] if documents else [])
     return op.differentiable(backend, plan, q, k, v, *segments)[:, :seq_len, :, :head_dim]
 
 
