@@ -57,6 +57,15 @@ def time_ms(fn, *args, warmup: int = 2, repeats: int = 5, calls: int = 20) -> fl
     return statistics.median(per_call)
 
 
+def peak_bytes(compiled) -> int:
+    """What a compiled computation holds at once by XLA's memory analysis: its arguments, outputs
+    and temporaries, less the outputs that reuse donated arguments (inputs included, as PyTorch's
+    max_memory_allocated counts them)."""
+    memory = compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
 def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 

@@ -122,11 +122,14 @@ for stage in "${stages[@]}"; do
       $PY bench/train_step.py --preset gpt2_small --kernels reference,xla,pallas \
         --batch ${GPT2_REFERENCE_BATCH:-16} --json "$OUT/train_step_gpt2_reference.json" 2>&1 \
         | tee "$OUT/train_step_gpt2_reference.txt" ;;
-    gpt2_batch)   # the largest batch each path fits at gpt2_small (one short timing each)
-      for kernels in ${GPT2_PATHS:-xla pallas}; do
-        $PY bench/train_step.py --preset gpt2_small --kernels $kernels --warmup 1 --repeats 1 --steps 2 \
-          --batches ${GPT2_MAX_BATCHES:-512,384,256,192,128,96,64} 2>&1 | grep -E "batch|fits" \
-          | tee -a "$OUT/gpt2_batch.txt"
+    gpt2_batch)   # the largest batch each path fits at gpt2_small (one short timing each):
+                  # GPT2_PATHS lists path:candidates, largest first. A candidate whose compiled
+                  # step needs more than the device's memory costs its compilation only; GEMM
+                  # autotuning is off, which shortens that and leaves the memory as it is
+      for path in ${GPT2_PATHS:-xla:128,96,64 pallas:320,256,192,128}; do
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" $PY bench/train_step.py \
+          --preset gpt2_small --kernels ${path%%:*} --warmup 1 --repeats 1 --steps 2 \
+          --batches ${path#*:} 2>&1 | grep -E "batch|fits|GiB" | tee -a "$OUT/gpt2_batch.txt"
       done ;;
     curves_gpt2)   # gpt2_small, reference vs pallas, 300 steps (GPT2_CURVE_STEPS): curves_gpt2.json
                    # comes back; the whole log lands in $OUT as it runs, so a run cut short says where

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import (add_ratios, add_timing_args, device_description, int_list,
-                          maybe_profile, report, smoke_size, time_ms, timed_row)
+                          maybe_profile, peak_bytes, report, smoke_size, time_ms, timed_row)
 from bench import torch_peers
 from kernels.logits_loss import logits_loss
 from microgpt import model
@@ -54,12 +54,9 @@ def timed_calls(fn, tokens: int, vocab: int, d: int):
 
 def measure(fn, tokens: int, vocab: int, d: int, timing: dict) -> tuple[float, float, int]:
     """(forward ms, forward+backward ms, peak bytes); the peak is XLA's memory analysis of the
-    compiled forward+backward (its arguments, outputs and temporaries: what it holds at once,
-    inputs included, as PyTorch's max_memory_allocated counts them)."""
+    compiled forward+backward (common.peak_bytes)."""
     args, forward, forward_backward = timed_calls(fn, tokens, vocab, d)
-    memory = forward_backward.lower(*args).compile().memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    peak = peak_bytes(forward_backward.lower(*args).compile())
     return (time_ms(forward, *args, **timing), time_ms(forward_backward, *args, **timing), peak)
 
 

@@ -15,7 +15,9 @@ figures the field publishes), and, labelled, over its bf16 matmul peak measured 
 With --devices, each path also runs data-parallel over the first n devices for each n listed, at the
 same global batch and data: the losses after the timed steps must agree, the speed-up is the scaling;
 with --shard, each layout of the parameters and optimizer state (microgpt/sharding.py) at each
-count, the bytes of that state a device holds beside it.
+count, the bytes of that state a device holds beside it. Each row has the step's peak memory by XLA's
+memory analysis (parameters, optimizer state, batch, activations and temporaries); a batch whose
+peak exceeds the device's memory counts as not fitting without running.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import jax
 import numpy as np
 
 from bench.common import (add_full_arg, device_description, format_table, int_list, maybe_profile,
-                          peak_tflops, smoke_size, write_json)
+                          peak_bytes, peak_tflops, smoke_size, write_json)
 from microgpt import sharding
 from microgpt.gpt import KERNELS, PRESETS
 from microgpt.model import flops_per_token
@@ -42,11 +44,13 @@ DEFAULT_SEQ = 1024   # the sequence length of a preset without a context of its 
 
 
 def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: int, repeats: int,
-            steps: int) -> tuple[float, float, int]:
+            steps: int) -> tuple[float, float, int, int]:
     """(median milliseconds per train step, the loss of the last step, the bytes of parameters
-    and optimizer state a device holds) over the first `devices` devices with the parameters
-    held as `shard` says, state threaded through as in training (every run takes the same steps
-    on the same data)."""
+    and optimizer state a device holds, the step's peak bytes a device holds) over the first
+    `devices` devices with the parameters held as `shard` says, state threaded through as in
+    training (every run takes the same steps on the same data). The peak is XLA's memory analysis
+    of the compiled step (common.peak_bytes); a step whose peak exceeds the device's memory raises
+    the out-of-memory error before it runs."""
     model = PRESETS[args.preset](vocab=args.vocab, model_d=args.model_d, num_heads=args.heads,
                                  kernels=kernels)
     optimizer, _ = make_optimizer(TrainConfig(max_steps=10_000))
@@ -61,6 +65,14 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     rng = np.random.default_rng(0)
     x, y = (jax.device_put(rng.integers(0, args.vocab, (batch, args.seq), dtype=np.int32))
             for _ in range(2))
+    start = time.perf_counter()
+    step = step.lower(params, opt_state, x, y).compile()
+    peak, limit = peak_bytes(step), device_memory_bytes()
+    print(f"  {kernels:9s} batch {batch}: compiled in {time.perf_counter() - start:.0f} s, "
+          f"peak {peak / 2**30:.2f} GiB", flush=True)
+    if limit and peak > limit:
+        raise MemoryError(f"RESOURCE_EXHAUSTED: the step needs {peak / 2**30:.1f} GiB by XLA's "
+                          f"memory analysis; the device has {limit / 2**30:.1f}")
     for _ in range(warmup):
         params, opt_state, metrics = step(params, opt_state, x, y)
     jax.block_until_ready(metrics)
@@ -74,7 +86,13 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
                 params, opt_state, metrics = step(params, opt_state, x, y)
             jax.block_until_ready(metrics)
             per_step.append((time.perf_counter() - start) * 1e3 / steps)
-    return statistics.median(per_step), float(metrics["loss"]), held
+    return statistics.median(per_step), float(metrics["loss"]), held, peak
+
+
+def device_memory_bytes() -> int | None:
+    """The memory XLA may allocate on the first device (None where the backend does not say)."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("bytes_limit") if stats else None
 
 
 def is_out_of_memory(err: Exception) -> bool:
@@ -145,7 +163,7 @@ def main(argv=None) -> list[dict]:
     runs = [(kernels, n, shard) for kernels in paths for n in counts for shard in layouts]
 
     timing = dict(warmup=args.warmup, repeats=args.repeats, steps=args.steps)
-    results: dict[tuple[str, int, str], tuple[float, float, int]] = {}
+    results: dict[tuple[str, int, str], tuple[float, float, int, int]] = {}
     batch = None
     for b in candidates:   # the largest batch every path fits
         if any(b % n for n in counts):
@@ -161,7 +179,9 @@ def main(argv=None) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - only out-of-memory moves to a smaller batch
             if not is_out_of_memory(err):
                 raise
-            print(f"  batch {b} does not fit ({kernels}); trying a smaller one", flush=True)
+            reason = str(err).strip().splitlines()[0][:200]
+            print(f"  batch {b} does not fit ({kernels}: {reason}); trying a smaller one",
+                  flush=True)
             results.clear()
     if batch is None:
         raise SystemExit("no candidate batch fits")
@@ -170,11 +190,12 @@ def main(argv=None) -> list[dict]:
     flops_step = step_flops(args, batch)
     ms_of = lambda path, devices, shard: results.get((path, devices, shard), (np.nan,))[0]
     records = []
-    for (kernels, n, shard), (ms, loss, held) in results.items():
+    for (kernels, n, shard), (ms, loss, held, peak) in results.items():
         tflops = flops_step / (ms * 1e-3) / 1e12
         # On one device the layouts hold the same: either one's time is the one device's.
         one = ms_of(kernels, 1, "replicate" if (kernels, 1, "replicate") in results else shard)
         records.append(dict(kernels=kernels, devices=n, shard=shard, state_gb_per_device=held / 1e9,
+                            peak_gib_per_device=peak / 2**30,
                             preset=args.preset, model_d=args.model_d,
                             heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
                             ms_per_step=ms, tokens_per_s=batch * args.seq / (ms * 1e-3),
@@ -191,6 +212,7 @@ def main(argv=None) -> list[dict]:
     print(format_table(records, [("kernels", "kernels", "s"), ("devices", "devices", "d"),
                                  ("shard", "shard", "s"),
                                  ("state_gb_per_device", "state GB/device", ".3f"),
+                                 ("peak_gib_per_device", "peak GiB/device", ".2f"),
                                  ("ms_per_step", "ms/step", ".2f"),
                                  ("tokens_per_s", "tokens/s", ",.0f"),
                                  ("model_tflops", "model TF/s", ".1f"),
