@@ -182,12 +182,12 @@ def _mosaic_tiles(gemms: tuple[str, ...], block_m: int, block_n: int, stages: in
 
 # Per consumer warpgroup: 64 x 256 and 128 x 128 (128 accumulator registers a thread) fit 3 ring
 # stages beside the epilogue buffer in 227 KB of shared memory; 64 x 128 fits 5. In ping-pong a
-# slot holds one warpgroup's rows, half as many: 4 stages fit.
+# slot holds one warpgroup's rows: 4 stages of 128 x 128 fit, 3 of 64 x 256.
 LN_FFN_MOSAIC_CANDIDATES = {
     "forward": [{}, _mosaic_tiles(("up", "down"), 128, 128, 3),
                 _mosaic_tiles(("up", "down"), 64, 128, 5), _mosaic_tiles(("down",), 128, 128, 3),
                 _mosaic_tiles(("up",), 128, 128, 4, pingpong=True),
-                _mosaic_tiles(("up",), 64, 256, 4, pingpong=True),
+                _mosaic_tiles(("up",), 64, 256, 3, pingpong=True),
                 _mosaic_tiles(("up", "down"), 128, 128, 4, pingpong=True)],
     "backward": [{}, _mosaic_tiles(("dz", "dxn"), 128, 128, 3),
                  _mosaic_tiles(("dz", "dxn"), 64, 128, 5), _mosaic_tiles(("dw",), 64, 256, 3),
@@ -236,7 +236,7 @@ LOSS_HEAD_DLOGITS_CANDIDATES = [
     {}, {"dlogits_block_n": 128, "dlogits_num_stages": 4},
     {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_num_stages": 3},
     {"dlogits_num_stages": 4}, {"dlogits_chunk_mib": 128}, {"dlogits_chunk_mib": 64},
-    {"dlogits_pingpong": True, "dlogits_num_stages": 4},
+    {"dlogits_pingpong": True, "dlogits_num_stages": 3},
     {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_pingpong": True,
      "dlogits_num_stages": 4}]
 # (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row), GPT-2's

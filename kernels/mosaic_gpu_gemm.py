@@ -183,30 +183,55 @@ class _Stream:
     def product(self, i, wg, ones=None):
         """Unit i's A B over its chunk, warpgroup wg's block_m rows ([block_m, block_n] f32 in
         registers), and with `ones` (a [BLOCK_K, SUMS_COLUMNS] block, first column 1) the rows'
-        sums of A in column 0 of a second accumulator. In ping-pong the units' matmuls take turns
-        by themselves: the ring streams unit after unit."""
-        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
+        sums of A in column 0 of a second accumulator.
 
-        def k_step(k, accs):
-            n = i * units.chunk_steps + k
-            a_ring.wait(n)
-            b_ring.wait(n)
-            b = b_ring.tile(n)
-            b = b.transpose((1, 0)) if units.b_transposed else b
-            a = a_ring.tile(n)
-            if not units.pingpong:   # this warpgroup's rows of the shared tile
-                ms = pl.ds(wg * units.block_m, units.block_m)
-                a = a.at[:, ms] if units.a_transposed else a.at[ms]
-            a = a.transpose((1, 0)) if units.a_transposed else a
-            accs = (accumulate(accs[0], a, b), *(accumulate(s, a, ones) for s in accs[1:]))
-            a_ring.release(n)
-            b_ring.release(n)
-            return accs
-
+        A k-step's wgmma is done before the next is issued: in the cooperative schedule the
+        other warpgroup's keeps the tensor cores busy meanwhile (one in flight per warpgroup
+        measured 5-20% slower, bench/RESULTS.md session 16). In ping-pong the other warpgroup
+        is at its epilogue, so the matmul (the model width's few k-steps, unrolled) keeps one
+        wgmma in flight while it issues the next, each slot released a k-step late; the
+        split-K GEMM's long chunks keep the loop. The units' matmuls take turns by themselves:
+        the ring streams unit after unit."""
+        units = self.units
         zeros = lambda cols: plgpu.layout_cast(jnp.zeros((units.block_m, cols), jnp.float32),
                                                plgpu.Layout.WGMMA)
+        first = i * units.chunk_steps
+        if units.pingpong and ones is None and units.chunks == 1:
+            def products(acc_ref):
+                for k in range(units.chunk_steps):
+                    plgpu.wgmma(acc_ref, *self.operands(first + k, wg))
+                    plgpu.wgmma_wait(1)   # k-step k - 1's product is done: free its slots
+                    if k:
+                        self.release(first + k - 1)
+                plgpu.wgmma_wait(0)
+                self.release(first + units.chunk_steps - 1)
+            return (pl.run_state(products)(plgpu.ACC.init(zeros(units.block_n))),)
+
+        def k_step(k, accs):
+            a, b = self.operands(first + k, wg)
+            accs = (accumulate(accs[0], a, b), *(accumulate(s, a, ones) for s in accs[1:]))
+            self.release(first + k)
+            return accs
+
         init = (zeros(units.block_n),) + (() if ones is None else (zeros(SUMS_COLUMNS),))
         return lax.fori_loop(0, units.chunk_steps, k_step, init)
+
+    def operands(self, n, wg):
+        """k-step n's A (warpgroup wg's rows) and B in shared memory, once loaded."""
+        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
+        a_ring.wait(n)
+        b_ring.wait(n)
+        b = b_ring.tile(n)
+        b = b.transpose((1, 0)) if units.b_transposed else b
+        a = a_ring.tile(n)
+        if not units.pingpong:   # this warpgroup's rows of the shared tile
+            ms = pl.ds(wg * units.block_m, units.block_m)
+            a = a.at[:, ms] if units.a_transposed else a.at[ms]
+        return (a.transpose((1, 0)) if units.a_transposed else a), b
+
+    def release(self, n):
+        self.a_ring.release(n)
+        self.b_ring.release(n)
 
     def for_each_unit(self, wg, body) -> None:
         """body(i) for this CTA's units that consumer warpgroup wg works on: every one, or in
