@@ -61,8 +61,7 @@ def main(argv=None) -> list[dict]:
         if args.impl == "mosaic_gpu":   # dh on the split-K Mosaic GPU GEMM instead of XLA's
             dh_split = lambda ds: mosaic_gpu_gemm.matmul_split_k(
                 ds, e, a_transposed=False, b_transposed=False, name="dh_split_k",
-                tiles=mosaic_gpu_gemm.Tiles(block_m=128, block_n=128, num_stages=3,
-                                              pingpong=False))[0]
+                tiles=mosaic_gpu_gemm.Tiles(block_m=128, block_n=128, num_stages=3))[0]
             row["dh_split_k_ms"] = time_ms(dh_split, ds, **timing)
             parts.append("dh_split_k")
         for part in parts:

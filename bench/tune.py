@@ -173,28 +173,19 @@ LN_FFN_CANDIDATES = {
 
 # ------------------------------------------------------------------ layernorm_ffn (Mosaic GPU)
 
-def _mosaic_tiles(gemms: tuple[str, ...], block_m: int, block_n: int, stages: int,
-                  pingpong: bool = False) -> dict:
+def _mosaic_tiles(gemms: tuple[str, ...], block_m: int, block_n: int, stages: int) -> dict:
     return {f"{g}_{name}": value for g in gemms for name, value in
-            (("block_m", block_m), ("block_n", block_n), ("num_stages", stages),
-             ("pingpong", pingpong))}
+            (("block_m", block_m), ("block_n", block_n), ("num_stages", stages))}
 
 
 # Per consumer warpgroup: 64 x 256 and 128 x 128 (128 accumulator registers a thread) fit 3 ring
-# stages beside the epilogue buffer in 227 KB of shared memory; 64 x 128 fits 5. In ping-pong a
-# slot holds one warpgroup's rows: 4 stages of 128 x 128 fit, 3 of 64 x 256.
+# stages beside the epilogue buffer in 227 KB of shared memory; 64 x 128 fits 5.
 LN_FFN_MOSAIC_CANDIDATES = {
     "forward": [{}, _mosaic_tiles(("up", "down"), 128, 128, 3),
-                _mosaic_tiles(("up", "down"), 64, 128, 5), _mosaic_tiles(("down",), 128, 128, 3),
-                _mosaic_tiles(("up",), 128, 128, 4, pingpong=True),
-                _mosaic_tiles(("up",), 64, 256, 3, pingpong=True),
-                _mosaic_tiles(("up", "down"), 128, 128, 4, pingpong=True)],
+                _mosaic_tiles(("up", "down"), 64, 128, 5), _mosaic_tiles(("down",), 128, 128, 3)],
     "backward": [{}, _mosaic_tiles(("dz", "dxn"), 128, 128, 3),
                  _mosaic_tiles(("dz", "dxn"), 64, 128, 5), _mosaic_tiles(("dw",), 64, 256, 3),
-                 _mosaic_tiles(("dw",), 64, 128, 5),
-                 _mosaic_tiles(("dz",), 128, 128, 4, pingpong=True),
-                 _mosaic_tiles(("dz", "dxn"), 128, 128, 4, pingpong=True),
-                 _mosaic_tiles(("dw",), 128, 128, 4, pingpong=True)],
+                 _mosaic_tiles(("dw",), 64, 128, 5)],
 }
 
 
@@ -228,17 +219,12 @@ def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) ->
 # block_n (9000: 9216 at 256, 9088 at 128).
 LOSS_HEAD_CANDIDATES = [
     {}, {"block_n": 128, "num_stages": 4}, {"block_n": 128, "num_stages": 5},
-    {"block_m": 128, "block_n": 128, "num_stages": 3}, {"num_stages": 4}, {"num_stages": 2},
-    {"pingpong": True, "num_stages": 4},
-    {"block_m": 128, "block_n": 128, "pingpong": True, "num_stages": 5}]
+    {"block_m": 128, "block_n": 128, "num_stages": 3}, {"num_stages": 4}, {"num_stages": 2}]
 # The dlogits GEMM (its epilogue writes a bf16 tile) and the chunk it writes.
 LOSS_HEAD_DLOGITS_CANDIDATES = [
     {}, {"dlogits_block_n": 128, "dlogits_num_stages": 4},
     {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_num_stages": 3},
-    {"dlogits_num_stages": 4}, {"dlogits_chunk_mib": 128}, {"dlogits_chunk_mib": 64},
-    {"dlogits_pingpong": True, "dlogits_num_stages": 3},
-    {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_pingpong": True,
-     "dlogits_num_stages": 4}]
+    {"dlogits_num_stages": 4}, {"dlogits_chunk_mib": 128}, {"dlogits_chunk_mib": 64}]
 # (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row), GPT-2's
 LOSS_HEAD_SHAPES = {"d512": (65536, 9000, 512), "d768": (65536, 50257, 768)}
 

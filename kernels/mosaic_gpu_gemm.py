@@ -65,15 +65,12 @@ GROUP_BYTES = 16 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Tiles(config.KernelConfig):
-    """The output tile per consumer warpgroup (block_m x block_n), the rings' depth, and the
-    schedule: the consumer warpgroups share each work unit (a unit of CONSUMERS block_m rows,
-    block_m each), or, with pingpong, take whole units of block_m rows in turn, the epilogue of
-    one overlapping the other's matmul. Its f32 accumulator takes block_m block_n / 128 registers
-    a thread: at most 128 fit beside the epilogue."""
+    """The output tile per consumer warpgroup (block_m x block_n) and the rings' depth. Its f32
+    accumulator takes block_m block_n / 128 registers a thread: at most 128 fit beside the
+    epilogue."""
     block_m: int = config.tile(multiple_of=WGMMA_M)
     block_n: int = config.tile(multiple_of=64)
     num_stages: int = config.stages(minimum=2)
-    pingpong: bool = config.flag()
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,18 +94,6 @@ class _Units:
     a_transposed: bool
     b_transposed: bool
     group_rows: int = 1
-    pingpong: bool = False
-
-    @property
-    def rows(self) -> int:
-        """A unit's rows: a warpgroup's in ping-pong, else every consumer warpgroup's."""
-        return self.block_m if self.pingpong else CONSUMERS * self.block_m
-
-    def warpgroup_rows(self, row, wg):
-        """The output rows of unit row `row` that consumer warpgroup wg computes."""
-        if self.pingpong:
-            return pl.ds(row * self.block_m, self.block_m)
-        return pl.ds((row * CONSUMERS + wg) * self.block_m, self.block_m)
 
     def position(self, tile):
         """(row, column) of the tile-th tile: groups of group_rows rows (the last one shorter),
@@ -129,15 +114,11 @@ class _Units:
         return min(num_sms(), self.count)
 
     def rings(self, num_stages: int) -> dict:
-        """The rings' scratch. A slot is released by each warpgroup that reads it: both, or in
-        ping-pong its unit's one; there, alternate units' loads signal alternate sets of
-        barriers, so that each warpgroup waits for every phase of its own set (see Ring)."""
-        a_tile = (BLOCK_K, self.rows) if self.a_transposed else (self.rows, BLOCK_K)
+        rows = CONSUMERS * self.block_m
+        a_tile = (BLOCK_K, rows) if self.a_transposed else (rows, BLOCK_K)
         b_tile = (self.block_n, BLOCK_K) if self.b_transposed else (BLOCK_K, self.block_n)
-        readers, sets = (1, CONSUMERS) if self.pingpong else (CONSUMERS, 1)
-        ring = lambda tile: ring_scratch(tiled_smem(jnp.bfloat16, num_stages, *tile), num_stages,
-                                         readers, sets)
-        return dict(a_ring=ring(a_tile), b_ring=ring(b_tile))
+        return dict(a_ring=ring_scratch(tiled_smem(jnp.bfloat16, num_stages, *a_tile), num_stages),
+                    b_ring=ring_scratch(tiled_smem(jnp.bfloat16, num_stages, *b_tile), num_stages))
 
 
 class _Stream:
@@ -150,7 +131,7 @@ class _Stream:
         self.cta, num_ctas = lax.axis_index("cta"), units.ctas()
         self.count = (units.count - self.cta + num_ctas - 1) // num_ctas  # units cta, cta + #CTAs..
         self.num_ctas = num_ctas
-        rows = units.rows
+        rows = CONSUMERS * units.block_m
 
         def k_slice(n):
             step = lax.rem(n, units.chunk_steps)
@@ -161,7 +142,7 @@ class _Stream:
 
         def a_tile(n):
             _, row, _ = self.unit(n // units.chunk_steps)
-            ms, ks = pl.ds(row * rows, rows), k_slice(n)
+            ms, ks = pl.ds(row * CONSUMERS * units.block_m, rows), k_slice(n)
             return a_ref.at[ks, ms] if units.a_transposed else a_ref.at[ms, ks]
 
         def b_tile(n):
@@ -169,9 +150,7 @@ class _Stream:
             ns, ks = pl.ds(col * units.block_n, units.block_n), k_slice(n)
             return b_ref.at[ns, ks] if units.b_transposed else b_ref.at[ks, ns]
 
-        set_steps = units.chunk_steps if units.pingpong else 0
-        self.a_ring, self.b_ring = (Ring(tile, *ring, set_steps=set_steps)
-                                    for tile, ring in ((a_tile, a_ring), (b_tile, b_ring)))
+        self.a_ring, self.b_ring = Ring(a_tile, *a_ring), Ring(b_tile, *b_ring)
 
     def unit(self, i):
         """(K chunk, row block, column block) of this CTA's i-th unit."""
@@ -183,64 +162,26 @@ class _Stream:
     def product(self, i, wg, ones=None):
         """Unit i's A B over its chunk, warpgroup wg's block_m rows ([block_m, block_n] f32 in
         registers), and with `ones` (a [BLOCK_K, SUMS_COLUMNS] block, first column 1) the rows'
-        sums of A in column 0 of a second accumulator.
-
-        A k-step's wgmma is done before the next is issued: in the cooperative schedule the
-        other warpgroup's keeps the tensor cores busy meanwhile (one in flight per warpgroup
-        measured 5-20% slower, bench/RESULTS.md session 16). In ping-pong the other warpgroup
-        is at its epilogue, so the matmul (the model width's few k-steps, unrolled) keeps one
-        wgmma in flight while it issues the next, each slot released a k-step late; the
-        split-K GEMM's long chunks keep the loop. The units' matmuls take turns by themselves:
-        the ring streams unit after unit."""
-        units = self.units
-        zeros = lambda cols: plgpu.layout_cast(jnp.zeros((units.block_m, cols), jnp.float32),
-                                               plgpu.Layout.WGMMA)
-        first = i * units.chunk_steps
-        if units.pingpong and ones is None and units.chunks == 1:
-            def products(acc_ref):
-                for k in range(units.chunk_steps):
-                    plgpu.wgmma(acc_ref, *self.operands(first + k, wg))
-                    plgpu.wgmma_wait(1)   # k-step k - 1's product is done: free its slots
-                    if k:
-                        self.release(first + k - 1)
-                plgpu.wgmma_wait(0)
-                self.release(first + units.chunk_steps - 1)
-            return (pl.run_state(products)(plgpu.ACC.init(zeros(units.block_n))),)
+        sums of A in column 0 of a second accumulator."""
+        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
 
         def k_step(k, accs):
-            a, b = self.operands(first + k, wg)
+            n = i * units.chunk_steps + k
+            a_ring.wait(n)
+            b_ring.wait(n)
+            b = b_ring.tile(n)
+            b = b.transpose((1, 0)) if units.b_transposed else b
+            a, ms = a_ring.tile(n), pl.ds(wg * units.block_m, units.block_m)
+            a = a.at[:, ms].transpose((1, 0)) if units.a_transposed else a.at[ms]
             accs = (accumulate(accs[0], a, b), *(accumulate(s, a, ones) for s in accs[1:]))
-            self.release(first + k)
+            a_ring.release(n)
+            b_ring.release(n)
             return accs
 
+        zeros = lambda cols: plgpu.layout_cast(jnp.zeros((units.block_m, cols), jnp.float32),
+                                               plgpu.Layout.WGMMA)
         init = (zeros(units.block_n),) + (() if ones is None else (zeros(SUMS_COLUMNS),))
         return lax.fori_loop(0, units.chunk_steps, k_step, init)
-
-    def operands(self, n, wg):
-        """k-step n's A (warpgroup wg's rows) and B in shared memory, once loaded."""
-        units, a_ring, b_ring = self.units, self.a_ring, self.b_ring
-        a_ring.wait(n)
-        b_ring.wait(n)
-        b = b_ring.tile(n)
-        b = b.transpose((1, 0)) if units.b_transposed else b
-        a = a_ring.tile(n)
-        if not units.pingpong:   # this warpgroup's rows of the shared tile
-            ms = pl.ds(wg * units.block_m, units.block_m)
-            a = a.at[:, ms] if units.a_transposed else a.at[ms]
-        return (a.transpose((1, 0)) if units.a_transposed else a), b
-
-    def release(self, n):
-        self.a_ring.release(n)
-        self.b_ring.release(n)
-
-    def for_each_unit(self, wg, body) -> None:
-        """body(i) for this CTA's units that consumer warpgroup wg works on: every one, or in
-        ping-pong every other one (wg, wg + 2, ...)."""
-        if not self.units.pingpong:
-            lax.fori_loop(0, self.count, lambda i, _: body(i), None)
-            return
-        mine = (self.count - wg + CONSUMERS - 1) // CONSUMERS
-        lax.fori_loop(0, mine, lambda j, _: body(j * CONSUMERS + wg), None)
 
     def run(self, consume) -> None:
         """consume(wg) on the consumer warpgroups, the producer streaming every unit's k-steps."""
@@ -259,9 +200,9 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
     column, row_layout = compat.mosaic_gpu_column_layout(), compat.mosaic_gpu_row_layout()
 
     def consume(wg):
-        def output_tile(i):
+        def output_tile(i, _):
             _, row, col = stream.unit(i)
-            rows = units.warpgroup_rows(row, wg)
+            rows = pl.ds((row * CONSUMERS + wg) * units.block_m, units.block_m)
             cols = pl.ds(col * units.block_n, units.block_n)
             # The epilogue's operands travel while the matmul runs (the last tile's stores must
             # have read their buffers before the tile input lands in one).
@@ -310,7 +251,7 @@ def _epilogue_kernel(a_ref, b_ref, *refs, a_ring, b_ring, vec_smem, vec_loaded, 
                     for j, (stat_ref, _) in enumerate(row_stats):
                         plgpu.copy_smem_to_gmem(row_smem.at[wg, j], stat_ref.at[col, rows])
 
-        stream.for_each_unit(wg, output_tile)
+        lax.fori_loop(0, stream.count, output_tile, None)
         plgpu.wait_smem_to_gmem(0)
 
     stream.run(consume)
@@ -337,9 +278,9 @@ def _split_k_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, o
                 plgpu.copy_smem_to_gmem(io_smem.at[wg], dst.at[:, pl.ds(c, IO_COLUMNS)],
                                         reduction_op="add")
 
-        def run_unit(i):
+        def run_unit(i, _):
             _, row, col = stream.unit(i)
-            rows = units.warpgroup_rows(row, wg)
+            rows = pl.ds((row * CONSUMERS + wg) * units.block_m, units.block_m)
 
             def sum_chunk(with_sums: bool):
                 accs = stream.product(i, wg, ones if with_sums else None)
@@ -353,7 +294,7 @@ def _split_k_kernel(a_ref, b_ref, out_ref, *sums_ref, a_ring, b_ring, io_smem, o
             else:
                 sum_chunk(False)
 
-        stream.for_each_unit(wg, run_unit)
+        lax.fori_loop(0, stream.count, run_unit, None)
         plgpu.wait_smem_to_gmem(0)
 
     stream.run(consume)
@@ -384,14 +325,14 @@ def matmul(a: jax.Array, b: jax.Array, epilogue: Callable, epilogue_inputs: Sequ
                          f"tiles, then row statistics; K a multiple of {BLOCK_K} and N of "
                          f"block_n = {block_n}; got input ranks {ranks}, output ranks {out_ranks}, "
                          f"K = {k}, N = {n}")
-    rows = block_m if tiles.pingpong else CONSUMERS * block_m
+    rows = CONSUMERS * block_m
     padded = -(-m // rows) * rows
     tiles_n = n // block_n
     group_rows = (1 if n * k * 2 <= GROUP_BYTES else
                   max(1, min(padded // rows, GROUP_BYTES // (rows * k * 2))))
     units = _Units(block_m, block_n, tiles_n, num_tiles=padded // rows * tiles_n, chunks=1,
                    chunk_steps=k // BLOCK_K, a_transposed=False, b_transposed=b_transposed,
-                   group_rows=group_rows, pingpong=tiles.pingpong)
+                   group_rows=group_rows)
     num_stats, num_rows = out_ranks.count(1), len(row_inputs)
     row_inputs = [pad_rows(v.astype(jnp.float32), padded, axis=0) for v in row_inputs]
     scratch = dict(
@@ -442,13 +383,13 @@ def matmul_split_k(a: jax.Array, b: jax.Array, *, a_transposed: bool, b_transpos
     block_m, block_n, stages = tiles.block_m, tiles.block_n, tiles.num_stages
     if n % block_n:
         raise ValueError(f"matmul_split_k: N = {n} must be a multiple of block_n = {block_n}")
-    rows = block_m if tiles.pingpong else CONSUMERS * block_m
+    rows = CONSUMERS * block_m
     padded_m, padded_k = -(-m // rows) * rows, -(-k // BLOCK_K) * BLOCK_K
     k_steps, tiles_n = padded_k // BLOCK_K, n // block_n
     num_tiles = padded_m // rows * tiles_n
     chunks = choose_chunks(num_tiles, k_steps, num_sms())
     units = _Units(block_m, block_n, tiles_n, num_tiles, chunks, chunk_steps=k_steps // chunks,
-                   a_transposed=a_transposed, b_transposed=b_transposed, pingpong=tiles.pingpong)
+                   a_transposed=a_transposed, b_transposed=b_transposed)
     zeros = lambda cols: jax.new_ref(jnp.zeros((padded_m, cols), jnp.float32),
                                      memory_space=plgpu.GMEM)
     out, sums = zeros(n), [zeros(IO_COLUMNS)] if row_sums else []

@@ -45,18 +45,14 @@ def on_sm90() -> bool:
 class Ring:
     """Tiles the producer warpgroup streams through shared memory: the n-th tile of the stream
     lands in slot n % stages, guarded by a `loaded` barrier (the TMA's completion) and a
-    `consumed` barrier (one arrival per reader) that frees the slot for tile n + stages.
-    Every reader waits for and releases every tile, in order, the ones it does not use too
-    (`skip`): an early release would count towards the slot's previous tile. With set_steps,
-    the consumer warpgroups read alternate runs of set_steps tiles (ping-pong: a warpgroup's work
-    unit each), and each run's loads signal the barriers of its reader's own set, so a reader
-    waits for every phase of its barriers and for no other's tiles."""
+    `consumed` barrier (one arrival per consumer warpgroup) that frees the slot for tile n + stages.
+    Every consumer waits for and releases every tile, in order, the ones it does not use too
+    (`skip`): an early release would count towards the slot's previous tile."""
     source: Callable   # n -> the GMEM ref of the n-th tile
     smem: Any          # [stages, *tile]
-    loaded: Any        # barriers [sets x stages], one arrival
-    consumed: Any      # barriers [stages], an arrival per reader
+    loaded: Any        # barriers [stages], one arrival
+    consumed: Any      # barriers [stages], CONSUMERS arrivals
     offset: Any = 0    # tiles streamed before tile 0 (a persistent kernel's earlier work units)
-    set_steps: int = 0   # tiles a run of one reader's set (0: one set, every reader's)
 
     def slot(self, n):
         return lax.rem(self.offset + n, self.smem.shape[0])
@@ -64,25 +60,18 @@ class Ring:
     def tile(self, n):
         return self.smem.at[self.slot(n)]
 
-    def loaded_barrier(self, n):
-        if not self.set_steps:
-            return self.loaded.at[self.slot(n)]
-        reader = lax.rem((self.offset + n) // self.set_steps, CONSUMERS)
-        return self.loaded.at[reader * self.smem.shape[0] + self.slot(n)]
-
     def wait(self, n):
-        plgpu.barrier_wait(self.loaded_barrier(n))
+        plgpu.barrier_wait(self.loaded.at[self.slot(n)])
 
     def release(self, n):
         plgpu.barrier_arrive(self.consumed.at[self.slot(n)])
 
 
-def ring_scratch(tile_type, stages: int, readers: int = CONSUMERS, sets: int = 1) -> tuple:
+def ring_scratch(tile_type, stages: int) -> tuple:
     """The shared memory and barriers of a Ring of `stages` slots of tile_type (an SMEM type
-    whose leading axis is the slot), each slot freed by `readers` releases, its loads signalling
-    `sets` sets of barriers in turn (Ring.set_steps)."""
-    return (tile_type, plgpu.Barrier(num_barriers=sets * stages),
-            plgpu.Barrier(num_arrivals=readers, num_barriers=stages))
+    whose leading axis is the slot)."""
+    return (tile_type, plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
 
 
 def skip(rings, n) -> None:
@@ -104,7 +93,7 @@ def produce(rings, count, drain: bool = True) -> None:
             pl.when(ring.offset + n >= stages)(
                 lambda: plgpu.barrier_wait(ring.consumed.at[ring.slot(n)]))
             pl.when(n < count)(lambda: plgpu.copy_gmem_to_smem(
-                ring.source(n), ring.tile(n), ring.loaded_barrier(n)))
+                ring.source(n), ring.tile(n), ring.loaded.at[ring.slot(n)]))
 
     lax.fori_loop(0, count + (stages if drain else 0), load, None)
 

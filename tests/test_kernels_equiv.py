@@ -44,10 +44,6 @@ ATTENTION_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 SMALL_BLOCKS = dict(block_q=32, block_k=16, dkdv_block_q=16, dkdv_block_k=32, dq_block_q=32,
                     dq_block_k=16)
 LARGE = pytest.mark.skipif(ON_CPU, reason="large shapes need an accelerator (interpret mode is slow)")
-# The Mosaic GPU kernels run in jax's Mosaic GPU interpreter on CPU, compiled on a Hopper GPU.
-ON_CPU_OR_SM90 = pytest.mark.skipif(not (ON_CPU or mosaic_gpu.on_sm90()),
-                                    reason="the Mosaic GPU kernels run on a Hopper GPU, or on CPU "
-                                           "in the interpreter")
 
 # (batch, seq, heads, head_dim, causal, q_scale, small blocks); q_scale ~30 makes logits of tens to
 # a hundred, which overflow a softmax that does not subtract its max.
@@ -740,20 +736,16 @@ MOSAIC_GEMMS = [
 ]
 
 
-@pytest.mark.parametrize("pingpong", [False, True], ids=["cooperative", "pingpong"])
 @pytest.mark.parametrize("epilogue, b_transposed, inputs", MOSAIC_GEMMS)
-@ON_CPU_OR_SM90
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_layernorm_ffn_mosaic_gpu_gemm_matches_the_product(epilogue, b_transposed, inputs,
-                                                           pingpong, monkeypatch):
-    """The Mosaic GPU GEMM of the LayerNorm+FFN (on CPU in jax's Mosaic GPU interpreter, wgmma
-    emulated; compiled on a Hopper GPU), each epilogue vs the same epilogue on the f32 product. 300 rows (ragged), 2 column tiles of
-    128, K = 192 in 3 steps through a 2-slot ring (it wraps), on 4 persistent CTAs: the
-    cooperative schedule pads the rows to 3 blocks of 2 x 64, 6 units (two CTAs take a second);
-    ping-pong to 5 blocks of 64, 10 units (CTAs of 3 and of 2: warpgroup 0 takes one more unit
-    than warpgroup 1, or as many)."""
-    if ON_CPU:
-        run_in_the_gpu_interpreter(monkeypatch)
+def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transposed, inputs,
+                                                              monkeypatch):
+    """The Mosaic GPU GEMM of the LayerNorm+FFN in jax's Mosaic GPU interpreter (wgmma emulated),
+    each epilogue vs the same epilogue on the f32 product. 300 rows (ragged: padded to 3 blocks of
+    2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
+    tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
+    run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     m, k, n = 300, 192, 256
     keys = jax.random.split(jax.random.PRNGKey(n), 4)
@@ -766,8 +758,7 @@ def test_layernorm_ffn_mosaic_gpu_gemm_matches_the_product(epilogue, b_transpose
     got = lnffn_mosaic_gpu.matmul(a, b, epilogue, extra,
                                   [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)] * num_outputs,
                                   b_transposed=b_transposed,
-                                  config=mosaic_gpu_gemm.Tiles(64, 128, 2, pingpong),
-                                  gemm="gemm")
+                                  config=mosaic_gpu_gemm.Tiles(64, 128, 2), gemm="gemm")
     product = jnp.dot(a, b.T if b_transposed else b, preferred_element_type=jnp.float32)
     want = epilogue(product, *(x[None, :] if x.ndim == 1 else x for x in extra))
     assert len(got) == len(want)
@@ -789,23 +780,19 @@ def test_mosaic_gpu_gemm_visits_each_tile_once_a_group_of_rows_at_a_time():
     assert order[30:] == [(6, col) for col in range(5)]
 
 
-@pytest.mark.parametrize("a_transposed, b_transposed, row_sums, pingpong", [
-    pytest.param(True, False, True, False, id="weight-gradient-with-row-sums"),
-    pytest.param(True, False, True, True, id="weight-gradient-with-row-sums-pingpong"),
-    pytest.param(False, True, False, False, id="b-transposed")])
-@ON_CPU_OR_SM90
+@pytest.mark.parametrize("a_transposed, b_transposed, row_sums", [
+    pytest.param(True, False, True, id="weight-gradient-with-row-sums"),
+    pytest.param(False, True, False, id="b-transposed")])
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_mosaic_gpu_split_k_gemm_matches_the_product(a_transposed, b_transposed, row_sums,
-                                                     pingpong, monkeypatch):
+def test_mosaic_gpu_split_k_gemm_in_the_gpu_interpreter(a_transposed, b_transposed, row_sums,
+                                                        monkeypatch):
     """The split-K GEMM (the LayerNorm+FFN weight gradients' form: A stored transposed, A's row
-    sums; on CPU in jax's Mosaic GPU interpreter, its TMA reduce-add emulated; compiled on a
-    Hopper GPU) vs the f32 product:
-    M = 200 rows, 2 column tiles of 64, K = 740 (padded to 12 k-steps) in 3 chunks. Cooperative:
-    2 blocks of 2 x 64 rows, 12 units over 5 persistent CTAs, so a CTA runs units of different
-    chunks and tiles through one 2-slot ring, and each output tile sums 3 reduce-adds; ping-pong:
-    4 blocks of 64 rows, 24 units, the warpgroups taking turns (each CTA's count odd or even)."""
-    if ON_CPU:
-        run_in_the_gpu_interpreter(monkeypatch)
+    sums) in jax's Mosaic GPU interpreter, its TMA reduce-add emulated, vs the f32 product:
+    M = 200 rows (padded to 2 blocks of 2 x 64), 2 column tiles of 64, K = 740 (padded to 12
+    k-steps) in 3 chunks: 12 units over 5 persistent CTAs, so a CTA runs units of different
+    chunks and tiles through one 2-slot ring, and each output tile sums 3 reduce-adds."""
+    run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 5)
     monkeypatch.setattr(mosaic_gpu_gemm, "choose_chunks", lambda *_: 3)
     m, k, n = 200, 740, 128
@@ -814,7 +801,7 @@ def test_mosaic_gpu_split_k_gemm_matches_the_product(a_transposed, b_transposed,
     b = jax.random.normal(keys[1], (n, k) if b_transposed else (k, n), jnp.bfloat16)
     got, sums = mosaic_gpu_gemm.matmul_split_k(
         a, b, a_transposed=a_transposed, b_transposed=b_transposed,
-        tiles=mosaic_gpu_gemm.Tiles(64, 64, 2, pingpong), name="split_k", row_sums=row_sums)
+        tiles=mosaic_gpu_gemm.Tiles(64, 64, 2), name="split_k", row_sums=row_sums)
     a_mk, b_kn = (a.T if a_transposed else a), (b.T if b_transposed else b)
     want = jnp.dot(a_mk, b_kn, preferred_element_type=jnp.float32)
     assert got.shape == (m, n) and got.dtype == jnp.float32
@@ -916,24 +903,20 @@ def test_logits_loss_is_deterministic(impl):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("pingpong", [False, True], ids=["cooperative", "pingpong"])
-@ON_CPU_OR_SM90
+@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_logits_loss_mosaic_gpu_at_small_tiles(pingpong, monkeypatch):
-    """The Mosaic GPU loss head (on CPU in jax's Mosaic GPU interpreter, wgmma emulated; compiled
-    on a Hopper GPU) at tiles of its own: 300 tokens by a vocabulary of 1000 (4 column tiles
-    of 256, the last with 232 real columns) over 4 persistent CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
+def test_logits_loss_mosaic_gpu_in_the_gpu_interpreter(monkeypatch):
+    """The Mosaic GPU loss head in jax's Mosaic GPU interpreter (wgmma emulated): 300 tokens by a
+    vocabulary of 1000 (4 column tiles of 256, the last with 232 real columns) over 4 persistent
+    CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
     beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math.
     E (1024 x 128 bf16) counts as outgrowing L2, so the statistics GEMM visits its tiles in
-    groups of two rows of tiles (the last group of one). Ping-pong: both GEMMs with each
-    consumer warpgroup on units of its own."""
-    if ON_CPU:
-        run_in_the_gpu_interpreter(monkeypatch)
+    groups of two rows of tiles (the last group of one)."""
+    run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     monkeypatch.setattr(mosaic_gpu_gemm, "GROUP_BYTES", 2 * 128 * 128 * 2)
-    tiles = mosaic_gpu_gemm.Tiles(64, 256, 2, pingpong)
-    config = logits_loss_mosaic_gpu.Kernels(
-        tiles, logits_loss_mosaic_gpu.Chunk(64, 256, 2, pingpong, 1))
+    tiles = mosaic_gpu_gemm.Tiles(64, 256, 2)
+    config = logits_loss_mosaic_gpu.Kernels(tiles, logits_loss_mosaic_gpu.Chunk(64, 256, 2, 1))
     fused = lambda h, e, t, ignore_index: logits_loss_api.fused(
         h, e, t, ignore_index=ignore_index, implementation="mosaic_gpu", config=config)
     monkeypatch.setattr(logits_loss_common, "token_chunk", lambda *args: 128)

@@ -43,8 +43,7 @@ def default_config(d: int) -> dict:
 
 def gemm_defaults(n: int) -> Tiles:
     """64 rows per consumer warpgroup, the widest of 256, 128, 64 columns that divides N."""
-    return Tiles(block_m=64, block_n=next(b for b in (256, 128, 64) if n % b == 0), num_stages=3,
-                 pingpong=False)
+    return Tiles(block_m=64, block_n=next(b for b in (256, 128, 64) if n % b == 0), num_stages=3)
 
 
 def check_config(config, d: int) -> None:

@@ -43,7 +43,7 @@ def default_config(d: int) -> dict:
     tiles per consumer warpgroup, 3 stages; triton_vjp's LayerNorm-backward rows."""
     return {"lnb": triton_vjp.default_config(d)["lnb"], "dz": mosaic_gpu.gemm_defaults(4 * d),
             "dxn": mosaic_gpu.gemm_defaults(d),
-            "dw": Tiles(block_m=128, block_n=128, num_stages=3, pingpong=False)}
+            "dw": Tiles(block_m=128, block_n=128, num_stages=3)}
 
 
 def check_config(config: Kernels, d: int) -> None:

@@ -28,7 +28,6 @@ class Chunk(config.KernelConfig):
     block_m: int = config.tile(multiple_of=64)
     block_n: int = config.tile(multiple_of=64)
     num_stages: int = config.stages(minimum=2)
-    pingpong: bool = config.flag()
     chunk_mib: int = config.count()
 
     def __post_init__(self):
@@ -36,7 +35,7 @@ class Chunk(config.KernelConfig):
         self.tiles()   # the GEMM's checks (accumulator registers)
 
     def tiles(self) -> mosaic_gpu_gemm.Tiles:
-        return mosaic_gpu_gemm.Tiles(self.block_m, self.block_n, self.num_stages, self.pingpong)
+        return mosaic_gpu_gemm.Tiles(self.block_m, self.block_n, self.num_stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +48,8 @@ class Kernels(common.Kernels):
 
 
 # 64 x 256 logits per consumer warpgroup (128 accumulator registers per thread), 3 stages.
-DEFAULTS = Kernels(mosaic_gpu_gemm.Tiles(block_m=64, block_n=256, num_stages=3, pingpong=False),
-                   Chunk(block_m=64, block_n=256, num_stages=3, pingpong=False, chunk_mib=256))
+DEFAULTS = Kernels(mosaic_gpu_gemm.Tiles(block_m=64, block_n=256, num_stages=3),
+                   Chunk(block_m=64, block_n=256, num_stages=3, chunk_mib=256))
 
 
 def check_runs_here() -> None:
