@@ -44,6 +44,10 @@ ATTENTION_IMPLS += ["mosaic_gpu"] if mosaic_gpu.on_sm90() else []
 SMALL_BLOCKS = dict(block_q=32, block_k=16, dkdv_block_q=16, dkdv_block_k=32, dq_block_q=32,
                     dq_block_k=16)
 LARGE = pytest.mark.skipif(ON_CPU, reason="large shapes need an accelerator (interpret mode is slow)")
+# The Mosaic GPU kernels run in jax's Mosaic GPU interpreter on CPU, compiled on a Hopper GPU.
+ON_CPU_OR_SM90 = pytest.mark.skipif(not (ON_CPU or mosaic_gpu.on_sm90()),
+                                    reason="the Mosaic GPU kernels run on a Hopper GPU, or on CPU "
+                                           "in the interpreter")
 
 # (batch, seq, heads, head_dim, causal, q_scale, small blocks); q_scale ~30 makes logits of tens to
 # a hundred, which overflow a softmax that does not subtract its max.
@@ -737,15 +741,17 @@ MOSAIC_GEMMS = [
 
 
 @pytest.mark.parametrize("epilogue, b_transposed, inputs", MOSAIC_GEMMS)
-@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
+@ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_layernorm_ffn_mosaic_gpu_gemm_in_the_gpu_interpreter(epilogue, b_transposed, inputs,
-                                                              monkeypatch):
-    """The Mosaic GPU GEMM of the LayerNorm+FFN in jax's Mosaic GPU interpreter (wgmma emulated),
-    each epilogue vs the same epilogue on the f32 product. 300 rows (ragged: padded to 3 blocks of
-    2 x 64), 2 column tiles of 128, so 6 output tiles over 4 persistent CTAs (two take a second
-    tile), and K = 192 in 3 steps through a 2-slot ring (it wraps)."""
-    run_in_the_gpu_interpreter(monkeypatch)
+def test_layernorm_ffn_mosaic_gpu_gemm_matches_the_product(epilogue, b_transposed, inputs,
+                                                           monkeypatch):
+    """The Mosaic GPU GEMM of the LayerNorm+FFN (on CPU in jax's Mosaic GPU interpreter, wgmma
+    emulated; compiled on a Hopper GPU), each epilogue vs the same epilogue on the f32 product.
+    300 rows (ragged: padded to 3 blocks of 2 x 64), 2 column tiles of 128, so 6 output tiles
+    over 4 persistent CTAs (two take a second tile), and K = 192 in 3 steps through a 2-slot
+    ring (it wraps)."""
+    if ON_CPU:
+        run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     m, k, n = 300, 192, 256
     keys = jax.random.split(jax.random.PRNGKey(n), 4)
@@ -783,16 +789,18 @@ def test_mosaic_gpu_gemm_visits_each_tile_once_a_group_of_rows_at_a_time():
 @pytest.mark.parametrize("a_transposed, b_transposed, row_sums", [
     pytest.param(True, False, True, id="weight-gradient-with-row-sums"),
     pytest.param(False, True, False, id="b-transposed")])
-@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
+@ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_mosaic_gpu_split_k_gemm_in_the_gpu_interpreter(a_transposed, b_transposed, row_sums,
-                                                        monkeypatch):
+def test_mosaic_gpu_split_k_gemm_matches_the_product(a_transposed, b_transposed, row_sums,
+                                                     monkeypatch):
     """The split-K GEMM (the LayerNorm+FFN weight gradients' form: A stored transposed, A's row
-    sums) in jax's Mosaic GPU interpreter, its TMA reduce-add emulated, vs the f32 product:
+    sums; on CPU in jax's Mosaic GPU interpreter, its TMA reduce-add emulated; compiled on a
+    Hopper GPU) vs the f32 product:
     M = 200 rows (padded to 2 blocks of 2 x 64), 2 column tiles of 64, K = 740 (padded to 12
     k-steps) in 3 chunks: 12 units over 5 persistent CTAs, so a CTA runs units of different
     chunks and tiles through one 2-slot ring, and each output tile sums 3 reduce-adds."""
-    run_in_the_gpu_interpreter(monkeypatch)
+    if ON_CPU:
+        run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 5)
     monkeypatch.setattr(mosaic_gpu_gemm, "choose_chunks", lambda *_: 3)
     m, k, n = 200, 740, 128
@@ -903,16 +911,17 @@ def test_logits_loss_is_deterministic(impl):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
+@ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
-def test_logits_loss_mosaic_gpu_in_the_gpu_interpreter(monkeypatch):
-    """The Mosaic GPU loss head in jax's Mosaic GPU interpreter (wgmma emulated): 300 tokens by a
-    vocabulary of 1000 (4 column tiles of 256, the last with 232 real columns) over 4 persistent
-    CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
+def test_logits_loss_mosaic_gpu_at_small_tiles(monkeypatch):
+    """The Mosaic GPU loss head (on CPU in jax's Mosaic GPU interpreter, wgmma emulated; compiled
+    on a Hopper GPU) at tiles of its own: 300 tokens by a vocabulary of 1000 (4 column tiles
+    of 256, the last with 232 real columns) over 4 persistent CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
     beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math.
     E (1024 x 128 bf16) counts as outgrowing L2, so the statistics GEMM visits its tiles in
     groups of two rows of tiles (the last group of one)."""
-    run_in_the_gpu_interpreter(monkeypatch)
+    if ON_CPU:
+        run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     monkeypatch.setattr(mosaic_gpu_gemm, "GROUP_BYTES", 2 * 128 * 128 * 2)
     tiles = mosaic_gpu_gemm.Tiles(64, 256, 2)
