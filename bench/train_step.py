@@ -72,8 +72,8 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     print(f"  {kernels:9s} batch {batch}: initialized in {initialized - start:.0f} s, compiled "
           f"in {time.perf_counter() - initialized:.0f} s, peak {peak / 2**30:.2f} GiB", flush=True)
     if limit and peak > limit:
-        raise MemoryError(f"RESOURCE_EXHAUSTED: the step needs {peak / 2**30:.1f} GiB by XLA's "
-                          f"memory analysis; the device has {limit / 2**30:.1f}")
+        raise MemoryError(f"the step needs {peak / 2**30:.1f} GiB by XLA's memory analysis; XLA "
+                          f"may allocate {limit / 2**30:.1f} GiB of the device")
     for _ in range(warmup):
         params, opt_state, metrics = step(params, opt_state, x, y)
     jax.block_until_ready(metrics)
@@ -91,13 +91,15 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
 
 
 def device_memory_bytes() -> int | None:
-    """The memory XLA may allocate on the first device (None where the backend does not say)."""
+    """The memory XLA may allocate on the first device (its allocator's limit: by default 75% of
+    the device's; None where the backend does not say)."""
     stats = jax.devices()[0].memory_stats()
     return stats.get("bytes_limit") if stats else None
 
 
 def is_out_of_memory(err: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+    return (isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+            or "out of memory" in str(err).lower())
 
 
 def step_flops(args, batch: int) -> int:

@@ -111,6 +111,19 @@ def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
     assert state[2, "fsdp"] == pytest.approx(state[2, "replicate"] / 2, rel=0.01)
 
 
+def test_train_step_refuses_a_batch_beyond_the_device_memory(monkeypatch, capsys):
+    """A batch whose compiled step needs more than XLA may allocate (by its memory analysis) is
+    refused before it runs, and the next candidate is measured, its peak memory in the row."""
+    argv = ["--kernels", "xla", "--seq", "16", "--model-d", "64", "--heads", "2", "--vocab", "64",
+            "--devices", "1", "--warmup", "1", "--repeats", "1", "--steps", "1", "--full"]
+    small, = train_step_bench.main(argv + ["--batch", "2"])
+    limit = int(small["peak_gib_per_device"] * 2**30) + 1024
+    monkeypatch.setattr(train_step_bench, "device_memory_bytes", lambda: limit)
+    record, = train_step_bench.main(argv + ["--batches", "64,2"])
+    assert record["batch"] == 2 and record["peak_gib_per_device"] == small["peak_gib_per_device"]
+    assert "batch 64 does not fit (xla: the step needs" in capsys.readouterr().out
+
+
 def test_train_step_takes_the_preset_shape_and_depth():
     """--preset gpt2_small measures at its own d 768, 12 heads, vocabulary 50257, seq 1024 unless
     a flag says otherwise, and counts the FLOPs of its 12 blocks."""
