@@ -18,7 +18,10 @@ owns rows w * block_m of each tile: its wgmma accumulates A[w rows] B into block
 f32 registers per thread (128 at 64 x 256 or 128 x 128; a stored-transposed operand is read
 transposed from shared memory) and releases the k-step's slots once it is done (while one
 warpgroup waits for its wgmma, the other's keeps the tensor cores busy, as in jax's Hopper
-matmul). Then the epilogue, while the producer already loads the next unit's operands:
+matmul). Then the epilogue, while the producer already loads the next unit's operands. (Both
+warpgroups reach the epilogue together; a ping-pong schedule, each warpgroup on units of its own
+and its epilogue beside the other's matmul, ran 5-25% slower on the H100: bench/RESULTS.md,
+session 21.)
 
 * matmul: the column vectors (bias) and the [block_m, block_n] input tile (residual x, gelu'(z)),
   TMA-copied in while the tile's matmul ran, into registers; its outputs go out by TMA:
