@@ -20,7 +20,7 @@ transposed from shared memory) and releases the k-step's slots once it is done (
 warpgroup waits for its wgmma, the other's keeps the tensor cores busy, as in jax's Hopper
 matmul). Then the epilogue, while the producer already loads the next unit's operands. (Both
 warpgroups reach the epilogue together; a ping-pong schedule, each warpgroup on units of its own
-and its epilogue beside the other's matmul, ran 5-25% slower on the H100: bench/RESULTS.md,
+and its epilogue beside the other's matmul, ran 3-28% slower on the H100: bench/RESULTS.md,
 session 21.)
 
 * matmul: the column vectors (bias) and the [block_m, block_n] input tile (residual x, gelu'(z)),
