@@ -17,7 +17,7 @@ same global batch and data: the losses after the timed steps must agree, the spe
 with --shard, each layout of the parameters and optimizer state (microgpt/sharding.py) at each
 count, the bytes of that state a device holds beside it. Each row has the step's peak memory by XLA's
 memory analysis (parameters, optimizer state, batch, activations and temporaries); a batch whose
-peak exceeds the device's memory counts as not fitting without running.
+peak exceeds what XLA may allocate on the device counts as not fitting without running.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     and optimizer state a device holds, the step's peak bytes a device holds) over the first
     `devices` devices with the parameters held as `shard` says, state threaded through as in
     training (every run takes the same steps on the same data). The peak is XLA's memory analysis
-    of the compiled step (common.peak_bytes); a step whose peak exceeds the device's memory raises
-    the out-of-memory error before it runs."""
+    of the compiled step (common.peak_bytes); a step whose peak exceeds what XLA may allocate
+    (device_memory_bytes) raises MemoryError before it runs."""
     model = PRESETS[args.preset](vocab=args.vocab, model_d=args.model_d, num_heads=args.heads,
                                  kernels=kernels)
     optimizer, _ = make_optimizer(TrainConfig(max_steps=10_000))
