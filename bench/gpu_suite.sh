@@ -143,13 +143,15 @@ for stage in "${stages[@]}"; do
         | tail -n 30 | tee "$OUT/curves_gpt2.txt"
       cp /tmp/curves_gpt2/curves.json "$OUT/curves_gpt2.json" ;;
     profile)  # our Pallas kernels must appear by name among the traced GPU kernels; the capture
-              # comes back (gzipped) for TensorBoard. PROFILE_ARGS: the step traced (default
-              # micro_gpt_4 at batch 64), PROFILE_TAG: its files' name
+              # comes back (gzipped) for TensorBoard, with the step's optimized HLO, where the
+              # trace's XLA names (fusion_375, ...) are defined. PROFILE_ARGS: the step traced
+              # (default micro_gpt_4 at batch 64), PROFILE_TAG: its files' name
       tag=${PROFILE_TAG:-micro_gpt_4}
-      rm -rf "/tmp/prof_$tag"
+      rm -rf "/tmp/prof_$tag" "/tmp/hlo_$tag"
       $PY bench/train_step.py --kernels pallas ${PROFILE_ARGS:---batches 64} --repeats 1 --steps 3 \
-        --profile "/tmp/prof_$tag" 2>&1 | tail -n 5
+        --profile "/tmp/prof_$tag" --dump-hlo "/tmp/hlo_$tag" 2>&1 | tail -n 5
       gzip -c "$(find "/tmp/prof_$tag" -name '*.xplane.pb' | head -n 1)" > "$OUT/pallas_step_$tag.xplane.pb.gz"
+      gzip -c /tmp/hlo_$tag/*.hlo.txt > "$OUT/pallas_step_$tag.hlo.txt.gz"
       $PY -X faulthandler bench/trace_kernels.py "/tmp/prof_$tag" --device --top ${PROFILE_TOP:-30} \
         --expect flash_attention_fwd,flash_attention_dkdv,flash_attention_dq,layernorm_ffn,logits_loss \
         > "$OUT/trace_kernels_$tag.txt" 2> "$OUT/trace_kernels_$tag.log"

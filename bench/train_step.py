@@ -68,6 +68,10 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
             for _ in range(2))
     initialized = time.perf_counter()
     step = step.lower(params, opt_state, x, y).compile()
+    if args.dump_hlo:   # the names a trace shows (fusion_375, ...) are this module's
+        path = Path(args.dump_hlo) / f"{kernels}-{devices}dev-{shard}-batch{batch}.hlo.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(step.as_text())
     peak, limit = peak_bytes(step), device_memory_bytes()
     print(f"  {kernels:9s} batch {batch}: initialized in {initialized - start:.0f} s, compiled "
           f"in {time.perf_counter() - initialized:.0f} s, peak {peak / 2**30:.2f} GiB", flush=True)
@@ -75,8 +79,8 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
         raise MemoryError(f"the step needs {peak / 2**30:.1f} GiB by XLA's memory analysis; XLA "
                           f"may allocate {limit / 2**30:.1f} GiB of the device")
     for _ in range(warmup):
-        params, opt_state, metrics = step(params, opt_state, x, y)
-    jax.block_until_ready(metrics)
+        params, opt_state, _ = step(params, opt_state, x, y)
+    jax.block_until_ready(params)
     per_step = []
     # The trace holds the timed steps only (not compilation and autotuning).
     profile = args.profile and f"{args.profile}/{kernels}-{devices}dev-{shard}"
@@ -132,6 +136,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p.add_argument("--json")
     p.add_argument("--profile", help="capture a jax.profiler trace of each path's timed steps into "
                                      "a subfolder of this folder (PATH-NdEV)")
+    p.add_argument("--dump-hlo", help="write each compiled step's optimized HLO into this folder "
+                                      "(PATH-NdEV-SHARD-batchB.hlo.txt), to read a trace's op names")
     add_full_arg(p)
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]

@@ -124,6 +124,16 @@ def test_train_step_refuses_a_batch_beyond_the_device_memory(monkeypatch, capsys
     assert "batch 64 does not fit (xla: the step needs" in capsys.readouterr().out
 
 
+def test_train_step_dumps_the_compiled_step(tmp_path):
+    """--dump-hlo writes the optimized HLO of each path's compiled step, the module whose op names
+    a trace of it shows."""
+    train_step_bench.main(["--kernels", "xla", "--seq", "16", "--model-d", "64", "--heads", "2",
+                           "--vocab", "64", "--batch", "2", "--devices", "1", "--warmup", "0", "--repeats", "1",
+                           "--steps", "1", "--full", "--dump-hlo", str(tmp_path)])
+    text = (tmp_path / "xla-1dev-replicate-batch2.hlo.txt").read_text()
+    assert text.startswith("HloModule jit_step") and "ENTRY" in text and "fusion" in text
+
+
 def test_train_step_takes_the_preset_shape_and_depth():
     """--preset gpt2_small measures at its own d 768, 12 heads, vocabulary 50257, seq 1024 unless
     a flag says otherwise, and counts the FLOPs of its 12 blocks."""
