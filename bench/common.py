@@ -23,6 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402 - after the allocator setting
 
 from kernels import tuning  # noqa: E402
+from microgpt import files  # noqa: E402
 from microgpt.profiling import profiler_options  # noqa: E402
 
 # bf16 dense matmul ceilings measured on the device (8192^3 product, bench/peak.py), TFLOP/s.
@@ -164,8 +165,7 @@ def report(records: list[dict], columns, json_path: str | None, script: str,
 def write_json(path: str | Path, records: list[dict], command: str | None = None) -> None:
     meta = {"command": command or " ".join(sys.argv), "device": device_description(),
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    files.write_text(path, json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
 
 
 @contextlib.contextmanager

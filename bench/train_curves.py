@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_full_arg, device_description, format_table, smoke_size
+from microgpt import files
 from microgpt.gpt import KERNELS
 from microgpt.train import TrainConfig, train
 
@@ -41,8 +42,7 @@ def compare(cfg: TrainConfig, kernels: list[str], out: Path) -> dict:
             "max_rel_step_diff": max(rel) if rel else None,
             "final_val_loss": r.val_losses[last_val],
             "final_val_ratio": r.val_losses[last_val] / base.val_losses[last_val]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "curves.json").write_text(json.dumps(summary, indent=1) + "\n")
+    files.write_text(out / "curves.json", json.dumps(summary, indent=1) + "\n")
     plot(summary, out / "curves.png")
     return summary
 
@@ -65,7 +65,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with files.replaced_on_success(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.common import (add_full_arg, device_description, format_table, int_list, maybe_profile,
                           peak_bytes, peak_tflops, smoke_size, write_json)
-from microgpt import sharding
+from microgpt import files, sharding
 from microgpt.gpt import KERNELS, PRESETS
 from microgpt.model import flops_per_token
 from microgpt.train import TrainConfig, data_mesh, make_optimizer, make_train_step
@@ -69,9 +69,8 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     initialized = time.perf_counter()
     step = step.lower(params, opt_state, x, y).compile()
     if args.dump_hlo:   # the names a trace shows (fusion_375, ...) are this module's
-        path = Path(args.dump_hlo) / f"{kernels}-{devices}dev-{shard}-batch{batch}.hlo.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(step.as_text())
+        files.write_text(Path(args.dump_hlo) / f"{kernels}-{devices}dev-{shard}-batch{batch}.hlo.txt",
+                         step.as_text())
     peak, limit = peak_bytes(step), device_memory_bytes()
     print(f"  {kernels:9s} batch {batch}: initialized in {initialized - start:.0f} s, compiled "
           f"in {time.perf_counter() - initialized:.0f} s, peak {peak / 2**30:.2f} GiB", flush=True)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import jax
 
+from microgpt import files
+
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 
 
@@ -188,12 +190,9 @@ def preferred_implementation(op: str, shape_key: str) -> str | None:
 
 def _update(path: Path, device: str, entry: str, shape_key: str, value) -> None:
     """table[device][entry][shape_key] = value, written atomically (a crash leaves the old file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = read_table(path)
     table.setdefault(device, {}).setdefault(entry, {})[shape_key] = value
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    files.write_text(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
     clear_cache()
 
 

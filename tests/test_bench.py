@@ -93,6 +93,23 @@ def test_tune_times_packed_documents_at_their_keys(monkeypatch):
     assert ms > 0 and masks == [attention_bench.Masks(segments=8)]
 
 
+def test_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """bench's JSON (and the tuning table, the curves) go to a temporary file renamed into place:
+    a write cut short leaves the previous file as it was and no temporary behind."""
+    from bench import common
+    path = tmp_path / "out.json"
+    common.write_json(path, [{"impl": "xla"}], command="first")
+    before = path.read_text()
+
+    def interrupted(self, text):
+        self.write_bytes(text[:10].encode())   # half the file, then the interruption
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(path), "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json(path, [{"impl": "mosaic_gpu"}], command="second")
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
 def test_train_step_scaling_runs_the_same_steps_on_each_device_count():
     """--devices 1,2 --shard replicate,fsdp: the same global batch over 1 and 2 devices, the
     parameters replicated or split, gives the same loss; fsdp holds half the state a device."""

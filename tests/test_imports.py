@@ -1,6 +1,7 @@
 """The house's import graph, read from the source (imports inside functions included): no circle,
 the equations import nothing of the project, and the kernels take from microgpt only its
-equations (microgpt/model.py), never the trainer or the model's kernel switch."""
+equations (microgpt/model.py) and its atomic file writes (microgpt/files.py, which imports nothing
+of the project either), never the trainer or the model's kernel switch."""
 from __future__ import annotations
 
 import ast
@@ -70,11 +71,11 @@ def test_no_import_circle(module):
     assert _circle_from(module) is None, " -> ".join(_circle_from(module))
 
 
-def test_the_equations_import_nothing_of_the_project():
-    assert GRAPH["microgpt.model"] == set()
+def test_the_equations_and_the_file_writes_import_nothing_of_the_project():
+    assert GRAPH["microgpt.model"] == GRAPH["microgpt.files"] == set()
 
 
-def test_kernels_take_only_the_equations_from_microgpt():
+def test_kernels_take_only_the_equations_and_file_writes_from_microgpt():
     taken = {(module, target) for module, targets in GRAPH.items() if module.startswith("kernels")
              for target in targets if target.startswith("microgpt")}
-    assert {target for _, target in taken} <= {"microgpt.model"}, sorted(taken)
+    assert {target for _, target in taken} <= {"microgpt.model", "microgpt.files"}, sorted(taken)
