@@ -59,9 +59,13 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     def init():
         params = model.get_params(0)
         return params, optimizer.init(params)
+    # Each phase timed apart: on the H100 a gpt2_small candidate spent 94 s before its step's
+    # compilation (bench/RESULTS.md, session 22), the init's compile or its run.
     start = time.perf_counter()
-    params, opt_state = jax.block_until_ready(jax.jit(init, out_shardings=sharding.shardings(
-        jax.eval_shape(init), shard, mesh))())
+    init = jax.jit(init, out_shardings=sharding.shardings(jax.eval_shape(init), shard,
+                                                          mesh)).lower().compile()
+    init_compiled = time.perf_counter()
+    params, opt_state = jax.block_until_ready(init())
     held = sharding.bytes_per_device((params, opt_state))
     rng = np.random.default_rng(0)
     x, y = (jax.device_put(rng.integers(0, args.vocab, (batch, args.seq), dtype=np.int32))
@@ -72,8 +76,9 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
         files.write_text(Path(args.dump_hlo) / f"{kernels}-{devices}dev-{shard}-batch{batch}.hlo.txt",
                          step.as_text())
     peak, limit = peak_bytes(step), device_memory_bytes()
-    print(f"  {kernels:9s} batch {batch}: initialized in {initialized - start:.0f} s, compiled "
-          f"in {time.perf_counter() - initialized:.0f} s, peak {peak / 2**30:.2f} GiB", flush=True)
+    print(f"  {kernels:9s} batch {batch}: init compiled in {init_compiled - start:.0f} s, run in "
+          f"{initialized - init_compiled:.0f} s; step compiled in "
+          f"{time.perf_counter() - initialized:.0f} s, peak {peak / 2**30:.2f} GiB", flush=True)
     if limit and peak > limit:
         raise MemoryError(f"the step needs {peak / 2**30:.1f} GiB by XLA's memory analysis; XLA "
                           f"may allocate {limit / 2**30:.1f} GiB of the device")
