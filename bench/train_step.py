@@ -62,10 +62,10 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     # Each phase timed apart: on the H100 a gpt2_small candidate spent 94 s before its step's
     # compilation (bench/RESULTS.md, session 22), the init's compile or its run.
     start = time.perf_counter()
-    init = jax.jit(init, out_shardings=sharding.shardings(jax.eval_shape(init), shard,
-                                                          mesh)).lower().compile()
+    compiled_init = jax.jit(init, out_shardings=sharding.shardings(
+        jax.eval_shape(init), shard, mesh)).lower().compile()
     init_compiled = time.perf_counter()
-    params, opt_state = jax.block_until_ready(init())
+    params, opt_state = jax.block_until_ready(compiled_init())
     held = sharding.bytes_per_device((params, opt_state))
     rng = np.random.default_rng(0)
     x, y = (jax.device_put(rng.integers(0, args.vocab, (batch, args.seq), dtype=np.int32))
