@@ -145,8 +145,8 @@ def test_train_step_dumps_the_compiled_step(tmp_path):
     """--dump-hlo writes the optimized HLO of each path's compiled step, the module whose op names
     a trace of it shows."""
     train_step_bench.main(["--kernels", "xla", "--seq", "16", "--model-d", "64", "--heads", "2",
-                           "--vocab", "64", "--batch", "2", "--devices", "1", "--warmup", "0", "--repeats", "1",
-                           "--steps", "1", "--full", "--dump-hlo", str(tmp_path)])
+                           "--vocab", "64", "--batch", "2", "--devices", "1", "--warmup", "0",
+                           "--repeats", "1", "--steps", "1", "--full", "--dump-hlo", str(tmp_path)])
     text = (tmp_path / "xla-1dev-replicate-batch2.hlo.txt").read_text()
     assert text.startswith("HloModule jit_step") and "ENTRY" in text and "fusion" in text
 
