@@ -73,8 +73,8 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     initialized = time.perf_counter()
     step = step.lower(params, opt_state, x, y).compile()
     if args.dump_hlo:   # the names a trace shows (fusion_375, ...) are this module's
-        files.write_text(Path(args.dump_hlo) / f"{kernels}-{devices}dev-{shard}-batch{batch}.hlo.txt",
-                         step.as_text())
+        name = f"{kernels}-{devices}dev-{shard}-batch{batch}.hlo.txt"
+        files.write_text(Path(args.dump_hlo) / name, step.as_text())
     peak, limit = peak_bytes(step), device_memory_bytes()
     print(f"  {kernels:9s} batch {batch}: init compiled in {init_compiled - start:.0f} s, run in "
           f"{initialized - init_compiled:.0f} s; step compiled in "
