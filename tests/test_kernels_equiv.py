@@ -9,6 +9,7 @@ their argument errors tests/test_kernel_arguments.py's, their tuning tests/test_
 from __future__ import annotations
 
 import functools
+import types
 import zlib
 
 import jax
@@ -24,6 +25,8 @@ from kernels.attention.common import LOG2E, Plan, kernel_head_dim
 from kernels.layernorm_ffn import common as lnffn_common
 from kernels.layernorm_ffn import layernorm_ffn
 from kernels.layernorm_ffn import mosaic_gpu as lnffn_mosaic_gpu
+from kernels.layernorm_ffn import mosaic_gpu_vjp as lnffn_mosaic_gpu_vjp
+from kernels.layernorm_ffn import triton_vjp as lnffn_triton_vjp
 from kernels.logits_loss import api as logits_loss_api, logits_loss
 from kernels.logits_loss import common as logits_loss_common
 from kernels.logits_loss import mosaic_gpu as logits_loss_mosaic_gpu
@@ -820,6 +823,26 @@ def test_mosaic_gpu_split_k_gemm_matches_the_product(a_transposed, b_transposed,
                                    atol=1e-4)
     else:
         assert sums is None
+
+
+def test_layernorm_ffn_weight_gradients_by_xla_keep_the_kernels_contract():
+    """`dw_xla` (the Mosaic GPU backward's weight gradients by XLA's GEMMs) gives what the
+    Triton weight-gradient kernel gives (interpreted on CPU): dW_proj [F, d], dW_fc [d, F] and
+    db_fc [F] in f32, equal up to f32 summation order."""
+    tokens, d = 96, 128
+    keys = jax.random.split(jax.random.PRNGKey(tokens), 4)
+    g, dz = (jax.random.normal(key, (tokens, 4 * d), jnp.bfloat16) for key in keys[:2])
+    dy, xn = (jax.random.normal(key, (tokens, d), jnp.bfloat16) for key in keys[2:])
+    by_xla = lnffn_mosaic_gpu_vjp._weight_gradients(
+        g, dy, dz, xn, interpret=False, config=types.SimpleNamespace(
+            dw=lnffn_mosaic_gpu_vjp.WeightTiles(128, 128, 3, xla=True)))
+    triton_dw = lnffn_triton_vjp.Weights(block_t=32, block_f=128, block_d=128, num_warps=4,
+                                          num_stages=2)
+    by_kernel = lnffn_triton_vjp._weight_gradients(
+        g, dy, dz, xn, interpret=ON_CPU, config=types.SimpleNamespace(dw=triton_dw))
+    for got, want in zip(by_xla, by_kernel, strict=True):
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 # ------------------------------------------------------------------ logits_loss
 
 LOSS_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]

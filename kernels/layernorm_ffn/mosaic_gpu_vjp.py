@@ -7,12 +7,15 @@ The weight gradients are sums over the T token rows, 8 T d^2 FLOPs each: dW_proj
 dW_fc^T = dz^T xn with db_fc = dz^T 1 (the split-K GEMM's row sums). The output is small and the
 contraction long, so the GEMM splits the tokens into chunks and adds each chunk's f32 tile into
 the output by TMA reduce-add: the last bits of the weight gradients vary from run to run
-(mosaic_gpu_gemm.py's docstring says why).
+(mosaic_gpu_gemm.py's docstring says why). With `dw_xla` the three come from XLA's GEMMs
+(cuBLAS) instead, a tuning choice: which is faster depends on the device and d.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+
+import jax.numpy as jnp
 
 from kernels import config as kernel_config
 from kernels import mosaic_gpu_gemm
@@ -22,6 +25,12 @@ from kernels.mosaic_gpu_gemm import Tiles
 from kernels.warp_specialized import CONSUMERS
 
 TOKEN_TILES = ("lnb_block_t",)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightTiles(Tiles):
+    """The split-K weight-gradient GEMM's tiles; xla: XLA's GEMMs in its place."""
+    xla: bool = kernel_config.flag()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +44,16 @@ class Kernels(kernel_config.Kernels):
     lnb: Rows
     dz: Tiles
     dxn: Tiles
-    dw: Tiles
+    dw: WeightTiles
 
 
 def default_config(d: int) -> dict:
     """The backward's kernels: mosaic_gpu.py's GEMM defaults for dz and dxn; 128 x 128 weight
-    tiles per consumer warpgroup, 3 stages; triton_vjp's LayerNorm-backward rows."""
+    tiles per consumer warpgroup, 3 stages, by the Pallas kernel; triton_vjp's LayerNorm-backward
+    rows."""
     return {"lnb": triton_vjp.default_config(d)["lnb"], "dz": mosaic_gpu.gemm_defaults(4 * d),
             "dxn": mosaic_gpu.gemm_defaults(d),
-            "dw": Tiles(block_m=128, block_n=128, num_stages=3)}
+            "dw": WeightTiles(block_m=128, block_n=128, num_stages=3, xla=False)}
 
 
 def check_config(config: Kernels, d: int) -> None:
@@ -58,6 +68,11 @@ def check_config(config: Kernels, d: int) -> None:
 def _weight_gradients(g, dy, dz, xn, *, config, interpret):
     """triton_vjp._weight_gradients' contract: dW_proj [F, d], dW_fc [d, F], db_fc [F], f32."""
     del interpret   # checked by backward
+    if config.dw.xla:
+        f32 = jnp.float32
+        return (jnp.einsum("tf,td->fd", g, dy, preferred_element_type=f32),
+                jnp.einsum("td,tf->df", xn, dz, preferred_element_type=f32),
+                jnp.sum(dz, axis=0, dtype=f32))
     gradient = functools.partial(mosaic_gpu_gemm.matmul_split_k, a_transposed=True,
                                  b_transposed=False, tiles=config.dw,
                                  name="layernorm_ffn_weights_bwd_mgpu")
