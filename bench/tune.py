@@ -113,8 +113,6 @@ MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, True), (128, 64, 2, False), (64, 128, 2, True), (64, 128, 3, True),
     (128, 64, 3, True), (128, 128, 2, True), (64, 64, 3, True), (64, 256, 2, True),
     (64, 128, 2, False)])
-# Then FlashAttention-3's intra-warpgroup pipelining over the best tiles, with and without ping-pong.
-MOSAIC_PIPELINE_CANDIDATES = [{}, {"pipelined": True}, {"pipelined": True, "schedule_barrier": False}]
 # Its own backward (timed with it, whichever the table prefers; `prefer_backward` then weighs it
 # against Triton's): the dK/dV kernel's query tile and ring depth (its key tile is
 # mosaic_gpu.DKDV_BLOCK_K).
@@ -273,8 +271,6 @@ OPS = {
         shapes=MOSAIC_ATTENTION_SHAPES,
         defaults=lambda key: attention_mosaic_gpu.DEFAULTS[_head_dim(key)],
         stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
-                Stage("pipeline", lambda key: MOSAIC_PIPELINE_CANDIDATES,
-                      _time_attention(1, "mosaic_gpu")),
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
                       _time_attention(2, "mosaic_gpu", "mosaic_gpu")),
                 Stage("backward_dq", lambda key: MOSAIC_DQ_CANDIDATES,

@@ -441,17 +441,17 @@ def test_attention_reference_is_the_model_math():
 
 
 @pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent, kv_heads, "
-                         "window, pipelined", [(256, 64, True, 1, 0, 0, 2, None, 1),
-                                               (200, 128, False, 0, 12, 0, 2, (70, 30), 0),
-                                               (256, 64, True, 1, 0, 1, 1, None, 0),
-                                               (200, 128, False, 0, 12, 1, 2, None, 1),
-                                               (128, 256, True, 1, 12, 0, 2, None, 0),
-                                               (256, 64, True, 1, 0, 0, 2, (40, 0), 0)])
+                         "window", [(256, 64, True, 1, 0, 0, 2, None),
+                                    (200, 128, False, 0, 12, 0, 2, (70, 30)),
+                                    (256, 64, True, 1, 0, 1, 1, None),
+                                    (200, 128, False, 0, 12, 1, 2, None),
+                                    (128, 256, True, 1, 12, 0, 2, None),
+                                    (256, 64, True, 1, 0, 0, 2, (40, 0))])
 @ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
                                                      group_mib, persistent, kv_heads, window,
-                                                     pipelined, monkeypatch):
+                                                     monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
@@ -464,16 +464,13 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     CTA two folds, so its rings and q buffers carry over from fold to fold; there the two query
     heads share one K/V head (grouped-query). Windows: (70, 30) streams a pair from a first
     tile past 0 and masks both ends; (40, 0) with causal masking leaves rows nothing in their
-    first tile, with ping-pong. Pipelined (a tile's scores issued with the previous tile's
-    p V): causal with ping-pong (the lower tile of a pair still in step with its neighbour),
-    and not causal through persistent CTAs with a ragged last key tile. On a Hopper GPU the same
-    cases run compiled."""
+    first tile, with ping-pong. On a Hopper GPU the same cases run compiled."""
     if ON_CPU:
         run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[head_dim].replace(forward=dict(
         block_q=64, block_k=64, num_stages=2, schedule_barrier=bool(schedule_barrier),
-        group_mib=group_mib, persistent=bool(persistent), pipelined=bool(pipelined)))
+        group_mib=group_mib, persistent=bool(persistent)))
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
                 False, window)
@@ -494,27 +491,6 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     assert jnp.all(jnp.abs(upcast(o_lo)) <= jnp.abs(upcast(o)) * 2.0 ** -8)  # half a bf16 ulp
     assert max_err(upcast(o) + upcast(o_lo), ref_f32) <= max_err(o, ref_f32)
     assert max_err(lse, jax.nn.logsumexp(s, axis=-1) * LOG2E) < 1e-4
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("block_q, block_k", [(64, 128), (128, 64)])
-@pytest.mark.parametrize("schedule_barrier", [True, False], ids=["ping-pong", "alone"])
-@pytest.mark.skipif(not mosaic_gpu.on_sm90(), reason="the pipelined forward at the tuner's tiles "
-                    "compiled on a Hopper GPU (on CPU: test_attention_mosaic_gpu_in_the_gpu_interpreter)")
-def test_attention_mosaic_gpu_pipelined_forward_matches_reference(head_dim, block_q, block_k,
-                                                                  schedule_barrier):
-    """The pipelined forward (p V of one tile in flight while the next tile's softmax runs) at the
-    tiles the tuner tries, B2 S2048 H4, causal and not: o within the suite's criterion."""
-    keys = jax.random.split(jax.random.PRNGKey(head_dim + block_q), 3)
-    q, k, v = (jax.random.normal(key, (2, 2048, 4, head_dim), jnp.bfloat16) for key in keys)
-    blocks = dict(pipelined=True, block_q=block_q, block_k=block_k,
-                  schedule_barrier=schedule_barrier)
-    for causal in (True, False):
-        o = attention(q, k, v, causal=causal, implementation="mosaic_gpu", block_sizes=blocks)
-        with f32_precision():
-            ref_f32 = model.attention(*upcast((q, k, v)), causal=causal)
-        assert_within_twice_reference(f"pipelined o causal={causal}", o,
-                                      model.attention(q, k, v, causal=causal), ref_f32)
 
 
 # Documents of 37, 63, 1 and 89 tokens and the rest (batch 0), of 5, 125 and the rest (batch 1).

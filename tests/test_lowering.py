@@ -94,21 +94,6 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
     assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
 
 
-@pytest.mark.parametrize("shape", [(16, 1024, 32, 64), (2, 8192, 16, 128)], ids=str)
-@pytest.mark.parametrize("block_q, block_k", [(64, 128), (128, 64)])
-@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_pipelined_forward_lowers_for_the_device(shape, block_q, block_k):
-    """The pipelined forward (two wgmma accumulators in flight, the scores read with one wgmma
-    still running) lowers for CUDA with ping-pong at both tile shapes the tuner tries."""
-    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
-    spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    f = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu", interpret=False,
-                                  block_sizes={"pipelined": True, "block_q": block_q,
-                                               "block_k": block_k, "schedule_barrier": True})
-    assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", _export_text(f, "cuda", spec, spec,
-                                                                       spec))) == 1
-
-
 @pytest.mark.parametrize("backward, backward_calls", [
     (None, ["__gpu$xla.gpu.triton"] * 2), ("mosaic_gpu", ["mosaic_gpu"] * 2)],
     ids=["default_bwd", "mosaic_bwd"])

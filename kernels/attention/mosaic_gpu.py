@@ -35,11 +35,6 @@ last, and each consumer loads its next q tile into a second buffer.
     issuing q K^T and once before p V, with warpgroup 1 one pass behind, so that one
     warpgroup's softmax (exp2 on the special-function units) runs while the other's two matmuls
     hold the tensor cores, instead of both contending for the same unit at once.
-  * intra-warpgroup pipelining (`pipelined`=1, FlashAttention-3's): a consumer issues
-    s_t = q K_t^T and acc += p_t-1 V_t-1 together, runs tile t's softmax as soon as s_t is done
-    while p_t-1 V_t-1 still runs, then waits for it and rescales acc; tile t's p V goes with
-    tile t+1's scores (the last one's alone). Only where every query tile has a key tile (no
-    segment ids, no window): with those the kernel runs the plain loop.
   * warpgroup 2 produces: it TMA-copies K and V tiles [bk, D] into a ring of `num_stages` slots
     in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a "consumed"
     barrier (one arrival per consumer), and refills a slot as soon as both consumers released it.
@@ -86,15 +81,13 @@ from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, cons
 class Forward(config.KernelConfig):
     """The forward: the query tile per consumer warpgroup (block_q) and the key tile (block_k),
     both raised to wgmma's 64 rows; the K/V ring's depth; the ping-pong barrier; the MiB of
-    streamed tiles whose (batch, head)s run together (launch_grid); persistent CTAs; the
-    intra-warpgroup pipeline."""
+    streamed tiles whose (batch, head)s run together (launch_grid); persistent CTAs."""
     block_q: int = common.block()
     block_k: int = common.block()
     num_stages: int = config.stages()
     schedule_barrier: bool = config.flag()
     group_mib: int = config.count(minimum=0)
     persistent: bool = config.flag()
-    pipelined: bool = config.flag()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +125,7 @@ class Kernels(common.Kernels):
 # accumulators, dk and dv).
 DEFAULTS = {
     d: Kernels(Forward(block_q=128 if d < 256 else 64, block_k=64, num_stages=2,
-                       schedule_barrier=True, group_mib=12, persistent=False, pipelined=False),
+                       schedule_barrier=True, group_mib=12, persistent=False),
                DkDv(block_q=64, num_stages=2, group_mib=12, persistent=False),
                Dq(block_q=64, block_k=64, num_stages=2))
     for d in common.KERNEL_HEAD_DIMS
@@ -327,7 +320,7 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 # ------------------------------------------------------------------ the forward
 
 def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ring, ids_ring,
-            q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule, pipelined):
+            q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule):
     segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     lse_ref, o_lo_ref = residual_refs or (None, None)
     q_ids_ref = segment_refs[0] if segment_refs else None
@@ -383,10 +376,16 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
         else:
             k_ring.wait(span.start - first)
 
-        def softmax(t, s, m, l, masked):
-            """Tile t's scores s -> its p (bf16), the rows' new max and sum, and alpha, acc's
-            factor."""
+        def step(t, carry, masked):
+            acc, m, l = carry
             n = t - first
+
+            def scores(s_ref):
+                plgpu.wgmma(s_ref, q_tile, k_ring.tile(n).transpose((1, 0)))
+                pass_schedule()
+                return s_ref[...]  # reading the accumulator waits for the wgmma
+            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
+            k_ring.release(n)
             segments = None
             if ids_ring is not None:   # the keys' segment ids, streamed beside K
                 ids_ring.wait(n)
@@ -405,36 +404,15 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             alpha = jnp.exp2(m - m_exp)
             p = jnp.exp2(s * plan.scale_log2 - lax.broadcast_in_dim(m_exp, s.shape, [0]))
             l = alpha * l + p.sum(axis=1)
-            return p.astype(q_tile.dtype), m_new, l, alpha
-
-        def rescale(acc, alpha):
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-        def before_pv(n, k_tile=None):
-            """V_n (and K_k_tile) loaded and (ping-pong) the other warpgroup's matmuls issued."""
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(q_tile.dtype)
+            # The softmax must be done before this warpgroup lets the other one compute.
+            acc, m_new, l, p = lax.optimization_barrier((acc, m_new, l, p))
             if ping_pong is not None:
                 plgpu.barrier_arrive(ping_pong)
-            if k_tile is not None:
-                k_ring.wait(k_tile)
             v_ring.wait(n)
             if ping_pong is not None:
-                plgpu.barrier_wait(ping_pong)
-
-        def scores(s_ref, n):
-            plgpu.wgmma(s_ref, q_tile, k_ring.tile(n).transpose((1, 0)))
-            pass_schedule()
-            return s_ref[...]  # reading the accumulator waits for the wgmma
-
-        def step(t, carry, masked):
-            acc, m, l = carry
-            n = t - first
-            s = pl.run_scoped(functools.partial(scores, n=n),
-                              plgpu.ACC((block_q, block_k), jnp.float32))
-            k_ring.release(n)
-            p, m_new, l, alpha = softmax(t, s, m, l, masked)
-            # The softmax must be done before this warpgroup lets the other one compute.
-            acc, m_new, l, p = lax.optimization_barrier((rescale(acc, alpha), m_new, l, p))
-            before_pv(n)
+                plgpu.barrier_wait(ping_pong)   # the other warpgroup's matmuls are issued
 
             def add_pv(acc_ref):
                 plgpu.wgmma(acc_ref, p, v_ring.tile(n))
@@ -443,54 +421,12 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             v_ring.release(n)
             return acc, m_new, l
 
-        def pipelined_step(t, carry, masked):
-            """Tile t's scores and tile t-1's p V issued together, tile t's softmax while the
-            second runs; carry: acc (without tile t-1's p V), m, l, tile t-1's p."""
-            acc, m, l, p = carry
-            n = t - first
-            before_pv(n - 1, k_tile=n)
-
-            def issue_both(s_ref, acc_ref):
-                acc_ref[...] = acc
-                plgpu.wgmma(s_ref, q_tile, k_ring.tile(n).transpose((1, 0)))
-                plgpu.wgmma(acc_ref, p, v_ring.tile(n - 1))
-                pass_schedule()
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)   # p V still in flight
-                k_ring.release(n)
-                p_new, m_new, l_new, alpha = softmax(t, s, m, l, masked)
-                acc_new = rescale(plgpu.wgmma_accumulator_load(acc_ref, wait_n=0), alpha)
-                v_ring.release(n - 1)
-                # Done before the next step lets the other warpgroup compute.
-                return lax.optimization_barrier((acc_new, m_new, l_new, p_new))
-            return pl.run_scoped(issue_both, plgpu.ACC((block_q, block_k), jnp.float32),
-                                 plgpu.ACC(acc.shape, jnp.float32))
-
         row = compat.mosaic_gpu_row_layout()
         carry = (plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
                                    plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
-        if pipelined and not (plan.segments or plan.window is not None):
-            # The first tile's scores alone (masked: it may cross the diagonal), the loop from
-            # the second, the last tile's p V alone.
-            acc, m, l = carry
-            s = pl.run_scoped(functools.partial(scores, n=span.start - first),
-                              plgpu.ACC((block_q, block_k), jnp.float32))
-            k_ring.release(span.start - first)
-            p, m, l, _ = softmax(span.start, s, m, l, masked=True)
-            lo = common._max(span.lo, span.start + 1)
-            rest = common.Span(span.start + 1, lo, common._max(span.hi, lo), span.end)
-            acc, m, l, p = common.visit(pipelined_step, (acc, m, l, p), rest)
-            last = span.end - 1 - first
-            before_pv(last)
-
-            def add_last_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_ring.tile(last))
-            acc = pl.run_state(add_last_pv)(plgpu.ACC.init(acc))
-            v_ring.release(last)
-            carry = acc, m, l
-        else:
-            carry = common.visit(step, carry, span)
+        carry = common.visit(step, carry, span)
         lax.fori_loop(span.end, first + count, release, None)
         pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 
@@ -578,8 +514,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(
-        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, schedule=units,
-                          pipelined=config.pipelined),
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, schedule=units),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
         name="flash_attention_fwd_mgpu", **units.launch_args(),
     )(*(pad_rows(x, padded) for x in (q, k, v)), *segment_inputs)
