@@ -41,6 +41,8 @@ from bench import loss_head as loss_head_bench
 from bench.common import add_full_arg, device_description, smoke_size, time_ms
 from kernels import attention, tuning, warp_specialized
 from kernels.config import Kernels
+from kernels.attention import api as attention_api
+from kernels.attention import common as attention_common
 from kernels.attention import mosaic_gpu as attention_mosaic_gpu
 from kernels.attention import triton as attention_triton
 from kernels.layernorm_ffn import api as layernorm_ffn_api
@@ -140,13 +142,29 @@ def _head_dim(key: str) -> int:
     return int(key.split("_")[0][1:])
 
 
+def attention_block_sizes(implementation: str, backward: str | None, shape: AttentionShape,
+                          config: dict) -> dict:
+    """What of an implementation's configuration goes to `attention` with the given backward
+    (None: the one the table picks): all of it with its own backward; with another (Triton's after
+    the Mosaic GPU forward), the forward's alone, since that backward takes its own entry (and
+    names the two share, e.g. dq_block_q, would set it)."""
+    kernel_dim = attention_common.kernel_head_dim(shape.head_dim)
+    backward = backward or attention_api.default_backward(implementation, kernel_dim, shape.seq,
+                                                          bool(shape.documents))
+    if backward == implementation:
+        return config
+    forward_names = attention_api.DEFAULTS[implementation][kernel_dim].names(("forward",))
+    return {name: value for name, value in config.items() if name in forward_names}
+
+
 def _time_attention(which: int, implementation: str, backward: str | None = None):
     """Timing of the forward (which=1) or forward+backward (which=2) of our attention, with the
     given backward (None: the one the table picks)."""
     def time(shape: AttentionShape, config, timing):
+        blocks = attention_block_sizes(implementation, backward, shape, config)
         fn = lambda q, k, v, ids: attention(q, k, v, causal=True, segment_ids=ids,
                                             implementation=implementation,
-                                            backward_implementation=backward, block_sizes=config)
+                                            backward_implementation=backward, block_sizes=blocks)
         (q, k, v, ids, cotangent), *calls = attention_bench.timed_calls(
             fn, shape[:4], jnp.bfloat16, attention_bench.Masks(segments=shape.documents))
         args = (q, k, v, ids) if which == 1 else (q, k, v, ids, cotangent)

@@ -210,6 +210,24 @@ def test_attention_backward_follows_the_tuning_table(implementation, preferred, 
     assert asked in ([], [("attention_backward", "d64_s1024")])
 
 
+@pytest.mark.parametrize("preferred", ["triton", "mosaic_gpu"])
+def test_the_tuner_times_the_mosaic_gpu_forward_beside_either_backward(preferred, monkeypatch):
+    """Where the table prefers Triton's backward (the H100's d64_s1024), the tuner's Mosaic GPU
+    configuration goes to `attention` without its own backward's parameters, which Triton's
+    backward would refuse (session 23: no candidate ran at d64_s512 and d64_s1024)."""
+    monkeypatch.setattr(attention_api.tuning, "preferred_implementation",
+                        lambda op, key: preferred)
+    config = mosaic_gpu.DEFAULTS[64].flat()
+    blocks = tune.attention_block_sizes("mosaic_gpu", None, tune.AttentionShape(16, 1024, 16, 64),
+                                        config)
+    forward = mosaic_gpu.DEFAULTS[64].names(("forward",))
+    assert set(blocks) == (set(forward) if preferred == "triton" else set(config))
+    forward_config, *_ = attention_api._kernels("mosaic_gpu", preferred, "d64_s1024", 64, blocks)
+    assert forward_config == mosaic_gpu.DEFAULTS[64].forward
+    with pytest.raises(ValueError, match="no tuning parameter 'dkdv_group_mib' with the triton"):
+        attention_api._kernels("mosaic_gpu", "triton", "d64_s1024", 64, config)
+
+
 @pytest.mark.parametrize("kind, arch, triton_up_to", [(H200, "sm90", 512),
                                                      ("NVIDIA H100 PCIe", "sm90", 1024)])
 def test_the_shipped_table_picks_each_backward_where_it_measured_faster(kind, arch, triton_up_to,

@@ -157,8 +157,9 @@ def _kernels(implementation: str, backward: str, key: str, kernel_dim: int,
     backward_names = DEFAULTS[backward][kernel_dim].names(("dkdv", "dq"))
     unknown = sorted(set(overrides) - {*forward_names, *backward_names})
     if unknown:
-        raise ValueError(f"attention/{implementation} has no tuning parameter {unknown[0]!r}; "
-                         f"known: {sorted({*forward_names, *backward_names})}")
+        raise ValueError(f"attention/{implementation} has no tuning parameter {unknown[0]!r} "
+                         f"with the {backward} backward; known: "
+                         f"{sorted({*forward_names, *backward_names})}")
 
     def configured(backend: str, names: tuple[str, ...]) -> common.Kernels:
         defaults = DEFAULTS[backend][kernel_dim]
