@@ -203,12 +203,12 @@ def main(argv=None) -> list[dict]:
     flops_step = step_flops(args, batch)
     ms_of = lambda path, devices, shard: results.get((path, devices, shard), (np.nan,))[0]
     records = []
-    for (kernels, n, shard), (ms, loss, held, peak) in results.items():
+    for (kernels, n, shard), (ms, loss, held, peak_memory) in results.items():
         tflops = flops_step / (ms * 1e-3) / 1e12
         # On one device the layouts hold the same: either one's time is the one device's.
         one = ms_of(kernels, 1, "replicate" if (kernels, 1, "replicate") in results else shard)
         records.append(dict(kernels=kernels, devices=n, shard=shard, state_gb_per_device=held / 1e9,
-                            peak_gib_per_device=peak / 2**30,
+                            peak_gib_per_device=peak_memory / 2**30,
                             preset=args.preset, model_d=args.model_d,
                             heads=args.heads, vocab=args.vocab, seq=args.seq, batch=batch,
                             ms_per_step=ms, tokens_per_s=batch * args.seq / (ms * 1e-3),

@@ -141,14 +141,20 @@ def test_train_step_refuses_a_batch_beyond_the_device_memory(monkeypatch, capsys
     assert "batch 64 does not fit (xla: the step needs" in capsys.readouterr().out
 
 
-def test_train_step_dumps_the_compiled_step(tmp_path):
+def test_train_step_dumps_the_compiled_step_and_states_mfu_on_both_peaks(tmp_path, monkeypatch):
     """--dump-hlo writes the optimized HLO of each path's compiled step, the module whose op names
-    a trace of it shows."""
-    train_step_bench.main(["--kernels", "xla", "--seq", "16", "--model-d", "64", "--heads", "2",
-                           "--vocab", "64", "--batch", "2", "--devices", "1", "--warmup", "0",
-                           "--repeats", "1", "--steps", "1", "--full", "--dump-hlo", str(tmp_path)])
+    a trace of it shows; MFU is the model's TF/s over the datasheet's peak and, apart, over the
+    measured one (device peaks faked: this CPU has neither)."""
+    monkeypatch.setattr(train_step_bench, "peak_tflops",
+                        lambda datasheet=False: 1e-3 if datasheet else 5e-4)
+    record, = train_step_bench.main([
+        "--kernels", "xla", "--seq", "16", "--model-d", "64", "--heads", "2", "--vocab", "64",
+        "--batch", "2", "--devices", "1", "--warmup", "0", "--repeats", "1", "--steps", "1",
+        "--full", "--dump-hlo", str(tmp_path)])
     text = (tmp_path / "xla-1dev-replicate-batch2.hlo.txt").read_text()
     assert text.startswith("HloModule jit_step") and "ENTRY" in text and "fusion" in text
+    assert record["mfu"] == pytest.approx(record["model_tflops"] / 1e-3)
+    assert record["mfu_measured_peak"] == pytest.approx(record["model_tflops"] / 5e-4)
 
 
 def test_train_step_takes_the_preset_shape_and_depth():
