@@ -59,8 +59,8 @@ def step_ms(kernels: str, args, batch: int, devices: int, shard: str, warmup: in
     def init():
         params = model.get_params(0)
         return params, optimizer.init(params)
-    # Each phase timed apart: on the H100 a gpt2_small candidate spent 94 s before its step's
-    # compilation (bench/RESULTS.md, session 22), the init's compile or its run.
+    # Each phase timed apart: on the H100 gpt2_small's init compiled for 96-108 s (its 777
+    # kernels then; model.init_params now draws the blocks together: bench/RESULTS.md, session 23).
     start = time.perf_counter()
     compiled_init = jax.jit(init, out_shardings=sharding.shardings(
         jax.eval_shape(init), shard, mesh)).lower().compile()

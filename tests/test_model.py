@@ -40,6 +40,19 @@ def test_parameter_counts(make, kwargs, expected):
         assert sum(p.size for p in jax.tree_util.tree_leaves(gpt.get_params())) == expected
 
 
+def test_each_block_is_drawn_from_its_own_key():
+    """init_params draws the blocks together (vmap); each equals init_block on its own key, so the
+    values are those of one draw per block."""
+    key = jax.random.PRNGKey(3)
+    params = model.init_params(key, 50, 128, 3)
+    for block, block_key in zip(params["blocks"], jax.random.split(key, 4)[1:], strict=True):
+        want = model.init_block(block_key, 128, 3)
+        assert jax.tree_util.tree_structure(block) == jax.tree_util.tree_structure(want)
+        assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(block),
+                                                          jax.tree_util.tree_leaves(want)))
+    assert not jnp.array_equal(params["blocks"][0]["attn"]["wq"], params["blocks"][1]["attn"]["wq"])
+
+
 def test_causality():
     """Changing token t never changes the logits before t."""
     gpt = micro_gpt_2(vocab=97, model_d=64, num_heads=4)
