@@ -115,6 +115,11 @@ MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, True), (128, 64, 2, False), (64, 128, 2, True), (64, 128, 3, True),
     (128, 64, 3, True), (128, 128, 2, True), (64, 64, 3, True), (64, 256, 2, True),
     (64, 128, 2, False)])
+# Then, at head_dim 64, three consumer warpgroups of 64 query rows (FlashAttention-3's 192-row
+# tiles there; without ping-pong, which pairs two), over the best so far.
+MOSAIC_CONSUMER_CANDIDATES = [{}] + [
+    {"consumers": 3, "schedule_barrier": False, "block_q": 64, "block_k": block_k,
+     "num_stages": stages} for block_k, stages in ((128, 2), (64, 3), (128, 3))]
 # Its own backward (timed with it, whichever the table prefers; `prefer_backward` then weighs it
 # against Triton's): the dK/dV kernel's query tile and ring depth (its key tile is
 # mosaic_gpu.DKDV_BLOCK_K).
@@ -289,6 +294,9 @@ OPS = {
         shapes=MOSAIC_ATTENTION_SHAPES,
         defaults=lambda key: attention_mosaic_gpu.DEFAULTS[_head_dim(key)],
         stages=[Stage("forward", lambda key: MOSAIC_CANDIDATES, _time_attention(1, "mosaic_gpu")),
+                Stage("consumers",
+                      lambda key: MOSAIC_CONSUMER_CANDIDATES if _head_dim(key) == 64 else [],
+                      _time_attention(1, "mosaic_gpu")),
                 Stage("backward", lambda key: MOSAIC_BACKWARD_CANDIDATES,
                       _time_attention(2, "mosaic_gpu", "mosaic_gpu")),
                 Stage("backward_dq", lambda key: MOSAIC_DQ_CANDIDATES,
@@ -326,6 +334,8 @@ def sweep(name: str, op: Op, shape_key: str, shape: tuple, timing: dict,
         if stages and stage.name not in stages:
             continue
         candidates = stage.candidates(shape_key)[:max_candidates]
+        if not candidates:   # the stage does not apply at this key
+            continue
         best_ms, winner = float("inf"), None
         for n, candidate in enumerate(candidates, 1):
             config = {**best, **candidate}

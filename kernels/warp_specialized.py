@@ -1,9 +1,10 @@
 """What the Mosaic GPU kernels (attention, LayerNorm+FFN) share: warp specialization on Hopper.
 
-A CTA runs CONSUMERS consumer warpgroups and one producer warpgroup. The producer TMA-copies tiles
-from HBM into rings of shared-memory slots (`Ring`), each slot guarded by mbarriers; the consumers
-wait for a slot, feed it to wgmma, and release it so the producer can refill it. `tiled_smem` is the
-128-byte-swizzled layout that both TMA and wgmma read at full speed.
+A CTA runs CONSUMERS (or, for the attention forward, 3) consumer warpgroups and one producer
+warpgroup. The producer TMA-copies tiles from HBM into rings of shared-memory slots (`Ring`), each
+slot guarded by mbarriers; the consumers wait for a slot, feed it to wgmma, and release it so the
+producer can refill it. `tiled_smem` is the 128-byte-swizzled layout that both TMA and wgmma read
+at full speed.
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 WGMMA_M = 64       # a warpgroup's wgmma covers 64 rows: query and key tiles are multiples of it
-CONSUMERS = 2      # consumer warpgroups per CTA
+CONSUMERS = 2      # consumer warpgroups per CTA (the attention forward may take 3: REGISTERS)
 SWIZZLE = 128      # bytes: a row of 64 bf16, the widest TMA/wgmma swizzle
 IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
-# Registers per thread after warp specialization (setmaxnreg): (2 x 232 + 40) x 128 threads =
-# 64,512 of an SM's 65,536. 240 / 24 cut ptxas's spills in the head_dim-128 attention
+# Registers per thread after warp specialization (setmaxnreg), (consumer, producer) by the number
+# of consumer warpgroups: (2 x 232 + 40) x 128 threads = 64,512 of an SM's 65,536, and with three
+# (3 x 160 + 24) x 128 likewise. 240 / 24 cut ptxas's spills in the head_dim-128 attention
 # kernels (forward 60 -> 8 bytes, dK/dV 80 -> 8) but moved their times only within +-2% and
 # slowed the training shape's forward by 2.5% (bench/RESULTS.md, version 7).
-CONSUMER_REGISTERS, PRODUCER_REGISTERS = 232, 40
+REGISTERS = {2: (232, 40), 3: (160, 24)}
 SMEM_BYTES = 227 * 1024   # the shared memory a Hopper CTA may have (sm90's opt-in maximum)
 
 
@@ -51,7 +53,7 @@ class Ring:
     source: Callable   # n -> the GMEM ref of the n-th tile
     smem: Any          # [stages, *tile]
     loaded: Any        # barriers [stages], one arrival
-    consumed: Any      # barriers [stages], CONSUMERS arrivals
+    consumed: Any      # barriers [stages], an arrival per consumer warpgroup
     offset: Any = 0    # tiles streamed before tile 0 (a persistent kernel's earlier work units)
 
     def slot(self, n):
@@ -67,11 +69,11 @@ class Ring:
         plgpu.barrier_arrive(self.consumed.at[self.slot(n)])
 
 
-def ring_scratch(tile_type, stages: int) -> tuple:
+def ring_scratch(tile_type, stages: int, consumers: int = CONSUMERS) -> tuple:
     """The shared memory and barriers of a Ring of `stages` slots of tile_type (an SMEM type
-    whose leading axis is the slot)."""
+    whose leading axis is the slot), for `consumers` consumer warpgroups."""
     return (tile_type, plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+            plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
 
 
 def skip(rings, n) -> None:
@@ -127,19 +129,20 @@ def consume_units(num_units, work: Callable, load: Callable, run: Callable,
     lax.fori_loop(0, num_units, unit, 0)
 
 
-def specialize(consume: Callable, producer: Callable) -> None:
-    """Warp specialization: warpgroups 0..CONSUMERS-1 run consume(wg) with most registers, the
+def specialize(consume: Callable, producer: Callable, consumers: int = CONSUMERS) -> None:
+    """Warp specialization: warpgroups 0..consumers-1 run consume(wg) with most registers, the
     last one runs producer() (streaming the rings, `produce`) with few."""
     wg = lax.axis_index("wg")
+    consumer_registers, producer_registers = REGISTERS[consumers]
 
-    @pl.when(wg < CONSUMERS)
+    @pl.when(wg < consumers)
     def _consume():
-        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        plgpu.set_max_registers(consumer_registers, action="increase")
         consume(wg)
 
-    @pl.when(wg == CONSUMERS)
+    @pl.when(wg == consumers)
     def _produce():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        plgpu.set_max_registers(producer_registers, action="decrease")
         producer()
 
 
@@ -180,12 +183,12 @@ def tiled_smem(dtype, *shape):
         plgpu.TilingTransform((8, SWIZZLE // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
 
 
-def launch(kernel, *, out_type, scratch, grid, grid_names, name):
-    """A Pallas kernel over `grid` (axes named grid_names) with CONSUMERS + 1 warpgroups; the
+def launch(kernel, *, out_type, scratch, grid, grid_names, name, consumers: int = CONSUMERS):
+    """A Pallas kernel over `grid` (axes named grid_names) with consumers + 1 warpgroups; the
     scratch is allocated once per CTA, shared by its warpgroups.  Like plgpu.kernel, but its
     operands may be mutable refs (jax.new_ref) that the kernel updates in place (plgpu.kernel's
     batching wrapper does not take refs)."""
-    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=CONSUMERS + 1,
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=consumers + 1,
                       thread_name="wg", kernel_name=name)
 
     def body(*refs):

@@ -205,6 +205,25 @@ def test_tune_prefers_the_implementation_measured_fastest(tmp_path, monkeypatch)
     assert timed == {16: (4, 8, 64), 32: (4, 8, 64)}   # the tuned configs, at the tuning shape
 
 
+def test_tune_skips_a_stage_with_no_candidates_at_the_key():
+    """A stage whose candidates do not apply at a key (none) leaves the earlier stages' winner;
+    one whose candidates all fail records nothing."""
+    timed = []
+
+    def time(shape, config, timing):
+        timed.append(config["tile"])
+        return float(config["tile"])
+    stages = [tune.Stage("tiles", lambda key: [{"tile": 3}, {"tile": 2}], time),
+              tune.Stage("only_d128", lambda key: [{"tile": 1}] if key == "d128" else [], time)]
+    op = tune.Op(shapes={"d64": (1,)}, defaults=lambda key: _ToyKernels(_Toy(0)), stages=stages,
+                 total=time)
+    assert tune.sweep("toy/impl", op, "d64", (1,), {}, None) == {"tile": 2}
+    assert timed == [3, 2]
+    assert tune.sweep("toy/impl", op, "d128", (1,), {}, None) == {"tile": 1}
+    failing = tune.Stage("fails", lambda key: [{"tile": 5}], lambda *_: 1 / 0)
+    assert tune.sweep("toy/impl", op._replace(stages=[failing]), "d64", (1,), {}, None) is None
+
+
 def test_block_config_layers_narrower_shape_keys(monkeypatch):
     """"d128_s8192" layers over "d128", which layers over "*" and the defaults; overrides win."""
     table = {tuning.device_kind(): {"toy/impl": {

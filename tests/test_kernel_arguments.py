@@ -64,6 +64,15 @@ def test_attention_mosaic_gpu_groups_the_heads_whose_tiles_fit_in_l2():
     assert mosaic_gpu.launch_grid(2, 3, 5, 64 * mib, 12) == (6, 5, 1)     # none fits: one each
 
 
+@pytest.mark.parametrize("blocks, message", [
+    ({"consumers": 4, "schedule_barrier": False}, r"consumers=4 must be one of \[2, 3\]"),
+    ({"consumers": 3}, "consumers=3 runs without the ping-pong barrier")])
+def test_attention_mosaic_gpu_takes_two_or_three_consumer_warpgroups(blocks, message):
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="attention/mosaic_gpu: " + message):
+        attention(q, q, q, implementation="mosaic_gpu", block_sizes=blocks)
+
+
 @pytest.mark.skipif(mosaic_gpu.on_sm90(), reason="on a Hopper GPU mosaic_gpu runs")
 def test_attention_mosaic_gpu_refuses_off_hopper():
     """No interpret mode: anywhere but an sm90 GPU it says so (and where to go instead)."""

@@ -441,17 +441,19 @@ def test_attention_reference_is_the_model_math():
 
 
 @pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent, kv_heads, "
-                         "window", [(256, 64, True, 1, 0, 0, 2, None),
-                                    (200, 128, False, 0, 12, 0, 2, (70, 30)),
-                                    (256, 64, True, 1, 0, 1, 1, None),
-                                    (200, 128, False, 0, 12, 1, 2, None),
-                                    (128, 256, True, 1, 12, 0, 2, None),
-                                    (256, 64, True, 1, 0, 0, 2, (40, 0))])
+                         "window, consumers", [(256, 64, True, 1, 0, 0, 2, None, 2),
+                                               (200, 128, False, 0, 12, 0, 2, (70, 30), 2),
+                                               (256, 64, True, 1, 0, 1, 1, None, 2),
+                                               (200, 128, False, 0, 12, 1, 2, None, 2),
+                                               (128, 256, True, 1, 12, 0, 2, None, 2),
+                                               (256, 64, True, 1, 0, 0, 2, (40, 0), 2),
+                                               (256, 64, True, 0, 0, 1, 1, None, 3),
+                                               (200, 64, False, 0, 12, 0, 2, None, 3)])
 @ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
                                                      group_mib, persistent, kv_heads, window,
-                                                     monkeypatch):
+                                                     consumers, monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
@@ -464,13 +466,16 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     CTA two folds, so its rings and q buffers carry over from fold to fold; there the two query
     heads share one K/V head (grouped-query). Windows: (70, 30) streams a pair from a first
     tile past 0 and masks both ends; (40, 0) with causal masking leaves rows nothing in their
-    first tile, with ping-pong. On a Hopper GPU the same cases run compiled."""
+    first tile, with ping-pong. Three consumer warpgroups: units of three query tiles over four,
+    so the last unit holds one (its other warpgroups pass the stream along), through persistent
+    folds (causal) and a CTA per unit (not causal, 200 rows). On a Hopper GPU the same cases run
+    compiled."""
     if ON_CPU:
         run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[head_dim].replace(forward=dict(
         block_q=64, block_k=64, num_stages=2, schedule_barrier=bool(schedule_barrier),
-        group_mib=group_mib, persistent=bool(persistent)))
+        group_mib=group_mib, persistent=bool(persistent), consumers=consumers))
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
                 False, window)

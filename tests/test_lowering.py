@@ -94,6 +94,22 @@ def test_attention_mosaic_gpu_lowers_for_the_device(shape, causal, backward, bac
     assert calls(grad) == sorted(backward_calls + ["mosaic_gpu"])
 
 
+@pytest.mark.parametrize("persistent", [0, 1], ids=["grid", "persistent"])
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_lowers_with_three_consumer_warpgroups(persistent):
+    """The forward with three consumer warpgroups (each 64 query rows; S1024 in ragged units of
+    three tiles) lowers for CUDA, its gradient beside it, at micro_gpt_4's head shape."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    spec = jax.ShapeDtypeStruct((16, 1024, 32, 64), jnp.bfloat16)
+    f = lambda q, k, v: attention(q, k, v, implementation="mosaic_gpu", interpret=False,
+                                  block_sizes={"consumers": 3, "schedule_barrier": False,
+                                               "block_q": 64, "block_k": 128,
+                                               "persistent": persistent})
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    calls = lambda g: re.findall(r"custom_call @(\S+)\(", _export_text(g, "cuda", spec, spec, spec))
+    assert len(calls(f)) == 1 and len(calls(grad)) == 3
+
+
 @pytest.mark.parametrize("backward, backward_calls", [
     (None, ["__gpu$xla.gpu.triton"] * 2), ("mosaic_gpu", ["mosaic_gpu"] * 2)],
     ids=["default_bwd", "mosaic_bwd"])

@@ -35,9 +35,14 @@ last, and each consumer loads its next q tile into a second buffer.
     issuing q K^T and once before p V, with warpgroup 1 one pass behind, so that one
     warpgroup's softmax (exp2 on the special-function units) runs while the other's two matmuls
     hold the tensor cores, instead of both contending for the same unit at once.
-  * warpgroup 2 produces: it TMA-copies K and V tiles [bk, D] into a ring of `num_stages` slots
-    in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a "consumed"
-    barrier (one arrival per consumer), and refills a slot as soon as both consumers released it.
+  * three consumers (`consumers`=3, without ping-pong; FlashAttention-3's 192-row tiles at head_dim
+    64): a unit is three query tiles, and where their count is no multiple of three the last
+    unit holds fewer, its other warpgroups only waiting for and releasing its stream's tiles
+    (no padding of S1024 to 1152 rows).
+  * the last warpgroup produces: it TMA-copies K and V tiles [bk, D] into a ring of `num_stages`
+    slots in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a
+    "consumed" barrier (one arrival per consumer), and refills a slot once every consumer
+    released it.
 Causal: key tiles above the diagonal are never loaded. The lower query tile of a pair needs fewer
 key tiles than the upper one, so once done it keeps waiting for and releasing the tiles its
 neighbour still needs (it must wait for the load before releasing: an early arrival would count
@@ -62,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +77,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat, config
 from kernels.attention import common
-from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, consume_units, launch,
-                                      num_sms, on_sm90, pad_rows, produce_units, ring_scratch, skip,
-                                      specialize, tiled_smem)
+from kernels.warp_specialized import (CONSUMERS, REGISTERS, SMEM_BYTES, WGMMA_M, Ring,
+                                      consume_units, launch, num_sms, on_sm90, pad_rows,
+                                      produce_units, ring_scratch, skip, specialize, tiled_smem)
 
 
 
@@ -81,13 +87,23 @@ from kernels.warp_specialized import (CONSUMERS, SMEM_BYTES, WGMMA_M, Ring, cons
 class Forward(config.KernelConfig):
     """The forward: the query tile per consumer warpgroup (block_q) and the key tile (block_k),
     both raised to wgmma's 64 rows; the K/V ring's depth; the ping-pong barrier; the MiB of
-    streamed tiles whose (batch, head)s run together (launch_grid); persistent CTAs."""
+    streamed tiles whose (batch, head)s run together (launch_grid); persistent CTAs; the consumer
+    warpgroups a CTA (2, or 3 without ping-pong, which pairs two)."""
     block_q: int = common.block()
     block_k: int = common.block()
     num_stages: int = config.stages()
     schedule_barrier: bool = config.flag()
     group_mib: int = config.count(minimum=0)
     persistent: bool = config.flag()
+    consumers: int = config.count(minimum=CONSUMERS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.consumers not in REGISTERS:
+            raise ValueError(f"consumers={self.consumers} must be one of {sorted(REGISTERS)}")
+        if self.consumers > CONSUMERS and self.schedule_barrier:
+            raise ValueError(f"consumers={self.consumers} runs without the ping-pong barrier "
+                             f"(schedule_barrier=0): it pairs two warpgroups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +141,7 @@ class Kernels(common.Kernels):
 # accumulators, dk and dv).
 DEFAULTS = {
     d: Kernels(Forward(block_q=128 if d < 256 else 64, block_k=64, num_stages=2,
-                       schedule_barrier=True, group_mib=12, persistent=False),
+                       schedule_barrier=True, group_mib=12, persistent=False, consumers=2),
                DkDv(block_q=64, num_stages=2, group_mib=12, persistent=False),
                Dq(block_q=64, block_k=64, num_stages=2))
     for d in common.KERNEL_HEAD_DIMS
@@ -216,7 +232,8 @@ def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_
 
 
 def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, q_ref,
-                     k_stream, v_stream, ids_ring=None, segment_refs=()):
+                     k_stream, v_stream, ids_ring=None, segment_refs=(),
+                     consumers: int = CONSUMERS):
     """For kernels whose unit is a pair of query tiles streaming the key tiles they see (the
     forward, the backward's dQ), in the kernel: (how many units this CTA runs, work, span), where
     work(n, base) -> (batch, head, pair, the first key tile the n-th unit streams, how many, its
@@ -228,7 +245,8 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     head h's are head h // (H / Hkv)'s (grouped-query, q_ref [B, S, H, D]). segment_refs: the
     queries' and the keys' ids [B, S] and the query tiles' ranges of key tiles [B, S / block_q,
     4] (common.tile_segments), or none; the keys' ids then ride ids_ring. Pairs run longest
-    first (common.tile_order)."""
+    first (common.tile_order). With 3 consumers a unit is three query tiles (the first and the
+    last bound its stream), the last unit maybe fewer (its upper tile: the sequence's last)."""
     num_units, unit_pair = schedule.units()
     group = q_ref.shape[2] // k_stream[1].shape[2]
     segment_ranges = segment_refs[2] if segment_refs else None
@@ -239,11 +257,15 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
                   else common.segment_range(lambda c: segment_ranges[b, i, c]))
         return common.kv_tiles(i, plan, block_q, block_k, ranges)
 
+    num_tiles = q_ref.shape[1] // block_q
+
     def work(n, base):
         b, h, pair = unit_pair(n)
         pair = common.tile_order(pair, schedule.num_pairs, plan.causal)
-        first, end = pair_stream(span(b, CONSUMERS * pair),
-                                 span(b, CONSUMERS * pair + CONSUMERS - 1),
+        upper = consumers * pair + consumers - 1
+        if num_tiles % consumers:   # ragged units
+            upper = jnp.minimum(upper, num_tiles - 1)
+        first, end = pair_stream(span(b, consumers * pair), span(b, upper),
                                  segment_ranges is not None)
         kv_head = h if group == 1 else lax.div(h, group)
         # A ref's key tile: [block_k, D] of (b, kv_head), or [block_k] segment ids of b.
@@ -258,7 +280,7 @@ def pair_stream(lower: common.Span, upper: common.Span, segments: bool):
     """(first, end) of the tiles a pair streams for its lower and upper tile's spans: the lower
     one's first to the upper one's last (both grow with the tile under causal masks and
     windows), or with segments, whose tiles need not grow, their union (maybe empty).
-    (CONSUMERS = 2: the lower and the upper tile are all of the pair's.)"""
+    (A unit's tiles between its lower and upper one stream within that.)"""
     if not segments:
         return lower.start, upper.end
     first = jnp.minimum(lower.start, upper.start)
@@ -282,8 +304,10 @@ def segment_tile(span: common.Span, first, end, ids_ref, b, row_start, smem, loa
 
 def forward_rows(forward: Forward) -> int:
     """The forward pads the sequence to a multiple of this: a CTA's two query tiles and a key tile
-    (tiles raised to wgmma's 64 rows; powers of two, so the larger is a multiple of the other)."""
-    return max(CONSUMERS * max(forward.block_q, WGMMA_M), max(forward.block_k, WGMMA_M))
+    (tiles raised to wgmma's 64 rows; powers of two, so the larger is a multiple of the other).
+    Three consumers' units are ragged instead (S1024 in 192-row units would pad to 1152)."""
+    bq, bk = max(forward.block_q, WGMMA_M), max(forward.block_k, WGMMA_M)
+    return max(bq if forward.consumers > CONSUMERS else CONSUMERS * bq, bk)
 
 
 # The Mosaic GPU dK/dV kernel's key tile per consumer warpgroup: 64 rows in every entry tuned on
@@ -320,14 +344,16 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 # ------------------------------------------------------------------ the forward
 
 def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ring, ids_ring,
-            q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule):
+            q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule, consumers):
     segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     lse_ref, o_lo_ref = residual_refs or (None, None)
     q_ids_ref = segment_refs[0] if segment_refs else None
     num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
                                                   (k_ring, k_ref), (v_ring, v_ref), ids_ring,
-                                                  segment_refs)
-    buffers = q_smem.shape[0] // CONSUMERS   # q tiles per warpgroup: the next unit's loads early
+                                                  segment_refs, consumers)
+    buffers = q_smem.shape[0] // consumers   # q tiles per warpgroup: the next unit's loads early
+    num_tiles = q_ref.shape[1] // block_q
+    ragged = num_tiles % consumers != 0      # the last unit holds fewer tiles than warpgroups
 
     def pass_schedule():
         """Both consumers meet here (no-op without ping-pong)."""
@@ -335,24 +361,35 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             plgpu.barrier_arrive(ping_pong)
             plgpu.barrier_wait(ping_pong)
 
+    def if_tile_exists(i, then: Callable, otherwise: Callable = lambda: None) -> None:
+        if ragged:
+            pl.when(i < num_tiles)(then)
+            pl.when(i >= num_tiles)(otherwise)
+        else:
+            then()
+
     def consume(wg):
         def load_q(n):   # the n-th unit's query tile into buffer n % buffers
             b, h, pair, *_ = work(n, 0)
-            rows = pl.ds((CONSUMERS * pair + wg) * block_q, block_q)
+            i = consumers * pair + wg
             buffer = wg * buffers + lax.rem(n, buffers)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[buffer], q_loaded.at[buffer])
+            if_tile_exists(i, lambda: plgpu.copy_gmem_to_smem(
+                q_ref.at[b, pl.ds(i * block_q, block_q), h], q_smem.at[buffer],
+                q_loaded.at[buffer]))
 
         def run(n, b, h, pair, first, count, rings):
             buffer = wg * buffers + lax.rem(n, buffers)
-            consume_unit(wg, b, h, pair, first, count, rings, q_smem.at[buffer],
-                         q_loaded.at[buffer])
+            i = consumers * pair + wg
+            # A ragged unit's missing tile: its warpgroup only passes the unit's stream along.
+            if_tile_exists(i, lambda: consume_unit(wg, b, h, i, first, count, rings,
+                                                   q_smem.at[buffer], q_loaded.at[buffer]),
+                           lambda: lax.fori_loop(0, count, lambda t, _: skip(rings, t), None))
         consume_units(num_units, work, load_q, run, buffers)
         plgpu.wait_smem_to_gmem(0)
 
-    def consume_unit(wg, b, h, pair, first, count, rings, q_tile, q_ready):
-        """Warpgroup wg's query tile of the unit; key tile t is the stream's tile t - first."""
+    def consume_unit(wg, b, h, i, first, count, rings, q_tile, q_ready):
+        """Warpgroup wg's query tile i of the unit; key tile t is the stream's tile t - first."""
         k_ring, v_ring, ids_ring = (*rings, None)[:3]   # the keys' ids' ring with segments
-        i = CONSUMERS * pair + wg
         q_rows = (b, pl.ds(i * block_q, block_q), h)
         span = tile_span(b, i)
         q_segment = None
@@ -451,7 +488,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
         # Only the buffers' reads: the stores complete while the next unit runs.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    specialize(consume, lambda: produce_units(num_units, work))
+    specialize(consume, lambda: produce_units(num_units, work), consumers)
 
 
 def tile_visible(plan: common.Plan, row_start, col_start, shape, transposed: bool = False,
@@ -476,9 +513,9 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
 
     The residuals are triton.forward's: q, k, v, o, lse [B, H, S] f32, o's low half, then the
     segment ids. Tiles below 64 rows (fit_blocks shrinks them for short sequences) are raised to
-    64, wgmma's M, and the sequence is padded to a multiple of a CTA's 2 block_q rows and of
-    block_k (the api has done so already: `sequence_rows`); padded keys are masked like the api's
-    (common.visible) and padded rows sliced off.
+    64, wgmma's M, and the sequence is padded to a multiple of a CTA's 2 block_q rows (with 3
+    consumers one block_q) and of block_k (the api has done so already: `sequence_rows`); padded
+    keys are masked like the api's (common.visible) and padded rows sliced off.
     """
     check_runs_here(plan, q.dtype)
     b, s, h, d = q.shape
@@ -486,12 +523,13 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     bq, bk = (max(rows, WGMMA_M) for rows in (config.block_q, config.block_k))
     padded = -(-s // forward_rows(config)) * forward_rows(config)   # s itself, from the api
     stages = config.num_stages
-    units = schedule_for(b, h, padded // (CONSUMERS * bq), 2 * padded * d * q.dtype.itemsize,
+    consumers = config.consumers
+    units = schedule_for(b, h, -(-padded // (consumers * bq)), 2 * padded * d * q.dtype.itemsize,
                          config.group_mib, config.persistent, segments is not None)
     buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
-    smem = q.dtype.itemsize * d * (CONSUMERS * buffers * bq + 2 * stages * bk) + 4 * CONSUMERS * bq
+    smem = q.dtype.itemsize * d * (consumers * buffers * bq + 2 * stages * bk) + 4 * consumers * bq
     if segments is not None:   # the ids' ring and the query tiles' ids, int32
-        smem += 4 * (stages * bk + CONSUMERS * bq)
+        smem += 4 * (stages * bk + consumers * bq)
     if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu attention: block_q={bq}, block_k={bk}, num_stages={stages}"
                          f"{', persistent=1' if units.num_ctas else ''} need {smem // 1024} KiB of "
@@ -501,22 +539,23 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
         ids = [jnp.pad(x, ((0, 0), (0, padded - s)), mode="edge") for x in segments]
         segment_inputs = [*ids, common.segment_ranges(*ids, bq, bk)]
     scratch = dict(
-        q_smem=tiled_smem(q.dtype, CONSUMERS * buffers, bq, d),
-        lse_smem=plgpu.SMEM((CONSUMERS, bq), jnp.float32) if residuals else None,
-        q_loaded=plgpu.Barrier(num_barriers=CONSUMERS * buffers),
-        k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
-        v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages),
-        ids_ring=(ring_scratch(plgpu.SMEM((stages, bk), jnp.int32), stages)
+        q_smem=tiled_smem(q.dtype, consumers * buffers, bq, d),
+        lse_smem=plgpu.SMEM((consumers, bq), jnp.float32) if residuals else None,
+        q_loaded=plgpu.Barrier(num_barriers=consumers * buffers),
+        k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages, consumers),
+        v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages, consumers),
+        ids_ring=(ring_scratch(plgpu.SMEM((stages, bk), jnp.int32), stages, consumers)
                   if segments is not None else None),
-        q_ids_smem=plgpu.SMEM((CONSUMERS, bq), jnp.int32) if segments is not None else None,
-        q_ids_loaded=plgpu.Barrier(num_barriers=CONSUMERS) if segments is not None else None,
+        q_ids_smem=plgpu.SMEM((consumers, bq), jnp.int32) if segments is not None else None,
+        q_ids_loaded=plgpu.Barrier(num_barriers=consumers) if segments is not None else None,
         ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config.schedule_barrier else None)
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(
-        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, schedule=units),
+        functools.partial(_kernel, plan=plan, block_q=bq, block_k=bk, schedule=units,
+                          consumers=consumers),
         out_type=[o_type, lse_type, o_type] if residuals else [o_type], scratch=scratch,
-        name="flash_attention_fwd_mgpu", **units.launch_args(),
+        name="flash_attention_fwd_mgpu", consumers=consumers, **units.launch_args(),
     )(*(pad_rows(x, padded) for x in (q, k, v)), *segment_inputs)
     o = outs[0][:, :s]
     if not residuals:
