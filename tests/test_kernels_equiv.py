@@ -502,25 +502,29 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
 DOCUMENT_CUTS = ([37, 100, 101, 190], [5, 130])
 
 
-@pytest.mark.parametrize("seq, causal, persistent, window, keyless_rows", [
-    (256, True, 0, None, True), (256, False, 1, None, False), (200, True, 0, (70, 0), False)])
-@pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernel itself runs")
+@pytest.mark.parametrize("seq, causal, persistent, window, keyless_rows, consumers", [
+    (256, True, 0, None, True, 2), (256, False, 1, None, False, 3),
+    (200, True, 0, (70, 0), False, 2)])
+@ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persistent, window,
-                                                              keyless_rows, monkeypatch):
+                                                              keyless_rows, consumers,
+                                                              monkeypatch):
     """The Mosaic GPU forward with segment ids (packed documents) in jax's Mosaic GPU
     interpreter: boundaries inside and across 64-row tiles, a document of one token, each pair of
     query tiles streaming only the key tiles of its documents with their ids on a third ring;
     with keyless_rows the keys' ids differ from the queries' from row 150 on, so those rows see
     no key (output 0, no NaN) and the upper tiles' pairs stream nothing; two batches with
     persistent CTAs asked for (segment ids run a CTA per unit all the same: schedule_for); a
-    window combined with causal masking on a ragged 200 rows. o, lse and o's low half vs the
-    math."""
-    run_in_the_gpu_interpreter(monkeypatch)
+    window combined with causal masking on a ragged 200 rows; three consumer warpgroups (no
+    ping-pong) over four query tiles, the last unit ragged. o, lse and o's low half vs the math.
+    On a Hopper GPU the same cases run compiled."""
+    if ON_CPU:
+        run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[64].replace(forward=dict(
-        block_q=64, block_k=64, num_stages=2, schedule_barrier=True, group_mib=0,
-        persistent=bool(persistent)))
+        block_q=64, block_k=64, num_stages=2, schedule_barrier=consumers == 2, group_mib=0,
+        persistent=bool(persistent), consumers=consumers))
     sm_scale, batch = 0.125, 1 + persistent
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
                 False, window, True)
