@@ -853,6 +853,8 @@ def test_layernorm_ffn_weight_gradients_by_xla_keep_the_kernels_contract():
     for got, want in zip(by_xla, by_kernel, strict=True):
         assert got.shape == want.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 # ------------------------------------------------------------------ logits_loss
 
 LOSS_IMPLS = {"cpu": ["triton", "tpu"], "gpu": ["triton"], "tpu": ["tpu"]}[jax.default_backend()]
