@@ -249,11 +249,6 @@ LOSS_HEAD_DLOGITS_CANDIDATES = [
     {}, {"dlogits_block_n": 128, "dlogits_num_stages": 4},
     {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_num_stages": 3},
     {"dlogits_num_stages": 4}, {"dlogits_chunk_mib": 128}, {"dlogits_chunk_mib": 64}]
-# The dE GEMM (split-K's TMA reduce-add into dE, one CTA a tile: V = 9000 makes few tiles).
-LOSS_HEAD_DE_CANDIDATES = [
-    {}, {"de_num_stages": 5}, {"de_block_n": 256, "de_num_stages": 3},
-    {"de_block_m": 128, "de_block_n": 128, "de_num_stages": 3},
-    {"de_block_n": 64, "de_num_stages": 6}]
 # (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row), GPT-2's
 LOSS_HEAD_SHAPES = {"d512": (65536, 9000, 512), "d768": (65536, 50257, 768)}
 
@@ -315,14 +310,13 @@ OPS = {
     "layernorm_ffn/triton": _ln_ffn_op("triton", LN_FFN_CANDIDATES),
     "layernorm_ffn/mosaic_gpu": _ln_ffn_op("mosaic_gpu", LN_FFN_MOSAIC_CANDIDATES,
                                            available=warp_specialized.on_sm90),
-    # The statistics GEMM timed on the forward, the dlogits and dE GEMMs on forward+backward
-    # (the backward's dh GEMM is cuBLAS's).
+    # The statistics GEMM timed on the forward, the dlogits GEMM on forward+backward (the
+    # backward's gradient GEMMs are cuBLAS's).
     "logits_loss/mosaic_gpu": Op(
         shapes=LOSS_HEAD_SHAPES,
         defaults=lambda key: logits_loss_mosaic_gpu.DEFAULTS,
         stages=[Stage("tiles", lambda key: LOSS_HEAD_CANDIDATES, _time_loss_head(1)),
-                Stage("dlogits", lambda key: LOSS_HEAD_DLOGITS_CANDIDATES, _time_loss_head(2)),
-                Stage("de", lambda key: LOSS_HEAD_DE_CANDIDATES, _time_loss_head(2))],
+                Stage("dlogits", lambda key: LOSS_HEAD_DLOGITS_CANDIDATES, _time_loss_head(2))],
         total=_time_loss_head(2), available=warp_specialized.on_sm90),
 }
 

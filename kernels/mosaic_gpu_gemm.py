@@ -4,7 +4,6 @@ GEMMs of the LayerNorm+FFN (kernels/layernorm_ffn/mosaic_gpu*.py) and the loss h
 
     matmul:          outputs = epilogue(A @ B, *epilogue inputs)   bf16 tiles, per-row statistics
     matmul_split_k:  out += A @ B in f32 by TMA reduce-add         K split over the CTAs
-    matmul_add:      into += A @ B in place, the same way          each tile by one CTA
 
 A [M, K] (or stored [K, M]), B [K, N] (or stored [N, K]), bf16. One CTA per SM, each taking work
 units u = cta, cta + #CTAs, ...: unit u is output tile u % #tiles (of [CONSUMERS * block_m,
@@ -65,8 +64,6 @@ FLUSH_STEPS = 4    # a split-K unit's TMA reduce-add costs about this many k-ste
 # A group's rows of A stay in L2 (a third of Hopper's 50 MB); a B of fewer bytes does too, and
 # the plain row-major order serves it best (bench/RESULTS.md, session 16).
 GROUP_BYTES = 16 << 20
-# JAX 0.11.2 tiles an f32 global array (8, 32) for the TMA: matmul_add's rows a multiple of 8.
-F32_TMA_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,57 +381,29 @@ def matmul_split_k(a: jax.Array, b: jax.Array, *, a_transposed: bool, b_transpos
     padded here to the CTA's rows and K to a multiple of 64 (zeros add nothing); N a multiple of
     tiles.block_n. The weight gradient x^T dy is a_transposed with a = x [T, M].
     """
-    m = a.shape[1] if a_transposed else a.shape[0]
-    padded_m = -(-m // (CONSUMERS * tiles.block_m)) * CONSUMERS * tiles.block_m
-    n = b.shape[0] if b_transposed else b.shape[1]
-    zeros = lambda cols: jax.new_ref(jnp.zeros((padded_m, cols), jnp.float32),
-                                     memory_space=plgpu.GMEM)
-    out, sums = zeros(n), [zeros(IO_COLUMNS)] if row_sums else []
-    a = pad_rows(a, padded_m, axis=1 if a_transposed else 0)
-    _reduce_add(out, a, b, *sums, rows=padded_m, a_transposed=a_transposed,
-                b_transposed=b_transposed, tiles=tiles, name=name, chunks=None)
-    return jax.freeze(out)[:m], (jax.freeze(sums[0])[:m, 0] if row_sums else None)
-
-
-@functools.partial(jax.jit, static_argnames=("a_transposed", "b_transposed", "tiles", "name"))
-def matmul_add(into: jax.Array, a: jax.Array, b: jax.Array, *, a_transposed: bool,
-               b_transposed: bool, tiles: Tiles, name: str) -> jax.Array:
-    """into + (A @ B)[:M], M = into's rows, in place: f32 by TMA reduce-add, each output tile
-    by one CTA over all of K, so deterministic, as an accumulation chunk after chunk (the loss
-    head's dE) needs. into [M, N] f32, M a multiple of F32_TMA_ROWS (the caller pads its
-    result), not of the CTA's rows (2 block_m): the TMA drops the rows of the last tile past M.
-    a, b as in matmul_split_k, A with M rows at least, rounded up to the CTA's rows (the TMA
-    reads zeros past A's last); K padded to a multiple of 64."""
-    if into.shape[0] % F32_TMA_ROWS:
-        raise ValueError(f"matmul_add: into's rows ({into.shape[0]}) must be a multiple of "
-                         f"{F32_TMA_ROWS}, as the TMA tiles an f32 array")
-    rows = CONSUMERS * tiles.block_m
-    out = jax.new_ref(into, memory_space=plgpu.GMEM)
-    _reduce_add(out, a, b, rows=-(-into.shape[0] // rows) * rows, a_transposed=a_transposed,
-                b_transposed=b_transposed, tiles=tiles, name=name, chunks=1)
-    return jax.freeze(out)
-
-
-def _reduce_add(out, a, b, *sums, rows: int, a_transposed: bool, b_transposed: bool,
-                tiles: Tiles, name: str, chunks: int | None) -> None:
-    """out[:rows] += (A @ B)[:rows] (and sums[0][:rows, 0] += A 1) by _split_k_kernel, K in
-    `chunks` chunks (None: choose_chunks). out and sums: f32 refs in GMEM."""
-    k = a.shape[0] if a_transposed else a.shape[1]
+    (m, k) = a.shape[::-1] if a_transposed else a.shape
     n = b.shape[0] if b_transposed else b.shape[1]
     block_m, block_n, stages = tiles.block_m, tiles.block_n, tiles.num_stages
     if n % block_n:
         raise ValueError(f"matmul_split_k: N = {n} must be a multiple of block_n = {block_n}")
-    padded_k = -(-k // BLOCK_K) * BLOCK_K
+    rows = CONSUMERS * block_m
+    padded_m, padded_k = -(-m // rows) * rows, -(-k // BLOCK_K) * BLOCK_K
     k_steps, tiles_n = padded_k // BLOCK_K, n // block_n
-    num_tiles = rows // (CONSUMERS * block_m) * tiles_n
-    chunks = chunks or choose_chunks(num_tiles, k_steps, num_sms())
+    num_tiles = padded_m // rows * tiles_n
+    chunks = choose_chunks(num_tiles, k_steps, num_sms())
     units = _Units(block_m, block_n, tiles_n, num_tiles, chunks, chunk_steps=k_steps // chunks,
                    a_transposed=a_transposed, b_transposed=b_transposed)
+    zeros = lambda cols: jax.new_ref(jnp.zeros((padded_m, cols), jnp.float32),
+                                     memory_space=plgpu.GMEM)
+    out, sums = zeros(n), [zeros(IO_COLUMNS)] if row_sums else []
     scratch = dict(
         **units.rings(stages),
         io_smem=tiled_smem(jnp.float32, CONSUMERS, block_m, IO_COLUMNS),
-        ones_smem=tiled_smem(jnp.bfloat16, CONSUMERS, BLOCK_K, SUMS_COLUMNS) if sums else None)
-    a = pad_rows(a, padded_k, axis=0 if a_transposed else 1)
+        ones_smem=tiled_smem(jnp.bfloat16, CONSUMERS, BLOCK_K, SUMS_COLUMNS) if row_sums
+        else None)
+    a = pad_rows(pad_rows(a, padded_k if a_transposed else padded_m, axis=0),
+                 padded_m if a_transposed else padded_k, axis=1)
     b = pad_rows(b, padded_k, axis=1 if b_transposed else 0)
     launch(functools.partial(_split_k_kernel, units=units), out_type=(), scratch=scratch,
            grid=(units.ctas(),), grid_names=("cta",), name=name)(a, b, out, *sums)
+    return jax.freeze(out)[:m], (jax.freeze(sums[0])[:m, 0] if row_sums else None)

@@ -19,8 +19,7 @@ def run_in_the_gpu_interpreter(monkeypatch):
     (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref, which the
     interpreter cannot read: ref.transpose only marks it for the emulated wgmma), its
     accumulators (zeros, or pl.run_state's initial value; run_state's other values become refs
-    too), layout casts and loads in a layout (it has no layouts), the TMA's reduce-add (rows past
-    the destination's end dropped)."""
+    too), layout casts and loads in a layout (it has no layouts), the TMA's reduce-add."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
@@ -66,13 +65,8 @@ def run_in_the_gpu_interpreter(monkeypatch):
             store = memory.store_buffer_content
 
             def add(self, key, rnge, value, thread, *args, **kw):
-                if key == dst:   # what lies past the destination's end is dropped, as by the
-                    # TMA (the interpreter would move the window back inside instead)
-                    whole = self.get_buffer_content(key, (), thread)[0]
-                    rnge = tuple(slice(r.start, min(r.stop, n)) if isinstance(r, slice) else r
-                                 for r, n in zip(rnge, whole.shape))
-                    current = whole[rnge]
-                    value = value[tuple(slice(0, n) for n in current.shape)] + current
+                if key == dst:
+                    value = value + self.get_buffer_content(key, rnge, thread)[0]
                 return store(self, key, rnge, value, thread, *args, **kw)
             patch.setattr(memory, "store_buffer_content", add)
             return real_copy(reduction_op=None, **kwargs)

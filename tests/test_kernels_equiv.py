@@ -950,12 +950,9 @@ def test_logits_loss_is_deterministic(impl):
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_logits_loss_mosaic_gpu_at_small_tiles(monkeypatch):
     """The Mosaic GPU loss head (on CPU in jax's Mosaic GPU interpreter, wgmma emulated; compiled
-    on a Hopper GPU) at tiles of its own: 300 tokens by a vocabulary of 1003 (4 column tiles of
-    256, the last with 235 real columns) over 4 persistent CTAs: the statistics GEMM (only
-    per-row outputs) and the dlogits GEMM (row inputs by TMA beside each tile) in chunks of 128
-    tokens, the last padded, and dE added in place chunk after chunk by the split-K GEMM into a
-    carry of 1008 rows (1003 is no multiple of 8; 8 tiles of 2 x 64 rows by 2 of 64 columns, the
-    last tile's rows past 1008 dropped); loss and gradients vs the math.
+    on a Hopper GPU) at tiles of its own: 300 tokens by a vocabulary of 1000 (4 column tiles
+    of 256, the last with 232 real columns) over 4 persistent CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
+    beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math.
     E (1024 x 128 bf16) counts as outgrowing L2, so the statistics GEMM visits its tiles in
     groups of two rows of tiles (the last group of one)."""
     if ON_CPU:
@@ -963,13 +960,11 @@ def test_logits_loss_mosaic_gpu_at_small_tiles(monkeypatch):
     monkeypatch.setattr(mosaic_gpu_gemm, "num_sms", lambda: 4)
     monkeypatch.setattr(mosaic_gpu_gemm, "GROUP_BYTES", 2 * 128 * 128 * 2)
     tiles = mosaic_gpu_gemm.Tiles(64, 256, 2)
-    config = logits_loss_mosaic_gpu.Kernels(tiles, logits_loss_mosaic_gpu.Chunk(64, 256, 2, 1),
-                                            mosaic_gpu_gemm.Tiles(64, 64, 2))
+    config = logits_loss_mosaic_gpu.Kernels(tiles, logits_loss_mosaic_gpu.Chunk(64, 256, 2, 1))
     fused = lambda h, e, t, ignore_index: logits_loss_api.fused(
         h, e, t, ignore_index=ignore_index, implementation="mosaic_gpu", config=config)
     monkeypatch.setattr(logits_loss_common, "token_chunk", lambda *args: 128)
-    shape, _, scale, ignore_index = LOSS_CASES[0]
-    _check_logits_loss(fused, shape, 1003, scale, ignore_index)
+    _check_logits_loss(fused, *LOSS_CASES[0])
 
 
 def test_logits_loss_reference_is_the_model_math():

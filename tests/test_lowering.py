@@ -211,17 +211,15 @@ def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls,
     assert (count(f), count(grad)) == calls
 
 
-@pytest.mark.parametrize("impl, platform, custom_call, gradient_kernels", [
-    ("mosaic_gpu", "cuda", "mosaic_gpu", 3), ("triton", "cuda", "__gpu$xla.gpu.triton", 2),
-    ("tpu", "tpu", "tpu_custom_call", 2)])
+@pytest.mark.parametrize("impl, platform, custom_call", [
+    ("mosaic_gpu", "cuda", "mosaic_gpu"), ("triton", "cuda", "__gpu$xla.gpu.triton"),
+    ("tpu", "tpu", "tpu_custom_call")])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_logits_loss_lowers_without_a_tokens_by_vocab_array(impl, platform, custom_call,
-                                                            gradient_kernels):
+def test_logits_loss_lowers_without_a_tokens_by_vocab_array(impl, platform, custom_call):
     """At micro_gpt_4's head (64 x 1024 tokens, V = 9000, d = 512) the loss lowers for its chip
     with one kernel (the statistics GEMM) and its gradient with one more (the dlogits GEMM, in the
-    loop over chunks; Mosaic GPU's also its dE GEMM), and no array of the lowered gradient holds
-    [T, V] values in any dtype: the largest is one bf16 chunk [8192, V'] within the 256 MiB
-    budget, an eighth of [T, V]."""
+    loop over chunks), and no array of the lowered gradient holds [T, V] values in any dtype:
+    the largest is one bf16 chunk [8192, V'] within the 256 MiB budget, an eighth of [T, V]."""
     _skip_unless_pallas_lowers_for(impl, platform)
     f = lambda h, e, t: logits_loss(h, e, t, implementation=impl, interpret=False)
     grad = jax.value_and_grad(f, argnums=(0, 1))
@@ -231,47 +229,20 @@ def test_logits_loss_lowers_without_a_tokens_by_vocab_array(impl, platform, cust
              jax.ShapeDtypeStruct((64, 1024), jnp.int32))
     count = lambda text: len(re.findall(rf"custom_call @{re.escape(custom_call)}\w*\(", text))
     text = _export_text(grad, platform, *specs)
-    assert (count(_export_text(f, platform, *specs)), count(text)) == (1, gradient_kernels)
-    _assert_no_tokens_by_vocab_array(text, tokens, vocab)
-
-
-def _assert_no_tokens_by_vocab_array(text: str, tokens: int, vocab: int) -> None:
-    """The largest array of a lowered module fits the 256 MiB chunk budget in bf16 and is less
-    than a seventh of [T, V]."""
+    assert (count(_export_text(f, platform, *specs)), count(text)) == (1, 2)
     sizes = [math.prod(int(n) for n in dims.split("x")[:-1])
              for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", text)]
     assert max(sizes) * 2 <= 256 << 20 and max(sizes) * 7 < tokens * vocab, max(sizes)
 
 
-@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_the_mosaic_gpu_logits_loss_lowers_at_gpt2s_vocabulary():
-    """GPT-2's head (16 x 1024 tokens, V = 50257, no multiple of 8, d = 768): the gradient lowers
-    with three kernels and no [T, V] array (the largest a bf16 chunk [2048, V']), and the dE GEMM
-    adds in place (its output aliases an operand) into a carry of 50264 rows, a multiple of 8:
-    JAX 0.11.2 tiles the TMA's f32 global array (8, 32), and dE's 50257 rows failed on the GPU."""
-    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
-    f = lambda h, e, t: logits_loss(h, e, t, implementation="mosaic_gpu", interpret=False)
-    tokens, vocab, d = 16 * 1024, 50257, 768
-    specs = (jax.ShapeDtypeStruct((16, 1024, d), jnp.bfloat16),
-             jax.ShapeDtypeStruct((vocab, d), jnp.float32),
-             jax.ShapeDtypeStruct((16, 1024), jnp.int32))
-    text = _export_text(jax.value_and_grad(f, argnums=(0, 1)), "cuda", *specs)
-    assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", text)) == 3
-    _assert_no_tokens_by_vocab_array(text, tokens, vocab)
-    in_place = re.findall(r"custom_call @mosaic_gpu\w*\(.*output_operand_aliases.*"
-                          r"-> tensor<(\d+)x\d+xf32>", text)
-    assert in_place == ["50264"], in_place
-
-
 @pytest.mark.parametrize("platform, implementations, custom_calls", [
-    ("cuda", ("triton", "triton", "mosaic_gpu"), {"__gpu$xla.gpu.triton": 10, "mosaic_gpu": 3}),
+    ("cuda", ("triton", "triton", "mosaic_gpu"), {"__gpu$xla.gpu.triton": 10, "mosaic_gpu": 2}),
     ("tpu", ("tpu", "tpu", "tpu"), {"tpu_custom_call": 9})], ids=["cuda", "tpu"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_the_model_exports_for_a_chip_the_host_lacks(platform, implementations, custom_calls):
     """A one-block model's training loss and gradients, its ops the kernels' public functions
     with an implementation each and interpret=False, lower for CUDA or TPU from this CPU host:
-    attention 3 kernels (forward, dK/dV, dQ), LN+FFN Triton 7 or TPU 4, the loss head 2 (Mosaic
-    GPU's 3: its dE GEMM too)."""
+    attention 3 kernels (forward, dK/dV, dQ), LN+FFN Triton 7 or TPU 4, the loss head 2."""
     _skip_unless_pallas_lowers_for(implementations[0], platform)
     attention_impl, ln_impl, loss_impl = implementations
     ops = model.KernelOps(

@@ -40,9 +40,8 @@ def _backend(module: ModuleType, platform: str) -> op.Backend:
         padded = common.padded_vocab(embed.shape[0], config.multiple)
         chunk = common.token_chunk(h.shape[0], padded, config.chunk_rows,
                                    config.dlogits.chunk_mib)
-        add_de = kernel(module.add_de, static) if hasattr(module, "add_de") else None
         return (*common.backward(saved, g, kernel(module.dlogits, static), config.multiple,
-                                 chunk, add_de, config.DE_ROWS), None)
+                                 chunk), None)
     return op.Backend(forward, backward, platform)
 
 

@@ -16,8 +16,7 @@ left as it comes). Around them, XLA:
               loss  = sum_t w_t (log Z_t - h_t . E_target(t))      w = model.target_weights
     backward  for each chunk of C tokens (lax.scan; the last chunk padded with weight-0 rows):
                 ds   = (exp(s - log Z) - onehot(target)) w g       bf16 [C, V'], by the kernel
-                dh_c = ds E          dE += ds^T h_c                f32 GEMMs (XLA's, or the
-                                                                   backend's `add_de` in place)
+                dh_c = ds E          dE += ds^T h_c                f32 GEMMs (XLA's)
 
 Four GEMMs of 2 T V d FLOPs (the forward, the backward's recompute, dh, dE) against the stored
 logits' three, and of the [T, V] array only one chunk [C, V'] in bf16 at a time: C is the largest
@@ -49,7 +48,6 @@ class Kernels(config.Kernels):
     VOCAB_TILE: ClassVar[str] = "block_n"
     TOKEN_TILE: ClassVar[str] = "block_m"
     TOKEN_TILES_PER_CHUNK_ROW: ClassVar[int] = 1   # token tiles a program covers
-    DE_ROWS: ClassVar[int] = 1   # add_de's carry: V rows rounded up to a multiple of this
 
     @property
     def multiple(self) -> int:
@@ -117,12 +115,9 @@ def forward(h, embed, targets, ignore_index, statistics, multiple: int):
     return loss, (h, embed, targets, weights, log_z)
 
 
-def backward(residuals, g, dlogits, multiple: int, chunk: int, add_de=None, de_rows: int = 1):
+def backward(residuals, g, dlogits, multiple: int, chunk: int):
     """-> (dh [T, d] in h's dtype, dE [V, d] in embed's dtype); dlogits(h_c, e, columns, log_z,
-    targets, scales) -> [C, V'] bf16 is the backend's kernel. add_de(de, ds, h_c) -> de + ds^T
-    h_c over de's rows, in place (a backend's GEMM that adds into its output): then the carry
-    has V rows rounded up to de_rows (what that GEMM asks), else V' rows, each chunk's product
-    ds^T h_c [V', d] f32 added to them by XLA. Either way dE is the carry's first V rows."""
+    targets, scales) -> [C, V'] bf16 is the backend's kernel."""
     h, embed, targets, weights, log_z = residuals
     (tokens, d), vocab = h.shape, embed.shape[0]
     padded = padded_vocab(vocab, multiple)
@@ -136,17 +131,11 @@ def backward(residuals, g, dlogits, multiple: int, chunk: int, add_de=None, de_r
     chunks = (pad(h.astype(jnp.bfloat16)), pad(targets.astype(jnp.float32)),
               pad(weights * g), pad(log_z))
 
-    if add_de is None:
-        add_de = lambda de, ds, h_c: de + jnp.matmul(ds.T, h_c, preferred_element_type=jnp.float32)
-        carry_rows = padded
-    else:
-        carry_rows = padded_vocab(vocab, de_rows)
-
     def step(de, chunk_inputs):
         h_c, targets_c, scales_c, log_z_c = chunk_inputs
         ds = dlogits(h_c, e, column_index, log_z_c, targets_c, scales_c)
         dh_c = jnp.matmul(ds, e, preferred_element_type=jnp.float32).astype(h.dtype)
-        return add_de(de, ds, h_c), dh_c
+        return de + jnp.matmul(ds.T, h_c, preferred_element_type=jnp.float32), dh_c
 
-    de, dh = lax.scan(step, jnp.zeros((carry_rows, d), jnp.float32), chunks)
+    de, dh = lax.scan(step, jnp.zeros((padded, d), jnp.float32), chunks)
     return dh.reshape(-1, d)[:tokens], de[:vocab].astype(embed.dtype)

@@ -8,15 +8,11 @@ backward's bf16 chunk.
                                                              by TMA beside the tile's matmul
 
 The epilogues run in the accumulator's registers (exp2 on the SFU, 128 values a thread at 64 x
-256). Of the two gradient GEMMs of a chunk, ds E is XLA's (cuBLAS) and dE += ds^T h_c the split-K
-GEMM's TMA reduce-add into the carry itself (`add_de`), whose rows are V rounded up to a multiple
-of 8 for the TMA rather than V': dE itself where V is such a multiple, else its first V rows copied
-out once, after the chunks.
+256); the two gradient GEMMs of a chunk (ds E, ds^T h_c) are XLA's (cuBLAS).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +40,16 @@ class Chunk(config.KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Kernels(common.Kernels):
-    """The statistics GEMM's tiles (flat names block_m, block_n, num_stages), the dlogits
-    GEMM's (dlogits_block_m, ..., dlogits_chunk_mib) and the dE GEMM's (de_block_m, ...: rows of
-    E, columns of d)."""
+    """The statistics GEMM's tiles (flat names block_m, block_n, num_stages) and the dlogits
+    GEMM's (dlogits_block_m, ..., dlogits_chunk_mib)."""
     forward: mosaic_gpu_gemm.Tiles
     dlogits: Chunk
-    de: mosaic_gpu_gemm.Tiles
     TOKEN_TILES_PER_CHUNK_ROW = CONSUMERS   # a CTA's consumer warpgroups take block_m rows each
-    DE_ROWS = mosaic_gpu_gemm.F32_TMA_ROWS   # what add_de's TMA asks of dE's rows
 
 
-# 64 x 256 logits per consumer warpgroup (128 accumulator registers per thread), 3 stages; dE in
-# 64 x 128 tiles (128 x 128 CTA tiles: V = 9000 makes 280 at d = 512, two waves and a bit).
+# 64 x 256 logits per consumer warpgroup (128 accumulator registers per thread), 3 stages.
 DEFAULTS = Kernels(mosaic_gpu_gemm.Tiles(block_m=64, block_n=256, num_stages=3),
-                   Chunk(block_m=64, block_n=256, num_stages=3, chunk_mib=256),
-                   mosaic_gpu_gemm.Tiles(block_m=64, block_n=128, num_stages=4))
+                   Chunk(block_m=64, block_n=256, num_stages=3, chunk_mib=256))
 
 
 def check_runs_here() -> None:
@@ -88,14 +79,3 @@ def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
         b_transposed=True, tiles=config.dlogits.tiles(), name="logits_loss_dlogits_mgpu",
         row_inputs=[log_z, targets, scales])
     return ds
-
-
-def add_de(de, ds, h_c, *, config: Kernels, interpret: bool):
-    """dE += ds^T h_c in place (common.backward's add_de) by mosaic_gpu_gemm.matmul_add (TMA
-    reduce-add, each tile once: deterministic; the rows of its last tile past de's dropped). de
-    [V rounded up to DE_ROWS, d] f32, ds [C, V'] bf16, h_c [C, d] bf16; the tiles' columns
-    narrowed to divide d."""
-    del interpret
-    tiles = dataclasses.replace(config.de, block_n=math.gcd(config.de.block_n, de.shape[1]))
-    return mosaic_gpu_gemm.matmul_add(de, ds, h_c, a_transposed=True, b_transposed=False,
-                                      tiles=tiles, name="logits_loss_de_mgpu")
