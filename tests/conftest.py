@@ -1,4 +1,5 @@
-"""Tests see 4 CPU devices so data-parallel code is exercised here (set before jax is imported)."""
+"""Tests see 4 CPU devices so data-parallel code is exercised here, and on a CPU-only host XLA
+compiles without LLVM's optimizations (both set before jax is imported)."""
 import importlib.util
 import os
 import tempfile
