@@ -102,7 +102,7 @@ for stage in "${stages[@]}"; do
       $PY bench/loss_head.py ${LOSS_HEAD_ARGS:-} --json "$OUT/loss_head.json" 2>&1 | tee "$OUT/loss_head.txt"
       $PY bench/loss_head.py ${LOSS_HEAD_ARGS:-} --tokens 65536 --vocab 50257 --d 768 \
         --json "$OUT/loss_head_gpt2.json" 2>&1 | tee "$OUT/loss_head_gpt2.txt" ;;
-    loss_head_parts)   # the backward's passes one by one, per chunk size, at both heads
+    loss_head_parts)   # the gradient's passes one by one, per chunk size, at both heads
       $PY bench/loss_head_parts.py --vocab 50257 --d 768 --chunks 1024,2048,4096 2>&1 | tail -n 6 | tee "$OUT/loss_head_parts.txt"
       $PY bench/loss_head_parts.py --vocab 9000 --d 512 --chunks 2048,4096,8192,16384 2>&1 | tail -n 7 | tee -a "$OUT/loss_head_parts.txt" ;;
     tune)     # records into $OUT/tuning.json key by key, so a run cut short keeps what it measured

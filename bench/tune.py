@@ -244,11 +244,13 @@ def _ln_ffn_op(implementation: str, candidates: dict, available=lambda: True) ->
 LOSS_HEAD_CANDIDATES = [
     {}, {"block_n": 128, "num_stages": 4}, {"block_n": 128, "num_stages": 5},
     {"block_m": 128, "block_n": 128, "num_stages": 3}, {"num_stages": 4}, {"num_stages": 2}]
-# The dlogits GEMM (its epilogue writes a bf16 tile) and the chunk it writes.
-LOSS_HEAD_DLOGITS_CANDIDATES = [
-    {}, {"dlogits_block_n": 128, "dlogits_num_stages": 4},
-    {"dlogits_block_m": 128, "dlogits_block_n": 128, "dlogits_num_stages": 3},
-    {"dlogits_num_stages": 4}, {"dlogits_chunk_mib": 128}, {"dlogits_chunk_mib": 64}]
+# The probabilities GEMM (its epilogue writes a bf16 tile beside the row statistics) and the
+# chunk it writes.
+LOSS_HEAD_PROBABILITIES_CANDIDATES = [
+    {}, {"probabilities_block_n": 128, "probabilities_num_stages": 4},
+    {"probabilities_block_m": 128, "probabilities_block_n": 128, "probabilities_num_stages": 3},
+    {"probabilities_num_stages": 4}, {"probabilities_chunk_mib": 128},
+    {"probabilities_chunk_mib": 64}]
 # (tokens, vocab, d): micro_gpt_4's head at batch 64 (bench/loss_head.py's first row), GPT-2's
 LOSS_HEAD_SHAPES = {"d512": (65536, 9000, 512), "d768": (65536, 50257, 768)}
 
@@ -310,13 +312,14 @@ OPS = {
     "layernorm_ffn/triton": _ln_ffn_op("triton", LN_FFN_CANDIDATES),
     "layernorm_ffn/mosaic_gpu": _ln_ffn_op("mosaic_gpu", LN_FFN_MOSAIC_CANDIDATES,
                                            available=warp_specialized.on_sm90),
-    # The statistics GEMM timed on the forward, the dlogits GEMM on forward+backward (the
-    # backward's gradient GEMMs are cuBLAS's).
+    # The statistics GEMM timed on the loss alone, the probabilities GEMM on forward+backward
+    # (the gradient GEMMs are cuBLAS's).
     "logits_loss/mosaic_gpu": Op(
         shapes=LOSS_HEAD_SHAPES,
         defaults=lambda key: logits_loss_mosaic_gpu.DEFAULTS,
         stages=[Stage("tiles", lambda key: LOSS_HEAD_CANDIDATES, _time_loss_head(1)),
-                Stage("dlogits", lambda key: LOSS_HEAD_DLOGITS_CANDIDATES, _time_loss_head(2))],
+                Stage("probabilities", lambda key: LOSS_HEAD_PROBABILITIES_CANDIDATES,
+                      _time_loss_head(2))],
         total=_time_loss_head(2), available=warp_specialized.on_sm90),
 }
 

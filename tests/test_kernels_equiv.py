@@ -869,7 +869,7 @@ LOSS_CASES = [((2, 150, 128), 1000, 1.0, -100),
               pytest.param((2, 1000, 768), 50257, 1.0, -100, marks=LARGE),
               pytest.param((3, 700, 256), 4099, 1.0, 7, marks=LARGE),
               pytest.param((4, 1000, 512), 9000, 8.0, None, marks=LARGE)]
-LOSS_CHUNK = {"dlogits_chunk_mib": 1}
+LOSS_CHUNK = {"probabilities_chunk_mib": 1}
 
 
 def _check_logits_loss(loss_fn, shape, vocab, scale, ignore_index):
@@ -910,11 +910,11 @@ def test_logits_loss_matches_reference(impl, shape, vocab, scale, ignore_index):
                        ignore_index)
 
 
-# Forward and dlogits vocabulary tiles whose lcm pads V = 1000 (to 1024 or 1152) with whole
+# Forward and probabilities vocabulary tiles whose lcm pads V = 1000 (to 1024 or 1152) with whole
 # forward tiles of padding only (-inf logits: their statistics must add nothing to log Z).
-PADDING_TILES = {"triton": {"block_n": 16, "dlogits_block_n": 512},
-                 "tpu": {"block_v": 128, "dlogits_block_v": 1152},
-                 "mosaic_gpu": {"block_n": 64, "dlogits_block_n": 192}}
+PADDING_TILES = {"triton": {"block_n": 16, "probabilities_block_n": 512},
+                 "tpu": {"block_v": 128, "probabilities_block_v": 1152},
+                 "mosaic_gpu": {"block_n": 64, "probabilities_block_n": 192}}
 
 
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
@@ -927,23 +927,52 @@ def test_logits_loss_tiles_of_padding_only_add_nothing(impl):
     np.testing.assert_allclose(got, model.tied_logits_loss(h, embed, targets), rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+def test_logits_loss_redoes_the_chunks_of_a_loss_beyond_the_limit(impl, monkeypatch):
+    """Four chunks of 64 tokens, the third's rows of h 40 times larger, so that their logits
+    reach beyond the target's by more than GRADIENT_LIMIT: that chunk (only that one) is done
+    again with the row max as base, in pieces; loss and gradients vs the math all the same."""
+    monkeypatch.setattr(logits_loss_common, "token_chunk", lambda *args: 64)
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    row_scale = jnp.where(jnp.arange(256) // 64 == 2, 40.0, 1.0)[:, None]
+    h = (row_scale * jax.random.normal(keys[0], (256, 128))).astype(jnp.bfloat16)
+    embed = 0.05 * jax.random.normal(keys[1], (1000, 128), jnp.float32)
+    targets = jax.random.randint(keys[2], (256,), 0, 1000)
+    with f32_precision():
+        logits = upcast(h) @ upcast(embed.astype(jnp.bfloat16)).T
+    beyond = logits.max(axis=1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0] > \
+        logits_loss_common.GRADIENT_LIMIT
+    assert [bool(chunk.any()) for chunk in beyond.reshape(4, 64)] == [False, False, True, False]
+    loss = lambda f: lambda h, e: f(h, e, targets)
+    got = _value_and_grads(loss(functools.partial(logits_loss, implementation=impl)),
+                           (h, embed), jnp.float32(1.0))
+    ref_bf16 = _value_and_grads(loss(model.tied_logits_loss), (h, embed), jnp.float32(1.0))
+    with f32_precision(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "COMPUTE_DTYPE", jnp.float32)
+        ref_f32 = _value_and_grads(loss(model.tied_logits_loss), upcast((h, embed)),
+                                   jnp.float32(1.0))
+    for name, *outs in zip(("loss", "dh", "dembed"), got, ref_bf16, ref_f32):
+        assert_within_twice_reference(name, *outs, atol=1e-3 * float(jnp.max(jnp.abs(outs[2]))))
+
+
 @LARGE
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
 def test_logits_loss_is_deterministic(impl):
-    """The same inputs give bitwise the same loss and gradients, run after run (no atomics: each
-    logits tile is one CTA's or program's, the chunks' dE add in sequence; a race on the
-    epilogue's shared buffers would show here)."""
+    """The same inputs give bitwise the same loss and dh, run after run (each logits tile is one
+    CTA's or program's, the chunks add in sequence; a race on the epilogue's shared buffers would
+    show here), and dE up to its last bits (the onehot terms' scatter-add, XLA's atomics)."""
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
     h = jax.random.normal(keys[0], (4096, 512), jnp.bfloat16)
     embed = 0.2 * jax.random.normal(keys[1], (9000, 512), jnp.float32)
     targets = jax.random.randint(keys[2], (4096,), 0, 9000)
     run = jax.jit(jax.value_and_grad(functools.partial(logits_loss, implementation=impl,
                                                        block_sizes=LOSS_CHUNK), argnums=(0, 1)))
-    first = run(h, embed, targets)
+    (loss, (dh, de)) = run(h, embed, targets)
     for _ in range(3):
-        again = run(h, embed, targets)
-        for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        (loss_again, (dh_again, de_again)) = run(h, embed, targets)
+        assert loss_again == loss
+        np.testing.assert_array_equal(np.asarray(dh_again), np.asarray(dh))
+        np.testing.assert_allclose(de_again, de, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(de))))
 
 
 @ON_CPU_OR_SM90
@@ -951,7 +980,7 @@ def test_logits_loss_is_deterministic(impl):
 def test_logits_loss_mosaic_gpu_at_small_tiles(monkeypatch):
     """The Mosaic GPU loss head (on CPU in jax's Mosaic GPU interpreter, wgmma emulated; compiled
     on a Hopper GPU) at tiles of its own: 300 tokens by a vocabulary of 1000 (4 column tiles
-    of 256, the last with 232 real columns) over 4 persistent CTAs: the statistics GEMM (only per-row outputs) and the dlogits GEMM (row inputs by TMA
+    of 256, the last with 232 real columns) over 4 persistent CTAs: the statistics GEMM (only per-row outputs) and the probabilities GEMM (row inputs by TMA
     beside each tile) in chunks of 128 tokens, the last padded; loss and gradients vs the math.
     E (1024 x 128 bf16) counts as outgrowing L2, so the statistics GEMM visits its tiles in
     groups of two rows of tiles (the last group of one)."""

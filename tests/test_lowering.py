@@ -217,8 +217,8 @@ def test_layernorm_ffn_lowers_for_the_device(impl, platform, custom_call, calls,
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
 def test_logits_loss_lowers_without_a_tokens_by_vocab_array(impl, platform, custom_call):
     """At micro_gpt_4's head (64 x 1024 tokens, V = 9000, d = 512) the loss lowers for its chip
-    with one kernel (the statistics GEMM) and its gradient with one more (the dlogits GEMM, in the
-    loop over chunks), and no array of the lowered gradient holds [T, V] values in any dtype:
+    with one kernel (the statistics GEMM) and its value and gradient with two calls of another
+    (the probabilities GEMM in the loop over chunks, and again in its redo), and no array of the lowered gradient holds [T, V] values in any dtype:
     the largest is one bf16 chunk [8192, V'] within the 256 MiB budget, an eighth of [T, V]."""
     _skip_unless_pallas_lowers_for(impl, platform)
     f = lambda h, e, t: logits_loss(h, e, t, implementation=impl, interpret=False)

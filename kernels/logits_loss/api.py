@@ -1,6 +1,6 @@
 """logits_loss(h, embed, targets): validation, the choice of implementation, and the op
-(kernels/op.py) whose backends join common.forward to common.backward around a backend's two
-kernels (<backend>.statistics, <backend>.dlogits) in its configuration (<backend>.Kernels)."""
+(kernels/op.py) whose backends run common.py's passes around a backend's two kernels
+(<backend>.statistics, <backend>.probabilities) in its configuration (<backend>.Kernels)."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,23 +25,26 @@ class _Static:
 
 
 def _backend(module: ModuleType, platform: str) -> op.Backend:
-    """common.forward / common.backward around module's kernels (no gradient for the targets)."""
+    """common.py's passes around module's kernels: the loss alone (common.forward), or, when
+    differentiated, the loss and its gradient at g = 1 (common.forward_with_gradient), which the
+    backward scales by g (no gradient for the targets)."""
     def kernel(fn, static: _Static):
         return functools.partial(fn, config=static.config, interpret=static.interpret)
 
     def forward(static: _Static, h, embed, targets, residuals: bool):
-        loss, saved = common.forward(h, embed, targets, static.ignore_index,
-                                     kernel(module.statistics, static), static.config.multiple)
-        return loss, saved if residuals else None
-
-    def backward(static: _Static, saved, g):
-        h, embed = saved[:2]
         config = static.config
+        if not residuals:
+            return common.forward(h, embed, targets, static.ignore_index,
+                                  kernel(module.statistics, static), config.multiple), None
         padded = common.padded_vocab(embed.shape[0], config.multiple)
         chunk = common.token_chunk(h.shape[0], padded, config.chunk_rows,
-                                   config.dlogits.chunk_mib)
-        return (*common.backward(saved, g, kernel(module.dlogits, static), config.multiple,
-                                 chunk), None)
+                                   config.probabilities.chunk_mib)
+        return common.forward_with_gradient(h, embed, targets, static.ignore_index,
+                                            kernel(module.probabilities, static),
+                                            config.multiple, chunk)
+
+    def backward(static: _Static, gradient, g):
+        return *((g * x).astype(x.dtype) for x in gradient), None
     return op.Backend(forward, backward, platform)
 
 
@@ -73,7 +76,7 @@ def logits_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, *,
     implementation: "reference" (model.tied_logits_loss), "mosaic_gpu" (Hopper only), "triton"
     (Pallas on any CUDA GPU), "tpu" (Pallas Mosaic TPU); h and E are rounded to bf16 for the
     products, as by the reference's matmul. None picks by backend (`default_implementation`).
-    block_sizes overrides the tuning table, e.g. {"dlogits_chunk_mib": 64} (flat names of
+    block_sizes overrides the tuning table, e.g. {"probabilities_chunk_mib": 64} (flat names of
     <backend>.Kernels: kernels/config.py). interpret: the Triton and TPU kernels in Pallas's
     interpret mode (None: exactly off their platform); mosaic_gpu has none, so True raises and
     False lowers it for its GPU from any host (for jax.export).

@@ -4,24 +4,37 @@ kernels, which never hold the [T, V] logits in any dtype.
 A backend (mosaic_gpu.py, triton.py, tpu.py) brings two GEMMs over logits tiles
 s = h[rows] E[cols]^T [bt, bv] (bf16 operands, f32 accumulation), each with an epilogue here:
 
-    statistics(h, e, column_bias)          -> m, l [V' / bv, T]     `tile_statistics`
-    dlogits(h_c, e, columns, log_z,        -> ds [C, V'] bf16       `tile_dlogits`
-            targets, scales)
+    statistics(h, e, column_bias)          -> m, l [V' / bv, T]             `tile_statistics`
+    probabilities(h_c, e, column_bias, b)  -> p [C, V'] bf16, m, l [V' / bv, C]  `tile_probabilities`
 
 with E padded to V' columns (zero rows; column_bias puts -inf on their logits, so that they add
-nothing to log Z; their ds, which meets E's zero rows in ds E and lands in dE's padding, is
-left as it comes). Around them, XLA:
+nothing to log Z and their p is 0). Around them, XLA:
 
-    forward   log Z = M + log sum_tiles l exp(m - M)   (M: the row's largest m)
-              loss  = sum_t w_t (log Z_t - h_t . E_target(t))      w = model.target_weights
-    backward  for each chunk of C tokens (lax.scan; the last chunk padded with weight-0 rows):
-                ds   = (exp(s - log Z) - onehot(target)) w g       bf16 [C, V'], by the kernel
-                dh_c = ds E          dE += ds^T h_c                f32 GEMMs (XLA's)
+    the loss alone   log Z = M + log sum_tiles l exp(m - M)   (M: the row's largest m)
+                     loss  = sum_t w_t (log Z_t - h_t . E_target(t))      w = model.target_weights
+    differentiated   the forward computes the gradient too, for each chunk of C tokens (lax.scan;
+                     the last chunk padded with weight-0 rows), since the backward would need the
+                     same logits again: three GEMMs of 2 T V d FLOPs (the probabilities, dh, dE)
+                     where recomputing them in the backward costs four (Liger's fused linear
+                     cross-entropy computes its gradient in the forward for the same reason):
+        p = exp(s - b) bf16 [C, V'], and per tile m = row max, l = row sum of p,  b = target logit
+        log Z = b + log sum_tiles l
+        ds = (softmax - onehot(target)) w = a p - w onehot     a = exp(b - log Z) w
+        dh_c = a (p E) - w E_target         dE += p^T (a h_c) - onehot^T (w h_c)
+    with XLA's f32 GEMMs, and the onehot terms apart in f32 (a gather and a scatter-add of C rows:
+    rounded to bf16 inside p, the target's entry, a row's largest, made dE's error at small logits
+    2.5 times the bf16 reference's; apart it is a thirtieth),
+    and the backward multiplies dh and dE by g.
 
-Four GEMMs of 2 T V d FLOPs (the forward, the backward's recompute, dh, dE) against the stored
-logits' three, and of the [T, V] array only one chunk [C, V'] in bf16 at a time: C is the largest
-power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C = 2048 at GPT-2's
-V = 50257). Deterministic: every sum runs in a fixed order (the chunks' dE in sequence).
+With b the target logit, p's largest value is exp(max s - b) <= exp(the row's loss): bf16 holds it
+while max s - b <= GRADIENT_LIMIT; a chunk with a row beyond (a loss of more than 32 nats, which
+training hardly ever meets) is done again with b = the row max (p <= 1) in REDO_PIECES pieces, so
+that the redo holds only a fraction of a chunk more. Ignored tokens' rows of h are zeroed (their
+logits and b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is held at a time: C is
+the largest power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C =
+2048 at GPT-2's V = 50257). The loss and dh are deterministic; dE's scatter-add of the onehot
+terms runs in XLA's atomics where a chunk repeats a target, so its last bits may vary from run to
+run (as the split-K weight gradients of kernels/mosaic_gpu_gemm.py do).
 """
 from __future__ import annotations
 
@@ -41,10 +54,16 @@ LOG2E = math.log2(math.e)
 MIN_MAX = -1e30   # a row maximum's floor: exp(-inf - MIN_MAX) = 0, where -inf - -inf is NaN
 
 
+# The largest max(s) - b of a row that the stored p may take: p <= e^32 in bf16, and a = e^(b - log Z) w
+# >= e^-43 w in the bf16 product a h_c (both far from bf16's range, e^+-88).
+GRADIENT_LIMIT = 32.0
+REDO_PIECES = 8   # a chunk done again with b = the row max runs in up to this many pieces
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernels(config.Kernels):
-    """A backend's two GEMMs, `forward` (the statistics) and `dlogits` (with its chunk_mib); the
-    subclass names the fields that tile the vocabulary and the tokens."""
+    """A backend's two GEMMs, `forward` (the statistics) and `probabilities` (with its
+    chunk_mib); the subclass names the fields that tile the vocabulary and the tokens."""
     VOCAB_TILE: ClassVar[str] = "block_n"
     TOKEN_TILE: ClassVar[str] = "block_m"
     TOKEN_TILES_PER_CHUNK_ROW: ClassVar[int] = 1   # token tiles a program covers
@@ -53,12 +72,12 @@ class Kernels(config.Kernels):
     def multiple(self) -> int:
         """V is padded to a multiple of both GEMMs' vocabulary tiles."""
         return math.lcm(getattr(self.forward, self.VOCAB_TILE),
-                        getattr(self.dlogits, self.VOCAB_TILE))
+                        getattr(self.probabilities, self.VOCAB_TILE))
 
     @property
     def chunk_rows(self) -> int:
-        """The backward's chunk is a multiple of the dlogits GEMM's token rows."""
-        return self.TOKEN_TILES_PER_CHUNK_ROW * getattr(self.dlogits, self.TOKEN_TILE)
+        """A chunk is a multiple of the probabilities GEMM's token rows."""
+        return self.TOKEN_TILES_PER_CHUNK_ROW * getattr(self.probabilities, self.TOKEN_TILE)
 
 
 def tile_statistics(s, column_bias):
@@ -71,14 +90,13 @@ def tile_statistics(s, column_bias):
     return m, p.sum(axis=1)
 
 
-def tile_dlogits(s, columns, log_z, targets, scales):
-    """dlogits of a logits tile: (softmax - onehot(target)) * scale, rounded to bf16.
-    s [bt, bv] f32; columns (the column's index, f32) per column, log_z, targets (f32) and scales
-    (g w) per row, each broadcastable to s. One column vector only: on Hopper a column vector
-    takes 64 registers a thread beside the 128 of a 64 x 256 accumulator, and a second one would
-    spill."""
-    p = jnp.exp2(s * LOG2E - log_z * LOG2E)
-    return ((p - (columns == targets).astype(jnp.float32)) * scales).astype(jnp.bfloat16)
+def tile_probabilities(s, column_bias, base):
+    """A logits tile s [bt, bv] f32 (+ column_bias), base b per row (broadcastable to s) -> (p =
+    exp(s - b) in bf16 [bt, bv], m = row max [bt], l = row sum of exp(s - b) in f32 [bt]). Padded
+    columns: p = 0, m = -inf."""
+    s = s + column_bias
+    p = jnp.exp2((s - base) * LOG2E)
+    return p.astype(jnp.bfloat16), s.max(axis=1), p.sum(axis=1)
 
 
 def padded_vocab(vocab: int, multiple: int) -> int:
@@ -91,8 +109,8 @@ def column_bias(vocab: int, padded: int) -> jax.Array:
 
 
 def token_chunk(tokens: int, padded: int, rows: int, chunk_mib: int) -> int:
-    """The backward's chunk C: rows times the largest power of two with C V' bf16 <= chunk_mib
-    MiB (at least rows), no larger than the tokens need."""
+    """The chunk C: rows times the largest power of two with C V' bf16 <= chunk_mib MiB (at
+    least rows), no larger than the tokens need."""
     chunk = rows
     while 2 * chunk * padded * 2 <= chunk_mib << 20 and chunk < tokens:
         chunk *= 2
@@ -100,8 +118,9 @@ def token_chunk(tokens: int, padded: int, rows: int, chunk_mib: int) -> int:
 
 
 def forward(h, embed, targets, ignore_index, statistics, multiple: int):
-    """h [T, d], embed [V, d], targets [T] -> (loss, residuals); statistics(h, e, column_bias)
-    -> (m, l) [V' / bv, T], the backend's kernel, with V' = V padded to `multiple`."""
+    """The loss alone: h [T, d], embed [V, d], targets [T] -> scalar; statistics(h, e,
+    column_bias) -> (m, l) [V' / bv, T], the backend's kernel, with V' = V padded to
+    `multiple`."""
     vocab = embed.shape[0]
     padded = padded_vocab(vocab, multiple)
     h_bf16 = h.astype(jnp.bfloat16)
@@ -110,32 +129,67 @@ def forward(h, embed, targets, ignore_index, statistics, multiple: int):
     top = m.max(axis=0)
     log_z = top + jnp.log(jnp.sum(l * jnp.exp(m - top), axis=0))
     targets, weights = model.target_weights(targets, ignore_index)
-    target_logit = jnp.sum(h_bf16.astype(jnp.float32) * e[targets].astype(jnp.float32), axis=-1)
-    loss = jnp.sum(weights * (log_z - target_logit))
-    return loss, (h, embed, targets, weights, log_z)
+    return jnp.sum(weights * (log_z - _target_logits(h_bf16, e, targets)))
 
 
-def backward(residuals, g, dlogits, multiple: int, chunk: int):
-    """-> (dh [T, d] in h's dtype, dE [V, d] in embed's dtype); dlogits(h_c, e, columns, log_z,
-    targets, scales) -> [C, V'] bf16 is the backend's kernel."""
-    h, embed, targets, weights, log_z = residuals
+def _target_logits(h_bf16, e, targets):
+    """[T] f32: h_t . E_target(t) of the bf16 operands."""
+    return jnp.sum(h_bf16.astype(jnp.float32) * e[targets].astype(jnp.float32), axis=-1)
+
+
+def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multiple: int,
+                          chunk: int):
+    """-> (loss, (dh [T, d] in h's dtype, dE [V, d] in embed's dtype) at g = 1), chunk by chunk
+    (the module docstring says how); probabilities(h_c, e, column_bias, base) -> (p [C, V'] bf16,
+    m, l [V' / bv, C]) is the backend's kernel."""
     (tokens, d), vocab = h.shape, embed.shape[0]
     padded = padded_vocab(vocab, multiple)
-    # E in bf16 again rather than saved by the forward: a V d pass, where a residual would hold
-    # V' d bf16 through the rest of the model's backward.
+    targets, weights = model.target_weights(targets, ignore_index)
+    h_bf16 = h.astype(jnp.bfloat16)
     e = pad_rows(embed.astype(jnp.bfloat16), padded, axis=0)
-    column_index = jnp.arange(padded, dtype=jnp.float32)
+    bias = column_bias(vocab, padded)
+    target_logits = jnp.where(weights > 0, _target_logits(h_bf16, e, targets), 0.0)
     num_chunks = -(-tokens // chunk)
     pad = lambda x: pad_rows(x, num_chunks * chunk, axis=0).reshape(num_chunks, chunk,
                                                                     *x.shape[1:])
-    chunks = (pad(h.astype(jnp.bfloat16)), pad(targets.astype(jnp.float32)),
-              pad(weights * g), pad(log_z))
 
-    def step(de, chunk_inputs):
-        h_c, targets_c, scales_c, log_z_c = chunk_inputs
-        ds = dlogits(h_c, e, column_index, log_z_c, targets_c, scales_c)
-        dh_c = jnp.matmul(ds, e, preferred_element_type=jnp.float32).astype(h.dtype)
-        return de + jnp.matmul(ds.T, h_c, preferred_element_type=jnp.float32), dh_c
+    def gradient(de, rows, p, l, base):
+        """dE += p^T (a h_c) - onehot^T (w h_c) and (dh_c, log Z) of rows (h_c, targets_c,
+        weights_c, target logits) whose p and l are relative to base."""
+        h_c, targets_c, weights_c, _ = rows
+        log_z = base + jnp.log(l.sum(axis=0))
+        scale = (jnp.exp(base - log_z) * weights_c)[:, None]
+        weighted_h = weights_c[:, None] * h_c.astype(jnp.float32)
+        dh_c = (scale * jnp.matmul(p, e, preferred_element_type=jnp.float32)
+                - weights_c[:, None] * e[targets_c].astype(jnp.float32))
+        a_h = (scale * h_c.astype(jnp.float32)).astype(jnp.bfloat16)
+        de = de + jnp.matmul(p.T, a_h, preferred_element_type=jnp.float32)
+        return de.at[targets_c].add(-weighted_h), (dh_c.astype(h.dtype), log_z)
 
-    de, dh = lax.scan(step, jnp.zeros((padded, d), jnp.float32), chunks)
-    return dh.reshape(-1, d)[:tokens], de[:vocab].astype(embed.dtype)
+    def redo(de, rows, top):
+        """The chunk again with base = the row max, in pieces (lax.scan)."""
+        pieces = math.gcd(REDO_PIECES, chunk)
+        split = lambda x: x.reshape(pieces, chunk // pieces, *x.shape[1:])
+
+        def piece(de, piece_rows):
+            *rows, top = piece_rows
+            p, _, l = probabilities(rows[0], e, bias, top)
+            return gradient(de, rows, p, l, top)
+        de, (dh_c, log_z) = lax.scan(piece, de, [split(x) for x in (*rows, top)])
+        return de, (dh_c.reshape(chunk, d), log_z.reshape(chunk))
+
+    def step(de, rows):
+        # An ignored token's row of h as zeros (within the chunk: no copy of h): its logits and
+        # base 0, p 1.
+        rows = (jnp.where((rows[2] > 0)[:, None], rows[0], 0), *rows[1:])
+        base = rows[3]   # the target logits
+        p, m, l = probabilities(rows[0], e, bias, base)
+        top = m.max(axis=0)
+        return lax.cond(jnp.all(top - base <= GRADIENT_LIMIT),
+                        lambda de: gradient(de, rows, p, l, base),
+                        lambda de: redo(de, rows, top), de)
+
+    de, (dh, log_z) = lax.scan(step, jnp.zeros((padded, d), jnp.float32),
+                               [pad(x) for x in (h_bf16, targets, weights, target_logits)])
+    loss = jnp.sum(weights * (log_z.reshape(-1)[:tokens] - target_logits))
+    return loss, (dh.reshape(-1, d)[:tokens], de[:vocab].astype(embed.dtype))

@@ -1,14 +1,14 @@
 """The loss head on Hopper (sm90): both of its logits GEMMs on kernels/mosaic_gpu_gemm.py's
-persistent GEMM, with common.py's epilogues, so that no [T, V] array is ever written but the
-backward's bf16 chunk.
+persistent GEMM, with common.py's epilogues, so that no [T, V] array is ever written but a bf16
+chunk.
 
-    statistics   s = h E^T (64 token rows per consumer warpgroup, block_n vocabulary columns)
-                 -> m, l per (row, column tile)             outputs [V' / block_n, T] f32
-    dlogits      s = h_c E^T again -> ds [C, V'] bf16        rows log Z, target, g w of each row
-                                                             by TMA beside the tile's matmul
+    statistics     s = h E^T (64 token rows per consumer warpgroup, block_n vocabulary columns)
+                   -> m, l per (row, column tile)           outputs [V' / block_n, T] f32
+    probabilities  s = h_c E^T -> p = exp(s - b) [C, V'] bf16, and m, l per (row, column tile);
+                   b of each row by TMA beside the tile's matmul
 
 The epilogues run in the accumulator's registers (exp2 on the SFU, 128 values a thread at 64 x
-256); the two gradient GEMMs of a chunk (ds E, ds^T h_c) are XLA's (cuBLAS).
+256); the two gradient GEMMs of a chunk (p~ E, p~^T a h_c) are XLA's (cuBLAS).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from kernels.warp_specialized import CONSUMERS, on_sm90
 
 @dataclasses.dataclass(frozen=True)
 class Chunk(config.KernelConfig):
-    """The backward's dlogits GEMM: its tiles and the bf16 chunk's budget (common.token_chunk)."""
+    """The probabilities GEMM: its tiles and the bf16 chunk's budget (common.token_chunk)."""
     block_m: int = config.tile(multiple_of=64)
     block_n: int = config.tile(multiple_of=64)
     num_stages: int = config.stages(minimum=2)
@@ -40,10 +40,10 @@ class Chunk(config.KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Kernels(common.Kernels):
-    """The statistics GEMM's tiles (flat names block_m, block_n, num_stages) and the dlogits
-    GEMM's (dlogits_block_m, ..., dlogits_chunk_mib)."""
+    """The statistics GEMM's tiles (flat names block_m, block_n, num_stages) and the
+    probabilities GEMM's (probabilities_block_m, ..., probabilities_chunk_mib)."""
     forward: mosaic_gpu_gemm.Tiles
-    dlogits: Chunk
+    probabilities: Chunk
     TOKEN_TILES_PER_CHUNK_ROW = CONSUMERS   # a CTA's consumer warpgroups take block_m rows each
 
 
@@ -70,12 +70,13 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
         b_transposed=True, tiles=config.forward, name="logits_loss_statistics_mgpu")
 
 
-def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
-            interpret: bool):
+def probabilities(h, e, column_bias, base, *, config: Kernels, interpret: bool):
     del interpret
-    (ds,) = mosaic_gpu_gemm.matmul(
-        h, e, lambda s, *operands: (common.tile_dlogits(s, *operands),), [columns],
-        [jax.ShapeDtypeStruct((h.shape[0], e.shape[0]), jnp.bfloat16)],
-        b_transposed=True, tiles=config.dlogits.tiles(), name="logits_loss_dlogits_mgpu",
-        row_inputs=[log_z, targets, scales])
-    return ds
+    check_runs_here()
+    tokens = h.shape[0]
+    return mosaic_gpu_gemm.matmul(
+        h, e, common.tile_probabilities, [column_bias],
+        [jax.ShapeDtypeStruct((tokens, e.shape[0]), jnp.bfloat16),
+         *[jax.ShapeDtypeStruct((tokens,), jnp.float32)] * 2],
+        b_transposed=True, tiles=config.probabilities.tiles(),
+        name="logits_loss_probabilities_mgpu", row_inputs=[base])

@@ -2,9 +2,10 @@
 s = h[rows] E[cols]^T [bt, bv] (the whole d in one MXU product: VMEM holds h [bt, d] and E [bv, d]
 at any d of the model), with common.py's epilogues.
 
-    statistics   grid (T / bt, V' / bv), (parallel, arbitrary): m, l of the row, carried across
-                 the vocabulary tiles in VMEM (one tile of statistics, [1, T])
-    dlogits      grid (C / bt, V' / bv), parallel: ds [C, V'] bf16
+    statistics     grid (T / bt, V' / bv), (parallel, arbitrary): m, l of the row, carried across
+                   the vocabulary tiles in VMEM (one tile of statistics, [1, T])
+    probabilities  grid (C / bt, V' / bv), (parallel, arbitrary): p [C, V'] bf16, and m, l of the
+                   row carried the same way
 
 Vectors travel as [1, V'] rows and [T, 1] columns (blocks respect the (8, 128) tiling).
 """
@@ -41,9 +42,10 @@ class Chunk(config.KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Kernels(common.Kernels):
-    """The statistics tiles (flat names block_t, block_v) and the dlogits ones (dlogits_...)."""
+    """The statistics tiles (flat names block_t, block_v) and the probabilities ones
+    (probabilities_...)."""
     forward: Tiles
-    dlogits: Chunk
+    probabilities: Chunk
     VOCAB_TILE, TOKEN_TILE = "block_v", "block_t"
 
 
@@ -83,24 +85,35 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
     return m[:tokens].T, l[:tokens].T
 
 
-def _dlogits_kernel(h_ref, e_ref, columns_ref, log_z_ref, targets_ref, scales_ref, ds_ref):
-    ds_ref[...] = common.tile_dlogits(dot_t(h_ref[...], e_ref[...]), columns_ref[...],
-                                      log_z_ref[...], targets_ref[...], scales_ref[...])
+def _probabilities_kernel(h_ref, e_ref, bias_ref, base_ref, p_ref, m_ref, l_ref):
+    p, m, l = common.tile_probabilities(dot_t(h_ref[...], e_ref[...]), bias_ref[...],
+                                        base_ref[...])
+    p_ref[...] = p
+    m, l = m[:, None], l[:, None]
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        m_ref[...], l_ref[...] = m, l
+
+    @pl.when(pl.program_id(1) > 0)
+    def _():   # l is relative to the row's base in every tile: the sums add
+        m_ref[...], l_ref[...] = jnp.maximum(m_ref[...], m), l_ref[...] + l
 
 
-def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
-            interpret: bool):
+def probabilities(h, e, column_bias, base, *, config: Kernels, interpret: bool):
     (tokens, d), padded_v = h.shape, e.shape[0]
-    bt, bv = config.dlogits.block_t, config.dlogits.block_v
-    column = pl.BlockSpec((1, bv), lambda i, j: (0, j))
-    row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
-    return pl.pallas_call(
-        _dlogits_kernel, grid=(tokens // bt, padded_v // bv),
+    bt, bv = config.probabilities.block_t, config.probabilities.block_v
+    padded = -(-tokens // bt) * bt
+    rows = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
+    p, m, l = pl.pallas_call(
+        _probabilities_kernel, grid=(padded // bt, padded_v // bv),
         in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bv, d), lambda i, j: (j, 0)), column, row, row, row],
-        out_specs=pl.BlockSpec((bt, bv), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((tokens, padded_v), jnp.bfloat16),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret), name="logits_loss_dlogits",
-    )(h, e, columns[None, :], log_z[:, None], targets[:, None],
-      scales[:, None])
+                  pl.BlockSpec((bv, d), lambda i, j: (j, 0)),
+                  pl.BlockSpec((1, bv), lambda i, j: (0, j)), rows],
+        out_specs=[pl.BlockSpec((bt, bv), lambda i, j: (i, j)), rows, rows],
+        out_shape=[jax.ShapeDtypeStruct((padded, padded_v), jnp.bfloat16),
+                   *[jax.ShapeDtypeStruct((padded, 1), jnp.float32)] * 2],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret_params(interpret), name="logits_loss_probabilities",
+    )(pad_rows(h, padded, axis=0), e, column_bias[None, :], pad_rows(base, padded, axis=0)[:, None])
+    return p[:tokens], m[:tokens].T, l[:tokens].T

@@ -1,9 +1,9 @@
 """The loss head in Pallas on the Triton backend (any CUDA GPU): both logits GEMMs on
 kernels/triton_gemm.py's tiled GEMM with common.py's epilogues (grid (T / bm, V' / bn), a loop
-over d / bk), so no [T, V] array is written but the backward's bf16 chunk.
+over d / bk), so no [T, V] array is written but a bf16 chunk.
 
-    statistics   -> m, l per (row, column tile)   [V' / bn, T] f32
-    dlogits      -> ds [C, V'] bf16               (rows log Z, target, g w as [bm, 1] blocks)
+    statistics     -> m, l per (row, column tile)                 [V' / bn, T] f32
+    probabilities  -> p [C, V'] bf16, m, l per (row, column tile)  (row bases as [bm, 1] blocks)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from kernels.warp_specialized import pad_rows
 
 @dataclasses.dataclass(frozen=True)
 class Chunk(config.KernelConfig):
-    """The backward's dlogits GEMM (triton_gemm.Gemm's fields) and the bf16 chunk's budget."""
+    """The probabilities GEMM (triton_gemm.Gemm's fields) and the bf16 chunk's budget."""
     block_m: int = config.tile(power_of_two=True, minimum=16)
     block_n: int = config.tile(power_of_two=True, minimum=16)
     block_k: int = config.tile(power_of_two=True, minimum=16)
@@ -34,9 +34,10 @@ class Chunk(config.KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Kernels(common.Kernels):
-    """The statistics GEMM (flat names block_m, ...) and the dlogits GEMM (dlogits_block_m, ...)."""
+    """The statistics GEMM (flat names block_m, ...) and the probabilities GEMM
+    (probabilities_block_m, ...)."""
     forward: triton_gemm.Gemm
-    dlogits: Chunk
+    probabilities: Chunk
 
 
 # 64 x 128 x 64 tiles, 4 warps, 3 stages: 64 accumulator registers a thread.
@@ -45,7 +46,8 @@ DEFAULTS = Kernels(triton_gemm.Gemm(**_GEMM), Chunk(**_GEMM, chunk_mib=256))
 
 
 def check_config(config: Kernels, d: int) -> None:
-    for name, kernel in (("block_k", config.forward), ("dlogits_block_k", config.dlogits)):
+    for name, kernel in (("block_k", config.forward),
+                         ("probabilities_block_k", config.probabilities)):
         if d % kernel.block_k:
             raise ValueError(f"logits_loss/triton: {name}={kernel.block_k} must divide d = {d}")
 
@@ -60,11 +62,14 @@ def statistics(h, e, column_bias, *, config: Kernels, interpret: bool):
     return m[:, :tokens], l[:, :tokens]
 
 
-def dlogits(h, e, columns, log_z, targets, scales, *, config: Kernels,
-            interpret: bool):
-    (ds,) = triton_gemm.matmul(
-        h, e, lambda s, *operands: (common.tile_dlogits(s, *operands),), [columns],
-        [jax.ShapeDtypeStruct((h.shape[0], e.shape[0]), jnp.bfloat16)], b_transposed=True,
-        config=config.dlogits.gemm(), name="logits_loss_dlogits", interpret=interpret,
-        row_inputs=[log_z, targets, scales])
-    return ds
+def probabilities(h, e, column_bias, base, *, config: Kernels, interpret: bool):
+    tokens = h.shape[0]
+    block_m = config.probabilities.block_m
+    padded = -(-tokens // block_m) * block_m
+    p, m, l = triton_gemm.matmul(
+        pad_rows(h, padded, axis=0), e, common.tile_probabilities, [column_bias],
+        [jax.ShapeDtypeStruct((padded, e.shape[0]), jnp.bfloat16),
+         *[jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2], b_transposed=True,
+        config=config.probabilities.gemm(), name="logits_loss_probabilities",
+        interpret=interpret, row_inputs=[pad_rows(base, padded, axis=0)])
+    return p[:tokens], m[:, :tokens], l[:, :tokens]
