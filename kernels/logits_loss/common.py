@@ -34,7 +34,8 @@ logits and b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is
 the largest power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C =
 2048 at GPT-2's V = 50257). The loss and dh are deterministic; dE's scatter-add of the onehot
 terms runs in XLA's atomics where a chunk repeats a target, so its last bits may vary from run to
-run (as the split-K weight gradients of kernels/mosaic_gpu_gemm.py do).
+run, as the split-K weight gradients of kernels/mosaic_gpu_gemm.py do, and as the model's own
+gradient of E does anyway (its token embedding's lookup transposes to XLA's scatter-add).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ chunk.
                    b of each row by TMA beside the tile's matmul
 
 The epilogues run in the accumulator's registers (exp2 on the SFU, 128 values a thread at 64 x
-256); the two gradient GEMMs of a chunk (p~ E, p~^T a h_c) are XLA's (cuBLAS).
+256); the two gradient GEMMs of a chunk (p E, p^T a h_c) are XLA's (cuBLAS).
 """
 from __future__ import annotations
 
