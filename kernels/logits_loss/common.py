@@ -21,9 +21,11 @@ nothing to log Z and their p is 0). Around them, XLA:
         log Z = b + log sum_tiles l
         ds = (softmax - onehot(target)) w = a p - w onehot     a = exp(b - log Z) w
         dh_c = a (p E) - w E_target         dE += p^T (a h_c) - onehot^T (w h_c)
-    with XLA's f32 GEMMs, and the onehot terms apart in f32 (a gather and a scatter-add of C rows:
-    rounded to bf16 inside p, the target's entry, a row's largest, made dE's error at small logits
-    2.5 times the bf16 reference's; apart it is a thirtieth),
+    with XLA's f32 GEMMs, and the onehot terms apart in f32 (rounded to bf16 inside p, the target's
+    entry, a row's largest, made dE's error at small logits 2.5 times the bf16 reference's; apart
+    it is a thirtieth): a gather for dh, and for dE the chunk's rows sorted by target and summed
+    per target by f32 GEMMs of 0/1 masks (`add_by_target`), so that each target's row of dE gets
+    one addition per chunk, in a fixed order (a scatter-add's atomics add in any order),
     and the backward multiplies dh and dE by g.
 
 With b the target logit, p's largest value is exp(max s - b) <= exp(the row's loss): bf16 holds it
@@ -32,10 +34,7 @@ training hardly ever meets) is done again with b = the row max (p <= 1) in REDO_
 that the redo holds only a fraction of a chunk more. Ignored tokens' rows of h are zeroed (their
 logits and b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is held at a time: C is
 the largest power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C =
-2048 at GPT-2's V = 50257). The loss and dh are deterministic; dE's scatter-add of the onehot
-terms runs in XLA's atomics where a chunk repeats a target, so its last bits may vary from run to
-run, as the split-K weight gradients of kernels/mosaic_gpu_gemm.py do, and as the model's own
-gradient of E does anyway (its token embedding's lookup transposes to XLA's scatter-add).
+2048 at GPT-2's V = 50257). The loss, dh and dE are deterministic.
 """
 from __future__ import annotations
 
@@ -59,6 +58,7 @@ MIN_MAX = -1e30   # a row maximum's floor: exp(-inf - MIN_MAX) = 0, where -inf -
 # >= e^-43 w in the bf16 product a h_c (both far from bf16's range, e^+-88).
 GRADIENT_LIMIT = 32.0
 REDO_PIECES = 8   # a chunk done again with b = the row max runs in up to this many pieces
+RUN_BLOCK = 128   # rows per block of add_by_target's sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +138,42 @@ def _target_logits(h_bf16, e, targets):
     return jnp.sum(h_bf16.astype(jnp.float32) * e[targets].astype(jnp.float32), axis=-1)
 
 
+def _run_sums(values, keys):
+    """values [n, d] f32 of rows sorted by keys [n] -> [n, d]: each row's sum over its run (the
+    rows of its key, contiguous) up to and including itself. Within blocks of RUN_BLOCK rows, an
+    f32 GEMM of a 0/1 mask; a run that crosses blocks adds what it summed in the blocks before,
+    the same sums one level up over the blocks' last rows. Every sum in a fixed order."""
+    n, d = values.shape
+    if n <= RUN_BLOCK:
+        row = jnp.arange(n)
+        mask = (keys[:, None] == keys[None, :]) & (row[:, None] >= row[None, :])
+        return jnp.matmul(mask.astype(jnp.float32), values, precision=lax.Precision.HIGHEST)
+    blocks = -(-n // RUN_BLOCK)
+    # Padding rows of zeros continue the last run: they add nothing.
+    keys = jnp.concatenate([keys, jnp.full(blocks * RUN_BLOCK - n, keys[-1])])
+    keys = keys.reshape(blocks, RUN_BLOCK)
+    values = pad_rows(values, blocks * RUN_BLOCK, axis=0).reshape(blocks, RUN_BLOCK, d)
+    within = jax.vmap(_run_sums)(values, keys)
+    # through each block's end: the sums of the runs that reach it
+    through = _run_sums(within[:, -1], keys[:, -1])
+    continued = ((keys == jnp.roll(keys[:, -1], 1)[:, None])
+                 & (jnp.arange(blocks) > 0)[:, None])[..., None]
+    sums = within + jnp.where(continued, jnp.roll(through, 1, axis=0)[:, None, :], 0.0)
+    return sums.reshape(blocks * RUN_BLOCK, d)[:n]
+
+
+def add_by_target(acc, values, targets):
+    """acc [R, d] f32 + onehot(targets)^T values ([n, d] f32 by targets [n]) in a fixed order, so
+    bitwise the same run after run: the rows sorted by target, summed per target (`_run_sums`),
+    and each target's sum added to its row once (where a scatter-add's atomics would add a
+    repeated target's rows in any order)."""
+    order = jnp.argsort(targets, stable=True)
+    keys = targets[order]
+    sums = _run_sums(values[order], keys)
+    last = jnp.append(keys[1:] != keys[:-1], True)
+    return acc.at[jnp.where(last, keys, acc.shape[0])].add(sums, mode="drop")
+
+
 def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multiple: int,
                           chunk: int):
     """-> (loss, (dh [T, d] in h's dtype, dE [V, d] in embed's dtype) at g = 1), chunk by chunk
@@ -165,7 +201,7 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
                 - weights_c[:, None] * e[targets_c].astype(jnp.float32))
         a_h = (scale * h_c.astype(jnp.float32)).astype(jnp.bfloat16)
         de = de + jnp.matmul(p.T, a_h, preferred_element_type=jnp.float32)
-        return de.at[targets_c].add(-weighted_h), (dh_c.astype(h.dtype), log_z)
+        return add_by_target(de, -weighted_h, targets_c), (dh_c.astype(h.dtype), log_z)
 
     def redo(de, rows, top):
         """The chunk again with base = the row max, in pieces (lax.scan)."""
