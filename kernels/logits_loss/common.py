@@ -29,10 +29,11 @@ nothing to log Z and their p is 0). Around them, XLA:
     and the backward multiplies dh and dE by g.
 
 With b the target logit, p's largest value is exp(max s - b) <= exp(the row's loss): bf16 holds it
-while max s - b <= GRADIENT_LIMIT; a chunk with a row beyond (a loss of more than 32 nats, which
-training hardly ever meets) is done again with b = the row max (p <= 1) in REDO_PIECES pieces, so
-that the redo holds only a fraction of a chunk more. Ignored tokens' rows of h are zeroed (their
-logits and b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is held at a time: C is
+while max s - b <= GRADIENT_LIMIT. A row beyond (a loss of more than 32 nats, which training
+hardly ever meets; its p clamped) adds nothing in the chunks' scan; after it, a loop over the
+chunks with such rows does those rows again with b = their row max (p <= 1). (No conditional per
+chunk: XLA's GPU runtime reads a conditional's predicate on the host, a wait per chunk.) Ignored
+tokens' rows of h are zeroed (their logits and b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is held at a time: C is
 the largest power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C =
 2048 at GPT-2's V = 50257). The loss, dh and dE are deterministic.
 """
@@ -57,7 +58,6 @@ MIN_MAX = -1e30   # a row maximum's floor: exp(-inf - MIN_MAX) = 0, where -inf -
 # The largest max(s) - b of a row that the stored p may take: p <= e^32 in bf16, and a = e^(b - log Z) w
 # >= e^-43 w in the bf16 product a h_c (both far from bf16's range, e^+-88).
 GRADIENT_LIMIT = 32.0
-REDO_PIECES = 8   # a chunk done again with b = the row max runs in up to this many pieces
 RUN_BLOCK = 128   # rows per block of add_by_target's sums
 
 
@@ -93,10 +93,11 @@ def tile_statistics(s, column_bias):
 
 def tile_probabilities(s, column_bias, base):
     """A logits tile s [bt, bv] f32 (+ column_bias), base b per row (broadcastable to s) -> (p =
-    exp(s - b) in bf16 [bt, bv], m = row max [bt], l = row sum of exp(s - b) in f32 [bt]). Padded
-    columns: p = 0, m = -inf."""
+    exp(s - b) in bf16 [bt, bv], m = row max [bt], l = row sum of exp(s - b) in f32 [bt]), with
+    s - b clamped at GRADIENT_LIMIT (so that p stays finite in a row beyond it, which
+    `forward_with_gradient` does again). Padded columns: p = 0, m = -inf."""
     s = s + column_bias
-    p = jnp.exp2((s - base) * LOG2E)
+    p = jnp.exp2(jnp.minimum(s - base, GRADIENT_LIMIT) * LOG2E)
     return p.astype(jnp.bfloat16), s.max(axis=1), p.sum(axis=1)
 
 
@@ -190,10 +191,21 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
     pad = lambda x: pad_rows(x, num_chunks * chunk, axis=0).reshape(num_chunks, chunk,
                                                                     *x.shape[1:])
 
-    def gradient(de, rows, p, l, base):
-        """dE += p^T (a h_c) - onehot^T (w h_c) and (dh_c, log Z) of rows (h_c, targets_c,
-        weights_c, target logits) whose p and l are relative to base."""
-        h_c, targets_c, weights_c, _ = rows
+    chunks = [pad(x) for x in (h_bf16, targets, weights, target_logits)]
+
+    def rows_of(i):
+        """Chunk i's rows (h_c, targets_c, weights_c, target logits), an ignored token's row of h
+        as zeros (within the chunk: no copy of h): its logits and base 0, p 1."""
+        h_c, targets_c, weights_c, base = (x[i] for x in chunks)
+        return jnp.where((weights_c > 0)[:, None], h_c, 0), targets_c, weights_c, base
+
+    def gradient(de, h_c, targets_c, weights_c, base):
+        """dE += p^T (a h_c) - onehot^T (w h_c) and (dh_c, log Z, row max) of rows with p
+        relative to base; a row whose logits reach beyond base by more than GRADIENT_LIMIT (its p
+        clamped) adds nothing."""
+        p, m, l = probabilities(h_c, e, bias, base)
+        top = m.max(axis=0)
+        weights_c = jnp.where(top - base <= GRADIENT_LIMIT, weights_c, 0.0)
         log_z = base + jnp.log(l.sum(axis=0))
         scale = (jnp.exp(base - log_z) * weights_c)[:, None]
         weighted_h = weights_c[:, None] * h_c.astype(jnp.float32)
@@ -201,32 +213,26 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
                 - weights_c[:, None] * e[targets_c].astype(jnp.float32))
         a_h = (scale * h_c.astype(jnp.float32)).astype(jnp.bfloat16)
         de = de + jnp.matmul(p.T, a_h, preferred_element_type=jnp.float32)
-        return add_by_target(de, -weighted_h, targets_c), (dh_c.astype(h.dtype), log_z)
+        de = add_by_target(de, -weighted_h, targets_c)
+        return de, (dh_c.astype(h.dtype), log_z, top)
 
-    def redo(de, rows, top):
-        """The chunk again with base = the row max, in pieces (lax.scan)."""
-        pieces = math.gcd(REDO_PIECES, chunk)
-        split = lambda x: x.reshape(pieces, chunk // pieces, *x.shape[1:])
+    def again(n, carry):
+        """The n-th chunk with rows beyond the limit, those rows again with b = their row max
+        (p <= 1), the others left out."""
+        de, dh, log_z = carry
+        i = redo_order[n]
+        h_c, targets_c, weights_c, base = rows_of(i)
+        redone = beyond[i]
+        de, (dh_c, log_z_c, _) = gradient(de, h_c, targets_c, jnp.where(redone, weights_c, 0.0),
+                                          top[i])
+        return (de, dh.at[i].set(jnp.where(redone[:, None], dh_c, dh[i])),
+                log_z.at[i].set(jnp.where(redone, log_z_c, log_z[i])))
 
-        def piece(de, piece_rows):
-            *rows, top = piece_rows
-            p, _, l = probabilities(rows[0], e, bias, top)
-            return gradient(de, rows, p, l, top)
-        de, (dh_c, log_z) = lax.scan(piece, de, [split(x) for x in (*rows, top)])
-        return de, (dh_c.reshape(chunk, d), log_z.reshape(chunk))
-
-    def step(de, rows):
-        # An ignored token's row of h as zeros (within the chunk: no copy of h): its logits and
-        # base 0, p 1.
-        rows = (jnp.where((rows[2] > 0)[:, None], rows[0], 0), *rows[1:])
-        base = rows[3]   # the target logits
-        p, m, l = probabilities(rows[0], e, bias, base)
-        top = m.max(axis=0)
-        return lax.cond(jnp.all(top - base <= GRADIENT_LIMIT),
-                        lambda de: gradient(de, rows, p, l, base),
-                        lambda de: redo(de, rows, top), de)
-
-    de, (dh, log_z) = lax.scan(step, jnp.zeros((padded, d), jnp.float32),
-                               [pad(x) for x in (h_bf16, targets, weights, target_logits)])
+    de, (dh, log_z, top) = lax.scan(lambda de, i: gradient(de, *rows_of(i)),
+                                    jnp.zeros((padded, d), jnp.float32), jnp.arange(num_chunks))
+    beyond = top - chunks[3] > GRADIENT_LIMIT
+    # chunks with such rows first: a loop of as many steps as there are (none: a loop of none)
+    redo_order = jnp.argsort(~beyond.any(axis=1), stable=True)
+    de, dh, log_z = lax.fori_loop(0, beyond.any(axis=1).sum(), again, (de, dh, log_z))
     loss = jnp.sum(weights * (log_z.reshape(-1)[:tokens] - target_logits))
     return loss, (dh.reshape(-1, d)[:tokens], de[:vocab].astype(embed.dtype))
