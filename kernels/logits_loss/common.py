@@ -4,8 +4,9 @@ kernels, which never hold the [T, V] logits in any dtype.
 A backend (mosaic_gpu.py, triton.py, tpu.py) brings two GEMMs over logits tiles
 s = h[rows] E[cols]^T [bt, bv] (bf16 operands, f32 accumulation), each with an epilogue here:
 
-    statistics(h, e, column_bias)          -> m, l [V' / bv, T]             `tile_statistics`
-    probabilities(h_c, e, column_bias, b)  -> p [C, V'] bf16, m, l [V' / bv, C]  `tile_probabilities`
+    statistics(h, e, column_bias)          -> m, l [V' / bv, T]         `tile_statistics`
+    probabilities(h_c, e, column_bias, b)  -> p [C, V'] bf16, m, l [V' / bv, C]
+                                                                        `tile_probabilities`
 
 with E padded to V' columns (zero rows; column_bias puts -inf on their logits, so that they add
 nothing to log Z and their p is 0). Around them, XLA:
@@ -32,10 +33,11 @@ With b the target logit, p's largest value is exp(max s - b) <= exp(the row's lo
 while max s - b <= GRADIENT_LIMIT. A row beyond (a loss of more than 32 nats, which training
 hardly ever meets; its p clamped) adds nothing in the chunks' scan; after it, a loop over the
 chunks with such rows does those rows again with b = their row max (p <= 1). (No conditional per
-chunk: XLA's GPU runtime reads a conditional's predicate on the host, a wait per chunk.) Ignored
-tokens' rows of h are zeroed (their logits and b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is held at a time: C is
-the largest power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C =
-2048 at GPT-2's V = 50257). The loss, dh and dE are deterministic.
+chunk: XLA's GPU runtime reads a conditional's predicate on the host, a wait per chunk; this
+loop's trip count is one such read a call.) Ignored tokens' rows of h are zeroed (their logits and
+b 0, p 1, a 0). Of the [T, V] array only one chunk [C, V'] in bf16 is held at a time: C is the
+largest power of two times the kernel's row tile whose chunk fits `chunk_mib` (256 MiB: C = 2048
+at GPT-2's V = 50257). The loss, dh and dE are deterministic.
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ LOG2E = math.log2(math.e)
 MIN_MAX = -1e30   # a row maximum's floor: exp(-inf - MIN_MAX) = 0, where -inf - -inf is NaN
 
 
-# The largest max(s) - b of a row that the stored p may take: p <= e^32 in bf16, and a = e^(b - log Z) w
-# >= e^-43 w in the bf16 product a h_c (both far from bf16's range, e^+-88).
+# The largest max(s) - b of a row that the stored p may take: p <= e^32 in bf16, and
+# a = e^(b - log Z) w >= e^-43 w in the bf16 product a h_c (both far from bf16's range, e^+-88).
 GRADIENT_LIMIT = 32.0
 RUN_BLOCK = 128   # rows per block of add_by_target's sums
 
