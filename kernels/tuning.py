@@ -165,8 +165,15 @@ def block_config(op: str, implementation: str, shape_key: str, defaults: dict,
                  overrides: dict | None = None) -> dict:
     """Parameters for `op` run by `implementation` at `shape_key` on the current device: the
     defaults, under the entry `lookup` finds, under the caller's overrides. Unknown parameter
-    names in overrides raise, so a typo never silently does nothing."""
-    config = {**defaults, **lookup(op, implementation, shape_key).values}
+    names in overrides raise, so a typo never silently does nothing; so do a table entry's, naming
+    the table (a user's cache from before a parameter's rename, say)."""
+    entry = lookup(op, implementation, shape_key)
+    stale = sorted(set(entry.values) - set(defaults))
+    if stale:
+        raise ValueError(f"{entry.describe()} sets {stale[0]!r}, which the kernels no longer take "
+                         f"(known: {sorted(defaults)}); delete that entry, or run bench/tune.py "
+                         "again")
+    config = {**defaults, **entry.values}
     for name, value in (overrides or {}).items():
         if name not in defaults:
             raise ValueError(f"{op}/{implementation} has no tuning parameter {name!r}; "

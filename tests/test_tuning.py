@@ -63,6 +63,17 @@ def test_the_users_cache_over_the_shipped_table(monkeypatch):
     assert tuning.lookup("toy", "impl", "d64_s1024").values == {"a": 9}
 
 
+def test_a_stale_entry_raises_naming_its_table(monkeypatch):
+    """An entry that sets a parameter the kernels no longer take (a cache tuned before a rename,
+    as session 26's dlogits_* -> probabilities_*) raises, naming the table and the parameter,
+    rather than failing later in the configuration's constructor or being skipped."""
+    user = {H200: {"toy/impl": {"d64": {"dlogits_block_m": 64}}}}
+    on(monkeypatch, H200, "sm90", ("user cache /home/me/.cache/microgpt/tuning.json", user),
+       ("shipped", SHIPPED))
+    with pytest.raises(ValueError, match=r"user cache /home/me/.*'dlogits_block_m'.*bench/tune.py"):
+        tuning.block_config("toy", "impl", "d64", {"a": 0})
+
+
 def test_a_damaged_cache_warns_once_and_is_ignored(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "tuning.json"
     monkeypatch.setenv("MICROGPT_TUNING", str(cache))
