@@ -192,7 +192,6 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
     num_chunks = -(-tokens // chunk)
     pad = lambda x: pad_rows(x, num_chunks * chunk, axis=0).reshape(num_chunks, chunk,
                                                                     *x.shape[1:])
-
     chunks = [pad(x) for x in (h_bf16, targets, weights, target_logits)]
 
     def rows_of(i):
@@ -223,7 +222,7 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
         (p <= 1), the others left out."""
         de, dh, log_z = carry
         i = redo_order[n]
-        h_c, targets_c, weights_c, base = rows_of(i)
+        h_c, targets_c, weights_c, _ = rows_of(i)
         redone = beyond[i]
         de, (dh_c, log_z_c, _) = gradient(de, h_c, targets_c, jnp.where(redone, weights_c, 0.0),
                                           top[i])
@@ -233,8 +232,9 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
     de, (dh, log_z, top) = lax.scan(lambda de, i: gradient(de, *rows_of(i)),
                                     jnp.zeros((padded, d), jnp.float32), jnp.arange(num_chunks))
     beyond = top - chunks[3] > GRADIENT_LIMIT
+    redo = beyond.any(axis=1)
     # chunks with such rows first: a loop of as many steps as there are (none: a loop of none)
-    redo_order = jnp.argsort(~beyond.any(axis=1), stable=True)
-    de, dh, log_z = lax.fori_loop(0, beyond.any(axis=1).sum(), again, (de, dh, log_z))
+    redo_order = jnp.argsort(~redo, stable=True)
+    de, dh, log_z = lax.fori_loop(0, redo.sum(), again, (de, dh, log_z))
     loss = jnp.sum(weights * (log_z.reshape(-1)[:tokens] - target_logits))
     return loss, (dh.reshape(-1, d)[:tokens], de[:vocab].astype(embed.dtype))
