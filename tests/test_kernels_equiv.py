@@ -976,17 +976,23 @@ def test_logits_loss_is_deterministic(impl):
 
 @pytest.mark.parametrize("tokens, vocab", [(100, 1000), (1000, 3), (20000, 5)])
 def test_add_by_target_sums_each_targets_rows(tokens, vocab):
-    """The loss head's onehot term of dE, rows added by target in a fixed order, vs numpy's
-    unbuffered add in f64: targets that repeat within a block of RUN_BLOCK rows, runs across
-    blocks (3 targets over 1000 rows), and across the blocks of blocks (20000 rows)."""
-    keys = jax.random.split(jax.random.PRNGKey(tokens), 3)
+    """The loss head's onehot term of dE, bf16 rows times f32 scales added by target in a fixed
+    order, vs numpy's unbuffered add in f64: targets that repeat within a block of RUN_BLOCK rows,
+    runs across blocks (3 targets over 1000 rows), and across the blocks of blocks (20000 rows).
+    Each error within 2^-15 of its sum of |products| (the scales in two bf16 terms hold 16 bits)."""
+    keys = jax.random.split(jax.random.PRNGKey(tokens), 4)
     targets = jax.random.randint(keys[0], (tokens,), 0, vocab)
-    values = jax.random.normal(keys[1], (tokens, 16))
-    acc = jax.random.normal(keys[2], (vocab + 2, 16))
-    want = np.asarray(acc, np.float64)
-    np.add.at(want, np.asarray(targets), np.asarray(values, np.float64))
-    got = jax.jit(logits_loss_common.add_by_target)(acc, values, targets)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.sqrt(tokens / vocab + 1) * 8)
+    rows = jax.random.normal(keys[1], (tokens, 16), jnp.bfloat16)
+    scales = jax.random.normal(keys[2], (tokens,)) / tokens
+    acc = jax.random.normal(keys[3], (vocab + 2, 16))
+    products = np.asarray(scales, np.float64)[:, None] * np.asarray(rows, np.float64)
+    want, bound = np.asarray(acc, np.float64), np.zeros(acc.shape)
+    np.add.at(want, np.asarray(targets), products)
+    np.add.at(bound, np.asarray(targets), np.abs(products))
+    order = jnp.argsort(targets, stable=True)
+    got = jax.jit(logits_loss_common.add_by_target)(acc, rows, scales, targets, order)
+    error = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(error <= 2.0**-15 * bound + 2.0**-22 * np.abs(want)), float(np.max(error))
 
 
 @ON_CPU_OR_SM90

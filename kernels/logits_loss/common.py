@@ -141,22 +141,34 @@ def _target_logits(h_bf16, e, targets):
     return jnp.sum(h_bf16.astype(jnp.float32) * e[targets].astype(jnp.float32), axis=-1)
 
 
-def _run_sums(values, keys):
-    """values [n, d] f32 of rows sorted by keys [n] -> [n, d]: each row's sum over its run (the
-    rows of its key, contiguous) up to and including itself. Within blocks of RUN_BLOCK rows, an
-    f32 GEMM of a 0/1 mask; a run that crosses blocks adds what it summed in the blocks before,
-    the same sums one level up over the blocks' last rows. Every sum in a fixed order."""
+def _run_sums(values, keys, scales=None):
+    """values [n, d] of rows sorted by keys [n] -> [n, d] f32: each row's sum over its run (the
+    rows of its key, contiguous) up to and including itself, each row times its scale where
+    `scales` [n] is given. Within blocks of RUN_BLOCK rows, GEMMs of a 0/1 mask: with scales, of
+    bf16 rows and the mask times the scales in two bf16 terms, so that the tensor cores' products
+    are exact and add in f32; without, in f32. A run that crosses blocks adds what it summed in the
+    blocks before: the same sums one level up, over the blocks' last rows. Every sum in a fixed
+    order."""
     n, d = values.shape
     if n <= RUN_BLOCK:
         row = jnp.arange(n)
-        mask = (keys[:, None] == keys[None, :]) & (row[:, None] >= row[None, :])
-        return jnp.matmul(mask.astype(jnp.float32), values, precision=lax.Precision.HIGHEST)
+        mask = ((keys[:, None] == keys[None, :])
+                & (row[:, None] >= row[None, :])).astype(jnp.float32)
+        if scales is None:
+            return jnp.matmul(mask, values, precision=lax.Precision.HIGHEST)
+        weights = mask * scales
+        high = weights.astype(jnp.bfloat16)
+        low = (weights - high.astype(jnp.float32)).astype(jnp.bfloat16)
+        return (jnp.matmul(high, values, preferred_element_type=jnp.float32)
+                + jnp.matmul(low, values, preferred_element_type=jnp.float32))
     blocks = -(-n // RUN_BLOCK)
     # Padding rows of zeros continue the last run: they add nothing.
     keys = jnp.concatenate([keys, jnp.full(blocks * RUN_BLOCK - n, keys[-1])])
     keys = keys.reshape(blocks, RUN_BLOCK)
-    values = pad_rows(values, blocks * RUN_BLOCK, axis=0).reshape(blocks, RUN_BLOCK, d)
-    within = jax.vmap(_run_sums)(values, keys)
+    to_blocks = lambda x: pad_rows(x, blocks * RUN_BLOCK, axis=0).reshape(blocks, RUN_BLOCK,
+                                                                          *x.shape[1:])
+    within = jax.vmap(_run_sums, in_axes=(0, 0, None if scales is None else 0))(
+        to_blocks(values), keys, None if scales is None else to_blocks(scales))
     # through each block's end: the sums of the runs that reach it
     through = _run_sums(within[:, -1], keys[:, -1])
     continued = ((keys == jnp.roll(keys[:, -1], 1)[:, None])
@@ -165,14 +177,14 @@ def _run_sums(values, keys):
     return sums.reshape(blocks * RUN_BLOCK, d)[:n]
 
 
-def add_by_target(acc, values, targets):
-    """acc [R, d] f32 + onehot(targets)^T values ([n, d] f32 by targets [n]) in a fixed order, so
-    bitwise the same run after run: the rows sorted by target, summed per target (`_run_sums`),
-    and each target's sum added to its row once (where a scatter-add's atomics would add a
-    repeated target's rows in any order)."""
-    order = jnp.argsort(targets, stable=True)
+def add_by_target(acc, rows, scales, targets, order):
+    """acc [R, d] f32 + onehot(targets)^T (scales rows) (rows [n, d] bf16, scales [n] f32,
+    targets [n], order = their stable argsort) in a fixed order, so bitwise the same run after
+    run: the rows sorted by target, summed per target (`_run_sums`), and each target's sum added
+    to its row once (where a scatter-add's atomics would add a repeated target's rows in any
+    order)."""
     keys = targets[order]
-    sums = _run_sums(values[order], keys)
+    sums = _run_sums(rows[order], keys, scales[order])
     last = jnp.append(keys[1:] != keys[:-1], True)
     return acc.at[jnp.where(last, keys, acc.shape[0])].add(sums, mode="drop")
 
@@ -193,14 +205,17 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
     pad = lambda x: pad_rows(x, num_chunks * chunk, axis=0).reshape(num_chunks, chunk,
                                                                     *x.shape[1:])
     chunks = [pad(x) for x in (h_bf16, targets, weights, target_logits)]
+    # each chunk's rows in the order of their targets (add_by_target), all sorted at once
+    chunks.append(jnp.argsort(chunks[1], axis=1, stable=True))
 
     def rows_of(i):
-        """Chunk i's rows (h_c, targets_c, weights_c, target logits), an ignored token's row of h
-        as zeros (within the chunk: no copy of h): its logits and base 0, p 1."""
-        h_c, targets_c, weights_c, base = (x[i] for x in chunks)
-        return jnp.where((weights_c > 0)[:, None], h_c, 0), targets_c, weights_c, base
+        """Chunk i's rows (h_c, targets_c, weights_c, target logits, their order by target), an
+        ignored token's row of h as zeros (within the chunk: no copy of h): its logits and base 0,
+        p 1."""
+        h_c, targets_c, weights_c, base, order_c = (x[i] for x in chunks)
+        return jnp.where((weights_c > 0)[:, None], h_c, 0), targets_c, weights_c, base, order_c
 
-    def gradient(de, h_c, targets_c, weights_c, base):
+    def gradient(de, h_c, targets_c, weights_c, base, order_c):
         """dE += p^T (a h_c) - onehot^T (w h_c) and (dh_c, log Z, row max) of rows with p
         relative to base; a row whose logits reach beyond base by more than GRADIENT_LIMIT (its p
         clamped) adds nothing."""
@@ -209,12 +224,11 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
         weights_c = jnp.where(top - base <= GRADIENT_LIMIT, weights_c, 0.0)
         log_z = base + jnp.log(l.sum(axis=0))
         scale = (jnp.exp(base - log_z) * weights_c)[:, None]
-        weighted_h = weights_c[:, None] * h_c.astype(jnp.float32)
         dh_c = (scale * jnp.matmul(p, e, preferred_element_type=jnp.float32)
                 - weights_c[:, None] * e[targets_c].astype(jnp.float32))
         a_h = (scale * h_c.astype(jnp.float32)).astype(jnp.bfloat16)
         de = de + jnp.matmul(p.T, a_h, preferred_element_type=jnp.float32)
-        de = add_by_target(de, -weighted_h, targets_c)
+        de = add_by_target(de, h_c, -weights_c, targets_c, order_c)
         return de, (dh_c.astype(h.dtype), log_z, top)
 
     def again(n, carry):
@@ -222,10 +236,10 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
         (p <= 1), the others left out."""
         de, dh, log_z = carry
         i = redo_order[n]
-        h_c, targets_c, weights_c, _ = rows_of(i)
+        h_c, targets_c, weights_c, _, order_c = rows_of(i)
         redone = beyond[i]
         de, (dh_c, log_z_c, _) = gradient(de, h_c, targets_c, jnp.where(redone, weights_c, 0.0),
-                                          top[i])
+                                          top[i], order_c)
         return (de, dh.at[i].set(jnp.where(redone[:, None], dh_c, dh[i])),
                 log_z.at[i].set(jnp.where(redone, log_z_c, log_z[i])))
 
