@@ -157,9 +157,11 @@ def _run_sums(values, keys, scales=None):
         if scales is None:
             return jnp.matmul(mask, values, precision=lax.Precision.HIGHEST)
         weights = mask * scales
-        high = weights.astype(jnp.bfloat16)
-        low = (weights - high.astype(jnp.float32)).astype(jnp.bfloat16)
-        return (jnp.matmul(high, values, preferred_element_type=jnp.float32)
+        # bf16's rounding as an f32 op: XLA's GPU compiler drops an f32 -> bf16 -> f32 pair of
+        # converts (excess precision allowed), which would make the low term 0
+        high = lax.reduce_precision(weights, exponent_bits=8, mantissa_bits=7)
+        low = (weights - high).astype(jnp.bfloat16)
+        return (jnp.matmul(high.astype(jnp.bfloat16), values, preferred_element_type=jnp.float32)
                 + jnp.matmul(low, values, preferred_element_type=jnp.float32))
     blocks = -(-n // RUN_BLOCK)
     # Padding rows of zeros continue the last run: they add nothing.
