@@ -19,9 +19,11 @@ def run_in_the_gpu_interpreter(monkeypatch):
     (acc += a b in f32; a from registers or shared memory, b maybe a transposed ref, which the
     interpreter cannot read: ref.transpose only marks it for the emulated wgmma), its
     accumulators (zeros, or pl.run_state's initial value; run_state's other values become refs
-    too), layout casts and loads in a layout (it has no layouts), the TMA's reduce-add."""
+    too), layout casts and loads in a layout (it has no layouts), the TMA's reduce-add; and each
+    block's threads compiled once, not once a thread and grid step."""
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic.interpret import thread_map
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
     from jax._src.state import types as state_types
     from jax.experimental import pallas as pl
@@ -86,9 +88,23 @@ def run_in_the_gpu_interpreter(monkeypatch):
                                           is_leaf=lambda a: isinstance(a, Acc))
         return run
 
+    compiled, compile_lock = {}, threading.Lock()
+
+    def run_jaxpr(jaxpr, consts, *args):
+        """One thread of a block (thread_map's body), compiled once per kernel jaxpr and argument
+        types: jax's own compiles it anew for every thread at every grid step (an AOT compile,
+        which no cache keeps), most of an interpreter case's time."""
+        key = (jaxpr, *((x.shape, x.dtype) for x in (*consts, *args)))
+        with compile_lock:
+            if key not in compiled:
+                run = lambda consts, *args: jax.core.eval_jaxpr(jaxpr, consts, *args)
+                compiled[key] = jax.jit(run).lower(consts, *args).compile()
+        compiled[key](consts, *args)
+
     real_run_scoped, real_copy = pl.run_scoped, gpu_callbacks.copy_smem_to_gmem
     reduction_lock = threading.Lock()
     for module, name, value in [
+            (thread_map, "_run_jaxpr", run_jaxpr),
             (gpu_callbacks, "copy_smem_to_gmem", copy_smem_to_gmem),
             (plgpu, "wgmma", wgmma), (plgpu, "ACC", AccType), (pl, "run_scoped", run_scoped),
             (pl, "run_state", run_state),
