@@ -97,7 +97,9 @@ def run_in_the_gpu_interpreter(monkeypatch):
         key = (jaxpr, *((x.shape, x.dtype) for x in (*consts, *args)))
         with compile_lock:
             if key not in compiled:
-                run = lambda consts, *args: jax.core.eval_jaxpr(jaxpr, consts, *args)
+                # a Jaxpr (jax 0.10) or a ClosedJaxpr (later), its consts passed apart either way
+                run = lambda consts, *args: jax.core.eval_jaxpr(getattr(jaxpr, "jaxpr", jaxpr),
+                                                                consts, *args)
                 compiled[key] = jax.jit(run).lower(consts, *args).compile()
         compiled[key](consts, *args)
 
