@@ -2,6 +2,7 @@
 checkpoints that move between device counts, CLI errors."""
 import ast
 import os
+import re
 import shutil
 import signal
 import socket
@@ -154,10 +155,18 @@ print("SHARE", share)
 """
 
 
+def child_env(devices: int) -> dict:
+    """The environment of a child Python with `devices` CPU devices that imports the project:
+    this process's XLA flags (conftest's too: LLVM's optimizations off) but the device count."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+
+
 def test_fsdp_on_8_devices_equals_one_and_holds_an_eighth():
     """In a process of 8 CPU devices (the tests' own have 4): fsdp's steps as one device's."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(8)
     out = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -200,8 +209,7 @@ def test_a_checkpoint_of_4_devices_resumes_on_1_2_and_8_in_either_layout(corpus,
         resumed = train.train(train.TrainConfig(), out=str(folder), resume=True, resume_step=6,
                               explicit={"shard": layout}, sample=False)
         np.testing.assert_allclose([resumed.losses[s] for s in range(6, 12)], want, rtol=1e-4)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(8)
     for layout in ("replicate", "fsdp"):
         folder = tmp_path / f"on8{layout}"
         shutil.copytree(tmp_path / "run", folder)
@@ -236,8 +244,7 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(corpus, tmp_p
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(2)
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, f"127.0.0.1:{port}",
                                str(i), repr(config), str(tmp_path / "two")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
