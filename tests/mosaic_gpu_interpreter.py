@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels import compat
+from kernels.logits_loss import triton_by_target
 
 
 def run_in_the_gpu_interpreter(monkeypatch):
@@ -104,6 +105,7 @@ def run_in_the_gpu_interpreter(monkeypatch):
         compiled[key](consts, *args)
 
     real_run_scoped, real_copy = pl.run_scoped, gpu_callbacks.copy_smem_to_gmem
+    real_add_by_target = triton_by_target.add_by_target
     reduction_lock = threading.Lock()
     for module, name, value in [
             (thread_map, "_run_jaxpr", run_jaxpr),
@@ -114,5 +116,8 @@ def run_in_the_gpu_interpreter(monkeypatch):
             (state_types.TransformedRef, "transpose", lambda ref, _: ("T", ref)),
             (plgpu, "layout_cast", lambda x, _: x), (mgpu_core, "layout_cast", lambda x, _: x),
             (compat, "mosaic_gpu_load", lambda ref, _: ref[...]),
-            (pl, "kernel", functools.partial(pl.kernel, interpret=params.InterpretGPUParams()))]:
+            (pl, "kernel", functools.partial(pl.kernel, interpret=params.InterpretGPUParams())),
+            # the Triton kernel the Mosaic GPU loss head calls, in Pallas's interpret mode
+            (triton_by_target, "add_by_target",
+             lambda *args, interpret: real_add_by_target(*args, interpret=True))]:
         monkeypatch.setattr(module, name, value)

@@ -30,6 +30,7 @@ from kernels.layernorm_ffn import triton_vjp as lnffn_triton_vjp
 from kernels.logits_loss import api as logits_loss_api, logits_loss
 from kernels.logits_loss import common as logits_loss_common
 from kernels.logits_loss import mosaic_gpu as logits_loss_mosaic_gpu
+from kernels.logits_loss import triton_by_target as logits_loss_triton_by_target
 from microgpt import model
 from tests.equiv import (ON_CPU, assert_within_twice_reference, bf16_resolution, f32_precision,
                          lnffn_params, max_err, upcast)
@@ -974,23 +975,35 @@ def test_logits_loss_is_deterministic(impl):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("tokens, vocab", [(100, 1000), (1000, 3), (20000, 5)])
-def test_add_by_target_sums_each_targets_rows(tokens, vocab):
+# XLA's sums (common.add_by_target: the TPU head's) and the GPU heads' Triton kernel (interpreted
+# on a CPU host)
+BY_TARGET = {"xla": logits_loss_common.add_by_target,
+             "triton": functools.partial(logits_loss_triton_by_target.add_by_target,
+                                         interpret=ON_CPU)}
+
+
+@pytest.mark.parametrize("impl", ["xla"] if jax.default_backend() == "tpu" else list(BY_TARGET))
+@pytest.mark.parametrize("tokens, vocab, d", [(100, 1000, 64), (1000, 3, 192), (20000, 5, 64)])
+def test_add_by_target_sums_each_targets_rows(impl, tokens, vocab, d):
     """The loss head's onehot term of dE, bf16 rows times f32 scales added by target in a fixed
-    order, vs numpy's unbuffered add in f64: targets that repeat within a block of RUN_BLOCK rows,
-    runs across blocks (3 targets over 1000 rows), and across the blocks of blocks (20000 rows).
-    Each error within 2^-15 of its sum of |products| (the scales in two bf16 terms hold 16 bits)."""
+    order, vs numpy's unbuffered add in f64: targets that repeat within a block of rows (XLA's
+    RUN_BLOCK, the kernel's BLOCK), runs across blocks (3 targets over 1000 rows, in the kernel
+    two slices of d), and across the blocks of blocks (20000 rows); bitwise the same when run
+    again. Each error within 2^-15 of its sum of |products| (the scales in two bf16 terms hold 16
+    bits)."""
     keys = jax.random.split(jax.random.PRNGKey(tokens), 4)
     targets = jax.random.randint(keys[0], (tokens,), 0, vocab)
-    rows = jax.random.normal(keys[1], (tokens, 16), jnp.bfloat16)
+    rows = jax.random.normal(keys[1], (tokens, d), jnp.bfloat16)
     scales = jax.random.normal(keys[2], (tokens,)) / tokens
-    acc = jax.random.normal(keys[3], (vocab + 2, 16))
+    acc = jax.random.normal(keys[3], (vocab + 2, d))
     products = np.asarray(scales, np.float64)[:, None] * np.asarray(rows, np.float64)
     want, bound = np.asarray(acc, np.float64), np.zeros(acc.shape)
     np.add.at(want, np.asarray(targets), products)
     np.add.at(bound, np.asarray(targets), np.abs(products))
     order = jnp.argsort(targets, stable=True)
-    got = jax.jit(logits_loss_common.add_by_target)(acc, rows, scales, targets, order)
+    add = jax.jit(BY_TARGET[impl])
+    got = add(acc, rows, scales, targets, order)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(add(acc, rows, scales, targets, order)))
     error = np.abs(np.asarray(got, np.float64) - want)
     assert np.all(error <= 2.0**-15 * bound + 2.0**-22 * np.abs(want)), float(np.max(error))
 

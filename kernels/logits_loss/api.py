@@ -1,6 +1,7 @@
 """logits_loss(h, embed, targets): validation, the choice of implementation, and the op
-(kernels/op.py) whose backends run common.py's passes around a backend's two kernels
-(<backend>.statistics, <backend>.probabilities) in its configuration (<backend>.Kernels)."""
+(kernels/op.py) whose backends run common.py's passes around a backend's kernels
+(<backend>.statistics, <backend>.probabilities, <backend>.add_by_target) in its configuration
+(<backend>.Kernels)."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ def _backend(module: ModuleType, platform: str) -> op.Backend:
                                    config.probabilities.chunk_mib)
         return common.forward_with_gradient(h, embed, targets, static.ignore_index,
                                             kernel(module.probabilities, static),
+                                            kernel(module.add_by_target, static),
                                             config.multiple, chunk)
 
     def backward(static: _Static, gradient, g):

@@ -191,11 +191,12 @@ def add_by_target(acc, rows, scales, targets, order):
     return acc.at[jnp.where(last, keys, acc.shape[0])].add(sums, mode="drop")
 
 
-def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multiple: int,
-                          chunk: int):
+def forward_with_gradient(h, embed, targets, ignore_index, probabilities, by_target,
+                          multiple: int, chunk: int):
     """-> (loss, (dh [T, d] in h's dtype, dE [V, d] in embed's dtype) at g = 1), chunk by chunk
     (the module docstring says how); probabilities(h_c, e, column_bias, base) -> (p [C, V'] bf16,
-    m, l [V' / bv, C]) is the backend's kernel."""
+    m, l [V' / bv, C]) is the backend's kernel, by_target the backend's `add_by_target` (this
+    module's, or a kernel of the same math)."""
     (tokens, d), vocab = h.shape, embed.shape[0]
     padded = padded_vocab(vocab, multiple)
     targets, weights = model.target_weights(targets, ignore_index)
@@ -230,7 +231,7 @@ def forward_with_gradient(h, embed, targets, ignore_index, probabilities, multip
                 - weights_c[:, None] * e[targets_c].astype(jnp.float32))
         a_h = (scale * h_c.astype(jnp.float32)).astype(jnp.bfloat16)
         de = de + jnp.matmul(p.T, a_h, preferred_element_type=jnp.float32)
-        de = add_by_target(de, h_c, -weights_c, targets_c, order_c)
+        de = by_target(de, h_c, -weights_c, targets_c, order_c)
         return de, (dh_c.astype(h.dtype), log_z, top)
 
     def again(n, carry):

@@ -8,7 +8,8 @@ chunk.
                    b of each row by TMA beside the tile's matmul
 
 The epilogues run in the accumulator's registers (exp2 on the SFU, 128 values a thread at 64 x
-256); the two gradient GEMMs of a chunk (p E, p^T a h_c) are XLA's (cuBLAS).
+256); the two gradient GEMMs of a chunk (p E, p^T a h_c) are XLA's (cuBLAS), and the onehot term
+of dE the Triton kernel's (triton_by_target.py; Triton runs on Hopper too).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import config, mosaic_gpu_gemm
-from kernels.logits_loss import common
+from kernels.logits_loss import common, triton_by_target
 from kernels.warp_specialized import CONSUMERS, on_sm90
 
 
@@ -80,3 +81,10 @@ def probabilities(h, e, column_bias, base, *, config: Kernels, interpret: bool):
          *[jax.ShapeDtypeStruct((tokens,), jnp.float32)] * 2],
         b_transposed=True, tiles=config.probabilities.tiles(),
         name="logits_loss_probabilities_mgpu", row_inputs=[base])
+
+
+def add_by_target(acc, rows, scales, targets, order, *, config: Kernels, interpret: bool):
+    """common.add_by_target's math in one kernel (triton_by_target.py, compiled: the Mosaic GPU
+    interpreter's tests run it interpreted)."""
+    del config, interpret
+    return triton_by_target.add_by_target(acc, rows, scales, targets, order, interpret=False)

@@ -117,3 +117,9 @@ def probabilities(h, e, column_bias, base, *, config: Kernels, interpret: bool):
         interpret=interpret_params(interpret), name="logits_loss_probabilities",
     )(pad_rows(h, padded, axis=0), e, column_bias[None, :], pad_rows(base, padded, axis=0)[:, None])
     return p[:tokens], m[:tokens].T, l[:tokens].T
+
+
+def add_by_target(acc, rows, scales, targets, order, *, config: Kernels, interpret: bool):
+    """common.add_by_target: XLA's sorted sums (no kernel of its own on TPU)."""
+    del config, interpret
+    return common.add_by_target(acc, rows, scales, targets, order)

@@ -4,6 +4,7 @@ over d / bk), so no [T, V] array is written but a bf16 chunk.
 
     statistics     -> m, l per (row, column tile)                 [V' / bn, T] f32
     probabilities  -> p [C, V'] bf16, m, l per (row, column tile)  (row bases as [bm, 1] blocks)
+    add_by_target  the onehot term of dE (triton_by_target.py)
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import config, triton_gemm
-from kernels.logits_loss import common
+from kernels.logits_loss import common, triton_by_target
 from kernels.warp_specialized import pad_rows
 
 
@@ -73,3 +74,9 @@ def probabilities(h, e, column_bias, base, *, config: Kernels, interpret: bool):
         config=config.probabilities.gemm(), name="logits_loss_probabilities",
         interpret=interpret, row_inputs=[pad_rows(base, padded, axis=0)])
     return p[:tokens], m[:, :tokens], l[:, :tokens]
+
+
+def add_by_target(acc, rows, scales, targets, order, *, config: Kernels, interpret: bool):
+    """common.add_by_target's math in one kernel (triton_by_target.py)."""
+    del config
+    return triton_by_target.add_by_target(acc, rows, scales, targets, order, interpret=interpret)
