@@ -7,14 +7,16 @@ without ever holding the [T, V] logits in any dtype.
 microgpt.model.tied_logits_loss (bf16 matmul operands, f32 accumulation and softmax statistics).
 Entry point: `logits_loss` (api.py); common.py holds the passes every backend shares.
 
-Cost (T tokens, vocabulary V): four GEMMs of 2 T V d FLOPs, the forward's logits, the backward's
-recompute of them, dh and dE; and no pass over a [T, V] array but the backward's bf16 chunk, one
-at a time. At GPT-2's head (T = 65536, V = 50257, d = 768) that is 20.2 TFLOP and 0.2 GB of
-chunk, where the stored float32 logits would be 13.2 GB.
+Cost (T tokens, vocabulary V): differentiated, three GEMMs of 2 T V d FLOPs, all in the forward
+(the probabilities of each chunk of tokens, dh and dE; the backward only scales them), and no
+pass over a [T, V] array but one bf16 chunk at a time; the loss alone, one (the statistics). At
+GPT-2's head (T = 65536, V = 50257, d = 768) that is 15.2 TFLOP and a 0.2 GB chunk, where the
+stored float32 logits would be 13.2 GB.
 
 Backends:
   mosaic_gpu.py   Hopper: both GEMMs on kernels/mosaic_gpu_gemm.py's persistent GEMM
   triton.py       any CUDA GPU: both on kernels/triton_gemm.py's tiled GEMM
+                  (both GPU heads: dE's onehot term in triton_by_target.py's kernel)
   tpu.py          Mosaic TPU: tiles with the whole d in one MXU product
 """
 from kernels.logits_loss.api import IMPLEMENTATIONS, default_implementation, logits_loss

@@ -25,9 +25,9 @@ nothing to log Z and their p is 0). Around them, XLA:
     with XLA's f32 GEMMs, and the onehot terms apart in f32 (rounded to bf16 inside p, the target's
     entry, a row's largest, made dE's error at small logits 2.5 times the bf16 reference's; apart
     it is a thirtieth): a gather for dh, and for dE the chunk's rows sorted by target and summed
-    per target by f32 GEMMs of 0/1 masks (`add_by_target`), so that each target's row of dE gets
-    one addition per chunk, in a fixed order (a scatter-add's atomics add in any order),
-    and the backward multiplies dh and dE by g.
+    per target by GEMMs of 0/1 masks (`add_by_target`; on GPUs the same sums in one Triton kernel,
+    triton_by_target.py), so that each target's row of dE gets one addition per chunk, in a fixed
+    order (a scatter-add's atomics add in any order), and the backward multiplies dh and dE by g.
 
 With b the target logit, p's largest value is exp(max s - b) <= exp(the row's loss): bf16 holds it
 while max s - b <= GRADIENT_LIMIT. A row beyond (a loss of more than 32 nats, which training
