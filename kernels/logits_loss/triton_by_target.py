@@ -4,12 +4,13 @@ order and added to its row of acc once, so bitwise the same run after run.
 
 common.add_by_target computes the same with XLA ops (a gather of the rows in target order, two
 batched GEMMs of 0/1 masks whose [n, d] f32 sums go to memory, a scatter of the runs' totals):
-six kernels a chunk. Here a program takes `block` positions of the sorted order and a slice of
-d: it gathers its rows, sums each run (the rows of one target) within the block by the same two
-GEMMs of the mask times the scales in two bf16 terms (products exact, f32 sums), and adds each
-run that starts in the block to acc in place; the block's last run, if it goes on, it follows
-into the next blocks (their rows of that target summed in f32) before adding it. A run is the
-program's where it starts, so no two programs write a row of acc.
+six or seven kernels a chunk. Here a program takes BLOCK positions of the sorted order and a
+slice of d: it gathers its rows, sums each run (the rows of one target) within the block by the
+same two GEMMs of the mask times the scales in two bf16 terms (products exact, f32 sums), and
+adds each run that starts and ends in the block to acc in place; the block's last run, if it
+starts there and goes on, it follows into the next blocks (their rows of that target summed in
+f32) before adding it. A run is the program's where it starts, so no two programs write a row of
+acc (one write a chunk per target: no atomics).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _kernel(keys_ref, order_ref, scales_ref, rows_ref, acc_in_ref, acc_ref, *, v
     columns = c * block_d + lax.iota(jnp.int32, block_d)
 
     def block_rows(positions):
-        """The keys [BLOCK], scales and rows [BLOCK, BLOCK_D] at these sorted positions."""
+        """The keys [BLOCK], scales and rows [BLOCK, block_d] at these sorted positions."""
         keys = keys_ref[positions]
         rows = rows_ref[order_ref[positions][:, None], columns[None, :]]
         return keys, scales_ref[positions], rows
