@@ -2,6 +2,7 @@
 
     python bench/loss_head.py                          # micro_gpt_4's head at batch 64 and 128
     python bench/loss_head.py --tokens 65536 --vocab 50257 --d 768     # GPT-2's
+    python bench/loss_head.py --impl mosaic_gpu,cce --chunk-mib 128   # ours in smaller chunks
     python bench/loss_head.py --tokens 256 --vocab 1000 --d 128 --impl xla   # CPU smoke test
 
 loss = mean cross_entropy(h E^T, targets) on h [T, d] bf16, E [V, d] f32 (as in the model).
@@ -35,11 +36,13 @@ from microgpt import model
 IMPLS = ("xla", "mosaic_gpu", "triton", *torch_peers.LOSS_HEAD)
 
 
-def implementation(name: str):
-    """name -> fn(h, embed, targets) -> scalar loss."""
+def implementation(name: str, chunk_mib: int | None = None):
+    """name -> fn(h, embed, targets) -> scalar loss; chunk_mib: our heads' chunk budget
+    (`probabilities_chunk_mib`) instead of the tuning table's."""
     if name == "xla":
         return model.tied_logits_loss
-    return functools.partial(logits_loss, implementation=name)
+    block_sizes = None if chunk_mib is None else {"probabilities_chunk_mib": chunk_mib}
+    return functools.partial(logits_loss, implementation=name, block_sizes=block_sizes)
 
 
 def timed_calls(fn, tokens: int, vocab: int, d: int):
@@ -76,6 +79,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--impl", default="xla,mosaic_gpu,torch_compile,liger,cce",
                    help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--chunk-mib", type=int, help="our heads' bf16 chunk of probabilities at most "
+                   "this many MiB (the tuning table's budget otherwise: 256): memory for speed")
     p.add_argument("--json", help="write one record per (impl, T) to this path")
     p.add_argument("--profile", help="write a jax.profiler trace of the sweep to this directory")
     add_timing_args(p)
@@ -95,8 +100,9 @@ def main(argv=None) -> list[dict]:
             rows = [timed_row(dict(impl=impl, tokens=tokens, vocab=args.vocab, d=args.d),
                               lambda: (torch_peers.loss_head(impl, tokens, args.vocab, args.d, timing)
                                        if impl in torch_peers.LOSS_HEAD else
-                                       measure(implementation(impl), tokens, args.vocab, args.d,
-                                               timing)), matmul_flops, 3 * matmul_flops)
+                                       measure(implementation(impl, args.chunk_mib), tokens,
+                                               args.vocab, args.d, timing)),
+                              matmul_flops, 3 * matmul_flops)
                     for impl in impls]
             add_ratios(rows, ("xla",), "xla")
             add_ratios(rows, torch_peers.LOSS_HEAD, "torch")
