@@ -17,7 +17,7 @@ def test_loss_head_bench_writes_records(tmp_path):
 
 
 def test_loss_head_bench_takes_our_chunk_budget():
-    """--chunk-mib reaches our heads as their block_sizes; XLA's has no chunks."""
+    """--chunk-mib reaches our heads as their block_sizes; without it, the tuning table decides."""
     assert loss_head.implementation("mosaic_gpu", 128).keywords["block_sizes"] == {
         "probabilities_chunk_mib": 128}
     assert loss_head.implementation("triton").keywords["block_sizes"] is None
