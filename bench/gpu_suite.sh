@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh                 # all stages
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
-#                                           #   profile scaling masks segments gpt2
+#                                           #   profile scaling masks segments gpt2 ncu
 #                                           #   gpt2_batch curves_gpt2
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
@@ -92,6 +92,20 @@ for stage in "${stages[@]}"; do
       for flags in "${variants[@]}"; do echo "mosaic_gpu $flags"
         $PY bench/attention.py --impl mosaic_gpu --segments 512 $shape $flags 2>&1 | tail -n 1 \
           | tee -a "$OUT/segments.txt"
+      done ;;
+    ncu)      # Nsight Compute on one forward and one forward+backward of ours and PyTorch's
+              # cuDNN per shape (NCU_SHAPES: bench/attention.py's shape flags, ";" between shapes;
+              # NCU_IMPL), the whole report in $OUT, each kernel's headline figures on stdout
+      IFS=";" read -r -a shapes <<< "${NCU_SHAPES:---batch 32 --seq 512 --heads 16 --head-dim 128;--batch 16 --seq 1024 --heads 32 --head-dim 64}"
+      for shape in "${shapes[@]}"; do
+        report="$OUT/ncu_$(echo "$shape" | tr -d ' -').txt"; echo "$shape -> $report"
+        ncu --clock-control none --target-processes all -k "regex:flash|fmha|sdpa|attention" \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+          --section LaunchStats --section InstructionStats \
+          $PY bench/attention.py --impl ${NCU_IMPL:-ours,torch_cudnn} $shape --warmup 0 \
+          --repeats 1 --calls 1 > "$report" 2>&1
+        grep -E '^  [^ ].*[(]|Duration|Executed Ipc Active|Issue Slots Busy|Compute [(]SM[)] Thr|Memory Throughput|Registers Per|Grid Size|Warp Cycles Per Issued|Executed Instructions  ' \
+          "$report" | grep -v "^  [=]" | head -n 120
       done ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
