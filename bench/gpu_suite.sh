@@ -81,14 +81,13 @@ for stage in "${stages[@]}"; do
       done ;;
     segments)   # packed documents (mean length 512, B2 S8192 H16 D128): cuDNN with the dense
                 # mask and ours as shipped beside the dense causal kernel, then the Mosaic GPU
-                # kernels under each of SEGMENT_VARIANTS (flag sets separated by ";"; by
-                # default the balanced persistent CTAs, forward and both)
+                # kernels under each of SEGMENT_VARIANTS (flag sets separated by ";")
       shape="--seq 8192 --batch 2 --heads 16 --head-dim 128"
       $PY bench/attention.py --impl cudnn,ours $shape --json "$OUT/segments_dense.json" 2>&1 \
         | tail -n 3 | tee "$OUT/segments.txt"
       $PY bench/attention.py --impl cudnn,ours --segments 512 $shape \
         --json "$OUT/segments_shipped.json" 2>&1 | tail -n 3 | tee -a "$OUT/segments.txt"
-      IFS=";" read -r -a variants <<< "${SEGMENT_VARIANTS---balanced 1;--balanced 1 --dkdv-balanced 1 --backward mosaic_gpu}"
+      IFS=";" read -r -a variants <<< "${SEGMENT_VARIANTS:-}"
       for flags in "${variants[@]}"; do echo "mosaic_gpu $flags"
         $PY bench/attention.py --impl mosaic_gpu --segments 512 $shape $flags 2>&1 | tail -n 1 \
           | tee -a "$OUT/segments.txt"

@@ -134,20 +134,12 @@ MOSAIC_DQ_CANDIDATES = _attention_configs(MOSAIC_DQ, [
 # Then how many (batch, head)s run together (mosaic_gpu.launch_grid), in MiB of their streamed
 # tiles: the fewer, the better their tiles stay in L2; the more, the earlier the longest CTAs of
 # the last group start. The forward's (timed on the forward) with or without persistent CTAs, one
-# per multiprocessor; then the backward's (timed on forward+backward), likewise. With segment ids
-# (a "_docs" key) persistent CTAs are the balanced ones (mosaic_gpu.Schedule), or a CTA per unit.
+# per multiprocessor; then the backward's (timed on forward+backward), likewise.
 GROUP_MIBS = (12, 32, 1024)
-
-
-def mosaic_group_candidates(prefix: str):
-    """key -> the grid stage's candidates of the kernels whose names start with prefix ("" for
-    the forward, "dkdv_" for the backward)."""
-    def candidates(key: str) -> list[dict]:
-        switch = "balanced" if key.endswith("_docs") else "persistent"
-        return [{prefix + "group_mib": mib, prefix + switch: on}
-                for on in (False, True) for mib in GROUP_MIBS]
-    return candidates
-
+MOSAIC_GROUP_CANDIDATES = [{"group_mib": mib, "persistent": persistent}
+                           for persistent in (False, True) for mib in GROUP_MIBS]
+MOSAIC_BACKWARD_GROUP_CANDIDATES = [{"dkdv_group_mib": mib, "dkdv_persistent": persistent}
+                                    for persistent in (False, True) for mib in GROUP_MIBS]
 
 
 def _head_dim(key: str) -> int:
@@ -311,9 +303,9 @@ OPS = {
                       _time_attention(2, "mosaic_gpu", "mosaic_gpu")),
                 Stage("backward_dq", lambda key: MOSAIC_DQ_CANDIDATES,
                       _time_attention(2, "mosaic_gpu", "mosaic_gpu")),
-                Stage("grid", mosaic_group_candidates(""),
+                Stage("grid", lambda key: MOSAIC_GROUP_CANDIDATES,
                       _time_attention(1, "mosaic_gpu")),
-                Stage("backward_grid", mosaic_group_candidates("dkdv_"),
+                Stage("backward_grid", lambda key: MOSAIC_BACKWARD_GROUP_CANDIDATES,
                       _time_attention(2, "mosaic_gpu", "mosaic_gpu"))],
         total=_time_attention(2, "mosaic_gpu"),
         available=attention_mosaic_gpu.on_sm90, backwards=("mosaic_gpu", "triton")),

@@ -369,39 +369,12 @@ def test_attention_tile_spans_fit_their_pair_streams(seq_len, extra_pairs, block
             assert all(first <= span.start and span.end <= end for span in (lower, upper))
 
 
-@pytest.mark.parametrize("num_pairs, members", [(5, 1), (4, 3)])
-def test_attention_balanced_schedule_deals_every_unit_once(num_pairs, members, monkeypatch):
-    """Balanced persistent CTAs with segment ids (a pair's work follows its documents, not its
-    position) take the units of a table sorted by their work, a round of #CTAs at a time, every
-    other round backwards (CTA c takes the c-th largest unit of one round and the c-th smallest
-    of the next): every unit exactly once, each where the deal puts it. Each CTA's units as the
-    kernels compute them (Schedule.units, its axis index from vmap), over 4 CTAs. Unbalanced,
-    segment ids run a CTA per unit; without them persistent CTAs take folds."""
-    monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 4)
-    batch, heads = 2, 3
-    schedule = functools.partial(mosaic_gpu.schedule_for, batch, heads, num_pairs, 1 << 20,
-                                 members, True)
-    assert schedule(segments=True).num_ctas is None   # unless balanced: a CTA per unit
-    assert not schedule(balanced=True).balanced       # without segment ids: folds
-    schedule = schedule(segments=True, balanced=True)
-    assert schedule.balanced and schedule.num_ctas == 4
-    work = jax.random.randint(jax.random.PRNGKey(num_pairs), (batch, num_pairs), 0, 9)
-    order = schedule.order(work)
-    total = batch * heads * num_pairs
-
-    def deal(_):
-        count, unit = schedule.units(order)
-        return count, jnp.stack([jnp.stack(unit(n)) for n in range(-(-total // 4))])
-    counts, units = jax.vmap(deal, axis_name="cta")(jnp.arange(4))
-    dealt = [tuple(int(x) for x in unit) for cta, count in enumerate(counts.tolist())
-             for unit in units[cta, :count]]
-    assert sorted(dealt) == sorted((b, h, p) for b in range(batch) for h in range(heads)
-                                   for p in range(num_pairs))
-    cost = lambda unit: int(work[unit[0], unit[2]]) + 1
-    by_cost = sorted(map(cost, dealt), reverse=True)
-    for cta, count in enumerate(counts.tolist()):   # round r: position cta, or 3 - cta if odd
-        assert [cost(unit) for unit in units[cta, :count]] == [
-            by_cost[4 * r + (3 - cta if r % 2 else cta)] for r in range(count)]
+def test_attention_segment_ids_run_a_cta_per_unit():
+    """Persistent CTAs take folds (pairs p and P - 1 - p), which balance causal work; with
+    segment ids a pair's work follows its documents, so the Mosaic GPU kernels run a CTA per
+    unit, whatever `persistent` says (measured faster, bench/RESULTS.md session 19)."""
+    schedule = functools.partial(mosaic_gpu.schedule_for, 2, 16, 64, 1 << 20, 12, True)
+    assert schedule().num_ctas and schedule(segments=True).num_ctas is None
 
 
 @settings(max_examples=4 if ON_CPU else 16, deadline=None, derandomize=True)
@@ -532,7 +505,7 @@ DOCUMENT_CUTS = ([37, 100, 101, 190], [5, 130])
 
 @pytest.mark.parametrize("seq, causal, persistent, window, keyless_rows, consumers", [
     (256, True, 0, None, True, 2), (256, False, 1, None, False, 3),
-    (384, True, 1, None, False, 2), (200, True, 0, (70, 0), False, 2)])
+    (200, True, 0, (70, 0), False, 2)])
 @ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persistent, window,
@@ -542,8 +515,8 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
     interpreter: boundaries inside and across 64-row tiles, a document of one token, each pair of
     query tiles streaming only the key tiles of its documents with their ids on a third ring;
     with keyless_rows the keys' ids differ from the queries' from row 150 on, so those rows see
-    no key (output 0, no NaN) and the upper tiles' pairs stream nothing; two batches on 3
-    balanced persistent CTAs taking the units of a table sorted by their work (Schedule.order); a
+    no key (output 0, no NaN) and the upper tiles' pairs stream nothing; two batches with
+    persistent CTAs asked for (segment ids run a CTA per unit all the same: schedule_for); a
     window combined with causal masking on a ragged 200 rows; three consumer warpgroups (no
     ping-pong) over four query tiles, the last unit ragged. o, lse and o's low half vs the math.
     On a Hopper GPU the same cases run compiled."""
@@ -552,7 +525,7 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[64].replace(forward=dict(
         block_q=64, block_k=64, num_stages=2, schedule_barrier=consumers == 2, group_mib=0,
-        persistent=bool(persistent), consumers=consumers, balanced=bool(persistent)))
+        persistent=bool(persistent), consumers=consumers))
     sm_scale, batch = 0.125, 1 + persistent
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
                 False, window, True)
@@ -591,7 +564,6 @@ def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persi
     (256, 64, True, 1, (64, 64, 2), 1, (40, 0), None),
     (200, 128, False, 0, (64, 64, 2), None, (70, 30), None),
     (256, 64, True, 0, (64, 128, 2), None, None, "documents"),
-    (256, 64, True, 1, (64, 128, 2), None, None, "documents"),
     (256, 64, False, 1, (64, 64, 2), 1, None, "keyless rows")])
 @pytest.mark.skipif(not ON_CPU, reason="on the GPU the kernels themselves run")
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
@@ -613,8 +585,7 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     streams from a first tile past 0 and ends before the last, so the lower tile of a dK/dV pair
     skips the tiles only the upper one sees. documents: segment ids (DOCUMENT_CUTS), each unit
     streaming only the tiles of its documents with their ids on a ring (the dQ kernel's tiles,
-    64 x 128, cut the ranges apart from dK/dV's), on a CTA per unit or, persistent and balanced,
-    each kernel's 3 CTAs taking the units of a table sorted by their work (Schedule.order);
+    64 x 128, cut the ranges apart from dK/dV's; a CTA per unit whatever `persistent` says);
     with keyless rows the keys' ids differ from the queries' from row 150 on, so those rows see
     no key (lse +inf, as the forward saves it: no NaN, zero gradients) and some units stream
     nothing."""
@@ -622,8 +593,7 @@ def test_attention_mosaic_gpu_backward_in_the_gpu_interpreter(seq, head_dim, cau
     run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[head_dim].replace(
-        dkdv=dict(block_q=64, num_stages=2, persistent=bool(persistent),
-                  balanced=bool(persistent)),
+        dkdv=dict(block_q=64, num_stages=2, persistent=bool(persistent)),
         dq=dict(zip(("block_q", "block_k", "num_stages"), dq_tiles)))
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,

@@ -110,23 +110,21 @@ def test_attention_mosaic_gpu_lowers_with_three_consumer_warpgroups(persistent):
     assert len(calls(f)) == 1 and len(calls(grad)) == 3
 
 
-@pytest.mark.parametrize("backward, backward_calls, balanced", [
-    (None, ["__gpu$xla.gpu.triton"] * 2, False), ("mosaic_gpu", ["mosaic_gpu"] * 2, False),
-    ("mosaic_gpu", ["mosaic_gpu"] * 2, True)], ids=["default_bwd", "mosaic_bwd", "balanced"])
+@pytest.mark.parametrize("backward, backward_calls", [
+    (None, ["__gpu$xla.gpu.triton"] * 2), ("mosaic_gpu", ["mosaic_gpu"] * 2)],
+    ids=["default_bwd", "mosaic_bwd"])
 @pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
-def test_attention_mosaic_gpu_lowers_with_segment_ids(backward, backward_calls, balanced):
+def test_attention_mosaic_gpu_lowers_with_segment_ids(backward, backward_calls):
     """Packed documents (B2 S8192 H16 D128, documents of 512, the benchmark's case) on the
     Mosaic GPU forward lower for CUDA: one Mosaic GPU call, its pairs' key ranges read from
     GMEM and the keys' ids on a third ring; the gradient adds two backward kernels that take the
     segment ids the forward saves: Triton's by default off a tuned GPU (`default_backward`: no
     table entry here), the Mosaic GPU ones when asked. Asked for persistent CTAs (the tables'
-    choice at this length), segment ids run a CTA per unit all the same (schedule_for), unless
-    balanced: then all three kernels read their units from a table sorted by work."""
+    choice at this length), segment ids run a CTA per unit all the same (schedule_for)."""
     _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
     spec = jax.ShapeDtypeStruct((2, 8192, 16, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 8192), jnp.int32)
-    blocks = ({"persistent": True} | ({"dkdv_persistent": True} if backward else {})
-              | ({"balanced": True, "dkdv_balanced": True} if balanced else {}))
+    blocks = {"persistent": True} | ({"dkdv_persistent": True} if backward else {})
     f = lambda q, k, v, ids: attention(q, k, v, segment_ids=ids, implementation="mosaic_gpu",
                                        backward_implementation=backward, block_sizes=blocks,
                                        interpret=False)

@@ -235,7 +235,7 @@ def test_the_tuner_times_the_mosaic_gpu_forward_beside_either_backward(preferred
     assert set(blocks) == (set(forward) if preferred == "triton" else set(config))
     forward_config, *_ = attention_api._kernels("mosaic_gpu", preferred, "d64_s1024", 64, blocks)
     assert forward_config == mosaic_gpu.DEFAULTS[64].forward
-    with pytest.raises(ValueError, match="no tuning parameter 'dkdv_balanced' with the triton"):
+    with pytest.raises(ValueError, match="no tuning parameter 'dkdv_group_mib' with the triton"):
         attention_api._kernels("mosaic_gpu", "triton", "d64_s1024", 64, config)
 
 

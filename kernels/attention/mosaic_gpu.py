@@ -53,10 +53,8 @@ Segment ids (packed documents): a pair streams the union of its two query tiles'
 within their documents (common.segment_ranges, read from GMEM), maybe none; the keys' ids ride a
 third ring beside K's, each consumer loads its query tile's ids once, and every visited tile is
 masked by them but those inside its query tile's one document (common.segment_ranges). A pair's
-work then follows its documents, not its position, which folds do not balance: the units run a
-CTA each (schedule_for), or (`balanced`) persistent CTAs take them from a table sorted by their
-work (Schedule.order, made by XLA from the ranges), a round of one unit per CTA at a time,
-every other round backwards.
+work then follows its documents, not its position, so the units run a CTA each (schedule_for),
+not in persistent folds.
 
 Shared memory: q 2 bq D (persistent: 4 bq D), K and V 2 num_stages bk D elements (bf16) plus
 2 bq f32 for lse (segments: num_stages bk + 2 bq int32 more); the q buffers are reused to stage o
@@ -90,8 +88,7 @@ class Forward(config.KernelConfig):
     """The forward: the query tile per consumer warpgroup (block_q) and the key tile (block_k),
     both raised to wgmma's 64 rows; the K/V ring's depth; the ping-pong barrier; the MiB of
     streamed tiles whose (batch, head)s run together (launch_grid); persistent CTAs; the consumer
-    warpgroups a CTA (2, or 3 without ping-pong, which pairs two); with segment ids, persistent
-    CTAs dealt the units by their work (`balanced`, Schedule; else a CTA per unit)."""
+    warpgroups a CTA (2, or 3 without ping-pong, which pairs two)."""
     block_q: int = common.block()
     block_k: int = common.block()
     num_stages: int = config.stages()
@@ -99,7 +96,6 @@ class Forward(config.KernelConfig):
     group_mib: int = config.count(minimum=0)
     persistent: bool = config.flag()
     consumers: int = config.count(minimum=CONSUMERS)
-    balanced: bool = config.flag()
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,14 +109,13 @@ class Forward(config.KernelConfig):
 @dataclasses.dataclass(frozen=True)
 class DkDv(config.KernelConfig):
     """The backward's dK/dV kernel (mosaic_gpu_vjp.py): the streamed query tile and its ring's
-    depth (its key tile is DKDV_BLOCK_K); the group MiB, persistent CTAs and, with segment ids,
-    `balanced` ones (Forward's) of both backward kernels (the dQ kernel launches as this one
-    does: bench/tune.py's backward_grid stage times them together)."""
+    depth (its key tile is DKDV_BLOCK_K); the group MiB and persistent CTAs of both backward
+    kernels (the dQ kernel launches as this one does: bench/tune.py's backward_grid stage times
+    them together)."""
     block_q: int = common.block()
     num_stages: int = config.stages()
     group_mib: int = config.count(minimum=0)
     persistent: bool = config.flag()
-    balanced: bool = config.flag()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +141,8 @@ class Kernels(common.Kernels):
 # accumulators, dk and dv).
 DEFAULTS = {
     d: Kernels(Forward(block_q=128 if d < 256 else 64, block_k=64, num_stages=2,
-                       schedule_barrier=True, group_mib=12, persistent=False, consumers=2,
-                       balanced=False),
-               DkDv(block_q=64, num_stages=2, group_mib=12, persistent=False, balanced=False),
+                       schedule_barrier=True, group_mib=12, persistent=False, consumers=2),
+               DkDv(block_q=64, num_stages=2, group_mib=12, persistent=False),
                Dq(block_q=64, block_k=64, num_stages=2))
     for d in common.KERNEL_HEAD_DIMS
 }
@@ -194,18 +188,14 @@ def unit_coords(unit, grid: tuple[int, int, int], heads: int):
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Which CTA runs which work unit (a pair of tiles of one (batch, head)): a CTA per unit in
-    launch_grid's order, or `num_ctas` persistent CTAs, one per multiprocessor. Persistent CTA c
-    runs the folds c, c + num_ctas, ... of that order, a fold the pairs p and num_pairs - 1 - p of
-    one (batch, head), the same work for every p under causal masking, so the static assignment
-    balances; or, `balanced` (segment ids: a pair's work follows its documents), the units of a
-    table that sorts them by their work (`order`), dealt out a round of num_ctas at a time,
-    every other round backwards, so that CTA c takes the c-th largest unit of one round and the
-    c-th smallest of the next."""
-    grid: tuple[int, int, int]   # launch_grid's, over pairs (persistent folds: over folds)
+    launch_grid's order, or `num_ctas` persistent CTAs, one per multiprocessor, CTA c running the
+    folds c, c + num_ctas, ... of that order. A fold is the pairs p and num_pairs - 1 - p of one
+    (batch, head), the same work for every p under causal masking, so the static assignment
+    balances."""
+    grid: tuple[int, int, int]   # launch_grid's, over pairs (persistent: over folds)
     heads: int
     num_pairs: int
     num_ctas: int | None         # None: a CTA per unit
-    balanced: bool = False
 
     def launch_args(self) -> dict:
         """The grid and its axis names for warp_specialized.launch."""
@@ -213,20 +203,11 @@ class Schedule:
             return dict(grid=(self.num_ctas,), grid_names=("cta",))
         return dict(grid=self.grid, grid_names=GRID_NAMES)
 
-    def units(self, order_ref=None):
-        """In the kernel: (how many units this CTA runs, n -> (batch, head, pair) of its n-th);
-        order_ref: a balanced schedule's table [units] (`order`)."""
+    def units(self):
+        """In the kernel: (how many units this CTA runs, n -> (batch, head, pair) of its n-th)."""
         if not self.num_ctas:
             return 1, lambda n: unit_coords(launch_index(self.grid), self.grid, self.heads)
         first = lax.axis_index("cta")
-        if self.balanced:
-            total = math.prod(self.grid)
-            rounds, last = divmod(total, self.num_ctas)
-            # round r's unit for this CTA: position c, or num_ctas - 1 - c when r is odd
-            slot = lambda r: first + lax.rem(r, 2) * (self.num_ctas - 1 - 2 * first)
-            num_units = rounds + (slot(rounds) < last).astype(jnp.int32) if last else rounds
-            return num_units, lambda n: unit_coords(order_ref[n * self.num_ctas + slot(n)],
-                                                    self.grid, self.heads)
         num_units = 2 * lax.div(math.prod(self.grid) - first + self.num_ctas - 1, self.num_ctas)
 
         def unit_pair(n):   # a fold's two units: its pair p, then the pair num_pairs - 1 - p
@@ -234,33 +215,20 @@ class Schedule:
             return b, h, fold + lax.rem(n, 2) * (self.num_pairs - 1 - 2 * fold)
         return num_units, unit_pair
 
-    def order(self, work):
-        """A balanced schedule's table (XLA): work [B, num_pairs], the tiles a unit streams by its
-        pair index -> [units] int32, the units in launch order sorted by decreasing work (plus
-        one, a unit's own cost), ties in launch order."""
-        groups, pairs, members = self.grid
-        group, pair, member = (jnp.arange(n).reshape(shape) for n, shape in (
-            (groups, (-1, 1, 1)), (pairs, (1, -1, 1)), (members, (1, 1, -1))))
-        cost = work[lax.div(group * members + member, self.heads), pair] + 1
-        return jnp.argsort(-cost.reshape(-1), stable=True).astype(jnp.int32)
-
 
 def schedule_for(batch: int, heads: int, num_pairs: int, head_bytes: int, group_mib: int,
-                 persistent: bool, segments: bool = False, balanced: bool = False) -> Schedule:
+                 persistent: bool, segments: bool = False) -> Schedule:
     """The Schedule of num_pairs units per (batch, head) (launch_grid's arguments). Persistent
     CTAs take the pairs fold by fold, which balances where a pair's work follows its position
     (causal masks, windows): an odd number of pairs, or segment ids (a pair's work follows its
     documents, which folds do not even out), run a CTA per unit, which the hardware hands out
     as CTAs finish (packed documents, H100: 0.268 ms forward against 0.356 in folds, and 0.292
-    in a run-time order of the most work first: bench/RESULTS.md, session 19); or, with segment
-    ids and `balanced`, persistent CTAs take the units of a table sorted by their work
-    (Schedule.order; not yet timed on a GPU, RESULTS "Not yet measured")."""
-    balanced = balanced and segments
-    folds = persistent and num_pairs % 2 == 0 and not segments
-    grid = launch_grid(batch, heads, num_pairs // 2 if folds else num_pairs, head_bytes,
+    in a run-time order of the most work first: bench/RESULTS.md, session 19)."""
+    persistent = persistent and num_pairs % 2 == 0 and not segments
+    grid = launch_grid(batch, heads, num_pairs // 2 if persistent else num_pairs, head_bytes,
                        group_mib)
     return Schedule(grid, heads, num_pairs,
-                    min(num_sms(), math.prod(grid)) if folds or balanced else None, balanced)
+                    min(num_sms(), math.prod(grid)) if persistent else None)
 
 
 def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_k: int, q_ref,
@@ -276,11 +244,10 @@ def query_pair_units(schedule: Schedule, plan: common.Plan, block_q: int, block_
     pairs, each made a Ring streaming that ref's key tiles from the CTA's `base`-th tile: query
     head h's are head h // (H / Hkv)'s (grouped-query, q_ref [B, S, H, D]). segment_refs: the
     queries' and the keys' ids [B, S] and the query tiles' ranges of key tiles [B, S / block_q,
-    4] (common.tile_segments), then a balanced schedule's table (Schedule.order), or none; the
-    keys' ids then ride ids_ring. Pairs run longest first (common.tile_order). With 3
-    consumers a unit is three query tiles (the first and the last bound its stream), the last
-    unit maybe fewer (its upper tile: the sequence's last)."""
-    num_units, unit_pair = schedule.units(segment_refs[3] if schedule.balanced else None)
+    4] (common.tile_segments), or none; the keys' ids then ride ids_ring. Pairs run longest
+    first (common.tile_order). With 3 consumers a unit is three query tiles (the first and the
+    last bound its stream), the last unit maybe fewer (its upper tile: the sequence's last)."""
+    num_units, unit_pair = schedule.units()
     group = q_ref.shape[2] // k_stream[1].shape[2]
     segment_ranges = segment_refs[2] if segment_refs else None
     rings = (k_stream, v_stream) + (((ids_ring, segment_refs[1]),) if segment_refs else ())
@@ -318,28 +285,6 @@ def pair_stream(lower: common.Span, upper: common.Span, segments: bool):
         return lower.start, upper.end
     first = jnp.minimum(lower.start, upper.start)
     return first, jnp.maximum(jnp.maximum(lower.end, upper.end), first)
-
-
-def stream_lengths(ranges, tiles: Callable, consumers: int, pairs):
-    """(XLA) How many tiles each unit streams, [B, len(pairs)] (pair_stream of its first and
-    its last own tile's spans, as the kernels' work): ranges [B, T, 4] the segment_ranges of the
-    units' own tiles, tiles(i, segment_range) -> their Span, pairs [P] the pair each grid index
-    runs."""
-    lower = consumers * pairs
-    upper = jnp.minimum(lower + consumers - 1, ranges.shape[1] - 1)
-    span = lambda i: tiles(i, common.segment_range(lambda c: ranges[:, i, c]))
-    first, end = pair_stream(span(lower), span(upper), segments=True)
-    return end - first
-
-
-def query_pair_table(schedule: Schedule, plan: common.Plan, ranges, block_q: int, block_k: int,
-                     consumers: int = CONSUMERS):
-    """(XLA) A balanced schedule's table (Schedule.order) for kernels of query_pair_units (the
-    forward, the backward's dQ); ranges: their query tiles' segment_ranges."""
-    pairs = common.tile_order(jnp.arange(schedule.num_pairs), schedule.num_pairs, plan.causal)
-    return schedule.order(stream_lengths(
-        ranges, lambda i, tile_ranges: common.kv_tiles(i, plan, block_q, block_k, tile_ranges),
-        consumers, pairs))
 
 
 def segment_tile(span: common.Span, first, end, ids_ref, b, row_start, smem, loaded):
@@ -400,8 +345,7 @@ def check_runs_here(plan: common.Plan, dtype) -> None:
 
 def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ring, ids_ring,
             q_ids_smem, q_ids_loaded, ping_pong, plan, block_q, block_k, schedule, consumers):
-    operands = 3 * plan.segments + schedule.balanced   # the ids, their ranges, the table
-    segment_refs, (o_ref, *residual_refs) = refs[:operands], refs[operands:]
+    segment_refs, (o_ref, *residual_refs) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     lse_ref, o_lo_ref = residual_refs or (None, None)
     q_ids_ref = segment_refs[0] if segment_refs else None
     num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
@@ -583,8 +527,7 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     stages = config.num_stages
     consumers = config.consumers
     units = schedule_for(b, h, -(-padded // (consumers * bq)), 2 * padded * d * q.dtype.itemsize,
-                         config.group_mib, config.persistent, segments is not None,
-                         config.balanced)
+                         config.group_mib, config.persistent, segments is not None)
     buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
     smem = q.dtype.itemsize * d * (consumers * buffers * bq + 2 * stages * bk) + 4 * consumers * bq
     if segments is not None:   # the ids' ring and the query tiles' ids, int32
@@ -597,9 +540,6 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     if segments is not None:   # padded ids repeat the last (api.attention's rule)
         ids = [jnp.pad(x, ((0, 0), (0, padded - s)), mode="edge") for x in segments]
         segment_inputs = [*ids, common.segment_ranges(*ids, bq, bk)]
-        if units.balanced:
-            segment_inputs.append(query_pair_table(units, plan, segment_inputs[2], bq, bk,
-                                                   consumers))
     scratch = dict(
         q_smem=tiled_smem(q.dtype, consumers * buffers, bq, d),
         lse_smem=plgpu.SMEM((consumers, bq), jnp.float32) if residuals else None,

@@ -34,8 +34,7 @@ streams the next unit's tiles through the same rings, and each consumer loads it
 tiles (k and v; q, do, lse and delta) into a second buffer. Measured faster at head_dim 128 up to
 S1024 and slower from S2048 (bench/RESULTS.md, version 13): a tuning candidate. With segment
 ids both run a CTA per unit, as the forward (mosaic_gpu.schedule_for: folds do not balance
-documents), or (`dkdv_balanced`) persistent CTAs take each kernel's units from a table sorted
-by their work, as the forward's.
+documents).
 
 Masks, as in the forward: with grouped-query heads a dK/dV unit is a pair of key tiles of one
 K/V head, streaming the query tiles of each query head of its group in turn and summing dk and
@@ -70,9 +69,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common
 from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, backward_rows, check_runs_here,
-                                          pair_stream, query_pair_table, query_pair_units,
-                                          schedule_for, segment_tile, stream_lengths,
-                                          tile_visible)
+                                          pair_stream, query_pair_units, schedule_for,
+                                          segment_tile, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
                                       matmuls_t, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
@@ -81,10 +79,9 @@ from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, cons
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem, v_smem,
                  kv_loaded, q_ring, do_ring, lse_ring, delta_ring, ids_ring, own_ids_smem,
                  own_ids_loaded, plan, block_q, block_k, schedule):
-    operands = 3 * plan.segments + schedule.balanced   # the ids, their ranges, the table
-    segment_refs, (dk_ref, dv_ref) = refs[:operands], refs[operands:]
-    k_ids_ref, q_ids_ref, ranges_ref = segment_refs[:3] or (None, None, None)
-    num_units, unit_pair = schedule.units(segment_refs[3] if schedule.balanced else None)
+    segment_refs, (dk_ref, dv_ref) = refs[:3 * plan.segments], refs[3 * plan.segments:]
+    k_ids_ref, q_ids_ref, ranges_ref = segment_refs or (None, None, None)
+    num_units, unit_pair = schedule.units()
     buffers = k_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's k, v early
     column = compat.mosaic_gpu_column_layout()
     group = q_ref.shape[2] // k_ref.shape[2]   # the query heads of a K/V head (grouped-query)
@@ -216,8 +213,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, do_smem,
                lse_smem, delta_smem, q_loaded, k_ring, v_ring, ids_ring, own_ids_smem,
                own_ids_loaded, plan, block_q, block_k, schedule):
-    operands = 3 * plan.segments + schedule.balanced   # the ids, their ranges, the table
-    segment_refs, (dq_ref,) = refs[:operands], refs[operands:]
+    segment_refs, (dq_ref,) = refs[:3 * plan.segments], refs[3 * plan.segments:]
     q_ids_ref = segment_refs[0] if segment_refs else None
     num_units, work, tile_span = query_pair_units(schedule, plan, block_q, block_k, q_ref,
                                                   (k_ring, k_ref), (v_ring, v_ref), ids_ring,
@@ -343,13 +339,8 @@ def backward(plan: common.Plan, residuals, do):
     # elements a head. Persistent CTAs load the next unit's own tiles into a second buffer.
     units = lambda heads, block, streamed: schedule_for(
         b, heads, padded // (CONSUMERS * block), streamed * 2 * padded * d * q.dtype.itemsize,
-        plan.dkdv.group_mib, plan.dkdv.persistent, plan.segments, plan.dkdv.balanced)
+        plan.dkdv.group_mib, plan.dkdv.persistent, plan.segments)
     dkdv_units, dq_units = units(kv_heads, bk, h // kv_heads), units(h, dq_bq, 1)
-    if dkdv_units.balanced:   # the tables of units by work (mosaic_gpu.Schedule.order)
-        dkdv_ids.append(dkdv_units.order(stream_lengths(
-            dkdv_ids[2], lambda j, ranges: common.q_tiles(j, plan, bq, bk, ranges), CONSUMERS,
-            jnp.arange(dkdv_units.num_pairs))))
-        dq_ids.append(query_pair_table(dq_units, plan, dq_ids[2], dq_bq, dq_bk))
     buffers = lambda schedule: 2 if schedule.num_ctas else 1
     dk, dv = launch(
         functools.partial(_dkdv_kernel, plan=plan, block_q=bq, block_k=bk, schedule=dkdv_units),
