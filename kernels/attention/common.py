@@ -380,12 +380,13 @@ def softmax_step(carry, q, k, v, scale_log2: float, mask=None, rows_may_be_empty
 
 def softmax_finish(carry, rows_may_be_empty=False):
     """-> (o [bq, D] f32, lse [bq, 1]): o = acc / l, lse = m + log2 l; a row that saw no key
-    (l = 0) gets o = 0 and lse = +inf, so the backward's p = 2^(c s - lse) is 0 on it."""
+    (l = 0) gets o = 0 and lse = +inf, so the backward's p = 2^(c s - lse) is 0 on it. One
+    division a row, then a multiply a value (a division costs several instructions)."""
     acc, m, l = carry
     if not rows_may_be_empty:
-        return acc / l, m + jnp.log2(l)
+        return acc * (1.0 / l), m + jnp.log2(l)
     empty = l == 0.0
-    return acc / jnp.where(empty, 1.0, l), jnp.where(empty, jnp.inf, m + jnp.log2(l))
+    return acc * (1.0 / jnp.where(empty, 1.0, l)), jnp.where(empty, jnp.inf, m + jnp.log2(l))
 
 
 def low_half(x, dtype):
