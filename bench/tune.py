@@ -112,7 +112,8 @@ ATTENTION_CANDIDATES = {
 # 256-key tiles halve the steps, and with them each row's max and sum across its four threads.
 # Persistent CTAs too, for the tiles they suit: the grid stage below tries them only with this
 # stage's winner, and the tiles that win without them may not fit them (128-row tiles at
-# head_dim 128 spill persistent; 64 x 128 ones ran the S512 forward 15% faster: RESULTS, session 30).
+# head_dim 128 spill persistent; 64 x 128 ones ran the S512 forward 15% faster: RESULTS,
+# session 30).
 MOSAIC_FORWARD = ("block_q", "block_k", "num_stages", "schedule_barrier")
 MOSAIC_CANDIDATES = _attention_configs(MOSAIC_FORWARD, [
     (128, 64, 2, True), (128, 64, 2, False), (64, 128, 2, True), (64, 128, 3, True),
