@@ -442,19 +442,20 @@ def test_attention_reference_is_the_model_math():
 
 
 @pytest.mark.parametrize("seq, head_dim, causal, schedule_barrier, group_mib, persistent, kv_heads, "
-                         "window, consumers", [(256, 64, True, 1, 0, 0, 2, None, 2),
-                                               (200, 128, False, 0, 12, 0, 2, (70, 30), 2),
-                                               (256, 64, True, 1, 0, 1, 1, None, 2),
-                                               (200, 128, False, 0, 12, 1, 2, None, 2),
-                                               (128, 256, True, 1, 12, 0, 2, None, 2),
-                                               (256, 64, True, 1, 0, 0, 2, (40, 0), 2),
-                                               (256, 64, True, 0, 0, 1, 1, None, 3),
-                                               (200, 64, False, 0, 12, 0, 2, None, 3)])
+                         "window, consumers, block_k", [
+                             (256, 64, True, 1, 0, 0, 2, None, 2, 64),
+                             (200, 128, False, 0, 12, 0, 2, (70, 30), 2, 64),
+                             (256, 64, True, 1, 0, 1, 1, None, 2, 128),
+                             (200, 128, False, 0, 12, 1, 2, None, 2, 64),
+                             (128, 256, True, 1, 12, 0, 2, None, 2, 64),
+                             (256, 64, True, 1, 0, 0, 2, (40, 0), 2, 64),
+                             (256, 64, True, 0, 0, 1, 1, None, 3, 64),
+                             (200, 64, False, 0, 12, 0, 2, None, 3, 64)])
 @ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, schedule_barrier,
                                                      group_mib, persistent, kv_heads, window,
-                                                     consumers, monkeypatch):
+                                                     consumers, block_k, monkeypatch):
     """The Mosaic GPU forward run by jax's Mosaic GPU interpreter on CPU, which simulates its
     warpgroups, TMA copies and barriers (a wrong protocol deadlocks or leaves a barrier phase
     unobserved, which it reports), with wgmma emulated: o, lse and o's low half vs the math.
@@ -465,17 +466,18 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
     or one group of both (launch_grid), a CTA per pair of query tiles; or, with two batches of two
     heads, 3 persistent CTAs through the 4 folds (each both pairs of a (batch, head)), the first
     CTA two folds, so its rings and q buffers carry over from fold to fold; there the two query
-    heads share one K/V head (grouped-query). Windows: (70, 30) streams a pair from a first
-    tile past 0 and masks both ends; (40, 0) with causal masking leaves rows nothing in their
-    first tile, with ping-pong. Three consumer warpgroups: units of three query tiles over four,
-    so the last unit holds one (its other warpgroups pass the stream along), through persistent
-    folds (causal) and a CTA per unit (not causal, 200 rows). On a Hopper GPU the same cases run
-    compiled."""
+    heads share one K/V head (grouped-query), and key tiles of 128 rows leave the even query
+    tiles' diagonal tile a second half that no row sees (a step of half the keys). Windows:
+    (70, 30) streams a pair from a first tile past 0 and masks both ends; (40, 0) with causal
+    masking leaves rows nothing in their first tile, with ping-pong. Three consumer warpgroups:
+    units of three query tiles over four, so the last unit holds one (its other warpgroups pass
+    the stream along), through persistent folds (causal) and a CTA per unit (not causal, 200
+    rows). On a Hopper GPU the same cases run compiled."""
     if ON_CPU:
         run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[head_dim].replace(forward=dict(
-        block_q=64, block_k=64, num_stages=2, schedule_barrier=bool(schedule_barrier),
+        block_q=64, block_k=block_k, num_stages=2, schedule_barrier=bool(schedule_barrier),
         group_mib=group_mib, persistent=bool(persistent), consumers=consumers))
     sm_scale = head_dim ** -0.5
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,
@@ -503,28 +505,29 @@ def test_attention_mosaic_gpu_in_the_gpu_interpreter(seq, head_dim, causal, sche
 DOCUMENT_CUTS = ([37, 100, 101, 190], [5, 130])
 
 
-@pytest.mark.parametrize("seq, causal, persistent, window, keyless_rows, consumers", [
-    (256, True, 0, None, True, 2), (256, False, 1, None, False, 3),
-    (200, True, 0, (70, 0), False, 2)])
+@pytest.mark.parametrize("seq, causal, persistent, window, keyless_rows, consumers, block_k", [
+    (256, True, 0, None, True, 2, 64), (256, False, 1, None, False, 3, 64),
+    (200, True, 0, (70, 0), False, 2, 128)])
 @ON_CPU_OR_SM90
 @pytest.mark.timeout(300, method="thread")  # a broken barrier protocol deadlocks: fail, don't hang
 def test_attention_mosaic_gpu_segments_in_the_gpu_interpreter(seq, causal, persistent, window,
                                                               keyless_rows, consumers,
-                                                              monkeypatch):
+                                                              block_k, monkeypatch):
     """The Mosaic GPU forward with segment ids (packed documents) in jax's Mosaic GPU
     interpreter: boundaries inside and across 64-row tiles, a document of one token, each pair of
     query tiles streaming only the key tiles of its documents with their ids on a third ring;
     with keyless_rows the keys' ids differ from the queries' from row 150 on, so those rows see
     no key (output 0, no NaN) and the upper tiles' pairs stream nothing; two batches with
     persistent CTAs asked for (segment ids run a CTA per unit all the same: schedule_for); a
-    window combined with causal masking on a ragged 200 rows; three consumer warpgroups (no
-    ping-pong) over four query tiles, the last unit ragged. o, lse and o's low half vs the math.
-    On a Hopper GPU the same cases run compiled."""
+    window combined with causal masking on a ragged 200 rows, with key tiles of 128 rows (the
+    diagonal tiles of even query tiles in half a step, their keys' ids halved too); three
+    consumer warpgroups (no ping-pong) over four query tiles, the last unit ragged. o, lse and
+    o's low half vs the math. On a Hopper GPU the same cases run compiled."""
     if ON_CPU:
         run_in_the_gpu_interpreter(monkeypatch)
     monkeypatch.setattr(mosaic_gpu, "num_sms", lambda: 3)
     kernels = mosaic_gpu.DEFAULTS[64].replace(forward=dict(
-        block_q=64, block_k=64, num_stages=2, schedule_barrier=consumers == 2, group_mib=0,
+        block_q=64, block_k=block_k, num_stages=2, schedule_barrier=consumers == 2, group_mib=0,
         persistent=bool(persistent), consumers=consumers))
     sm_scale, batch = 0.125, 1 + persistent
     plan = Plan("mosaic_gpu", causal, sm_scale, seq, kernels.forward, kernels.dkdv, kernels.dq,

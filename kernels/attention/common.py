@@ -174,6 +174,16 @@ def _span(start, lo, hi, end, segment_range) -> Span:
     return Span(start, lo, _min(_max(hi, lo), end), end)
 
 
+def keys_end(i, plan: Plan, block_q: int):
+    """The first key that no row of query tile i sees, nor any key after it (rows r = i bq ..
+    (i + 1) bq - 1 see keys up to r + right, and none at or past seq_len unless right is 0, as in
+    `visible`)."""
+    if plan.right is None:
+        return plan.seq_len
+    end = (i + 1) * block_q + plan.right
+    return end if plan.right == 0 else _min(end, plan.seq_len)
+
+
 def kv_tiles(i, plan: Plan, block_q: int, block_k: int, segment_range=None) -> Span:
     """Key tiles that query tile i attends to (rows r = i bq .. (i + 1) bq - 1 see keys
     r - left .. r + right, and none at or past seq_len): tiles wholly outside are never visited,
@@ -182,7 +192,7 @@ def kv_tiles(i, plan: Plan, block_q: int, block_k: int, segment_range=None) -> S
     first, last = i * block_q, (i + 1) * block_q - 1
     left, right, num_k = plan.left, plan.right, cdiv(plan.seq_len, block_k)
     start = 0 if left is None else div(_max(first - left, 0), block_k)
-    end = num_k if right is None else _min(div(last + right, block_k) + 1, num_k)
+    end = _min(cdiv(keys_end(i, plan, block_q), block_k), num_k)
     lo = 0 if left is None else cdiv(_max(last - left, 0), block_k)
     hi = plan.seq_len // block_k if right is None else div(first + right + 1, block_k)
     if right is not None and right > 0:   # a real row may see past seq_len: mask that tile

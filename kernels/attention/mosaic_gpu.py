@@ -43,11 +43,14 @@ last, and each consumer loads its next q tile into a second buffer.
     slots in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a
     "consumed" barrier (one arrival per consumer), and refills a slot once every consumer
     released it.
-Causal: key tiles above the diagonal are never loaded. The lower query tile of a pair needs fewer
-key tiles than the upper one, so once done it keeps waiting for and releasing the tiles its
-neighbour still needs (it must wait for the load before releasing: an early arrival would count
-towards the slot's previous tile and let the producer overwrite it while the neighbour reads it).
-Query tiles run last-first under causal masking (common.tile_order): the longest rows go first.
+Causal: key tiles above the diagonal are never loaded, and a masked key tile whose second half
+no row of the query tile sees (under causal masking the diagonal tile of every other query tile
+when key tiles have twice its rows; or the padded end) takes a step of half its keys (s, p and
+p V half as wide; common.keys_end). The lower query tile of a pair needs fewer key tiles than
+the upper one, so once done it keeps waiting for and releasing the tiles its neighbour still
+needs (it must wait for the load before releasing: an early arrival would count towards the
+slot's previous tile and let the producer overwrite it while the neighbour reads it). Query
+tiles run last-first under causal masking (common.tile_order): the longest rows go first.
 
 Segment ids (packed documents): a pair streams the union of its two query tiles' key tiles
 within their documents (common.segment_ranges, read from GMEM), maybe none; the keys' ids ride a
@@ -413,21 +416,24 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
         else:
             k_ring.wait(span.start - first)
 
-        def step(t, carry, masked):
+        def step(t, carry, masked, width=block_k):
+            """Key tile t, or (width < block_k) its first `width` keys, where the rest are
+            seen by no row of the query tile."""
             acc, m, l = carry
             n = t - first
+            keys = (lambda x: x) if width == block_k else (lambda x: x.at[pl.ds(0, width)])
 
             def scores(s_ref):
-                plgpu.wgmma(s_ref, q_tile, k_ring.tile(n).transpose((1, 0)))
+                plgpu.wgmma(s_ref, q_tile, keys(k_ring.tile(n)).transpose((1, 0)))
                 pass_schedule()
                 return s_ref[...]  # reading the accumulator waits for the wgmma
-            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
+            s = pl.run_scoped(scores, plgpu.ACC((block_q, width), jnp.float32))
             k_ring.release(n)
             segments = None
             if ids_ring is not None:   # the keys' segment ids, streamed beside K
                 ids_ring.wait(n)
                 if masked:   # (a tile inside the query tile's document needs none)
-                    k_segment = compat.mosaic_gpu_load(ids_ring.tile(n),
+                    k_segment = compat.mosaic_gpu_load(keys(ids_ring.tile(n)),
                                                        compat.mosaic_gpu_column_layout())
                     segments = (lax.broadcast_in_dim(q_segment, s.shape, [0]),
                                 lax.broadcast_in_dim(k_segment, s.shape, [1]))
@@ -452,18 +458,28 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
                 plgpu.barrier_wait(ping_pong)   # the other warpgroup's matmuls are issued
 
             def add_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_ring.tile(n))
+                plgpu.wgmma(acc_ref, p, keys(v_ring.tile(n)))
                 pl.when(t + 1 < span.end)(lambda: k_ring.wait(n + 1))
             acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
             v_ring.release(n)
             return acc, m_new, l
+
+        def masked_step(t, carry, masked):
+            """A masked tile whose second half no row sees (the diagonal's under causal masking
+            when the key tile is twice the query tile, as often as not) takes half the work."""
+            half = block_k // 2
+            if not masked or half < 64:   # halves of 64 keys at least (K/V's swizzled tiles)
+                return step(t, carry, masked)
+            return lax.cond(t * block_k + half >= common.keys_end(i, plan, block_q),
+                            functools.partial(step, masked=True, width=half),
+                            functools.partial(step, masked=True), t, carry)
 
         row = compat.mosaic_gpu_row_layout()
         carry = (plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
                                    plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
-        carry = common.visit(step, carry, span)
+        carry = common.visit(masked_step, carry, span)
         lax.fori_loop(span.end, first + count, release, None)
         pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 
