@@ -290,16 +290,24 @@ def pair_stream(lower: common.Span, upper: common.Span, segments: bool):
     return first, jnp.maximum(jnp.maximum(lower.end, upper.end), first)
 
 
-def segment_tile(span: common.Span, first, end, ids_ref, b, row_start, smem, loaded):
+def load_tile_ids(ids_ref, b, row_start, smem, loaded) -> None:
+    """With segment ids, for a consumer warpgroup: start the copy of its own tile's ids (ids_ref
+    [B, S] from row_start) into smem [rows], arriving on the barrier `loaded`. Issued beside the
+    unit's own tiles, before the unit reads its ranges: waited for where it is issued, the copy
+    held every unit's start (the longest wait of a consumer's packed-documents unit under Nsight
+    Compute, bench/RESULTS.md session 31). (Segment ids run a CTA per unit: one buffer.)"""
+    plgpu.copy_gmem_to_smem(ids_ref.at[b, pl.ds(row_start, smem.shape[0])], smem, loaded)
+
+
+def segment_tile(span: common.Span, first, end, smem, loaded):
     """With segment ids, for a consumer warpgroup: its tile's span within its pair's stream
     [first, end) (maybe empty; masked but the tiles of its one segment, common.segment_ranges),
-    and its own tile's ids (ids_ref [B, S] from row_start, through smem [rows] and the barrier
-    `loaded`) in the accumulator's row layout."""
+    and its own tile's ids (as load_tile_ids copied them into smem) in the accumulator's row
+    layout."""
     clip = lambda t, low: jnp.maximum(jnp.minimum(t, end), low)
     start = clip(span.start, first)
     stop = clip(span.end, start)
     lo = jnp.minimum(clip(span.lo, start), stop)
-    plgpu.copy_gmem_to_smem(ids_ref.at[b, pl.ds(row_start, smem.shape[0])], smem, loaded)
     plgpu.barrier_wait(loaded)
     return (common.Span(start, lo, jnp.minimum(clip(span.hi, lo), stop), stop),
             compat.mosaic_gpu_load(smem, compat.mosaic_gpu_row_layout()))
@@ -376,9 +384,14 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             b, h, pair, *_ = work(n, 0)
             i = consumers * pair + wg
             buffer = wg * buffers + lax.rem(n, buffers)
-            if_tile_exists(i, lambda: plgpu.copy_gmem_to_smem(
-                q_ref.at[b, pl.ds(i * block_q, block_q), h], q_smem.at[buffer],
-                q_loaded.at[buffer]))
+
+            def copy():
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(i * block_q, block_q), h],
+                                        q_smem.at[buffer], q_loaded.at[buffer])
+                if plan.segments:
+                    load_tile_ids(q_ids_ref, b, i * block_q, q_ids_smem.at[wg],
+                                  q_ids_loaded.at[wg])
+            if_tile_exists(i, copy)
 
         def run(n, b, h, pair, first, count, rings):
             buffer = wg * buffers + lax.rem(n, buffers)
@@ -397,8 +410,8 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
         span = tile_span(b, i)
         q_segment = None
         if plan.segments:   # its tiles within the pair's; the queries' ids
-            span, q_segment = segment_tile(span, first, first + count, q_ids_ref, b, i * block_q,
-                                           q_ids_smem.at[wg], q_ids_loaded.at[wg])
+            span, q_segment = segment_tile(span, first, first + count, q_ids_smem.at[wg],
+                                           q_ids_loaded.at[wg])
         plgpu.barrier_wait(q_ready)
         pl.when(wg == 1)(pass_schedule)        # warpgroup 1 runs one pass behind
 

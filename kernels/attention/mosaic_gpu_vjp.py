@@ -69,8 +69,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import compat
 from kernels.attention import common
 from kernels.attention.mosaic_gpu import (DKDV_BLOCK_K, backward_rows, check_runs_here,
-                                          pair_stream, query_pair_units, schedule_for,
-                                          segment_tile, tile_visible)
+                                          load_tile_ids, pair_stream, query_pair_units,
+                                          schedule_for, segment_tile, tile_visible)
 from kernels.warp_specialized import (CONSUMERS, WGMMA_M, Ring, accumulate, consume_units, launch,
                                       matmuls_t, pad_rows, produce_units, ring_scratch, skip,
                                       specialize, tiled_smem)
@@ -124,6 +124,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[buffer], kv_loaded.at[buffer])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[buffer],
                                     kv_loaded.at[CONSUMERS * buffers + buffer])
+            if plan.segments:
+                load_tile_ids(k_ids_ref, b, (CONSUMERS * pair + wg) * block_k,
+                              own_ids_smem.at[wg], own_ids_loaded.at[wg])
 
         def run(n, b, h, pair, first, count, rings):
             consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
@@ -138,8 +141,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
         tiles = span(b, j)
         k_segment = None
         if plan.segments:   # its tiles within the pair's; the keys' ids
-            tiles, k_segment = segment_tile(tiles, first, first + per_head, k_ids_ref, b,
-                                            j * block_k, own_ids_smem.at[wg],
+            tiles, k_segment = segment_tile(tiles, first, first + per_head, own_ids_smem.at[wg],
                                             own_ids_loaded.at[wg])
         plgpu.barrier_wait(kv_loaded.at[buffer])
         plgpu.barrier_wait(kv_loaded.at[CONSUMERS * buffers + buffer])
@@ -234,6 +236,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, d
                                             (lse_ref.at[cols], lse_smem),
                                             (delta_ref.at[cols], delta_smem))):
                 plgpu.copy_gmem_to_smem(src, dst.at[buffer], loaded(j, buffer))
+            if plan.segments:
+                load_tile_ids(q_ids_ref, b, i * block_q, own_ids_smem.at[wg],
+                              own_ids_loaded.at[wg])
 
         def run(n, b, h, pair, first, count, rings):
             consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
@@ -247,8 +252,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, d
         span = tile_span(b, i)
         q_segment = None
         if plan.segments:   # its tiles within the pair's; the queries' ids
-            span, q_segment = segment_tile(span, first, first + count, q_ids_ref, b, i * block_q,
-                                           own_ids_smem.at[wg], own_ids_loaded.at[wg])
+            span, q_segment = segment_tile(span, first, first + count, own_ids_smem.at[wg],
+                                           own_ids_loaded.at[wg])
         for j in range(4):
             plgpu.barrier_wait(loaded(j, buffer))
         lse = compat.mosaic_gpu_load(lse_smem.at[buffer], row)
