@@ -477,7 +477,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             v_ring.release(n)
             return acc, m_new, l
 
-        def masked_step(t, carry, masked):
+        def tile_step(t, carry, masked):
             """A masked tile whose second half no row sees (the diagonal's under causal masking
             when the key tile is twice the query tile, as often as not) takes half the work."""
             half = block_k // 2
@@ -492,7 +492,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
                                    plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row),
                  plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row))
-        carry = common.visit(masked_step, carry, span)
+        carry = common.visit(tile_step, carry, span)
         lax.fori_loop(span.end, first + count, release, None)
         pl.when(wg == 0)(pass_schedule)        # warpgroup 0's last pass pairs with 1's first
 
