@@ -6,9 +6,11 @@
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
 #                                           #   profile scaling masks segments gpt2 ncu
-#                                           #   gpt2_batch curves_gpt2
+#                                           #   gpt2_batch curves_gpt2 ab
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
+#   git diff BASE > change.patch; AB_PATCH=change.patch AB_COMMAND="python3 bench/attention.py
+#     --impl ours --seq 512" bash bench/gpu_suite.sh ab       # best of alternated runs
 # The device has JAX, optax, orbax and tokenizers; `curves` and `profile` also need the wheels that
 # bench/fetch_wheels.sh downloads into .whl/ (pass .whl in the device call's carry).
 set -uo pipefail
@@ -106,6 +108,12 @@ for stage in "${stages[@]}"; do
         grep -E '^  [^ ].*[(]|Duration|Executed Ipc Active|Issue Slots Busy|Compute [(]SM[)] Thr|Memory Throughput|Registers Per|Grid Size|Warp Cycles Per Issued|Executed Instructions  ' \
           "$report" | grep -v "^  [=]" | head -n 120
       done ;;
+    ab)       # a change timed against the tree without it, in alternated runs (bench/ab.py):
+              # AB_PATCH its diff, applied in the tree (an untracked file there travels with it),
+              # AB_COMMAND the benchmark, AB_RUNS the rounds
+      $PY bench/ab.py --patch "${AB_PATCH:?AB_PATCH: the change as a diff, applied in the tree}" \
+        --runs "${AB_RUNS:-3}" --json "$OUT/ab.json" -- ${AB_COMMAND:-$PY bench/attention.py --impl ours} \
+        2>&1 | tee "$OUT/ab.txt" | grep -E "^===|^best of|^  [a-z_]+=|Error|error:" ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
         | tee "$OUT/attention_mosaic.txt" ;;

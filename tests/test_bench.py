@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
 
+from bench import ab
 from bench import attention as attention_bench
 from bench import attention_bounds
 from bench import train_step as train_step_bench
@@ -296,3 +299,50 @@ def test_exp2_on_fma_matches_exp2_below_bf16_rounding():
 def test_attention_bounds_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs a Hopper GPU"):
         attention_bounds.main(["--seq", "128"])
+
+
+AB_PATCH = "--- a/value.txt\n+++ b/value.txt\n@@ -1 +1 @@\n-1\n+2\n"
+# A benchmark that times the tree: its one row's fwd_ms is value.txt's number (2 with the change,
+# 1 without); it fails where FAIL_AT names that number.
+AB_BENCHMARK = """
+import json, os, sys
+value = float(open("value.txt").read())
+if os.environ.get("FAIL_AT") == str(int(value)):
+    sys.exit("failed")
+records = [{"impl": "x", "seq": 8, "fwd_ms": value}, {"impl": "y", "error": "not installed"}]
+open(sys.argv[sys.argv.index("--json") + 1], "w").write(json.dumps({"records": records}))
+"""
+
+
+def _ab_tree(tmp_path, monkeypatch):
+    (tmp_path / "value.txt").write_text("2\n")
+    (tmp_path / "change.patch").write_text(AB_PATCH)
+    (tmp_path / "bench.py").write_text(AB_BENCHMARK)
+    monkeypatch.chdir(tmp_path)
+    return ["--patch", "change.patch", "--", sys.executable, "bench.py"]
+
+
+def test_ab_alternates_the_change_and_puts_it_back(tmp_path, monkeypatch):
+    args = _ab_tree(tmp_path, monkeypatch)
+    rows = ab.main(["--runs", "2", "--json", "ab.json", *args])
+    assert rows == [dict(impl="x", seq=8, field="fwd_ms", with_ms=[2.0, 2.0],
+                         without_ms=[1.0, 1.0], best_with=2.0, best_without=1.0, speedup=0.5)]
+    assert (tmp_path / "value.txt").read_text() == "2\n"
+    assert json.loads((tmp_path / "ab.json").read_text())["records"] == rows
+
+
+def test_ab_puts_the_change_back_when_a_run_fails(tmp_path, monkeypatch):
+    args = _ab_tree(tmp_path, monkeypatch)
+    monkeypatch.setenv("FAIL_AT", "1")
+    with pytest.raises(subprocess.CalledProcessError):
+        ab.main(["--runs", "1", *args])
+    assert (tmp_path / "value.txt").read_text() == "2\n"
+
+
+def test_ab_refuses_a_change_not_in_the_tree(tmp_path, monkeypatch):
+    args = _ab_tree(tmp_path, monkeypatch)
+    (tmp_path / "value.txt").write_text("1\n")
+    with pytest.raises(SystemExit, match="is not applied in this tree"):
+        ab.main(args)
+    with pytest.raises(SystemExit, match="after `--`"):
+        ab.main(["--patch", "change.patch"])
