@@ -363,6 +363,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
                                                   (k_ring, k_ref), (v_ring, v_ref), ids_ring,
                                                   segment_refs, consumers)
     buffers = q_smem.shape[0] // consumers   # q tiles per warpgroup: the next unit's loads early
+    assert not (plan.segments and buffers > 1), "one buffer for the own tile's ids"
     num_tiles = q_ref.shape[1] // block_q
     ragged = num_tiles % consumers != 0      # the last unit holds fewer tiles than warpgroups
 
