@@ -30,10 +30,12 @@ VARIANTS = ("with", "without")
 
 
 def record_key(record: dict) -> tuple:
-    """What names a row: its fields that are neither timings nor derived figures (floats), nor
-    nested (the tuning entries)."""
+    """What names a row: its fields that are neither timings nor derived figures (floats, and
+    which peer a ratio was taken against, which may differ from run to run), nor nested (the
+    tuning entries)."""
     return tuple((k, v) for k, v in record.items()
-                 if isinstance(v, (str, int, bool)) or v is None)
+                 if (isinstance(v, (str, int, bool)) or v is None)
+                 and not k.endswith("_cudnn_impl"))
 
 
 def timings(runs: list[list[dict]]) -> dict[tuple, dict[str, list[float]]]:
