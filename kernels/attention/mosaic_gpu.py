@@ -295,7 +295,8 @@ def load_tile_ids(ids_ref, b, row_start, smem, loaded) -> None:
     [B, S] from row_start) into smem [rows], arriving on the barrier `loaded`. Issued beside the
     unit's own tiles, before the unit reads its ranges: waited for where it is issued, the copy
     held every unit's start (the longest wait of a consumer's packed-documents unit under Nsight
-    Compute, bench/RESULTS.md session 31). (Segment ids run a CTA per unit: one buffer.)"""
+    Compute, bench/RESULTS.md session 31). One buffer: segment ids run a CTA per unit
+    (schedule_for), so no next unit loads into it early."""
     plgpu.copy_gmem_to_smem(ids_ref.at[b, pl.ds(row_start, smem.shape[0])], smem, loaded)
 
 
@@ -363,7 +364,6 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
                                                   (k_ring, k_ref), (v_ring, v_ref), ids_ring,
                                                   segment_refs, consumers)
     buffers = q_smem.shape[0] // consumers   # q tiles per warpgroup: the next unit's loads early
-    assert not (plan.segments and buffers > 1), "one buffer for the own tile's ids"
     num_tiles = q_ref.shape[1] // block_q
     ragged = num_tiles % consumers != 0      # the last unit holds fewer tiles than warpgroups
 

@@ -83,7 +83,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
     k_ids_ref, q_ids_ref, ranges_ref = segment_refs or (None, None, None)
     num_units, unit_pair = schedule.units()
     buffers = k_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's k, v early
-    assert not (plan.segments and buffers > 1), "one buffer for the own tile's ids"
     column = compat.mosaic_gpu_column_layout()
     group = q_ref.shape[2] // k_ref.shape[2]   # the query heads of a K/V head (grouped-query)
 
@@ -222,7 +221,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, d
                                                   (k_ring, k_ref), (v_ring, v_ref), ids_ring,
                                                   segment_refs)
     buffers = q_smem.shape[0] // CONSUMERS   # a persistent CTA loads its next unit's tiles early
-    assert not (plan.segments and buffers > 1), "one buffer for the own tile's ids"
     row = compat.mosaic_gpu_row_layout()
 
     def loaded(j, buffer):   # the barrier of the buffer's j-th tile (q, do, lse, delta)
