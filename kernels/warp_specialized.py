@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -29,6 +30,10 @@ IO_COLUMNS = 32    # f32 columns per TMA transfer of a 128-byte swizzled row
 # slowed the training shape's forward by 2.5% (bench/RESULTS.md, version 7).
 REGISTERS = {2: (232, 40), 3: (160, 24)}
 SMEM_BYTES = 227 * 1024   # the shared memory a Hopper CTA may have (sm90's opt-in maximum)
+# Pallas Mosaic GPU starts every scratch buffer at a multiple of this, and reserves the default
+# reduction scratch of its CompilerParams (cross-warp reductions) beside them.
+SMEM_ALIGNMENT = 1024
+REDUCTION_SCRATCH = 2048
 
 
 def num_sms() -> int:
@@ -116,8 +121,9 @@ def consume_units(num_units, work: Callable, load: Callable, run: Callable,
                   buffers: int) -> None:
     """A consumer warpgroup of a CTA that runs num_units work units in turn: load(n) puts unit
     n's own tiles into buffer n % buffers, run(n, *work(n, base)) consumes it (work as in
-    produce_units). With two buffers the next unit's tiles load while this one runs; run must
-    wait, at its end, until the TMA has read what it stores from the buffer."""
+    produce_units). With two buffers or more the next unit's tiles load while this one runs; a
+    buffer that run stores from must have been read by the TMA before load fills it again (run
+    waits at its end, or load before its copy)."""
     load(0)
 
     def unit(n, base):
@@ -181,6 +187,18 @@ def tiled_smem(dtype, *shape):
     dtype = jnp.dtype(dtype)
     return plgpu.SMEM(shape, dtype, transforms=(
         plgpu.TilingTransform((8, SWIZZLE // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def smem_bytes(scratch) -> int:
+    """The shared memory that `launch` takes for `scratch` (its dict of plgpu.SMEM types and
+    Barriers, None for none), laid out as Pallas Mosaic GPU lays it out: each buffer aligned,
+    the reduction scratch, 8 bytes a barrier (tests/test_lowering.py checks it against the
+    lowering's own count)."""
+    leaves = jax.tree.leaves(scratch, is_leaf=lambda x: isinstance(x, plgpu.Barrier))
+    aligned = lambda n: -(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
+    return REDUCTION_SCRATCH + sum(
+        8 * math.prod(x.num_barriers) if isinstance(x, plgpu.Barrier)
+        else aligned(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize) for x in leaves)
 
 
 def launch(kernel, *, out_type, scratch, grid, grid_names, name, consumers: int = CONSUMERS):

@@ -110,6 +110,41 @@ def test_attention_mosaic_gpu_lowers_with_three_consumer_warpgroups(persistent):
     assert len(calls(f)) == 1 and len(calls(grad)) == 3
 
 
+@pytest.mark.skipif(not ON_CPU, reason="lowering is proven on CPU in CI; here the kernels compile")
+def test_attention_mosaic_gpu_forward_counts_shared_memory_as_the_lowering_does(monkeypatch):
+    """warp_specialized.smem_bytes, by which the persistent forward takes a third query buffer
+    per warpgroup where it fits, is the shared memory the lowering lays out (and checks against
+    the CTA's 227 KiB): at B32 S512 H16 D128 with 64 x 128 tiles and 2 stages (the H100's entry)
+    the forward alone fits three (226 KiB), and with the backward's residuals (lse's buffer
+    besides) it takes two."""
+    _skip_unless_pallas_lowers_for("mosaic_gpu", "cuda")
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
+    from kernels import warp_specialized
+    from kernels.attention import mosaic_gpu
+    if not hasattr(mosaic_core, "_smem_tree_size"):
+        pytest.skip("this jax's Mosaic GPU lowering counts its shared memory elsewhere")
+    counted, laid_out = [], []
+    launch, tree_size = mosaic_gpu.launch, mosaic_core._smem_tree_size
+
+    def counting_launch(kernel, *, scratch, **kwargs):
+        counted.append((warp_specialized.smem_bytes(scratch), scratch["q_smem"].shape[0]))
+        return launch(kernel, scratch=scratch, **kwargs)
+    monkeypatch.setattr(mosaic_gpu, "launch", counting_launch)
+    monkeypatch.setattr(mosaic_core, "_smem_tree_size",
+                        lambda tree: laid_out.append(tree_size(tree)) or laid_out[-1])
+    spec = jax.ShapeDtypeStruct((32, 512, 16, 128), jnp.bfloat16)
+    f = functools.partial(attention, implementation="mosaic_gpu", interpret=False,
+                          block_sizes={"block_q": 64, "block_k": 128, "num_stages": 2,
+                                       "persistent": True})
+    for residuals, buffers in ((False, 3), (True, 2)):
+        counted.clear(), laid_out.clear()
+        g = jax.vjp if residuals else lambda f, *x: f(*x)
+        jax.jit(lambda q, k, v: g(f, q, k, v)).trace(spec, spec, spec).lower(
+            lowering_platforms=("cuda",))
+        assert counted == [(laid_out[0], 2 * buffers)] and laid_out[0] <= 227 * 1024
+
+
 @pytest.mark.parametrize("backward, backward_calls", [
     (None, ["__gpu$xla.gpu.triton"] * 2), ("mosaic_gpu", ["mosaic_gpu"] * 2)],
     ids=["default_bwd", "mosaic_bwd"])

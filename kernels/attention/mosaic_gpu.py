@@ -24,7 +24,8 @@ A CTA runs one unit, or (`persistent`=1) one CTA per multiprocessor runs the fol
 ... in turn, a fold the pairs p and P - 1 - p of one (batch, head) (for P pairs, P even; odd P
 runs a CTA per unit), which under causal masking make the same work for every p, so a static
 assignment balances; its producer streams the next unit's K and V while the consumers finish the
-last, and each consumer loads its next q tile into a second buffer.
+last, and each consumer loads its next q tile into a second buffer (and, where shared memory
+holds a third, waits for its o store to leave a buffer only a unit after issuing it).
   * warpgroups 0 and 1 consume: each TMA-copies its own q tile [bq, D] into shared memory once,
     then for every key tile t it needs computes s = q K_t^T by wgmma into an f32 accumulator
     [bq, bk] (registers), releases K_t, runs the online softmax in registers (the mask only on the
@@ -59,9 +60,9 @@ masked by them but those inside its query tile's one document (common.segment_ra
 work then follows its documents, not its position, so the units run a CTA each (schedule_for),
 not in persistent folds.
 
-Shared memory: q 2 bq D (persistent: 4 bq D), K and V 2 num_stages bk D elements (bf16) plus
-2 bq f32 for lse (segments: num_stages bk + 2 bq int32 more); the q buffers are reused to stage o
-and its low half on the way out.
+Shared memory (warp_specialized.smem_bytes): q 2 bq D (persistent: 4 or 6 bq D), K and V
+2 num_stages bk D elements (bf16) plus 2 bq f32 for lse (segments: num_stages bk + 2 bq int32
+more); the q buffers are reused to stage o and its low half on the way out.
 
 FLOPs: two matmuls of 2 S^2 D per (batch, head), 4 B H S^2 D in all, half of that when causal.
 """
@@ -82,7 +83,8 @@ from kernels import compat, config
 from kernels.attention import common
 from kernels.warp_specialized import (CONSUMERS, REGISTERS, SMEM_BYTES, WGMMA_M, Ring,
                                       consume_units, launch, num_sms, on_sm90, pad_rows,
-                                      produce_units, ring_scratch, skip, specialize, tiled_smem)
+                                      produce_units, ring_scratch, skip, smem_bytes, specialize,
+                                      tiled_smem)
 
 
 
@@ -387,6 +389,8 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             buffer = wg * buffers + lax.rem(n, buffers)
 
             def copy():
+                if buffers > 1:   # the buffer's last o store has read it (see the epilogue)
+                    plgpu.wait_smem_to_gmem(buffers - 2, wait_read_only=True)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(i * block_q, block_q), h],
                                         q_smem.at[buffer], q_loaded.at[buffer])
                 if plan.segments:
@@ -517,8 +521,10 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             q_tile[...] = common.low_half(o, q_tile.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_tile, o_lo_ref.at[q_rows])
-        # Only the buffers' reads: the stores complete while the next unit runs.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        # No wait here for the store to read q_tile: the load of a later unit's q tile into this
+        # buffer waits (load_q), with three buffers a whole unit later (waiting here took
+        # 4.7-6.9% of the consumers' warp samples, bench/RESULTS.md session 31). Each unit
+        # leaves one store in flight (o, or its low half), so that wait lets the latest fly.
 
     specialize(consume, lambda: produce_units(num_units, work), consumers)
 
@@ -558,29 +564,35 @@ def forward(q, k, v, plan: common.Plan, residuals: bool, segments=None):
     consumers = config.consumers
     units = schedule_for(b, h, -(-padded // (consumers * bq)), 2 * padded * d * q.dtype.itemsize,
                          config.group_mib, config.persistent, segments is not None)
-    buffers = 2 if units.num_ctas else 1   # a persistent CTA loads its next query tiles early
-    smem = q.dtype.itemsize * d * (consumers * buffers * bq + 2 * stages * bk) + 4 * consumers * bq
-    if segments is not None:   # the ids' ring and the query tiles' ids, int32
-        smem += 4 * (stages * bk + consumers * bq)
-    if smem > SMEM_BYTES:
-        raise ValueError(f"mosaic_gpu attention: block_q={bq}, block_k={bk}, num_stages={stages}"
-                         f"{', persistent=1' if units.num_ctas else ''} need {smem // 1024} KiB of "
-                         f"shared memory at head_dim {d}; a CTA has {SMEM_BYTES // 1024}")
     segment_inputs = []
     if segments is not None:   # padded ids repeat the last (api.attention's rule)
         ids = [jnp.pad(x, ((0, 0), (0, padded - s)), mode="edge") for x in segments]
         segment_inputs = [*ids, common.segment_ranges(*ids, bq, bk)]
-    scratch = dict(
-        q_smem=tiled_smem(q.dtype, consumers * buffers, bq, d),
-        lse_smem=plgpu.SMEM((consumers, bq), jnp.float32) if residuals else None,
-        q_loaded=plgpu.Barrier(num_barriers=consumers * buffers),
-        k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages, consumers),
-        v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages, consumers),
-        ids_ring=(ring_scratch(plgpu.SMEM((stages, bk), jnp.int32), stages, consumers)
-                  if segments is not None else None),
-        q_ids_smem=plgpu.SMEM((consumers, bq), jnp.int32) if segments is not None else None,
-        q_ids_loaded=plgpu.Barrier(num_barriers=consumers) if segments is not None else None,
-        ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config.schedule_barrier else None)
+
+    def scratch_for(buffers):   # query tiles per consumer warpgroup
+        return dict(
+            q_smem=tiled_smem(q.dtype, consumers * buffers, bq, d),
+            lse_smem=plgpu.SMEM((consumers, bq), jnp.float32) if residuals else None,
+            q_loaded=plgpu.Barrier(num_barriers=consumers * buffers),
+            k_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages, consumers),
+            v_ring=ring_scratch(tiled_smem(q.dtype, stages, bk, d), stages, consumers),
+            ids_ring=(ring_scratch(plgpu.SMEM((stages, bk), jnp.int32), stages, consumers)
+                      if segments is not None else None),
+            q_ids_smem=plgpu.SMEM((consumers, bq), jnp.int32) if segments is not None else None,
+            q_ids_loaded=plgpu.Barrier(num_barriers=consumers) if segments is not None else None,
+            ping_pong=plgpu.Barrier(num_arrivals=CONSUMERS) if config.schedule_barrier else None)
+    # A persistent CTA loads its next query tiles early, into a second buffer, and with a third,
+    # where it fits and every unit stores (not ragged), waits for a unit's o store a unit later.
+    buffers = 1
+    if units.num_ctas:
+        ragged = padded // bq % consumers != 0
+        buffers = 3 if not ragged and smem_bytes(scratch_for(3)) <= SMEM_BYTES else 2
+    scratch = scratch_for(buffers)
+    if smem_bytes(scratch) > SMEM_BYTES:
+        raise ValueError(f"mosaic_gpu attention: block_q={bq}, block_k={bk}, num_stages={stages}"
+                         f"{', persistent=1' if units.num_ctas else ''} need "
+                         f"{smem_bytes(scratch) // 1024} KiB of shared memory at head_dim {d}; a "
+                         f"CTA has {SMEM_BYTES // 1024}")
     o_type = jax.ShapeDtypeStruct((b, padded, h, d), q.dtype)
     lse_type = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
     outs = launch(
