@@ -294,11 +294,12 @@ def pair_stream(lower: common.Span, upper: common.Span, segments: bool):
 
 def load_tile_ids(ids_ref, b, row_start, smem, loaded) -> None:
     """With segment ids, for a consumer warpgroup: start the copy of its own tile's ids (ids_ref
-    [B, S] from row_start) into smem [rows], arriving on the barrier `loaded`. Issued beside the
-    unit's own tiles, before the unit reads its ranges: waited for where it is issued, the copy
-    held every unit's start (the longest wait of a consumer's packed-documents unit under Nsight
-    Compute, bench/RESULTS.md session 31). One buffer: segment ids run a CTA per unit
-    (schedule_for), so no next unit loads into it early."""
+    [B, S] from row_start) into smem [rows], arriving on the barrier `loaded`. The forward issues
+    it beside the unit's q tile, before the unit reads its ranges (waited for where it was issued,
+    the copy held every unit's start: the longest wait of a packed-documents unit under Nsight
+    Compute); the backward kernels issue it where they wait for it, since issuing it beside
+    their own tiles ran forward+backward 3% slower (bench/RESULTS.md, sessions 31 and 32). One
+    buffer: segment ids run a CTA per unit (schedule_for), so no next unit loads into it early."""
     plgpu.copy_gmem_to_smem(ids_ref.at[b, pl.ds(row_start, smem.shape[0])], smem, loaded)
 
 

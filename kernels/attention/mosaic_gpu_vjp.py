@@ -19,14 +19,15 @@ and lse, delta [bq] from the first query tile the lower key tile needs, and the 
 warpgroup skips the ones before its own first; the dQ kernel streams k, v up to the last key tile
 the upper query tile needs, and the lower one skips the rest. Each kernel has its own tiles and
 ring depth (mosaic_gpu.DkDv: `dkdv_block_q` and `dkdv_num_stages`, its key tile `DKDV_BLOCK_K`;
-mosaic_gpu.Dq: `dq_` the same for dQ): at S8192 D64 dK/dV is fastest with 128-query x 64-key
-tiles, dQ with 64 x 128 (bench/RESULTS.md, version 14). Masks only on the tiles crossing the diagonal or the padded end of the sequence; dk, dv, dq
-accumulate in f32 registers, p and ds enter the tensor cores in bf16 from registers. Within a
-step the products overlap the elementwise work (warp_specialized.matmuls_t): dp is issued right
-behind s, so the softmax of s runs while dp is on the tensor cores; in dK/dV, ds is computed
-while p^T do runs, and dp^T's product starts from -delta, so the tensor cores subtract it (no
-instruction per element, no registers for delta: 8% faster at S8192 D64, RESULTS.md version 14;
-the same in the dQ kernel, or for lse, measured no faster).
+mosaic_gpu.Dq: `dq_` the same for dQ): at S8192 D64 dK/dV is fastest with 128-query x 64-key tiles,
+dQ with 64 x 128 (bench/RESULTS.md, version 14). Masks only on the tiles crossing the diagonal or
+the padded end of the sequence; dk, dv, dq accumulate in f32 registers, p and ds enter the tensor
+cores in bf16 from registers. Within a step the products overlap the elementwise work
+(warp_specialized.matmuls_t): dp is issued right behind s, so the softmax of s runs while dp is on
+the tensor cores; in dK/dV, ds is computed while p^T do runs, and dp^T's product starts from
+-delta, so the tensor cores subtract it (no instruction per element, no registers for delta: 8%
+faster at S8192 D64, RESULTS.md version 14; the same in the dQ kernel, or for lse, measured no
+faster).
 
 Both kernels run a CTA per unit (a pair of tiles), or (`dkdv_persistent`) one CTA per
 multiprocessor through the folds of mosaic_gpu.Schedule, as the forward does: the producer
@@ -124,9 +125,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[buffer], kv_loaded.at[buffer])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[buffer],
                                     kv_loaded.at[CONSUMERS * buffers + buffer])
-            if plan.segments:
-                load_tile_ids(k_ids_ref, b, (CONSUMERS * pair + wg) * block_k,
-                              own_ids_smem.at[wg], own_ids_loaded.at[wg])
 
         def run(n, b, h, pair, first, count, rings):
             consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
@@ -140,7 +138,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
         per_head = count if group == 1 else lax.div(count, group)
         tiles = span(b, j)
         k_segment = None
-        if plan.segments:   # its tiles within the pair's; the keys' ids
+        if plan.segments:   # its tiles within the pair's; the keys' ids (load_tile_ids says when)
+            load_tile_ids(k_ids_ref, b, j * block_k, own_ids_smem.at[wg], own_ids_loaded.at[wg])
             tiles, k_segment = segment_tile(tiles, first, first + per_head, own_ids_smem.at[wg],
                                             own_ids_loaded.at[wg])
         plgpu.barrier_wait(kv_loaded.at[buffer])
@@ -236,9 +235,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, d
                                             (lse_ref.at[cols], lse_smem),
                                             (delta_ref.at[cols], delta_smem))):
                 plgpu.copy_gmem_to_smem(src, dst.at[buffer], loaded(j, buffer))
-            if plan.segments:
-                load_tile_ids(q_ids_ref, b, i * block_q, own_ids_smem.at[wg],
-                              own_ids_loaded.at[wg])
 
         def run(n, b, h, pair, first, count, rings):
             consume_unit(wg, b, h, CONSUMERS * pair + wg, first, count, rings,
@@ -251,7 +247,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, d
         q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
         span = tile_span(b, i)
         q_segment = None
-        if plan.segments:   # its tiles within the pair's; the queries' ids
+        if plan.segments:   # its tiles within the pair's; the queries' ids (load_tile_ids)
+            load_tile_ids(q_ids_ref, b, i * block_q, own_ids_smem.at[wg], own_ids_loaded.at[wg])
             span, q_segment = segment_tile(span, first, first + count, own_ids_smem.at[wg],
                                            own_ids_loaded.at[wg])
         for j in range(4):
