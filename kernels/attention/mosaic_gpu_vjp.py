@@ -138,7 +138,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, k_smem,
         per_head = count if group == 1 else lax.div(count, group)
         tiles = span(b, j)
         k_segment = None
-        if plan.segments:   # its tiles within the pair's; the keys' ids (load_tile_ids says when)
+        if plan.segments:   # its tiles within the pair's; the keys' ids (load_tile_ids: when)
             load_tile_ids(k_ids_ref, b, j * block_k, own_ids_smem.at[wg], own_ids_loaded.at[wg])
             tiles, k_segment = segment_tile(tiles, first, first + per_head, own_ids_smem.at[wg],
                                             own_ids_loaded.at[wg])
@@ -247,7 +247,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, d
         q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
         span = tile_span(b, i)
         q_segment = None
-        if plan.segments:   # its tiles within the pair's; the queries' ids (load_tile_ids)
+        if plan.segments:   # its tiles within the pair's; the queries' ids (load_tile_ids: when)
             load_tile_ids(q_ids_ref, b, i * block_q, own_ids_smem.at[wg], own_ids_loaded.at[wg])
             span, q_segment = segment_tile(span, first, first + count, own_ids_smem.at[wg],
                                            own_ids_loaded.at[wg])
