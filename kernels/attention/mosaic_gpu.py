@@ -44,10 +44,10 @@ holds a third, waits for its o store to leave a buffer only a unit after issuing
     slots in shared memory, each slot guarded by a "loaded" barrier (TMA completion) and a
     "consumed" barrier (one arrival per consumer), and refills a slot once every consumer
     released it.
-Causal: key tiles above the diagonal are never loaded, and a masked key tile whose second half
-no row of the query tile sees (under causal masking the diagonal tile of every other query tile
-when key tiles have twice its rows; or the padded end) takes a step of half its keys (s, p and
-p V half as wide; common.keys_end). The lower query tile of a pair needs fewer key tiles than
+Causal: key tiles above the diagonal are never loaded, and a masked 128-key tile whose second
+half no row of the query tile sees (under causal masking the diagonal tile of every other query
+tile when key tiles have twice its rows; or the padded end) takes a step of half its keys (s, p
+and p V half as wide; common.keys_end). The lower query tile of a pair needs fewer key tiles than
 the upper one, so once done it keeps waiting for and releasing the tiles its neighbour still
 needs (it must wait for the load before releasing: an early arrival would count towards the
 slot's previous tile and let the producer overwrite it while the neighbour reads it). Query
@@ -484,10 +484,13 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             return acc, m_new, l
 
         def tile_step(t, carry, masked):
-            """A masked tile whose second half no row sees (the diagonal's under causal masking
-            when the key tile is twice the query tile, as often as not) takes half the work."""
+            """A masked 128-key tile whose second half no row sees (the diagonal's under causal
+            masking when the key tile is twice the query tile, as often as not) takes half the
+            work. Halves of 64 keys only: K/V's swizzled tiles take no fewer, and with 256-key
+            tiles the choice between the two steps ran the whole forward 30% slower on the H100
+            (B4 S4096 H32 D64: 0.821 against 0.631 ms, bench/RESULTS.md session 33)."""
             half = block_k // 2
-            if not masked or half < 64:   # halves of 64 keys at least (K/V's swizzled tiles)
+            if not masked or half != 64:
                 return step(t, carry, masked)
             return lax.cond(t * block_k + half >= common.keys_end(i, plan, block_q),
                             functools.partial(step, masked=True, width=half),
