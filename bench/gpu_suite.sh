@@ -6,7 +6,7 @@
 #   bash bench/gpu_suite.sh equiv attention # some stages: env peak equiv speed attention head_dims
 #                                           #   bounds ln_ffn loss_head tune train_step mosaic curves
 #                                           #   profile scaling masks segments gpt2 ncu
-#                                           #   gpt2_batch curves_gpt2 ab
+#                                           #   gpt2_batch curves_gpt2 ab ptxas
 #   EQUIV_K="d256 or d384" bash bench/gpu_suite.sh equiv   # the equivalence cases matching -k
 #   TUNE_ARGS="--op attention/mosaic_gpu" bash bench/gpu_suite.sh tune
 #   git diff BASE > change.patch; AB_PATCH=change.patch AB_COMMAND="python3 bench/attention.py
@@ -114,6 +114,11 @@ for stage in "${stages[@]}"; do
       $PY bench/ab.py --patch "${AB_PATCH:?AB_PATCH: the change as a diff, applied in the tree}" \
         --runs "${AB_RUNS:-3}" --json "$OUT/ab.json" -- ${AB_COMMAND:-$PY bench/attention.py --impl ours} \
         2>&1 | tee "$OUT/ab.txt" | grep -E "^===|^best of|^  [a-z_]+=|Error|error:" ;;
+    ptxas)    # ptxas's word on every Mosaic GPU kernel the sweep compiles (PTXAS_COMMAND: another
+              # benchmark): registers, spills, and its performance-loss notes, such as the wgmmas
+              # it serialized, with no spill, in session 33's 30% slower forward
+      $PY bench/ptxas.py -- ${PTXAS_COMMAND:-$PY bench/attention.py --impl ours} 2>&1 \
+        | tee "$OUT/ptxas.txt" | grep -E "PERFORMANCE LOSS|kernel compiles|Error" ;;
     mosaic)   # the Mosaic GPU attention forward beside cuDNN and the Triton kernel
       $PY bench/attention.py --impl cudnn,triton,mosaic_gpu --json "$OUT/attention_mosaic.json" 2>&1 \
         | tee "$OUT/attention_mosaic.txt" ;;

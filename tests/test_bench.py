@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from bench import ab
+from bench import ptxas
 from bench import attention as attention_bench
 from bench import attention_bounds
 from bench import train_step as train_step_bench
@@ -346,3 +347,55 @@ def test_ab_refuses_a_change_not_in_the_tree(tmp_path, monkeypatch):
         ab.main(args)
     with pytest.raises(SystemExit, match="after `--`"):
         ab.main(["--patch", "change.patch"])
+
+
+# ptxas's verbose report of two kernels (from session 33's H100 log), then a benchmark row.
+PTXAS_LOG = """\
+ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the function 'flash_attention_fwd_mgpu_mosaic_gpu_kernel'
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'flash_attention_fwd_mgpu_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for flash_attention_fwd_mgpu_mosaic_gpu_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem
+ptxas info    : Compile time = 521.728 ms
+
+ptxas warning : Registers are spilled to local memory in function 'flash_attention_dkdv_mgpu_mosaic_gpu_kernel', 136 bytes spill stores, 136 bytes spill loads
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'flash_attention_dkdv_mgpu_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for flash_attention_dkdv_mgpu_mosaic_gpu_kernel
+    136 bytes stack frame, 136 bytes spill stores, 136 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 136 bytes cumulative stack size, 1 bytes smem
+ptxas info    : Compile time = 402.116 ms
+
+  ours       B4 S4096 H32 D64: 0.835 ms fwd, 2.823 ms fwd+bwd
+"""
+
+
+def test_ptxas_reports_one_line_a_kernel_and_its_performance_notes():
+    items = list(ptxas.reports(PTXAS_LOG.splitlines()))
+    forward, dkdv, row = items
+    assert forward == ptxas.Kernel(
+        "flash_attention_fwd_mgpu_mosaic_gpu_kernel", 168, 0, 0,
+        ["C7512: wgmma.mma_async instructions are serialized due to insufficient register "
+         "resources"])
+    assert dkdv == ptxas.Kernel("flash_attention_dkdv_mgpu_mosaic_gpu_kernel", 168, 136, 136, [])
+    assert row.startswith("  ours       B4 S4096")
+    assert "no spill; PERFORMANCE LOSS C7512" in forward.summary()
+    assert "spills 136 B stored / 136 B loaded" in dkdv.summary()
+
+
+@pytest.mark.parametrize("log, exit_code, status", [
+    (PTXAS_LOG, 0, 1), (PTXAS_LOG.split("\n", 1)[1], 0, 0),   # (the second without its C7512)
+    ("", 3, 3)], ids=["serialized", "clean", "command_fails"])
+def test_ptxas_exits_non_zero_on_a_performance_note_or_a_failed_command(tmp_path, capsys, log,
+                                                                         exit_code, status):
+    (tmp_path / "log.txt").write_text(log)
+    command = (f"import os, sys; assert os.environ['MOSAIC_GPU_DUMP_PTXAS'] == '1'; "
+               f"print(open({str(tmp_path / 'log.txt')!r}).read(), end=''); sys.exit({exit_code})")
+    assert ptxas.main(["--", sys.executable, "-c", command]) == status
+    out = capsys.readouterr().out
+    assert "ptxas info" not in out
+    if log:
+        assert "  ours       B4 S4096" in out and "2 kernel compiles" in out
+    with pytest.raises(SystemExit, match="after `--`"):
+        ptxas.main([])

@@ -487,8 +487,9 @@ def _kernel(q_ref, k_ref, v_ref, *refs, q_smem, lse_smem, q_loaded, k_ring, v_ri
             """A masked 128-key tile whose second half no row sees (the diagonal's under causal
             masking when the key tile is twice the query tile, as often as not) takes half the
             work. Halves of 64 keys only: K/V's swizzled tiles take no fewer, and with 256-key
-            tiles the choice between the two steps ran the whole forward 30% slower on the H100
-            (B4 S4096 H32 D64: 0.821 against 0.631 ms, bench/RESULTS.md session 33)."""
+            tiles the two widths of s left ptxas too few registers to keep the wgmmas in flight
+            (it serialized them in the whole kernel: the forward 30% slower on the H100,
+            bench/RESULTS.md session 33; bench/ptxas.py shows such notes)."""
             half = block_k // 2
             if not masked or half != 64:
                 return step(t, carry, masked)
