@@ -43,8 +43,9 @@ class Kernel:
 
 
 def is_report(line: str) -> bool:
-    """A line of ptxas's verbose report (its function properties are indented, unprefixed)."""
-    return line.startswith("ptxas ") or "bytes stack frame" in line
+    """A line of ptxas's verbose report (its function properties are indented, unprefixed);
+    its errors pass through as they are."""
+    return line.startswith(("ptxas info", "ptxas warning")) or "bytes stack frame" in line
 
 
 def reports(lines: Iterable[str]) -> Iterator[str | Kernel]:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from bench import ab
-from bench import ptxas
 from bench import attention as attention_bench
 from bench import attention_bounds
+from bench import ptxas
 from bench import train_step as train_step_bench
 from bench import tune
 from kernels import config, tuning
@@ -372,8 +372,9 @@ ptxas info    : Compile time = 402.116 ms
 
 
 def test_ptxas_reports_one_line_a_kernel_and_its_performance_notes():
-    items = list(ptxas.reports(PTXAS_LOG.splitlines()))
-    forward, dkdv, row = items
+    fatal = "ptxas fatal   : Unresolved extern function 'f'"
+    forward, dkdv, row, error = ptxas.reports([*PTXAS_LOG.splitlines(), fatal])
+    assert error == fatal   # its errors pass through
     assert forward == ptxas.Kernel(
         "flash_attention_fwd_mgpu_mosaic_gpu_kernel", 168, 0, 0,
         ["C7512: wgmma.mma_async instructions are serialized due to insufficient register "
