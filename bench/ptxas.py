@@ -20,7 +20,8 @@ import subprocess
 import sys
 from typing import Iterable, Iterator
 
-PERFORMANCE_NOTE = re.compile(r"\((C\d+)\) Potential Performance Loss: (.*) for the function '(\w+)'")
+PERFORMANCE_NOTE = re.compile(
+    r"\((C\d+)\) Potential Performance Loss: (.*) for the function '(\w+)'")
 ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 REGISTERS = re.compile(r"Used (\d+) registers")
